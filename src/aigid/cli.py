@@ -1,0 +1,190 @@
+"""Command line: one command per pipeline stage. Each parses options, loads params, calls one function."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import click
+
+from .config import ParamsError, load_params
+
+PARAMS = click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path),
+                      default="params.yaml", show_default=True, help="Parameters file.")
+
+
+def _path(**kw):
+    return click.Path(path_type=Path, **kw)
+
+
+def write_json(path: Path, obj) -> None:
+    """Write through a temporary file and rename, so a metrics file is either complete or absent."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def _load(params_file: Path):
+    try:
+        return load_params(params_file)
+    except ParamsError as err:
+        raise click.ClickException(str(err)) from None
+
+
+@click.group()
+@click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
+def main(verbose: bool) -> None:
+    """Detect AI-generated images and name the generator (BERT caption + CLIP image, two heads)."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Per-shard and per-weight progress bars drown the stage logs in DVC's output.
+    import datasets
+    import transformers
+
+    datasets.disable_progress_bars()
+    transformers.utils.logging.disable_progress_bar()
+    if not verbose:
+        transformers.utils.logging.set_verbosity_warning()
+
+
+@main.command()
+@PARAMS
+@click.option("--out", type=_path(), default="data/prepared", show_default=True,
+              help="Directory for the checked dataset (Arrow, save_to_disk layout).")
+@click.option("--metrics", "metrics_file", type=_path(), default="metrics/prepare.json", show_default=True)
+def prepare(params_file: Path, out: Path, metrics_file: Path) -> None:
+    """Read prepare.source (the demo, a hub dataset id or a local dataset), check every row, store it."""
+    from .data import DataError
+    from .prepare import prepare as run
+
+    p = _load(params_file)
+    try:
+        metrics = run(p.prepare, p.seed, out)
+    except DataError as err:
+        raise click.ClickException(str(err)) from None
+    write_json(metrics_file, metrics)
+
+
+@main.command()
+@PARAMS
+@click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True,
+              help="Prepared dataset; its train captions train the demo tokenizer.")
+@click.option("--out", type=_path(), default="models/encoders", show_default=True)
+def encoders(params_file: Path, data: Path, out: Path) -> None:
+    """Write the starting text and vision encoders to OUT/text and OUT/vision.
+
+    encoders.text / encoders.vision may be hub names or local directories (loaded with from_pretrained and
+    saved again, pinning them), or `demo` (small encoders built from configs, for offline runs).
+    """
+    from datasets import load_from_disk
+
+    from .encoders import build_demo_encoders, snapshot_encoders
+
+    p = _load(params_file)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    demo = (p.encoders.text == "demo", p.encoders.vision == "demo")
+    if any(demo) and not all(demo):
+        raise click.ClickException("params.yaml: encoders.text and encoders.vision must both be 'demo' or neither")
+    if all(demo):
+        build_demo_encoders(load_from_disk(str(data))["train"]["Caption"], p.encoders, tmp, p.seed)
+    else:
+        try:
+            snapshot_encoders(p.encoders, tmp)
+        except RuntimeError as err:
+            raise click.ClickException(str(err)) from None
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+
+
+def _train_command(stage: str, pseudo: bool):
+    @PARAMS
+    @click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True)
+    @click.option("--encoders", "encoders_dir", type=_path(exists=True), default="models/encoders",
+                  show_default=True, help="Starting encoders written by the encoders stage.")
+    @click.option("--out", type=_path(), default=f"models/{'retrained' if pseudo else 'base'}", show_default=True,
+                  help="Directory for the best model (self-contained: weights, configs, tokenizer, processor).")
+    @click.option("--metrics", "metrics_file", type=_path(), default=f"metrics/{stage}.json", show_default=True)
+    @click.option("--history", "history_file", type=_path(), default=f"metrics/{stage}_history.json",
+                  show_default=True, help="Per-epoch validation metrics (a DVC plot).")
+    def command(params_file, data, encoders_dir, out, metrics_file, history_file, pseudo_dir=None):
+        from .train import fit
+
+        p = _load(params_file)
+        result = fit(p, data, encoders_dir, out, stage=stage, pseudo_dir=pseudo_dir)
+        write_json(metrics_file, result["metrics"])
+        write_json(history_file, result["history"])
+
+    return command
+
+
+train = main.command(name="train", help="Train the detector on the prepared train split (Trainer; best "
+                     "checkpoint by weighted F1 on Task A).")(_train_command("train", pseudo=False))
+retrain = main.command(name="retrain", help="Train a fresh detector from the same encoders on the original "
+                       "plus pseudo-labelled data.")(
+    click.option("--pseudo", "pseudo_dir", type=_path(exists=True), default="data/pseudolabel", show_default=True,
+                 help="Train/validation additions written by the pseudolabel stage.")(
+        _train_command("retrain", pseudo=True)))
+
+
+@main.command()
+@PARAMS
+@click.option("--model", "model_dir", type=_path(exists=True), default="models/base", show_default=True)
+@click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True)
+@click.option("--out", type=_path(), default="data/pseudolabel", show_default=True)
+@click.option("--metrics", "metrics_file", type=_path(), default="metrics/pseudolabel.json", show_default=True)
+def pseudolabel(params_file, model_dir, data, out, metrics_file) -> None:
+    """Label pseudolabel.pool with MODEL; keep samples whose Task A and Task B confidences exceed `threshold`."""
+    from .data import DataError
+    from .pseudolabel import pseudolabel as run
+    from .tracking import stage_run
+
+    p = _load(params_file)
+    q = p.pseudolabel
+    with stage_run("pseudolabel", p, ("threshold", "seed", "pseudolabel", "train.num_workers", "mlflow")):
+        try:
+            metrics = run(model_dir, data, out, q.pool, p.threshold, q.validation_fraction, q.batch_size, p.seed,
+                          p.train.num_workers)
+        except DataError as err:
+            raise click.ClickException(str(err)) from None
+        import mlflow
+
+        mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "threshold"})
+    write_json(metrics_file, metrics)
+
+
+@main.command()
+@PARAMS
+@click.option("--base", "base_dir", type=_path(exists=True), default="models/base", show_default=True)
+@click.option("--retrained", "retrained_dir", type=_path(exists=True), default="models/retrained",
+              show_default=True)
+@click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True)
+@click.option("--metrics", "metrics_file", type=_path(), default="metrics/evaluate.json", show_default=True)
+@click.option("--plots", "plots_dir", type=_path(), default="metrics/plots", show_default=True,
+              help="Directory for confusion-matrix rows (DVC plots, template `confusion`).")
+def evaluate(params_file, base_dir, retrained_dir, data, metrics_file, plots_dir) -> None:
+    """Score the base and retrained models on the test split: both tasks, balanced metrics, per generator."""
+    import mlflow
+
+    from .evaluate import evaluate as run
+    from .tracking import stage_run
+
+    p = _load(params_file)
+    with stage_run("evaluate", p, ("evaluate", "pseudolabel.pool", "train.num_workers", "mlflow")):
+        metrics, plots = run({"base": base_dir, "retrained": retrained_dir}, data, p.evaluate.batch_size,
+                             contaminated=p.pseudolabel.pool == "test", num_workers=p.train.num_workers)
+        for model in ("base", "retrained"):
+            for task in ("task_a", "task_b"):
+                mlflow.log_metrics({f"{model}_{task}_{k}": v for k, v in metrics[model][task].items()})
+        mlflow.set_tag("contaminated", str(metrics["contaminated"]).lower())
+    for name, rows in plots.items():
+        write_json(plots_dir / f"{name}.json", rows)
+    write_json(metrics_file, metrics)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""The `encoders` stage: put the two starting encoders into one local directory.
+
+With a hub name or a local directory, the encoder is loaded with ``from_pretrained`` and written back with
+``save_pretrained``, which pins the exact weights the pipeline trains from as a versioned DVC output. With
+``demo``, a small BERT and a small CLIP vision model are built from configs (random weights), with a WordPiece
+tokenizer trained on the training captions, so the whole pipeline runs offline.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from transformers import (
+    AutoImageProcessor,
+    AutoModel,
+    AutoTokenizer,
+    BertConfig,
+    BertModel,
+    BertTokenizerFast,
+    CLIPImageProcessor,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+)
+
+from .config import EncodersParams
+
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+
+
+def train_wordpiece(captions: Iterable[str], vocab_size: int) -> BertTokenizerFast:
+    """A lowercasing BERT-style WordPiece tokenizer trained on ``captions``."""
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=True)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.train_from_iterator(captions, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS))
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
+    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
+                             sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True)
+
+
+def build_demo_encoders(captions: Iterable[str], params: EncodersParams, out_dir: Path, seed: int) -> None:
+    import torch
+
+    d = params.demo
+    torch.manual_seed(seed)
+    tokenizer = train_wordpiece(captions, d.vocab_size)
+    text = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=d.hidden_size,
+                                num_hidden_layers=d.layers, num_attention_heads=d.heads,
+                                intermediate_size=4 * d.hidden_size, max_position_embeddings=128),
+                     add_pooling_layer=False)
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=d.hidden_size, num_hidden_layers=d.layers,
+                                              num_attention_heads=d.heads, intermediate_size=4 * d.hidden_size,
+                                              image_size=d.image_size, patch_size=d.patch_size,
+                                              projection_dim=d.hidden_size))
+    processor = CLIPImageProcessor(size={"shortest_edge": d.image_size},
+                                   crop_size={"height": d.image_size, "width": d.image_size})
+    text.save_pretrained(out_dir / "text")
+    tokenizer.save_pretrained(out_dir / "text")
+    vision.save_pretrained(out_dir / "vision")
+    processor.save_pretrained(out_dir / "vision")
+
+
+def snapshot_encoders(params: EncodersParams, out_dir: Path) -> None:
+    """Copy pretrained encoders (hub names or local directories) into ``out_dir`` through from_pretrained."""
+    for name, kind in ((params.text, "text"), (params.vision, "vision")):
+        try:
+            if kind == "text":
+                model, pre = AutoModel.from_pretrained(name, add_pooling_layer=False), AutoTokenizer.from_pretrained(name)
+            else:
+                model, pre = CLIPVisionModel.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
+        except OSError as err:
+            raise RuntimeError(
+                f"encoders.{kind}={name!r} could not be loaded: it is neither a local directory nor a model in the "
+                f"Hugging Face cache or hub reachable from here ({err})") from err
+        model.save_pretrained(out_dir / kind)
+        pre.save_pretrained(out_dir / kind)

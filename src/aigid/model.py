@@ -1,0 +1,164 @@
+"""The NAU-QMUL detector: BERT reads the caption, a CLIP vision encoder reads the image.
+
+Their features are concatenated, projected by one fully connected layer into a shared space and fed to two
+heads: Task A (real vs AI, one logit) and Task B (which of six classes made the image).
+
+A trained detector is one self-contained directory written by :func:`save_detector`: safetensors weights,
+the detector config (which embeds both encoder configs), the tokenizer and the image processor.
+:func:`load_detector` reads it back with nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.utils import ModelOutput
+
+NUM_CLASSES_B = 6
+CLASS_NAMES = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")
+
+
+class DetectorConfig(PretrainedConfig):
+    model_type = "aigid-detector"
+
+    # The encoder configs are plain dicts under their own names (not `text_config`/`vision_config`, which
+    # transformers treats as nested config objects of a composite model).
+    def __init__(self, text_encoder_config=None, vision_encoder_config=None, fusion_dim=512,
+                 num_classes_b=NUM_CLASSES_B, max_text_length=64, **kwargs):
+        super().__init__(**kwargs)
+        self.text_encoder_config = _as_dict(text_encoder_config)
+        self.vision_encoder_config = _as_dict(vision_encoder_config)
+        self.fusion_dim = fusion_dim
+        self.num_classes_b = num_classes_b
+        self.max_text_length = max_text_length
+
+
+# Known to the Auto classes, so that AutoTokenizer/AutoConfig can read a saved detector directory.
+AutoConfig.register(DetectorConfig.model_type, DetectorConfig)
+
+
+def _as_dict(cfg):
+    return cfg.to_dict() if isinstance(cfg, PretrainedConfig) else cfg
+
+
+@dataclass
+class DetectorOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits_a: torch.Tensor | None = None
+    logits_b: torch.Tensor | None = None
+
+
+def multitask_loss(logits_a, logits_b, labels_a, labels_b):
+    """BCE on Task A for every sample, plus cross-entropy on Task B for AI images only."""
+    loss_a = F.binary_cross_entropy_with_logits(logits_a, labels_a.float())
+    is_ai = labels_a == 1
+    # Task B is defined only for AI images (Label_A == 1); a batch without any contributes exactly 0.
+    loss_b = F.cross_entropy(logits_b[is_ai], labels_b[is_ai]) if is_ai.any() else logits_b.sum() * 0.0
+    return loss_a + loss_b
+
+
+class Detector(PreTrainedModel):
+    config_class = DetectorConfig
+    base_model_prefix = "detector"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__(config)
+        text_cfg = dict(config.text_encoder_config)
+        self.text_encoder = AutoModel.from_config(AutoConfig.for_model(text_cfg.pop("model_type"), **text_cfg),
+                                                  add_pooling_layer=False)
+        self.vision_encoder = CLIPVisionModel(CLIPVisionConfig(**config.vision_encoder_config))
+        in_dim = self.text_encoder.config.hidden_size + self.vision_encoder.config.hidden_size
+        self.fusion = nn.Sequential(nn.Linear(in_dim, config.fusion_dim), nn.ReLU())
+        self.head_a = nn.Linear(config.fusion_dim, 1)
+        self.head_b = nn.Linear(config.fusion_dim, config.num_classes_b)
+        self.post_init()
+
+    def _init_weights(self, module):
+        # Encoders come initialised (or loaded); only the fusion layer and heads are ours.
+        if module in (self.fusion[0], self.head_a, self.head_b):
+            module.reset_parameters()
+
+    def forward(self, input_ids, attention_mask, pixel_values, token_type_ids=None, labels_a=None,
+                labels_b=None, **_):
+        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                 token_type_ids=token_type_ids).last_hidden_state[:, 0]  # [CLS]
+        image = self.vision_encoder(pixel_values=pixel_values).pooler_output
+        shared = self.fusion(torch.cat([text, image], dim=-1))
+        logits_a = self.head_a(shared).squeeze(-1)
+        logits_b = self.head_b(shared)
+        loss = None if labels_a is None else multitask_loss(logits_a, logits_b, labels_a, labels_b)
+        return DetectorOutput(loss=loss, logits_a=logits_a, logits_b=logits_b)
+
+
+def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_text_length: int):
+    """A fresh detector from two pretrained encoders: hub names or local directories, same code path."""
+    text = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
+    vision = CLIPVisionModel.from_pretrained(vision_encoder)
+    config = DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config, fusion_dim=fusion_dim,
+                            max_text_length=max_text_length)
+    model = Detector(config)
+    model.text_encoder.load_state_dict(text.state_dict())
+    model.vision_encoder.load_state_dict(vision.state_dict())
+    tokenizer = AutoTokenizer.from_pretrained(text_encoder)
+    processor = AutoImageProcessor.from_pretrained(vision_encoder)
+    return model, tokenizer, processor
+
+
+def save_detector(model: Detector, tokenizer, processor, path: str | Path) -> None:
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def load_detector(path: str | Path):
+    """Load a directory written by :func:`save_detector`; safetensors only, never remote code."""
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: no model.safetensors; not a detector directory written by this tool")
+    model = Detector.from_pretrained(path, use_safetensors=True)
+    return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+
+
+@dataclass
+class Predictions:
+    """Per-sample outputs with the consistency rule applied.
+
+    Rule: predicted Label_B is 0 (real) exactly when predicted Label_A is 0. Head B is trained only on AI images,
+    so its class-0 logit is never a target; for an image called AI, Label_B is the argmax over classes 1..5.
+    """
+
+    prob_ai: torch.Tensor          # P(AI) from head A
+    label_a: torch.Tensor          # prob_ai >= decision threshold
+    probs_b: torch.Tensor          # softmax of head B over classes 1..5 (class 0 column is 0)
+    label_b: torch.Tensor          # 0 when label_a == 0, else argmax over 1..5
+    conf_a: torch.Tensor           # max(p, 1 - p)
+    conf_b: torch.Tensor           # max of probs_b for AI predictions; equals conf_a for real ones
+
+
+def decide(logits_a: torch.Tensor, logits_b: torch.Tensor, threshold_a: float = 0.5) -> Predictions:
+    prob_ai = torch.sigmoid(logits_a.float())
+    label_a = (prob_ai >= threshold_a).long()
+    masked = logits_b.float().clone()
+    masked[:, 0] = float("-inf")
+    probs_b = masked.softmax(dim=-1)
+    conf_ai_b, gen = probs_b.max(dim=-1)
+    conf_a = torch.maximum(prob_ai, 1 - prob_ai)
+    label_b = torch.where(label_a == 1, gen, torch.zeros_like(gen))
+    conf_b = torch.where(label_a == 1, conf_ai_b, conf_a)
+    return Predictions(prob_ai, label_a, probs_b, label_b, conf_a, conf_b)

@@ -1,0 +1,64 @@
+"""The `pseudolabel` stage: label an unlabeled pool with the trained model and keep the confident samples.
+
+A sample is kept when its Task A confidence max(p, 1 - p) AND its Task B confidence both exceed ``threshold``
+(strictly). The kept samples are split 8:2 (by caption) into train/validation additions for `retrain`.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import torch
+from datasets import DatasetDict, load_from_disk
+
+from .data import FEATURES, DataError, save_atomically, split_by_caption
+from .infer import predict_logits
+from .model import CLASS_NAMES, decide, load_detector
+
+log = logging.getLogger(__name__)
+
+
+def select_confident(conf_a: np.ndarray, conf_b: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of the samples whose confidences on both tasks exceed ``threshold``."""
+    return np.flatnonzero((np.asarray(conf_a) > threshold) & (np.asarray(conf_b) > threshold))
+
+
+def pseudolabel(model_dir: Path, data_dir: Path, out_dir: Path, pool: str, threshold: float,
+                validation_fraction: float, batch_size: int, seed: int, num_workers: int = 0) -> dict:
+    data = load_from_disk(str(data_dir))
+    if pool not in data:
+        raise DataError(f"{data_dir}: no '{pool}' split to pseudo-label (splits: {', '.join(data)}); "
+                        f"set pseudolabel.pool to one of them")
+    ds = data[pool]
+    model, tokenizer, processor = load_detector(model_dir)
+    logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, batch_size, num_workers)
+    pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
+    keep = select_confident(pred.conf_a.numpy(), pred.conf_b.numpy(), threshold)
+    if len(keep) == 0:
+        log.warning("no '%s' sample passes threshold=%s: retrain will see the original data only", pool, threshold)
+    label_a, label_b = pred.label_a.numpy()[keep], pred.label_b.numpy()[keep]
+    true_a, true_b = np.asarray(ds["Label_A"])[keep], np.asarray(ds["Label_B"])[keep]
+    kept = ds.select(keep).remove_columns(["Label_A", "Label_B"])
+    kept = kept.add_column("Label_A", label_a.tolist()).add_column("Label_B", label_b.tolist())
+    kept = kept.select_columns(list(FEATURES)).cast(FEATURES)
+    kept = kept.add_column("Confidence_A", pred.conf_a.numpy()[keep].tolist())
+    kept = kept.add_column("Confidence_B", pred.conf_b.numpy()[keep].tolist())
+    if len(set(kept["caption_id"])) >= 2:
+        train_part, val_part = split_by_caption(kept, validation_fraction, seed)
+    else:  # nothing (or one caption) to split: it all goes to train
+        train_part, val_part = kept, kept.select([])
+    save_atomically(DatasetDict(train=train_part, validation=val_part), out_dir)
+
+    metrics = {"pool": pool, "threshold": threshold, "pool_rows": len(ds), "kept": int(len(keep)),
+               "kept_fraction": len(keep) / len(ds), "train_rows": len(train_part),
+               "validation_rows": len(val_part),
+               # The pool's true labels, where known (the demo's, the test split's), say how good they are.
+               "correct_a": int((label_a == true_a).sum()), "correct_b": int((label_b == true_b).sum()),
+               "per_class": {}}
+    for k, name in enumerate(CLASS_NAMES):
+        as_k = label_b == k
+        metrics["per_class"][name] = {"kept": int(as_k.sum()), "correct": int((true_b[as_k] == k).sum())}
+    log.info("kept %d of %d pool samples at threshold %s", len(keep), len(ds), threshold)
+    return metrics

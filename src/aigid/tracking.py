@@ -1,0 +1,76 @@
+"""MLflow: where runs go, and the tags that tie the runs of one pipeline execution together.
+
+Default store: ``sqlite:///<repository root>/mlflow.db``. The root comes from ``DVC_ROOT`` (set by DVC for
+every stage); experiments that DVC runs in a temporary copy (``dvc exp run --temp``, queued runs) live under
+``<root>/.dvc/tmp/exps/``, so the store is placed in the real repository above that copy and every run of the
+project lands in one database. ``MLFLOW_TRACKING_URI`` overrides all of this (a shared server, for example).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import subprocess
+from pathlib import Path
+
+import mlflow
+
+from .config import flatten
+
+STAGE_TAG, PIPELINE_TAG = "stage", "pipeline_id"
+
+
+def project_root() -> Path:
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def _git_commit(cwd: Path) -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                              check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def pipeline_id(commit: str, params_file: Path) -> str:
+    """Stages run by one `dvc repro` share code and params, hence this id; an experiment adds its name."""
+    h = hashlib.sha1(commit.encode())
+    if params_file.is_file():
+        h.update(params_file.read_bytes())
+    h.update(os.environ.get("DVC_EXP_NAME", "").encode())
+    return h.hexdigest()[:12]
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params, groups: tuple[str, ...], params_file: str | Path = "params.yaml",
+              extra_tags: dict | None = None):
+    """An active MLflow run named after the stage, with the resolved params it reads (``groups``) logged.
+
+    Holding our own active run makes the Trainer's MLflow callback log into it, and keeps
+    ``trainer.evaluate()`` after ``train()`` from opening a second run. The store is contacted here, before any
+    work starts, so an unreachable store fails fast with its URI in the message.
+    """
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(params.mlflow.experiment)
+    except Exception as err:
+        raise RuntimeError(f"MLflow tracking store {uri} is not usable: {err}") from err
+    cwd = Path.cwd()
+    commit = _git_commit(cwd)
+    tags = {STAGE_TAG: stage, "git_commit": commit, PIPELINE_TAG: pipeline_id(commit, Path(params_file)),
+            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(extra_tags or {})}
+    with mlflow.start_run(run_name=stage, tags=tags) as run:
+        flat = flatten(params)
+        mlflow.log_params({f"params.{k}": v for k, v in flat.items() if k.split(".")[0] in groups or k in groups})
+        yield run

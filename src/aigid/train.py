@@ -1,0 +1,89 @@
+"""The `train` and `retrain` stages: fine-tune the detector with the Hugging Face Trainer.
+
+Evaluation every epoch, the best checkpoint chosen by weighted F1 on Task A (as the paper reports it; the
+reference code selected by binary F1), only the latest checkpoint kept, and the best model saved at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from datasets import load_from_disk
+from transformers import Trainer, TrainingArguments, set_seed
+
+from .config import Params
+from .data import Collator, concat
+from .metrics import score
+from .model import build_detector, decide, save_detector
+from .tracking import stage_run
+
+log = logging.getLogger(__name__)
+BEST_METRIC = "f1_weighted_a"
+
+
+def compute_metrics(eval_pred) -> dict[str, float]:
+    logits_a, logits_b = eval_pred.predictions
+    labels_a, labels_b = eval_pred.label_ids
+    pred = decide(torch.from_numpy(np.asarray(logits_a)), torch.from_numpy(np.asarray(logits_b)))
+    s = score(labels_a, labels_b, pred.label_a.numpy(), pred.label_b.numpy())
+    return {f"{name}_{task[-1]}": value for task in ("task_a", "task_b") for name, value in s[task].items()}
+
+
+def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, stage: str = "train",
+        pseudo_dir: Path | None = None, checkpoint_dir: Path | None = None) -> dict:
+    """Train a fresh detector from the starting encoders; write the best one to ``model_dir``.
+
+    With ``pseudo_dir`` (the retrain stage), the pseudo-labelled train/validation additions are concatenated
+    to the original splits. Returns the best checkpoint's validation metrics and the per-epoch history.
+    """
+    data = load_from_disk(str(data_dir))
+    train_ds, val_ds = data["train"], data["validation"]
+    if pseudo_dir is not None:
+        pseudo = load_from_disk(str(pseudo_dir))
+        train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
+    t = params.train
+    checkpoint_dir = checkpoint_dir or Path("checkpoints") / stage
+    with stage_run(stage, params, ("seed", "model", "train", "mlflow")) as run:
+        set_seed(params.seed)  # before the fusion layer and heads are initialised
+        model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
+                                                     params.model.fusion_dim, params.model.max_text_length)
+        mlflow.log_params({"data.train_rows": len(train_ds), "data.validation_rows": len(val_ds)})
+        args = TrainingArguments(
+            output_dir=str(checkpoint_dir), run_name=stage, report_to=["mlflow"], seed=params.seed,
+            learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
+            per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+            num_train_epochs=t.epochs, eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
+            save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=BEST_METRIC,
+            greater_is_better=True, remove_unused_columns=False, label_names=["labels_a", "labels_b"],
+            dataloader_num_workers=t.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
+            bf16=torch.cuda.is_available(), disable_tqdm=True,
+        )
+        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                          data_collator=Collator(tokenizer, processor, params.model.max_text_length),
+                          compute_metrics=compute_metrics, processing_class=tokenizer)
+        trainer.train()
+        best = trainer.evaluate()  # the best checkpoint is loaded at this point
+        history = [{"epoch": h["epoch"], **{k[5:]: v for k, v in h.items() if k.startswith("eval_")}}
+                   for h in trainer.state.log_history if "eval_loss" in h]
+        history = history[:-1]  # the final evaluate() above repeats the best epoch
+        tmp = model_dir.with_name(model_dir.name + ".tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        save_detector(trainer.model, tokenizer, processor, tmp)
+        (tmp / "training_run.json").write_text(json.dumps({"mlflow_run_id": run.info.run_id, "stage": stage}))
+        shutil.rmtree(model_dir, ignore_errors=True)
+        tmp.rename(model_dir)
+        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+    metrics = {"best_epoch": _best_epoch(history), "train_rows": len(train_ds), "validation_rows": len(val_ds),
+               **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in
+                  ("f1", "accuracy", "precision", "recall", "balanced")}}
+    return {"metrics": metrics, "history": history, "run_id": run.info.run_id}
+
+
+def _best_epoch(history: list[dict]) -> float:
+    return max(history, key=lambda h: h[BEST_METRIC])["epoch"] if history else 0.0

@@ -1,0 +1,38 @@
+"""Shared fixtures: the real code on a tiny configuration (small encoders, a few dozen generated images)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# The committed params.yaml, shrunk: same keys, smaller numbers.
+TINY = {
+    "prepare": {"demo": {"captions": {"train": 24, "validation": 6, "test": 8, "unlabeled": 10}, "image_size": 32}},
+    "encoders": {"demo": {"hidden_size": 32, "layers": 1, "heads": 2, "vocab_size": 300, "image_size": 32,
+                          "patch_size": 8}},
+    "model": {"fusion_dim": 32},
+    "train": {"epochs": 2, "batch_size": 32, "learning_rate": 0.002},
+    "threshold": 0.5,
+}
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def tiny_params_dict() -> dict:
+    return _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+
+
+@pytest.fixture
+def tiny_params_file(tmp_path: Path) -> Path:
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    return path

@@ -1,0 +1,80 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
+
+from aigid.model import Detector, DetectorConfig, decide, load_detector, multitask_loss, save_detector
+
+
+def test_loss_is_bce_plus_ce_over_ai_images_only():
+    logits_a = torch.tensor([0.3, -1.2, 2.0])
+    logits_b = torch.tensor([[5.0, 0.0, 0.0, 0.0, 0.0, 0.0],      # real image: head B must be ignored
+                             [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+                             [0.0, 0.0, 0.0, 3.0, 0.0, 0.0]])
+    labels_a, labels_b = torch.tensor([0, 1, 1]), torch.tensor([0, 2, 3])
+    bce = -(math.log(1 - 1 / (1 + math.exp(-0.3))) + math.log(1 / (1 + math.exp(1.2)))
+            + math.log(1 / (1 + math.exp(-2.0)))) / 3
+    ce_row1 = -(0.0 - math.log(5 + math.e))             # target 2, logits (0,1,0,0,0,0)
+    ce_row2 = -(3.0 - math.log(5 + math.exp(3.0)))       # target 3
+    expected = bce + (ce_row1 + ce_row2) / 2
+    assert multitask_loss(logits_a, logits_b, labels_a, labels_b).item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_batch_without_ai_images_gives_zero_task_b_loss_and_no_head_b_gradient():
+    logits_a = torch.tensor([0.5, -0.5], requires_grad=True)
+    logits_b = torch.randn(2, 6, requires_grad=True)
+    loss = multitask_loss(logits_a, logits_b, torch.tensor([0, 0]), torch.tensor([0, 0]))
+    assert loss.item() == pytest.approx(F.binary_cross_entropy_with_logits(logits_a, torch.zeros(2)).item())
+    loss.backward()
+    assert torch.count_nonzero(logits_b.grad) == 0
+    assert torch.count_nonzero(logits_a.grad) == 2
+
+
+def test_label_b_is_real_exactly_when_label_a_is_real():
+    logits_a = torch.tensor([-3.0, 3.0, 0.1, -0.1])
+    logits_b = torch.tensor([[9.0, 1, 2, 3, 4, 5], [9.0, 1, 2, 3, 4, 5], [0.0, 0, 0, 0, 7, 0], [0.0, 0, 8, 0, 0, 0]])
+    p = decide(logits_a, logits_b)
+    assert p.label_a.tolist() == [0, 1, 1, 0]
+    # Class 0 of head B is never chosen for an AI prediction, even when its logit is the largest.
+    assert p.label_b.tolist() == [0, 5, 4, 0]
+    assert ((p.label_a == 0) == (p.label_b == 0)).all()
+    assert p.conf_a[0].item() == pytest.approx(1 - 1 / (1 + math.exp(3.0)))
+    assert p.conf_b[0] == p.conf_a[0]                       # real: B follows from A
+    assert p.probs_b[:, 0].eq(0).all() and p.probs_b.sum(-1).allclose(torch.ones(4))
+
+
+def _tiny_detector():
+    text = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32), add_pooling_layer=False)
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=32, image_size=16, patch_size=8))
+    return Detector(DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config,
+                                   fusion_dim=8))
+
+
+def test_save_load_round_trip_gives_identical_predictions(tmp_path):
+    from aigid.encoders import train_wordpiece
+    from transformers import CLIPImageProcessor
+
+    torch.manual_seed(0)
+    model = _tiny_detector().eval()
+    tokenizer = train_wordpiece(["a red circle", "two blue squares on grass"], vocab_size=50)
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    save_detector(model, tokenizer, processor, tmp_path / "m")
+    assert (tmp_path / "m" / "model.safetensors").is_file()
+    assert not list((tmp_path / "m").glob("*.bin"))
+    loaded, tok2, proc2 = load_detector(tmp_path / "m")
+    enc = tok2(["a red circle", "blue"], padding=True, return_tensors="pt")
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        a = model(**tokenizer(["a red circle", "blue"], padding=True, return_tensors="pt"), pixel_values=pixels)
+        b = loaded.eval()(**enc, pixel_values=pixels)
+    assert torch.equal(a.logits_a, b.logits_a) and torch.equal(a.logits_b, b.logits_b)
+
+
+def test_load_refuses_a_directory_without_safetensors(tmp_path):
+    (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
+    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+        load_detector(tmp_path)

@@ -1,0 +1,101 @@
+"""The real pipeline, end to end: `dvc repro` in a temporary copy of the repository on a tiny configuration."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import pytest
+import yaml
+
+from conftest import REPO, tiny_params_dict
+
+pytestmark = pytest.mark.slow
+STAGES = ("prepare", "encoders", "train", "pseudolabel", "retrain", "evaluate")
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline, its code and a tiny params.yaml."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", ".gitignore"):
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "config", "user.email", "ci@example.com", cwd=root)
+    sh("git", "config", "user.name", "ci", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "tiny pipeline", cwd=root)
+    sh("dvc", "repro", cwd=root)
+    return root
+
+
+def runs(root: Path):
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["aigid"], output_format="list")
+
+
+def test_repro_writes_models_metrics_and_plots(project):
+    for path in ("models/base/model.safetensors", "models/retrained/model.safetensors",
+                 "data/prepared/dataset_dict.json", "data/pseudolabel/dataset_dict.json",
+                 "metrics/plots/confusion_b_retrained.json", "metrics/train_history.json"):
+        assert (project / path).exists(), path
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    for model in ("base", "retrained"):
+        for task in ("task_a", "task_b"):
+            assert 0.0 <= evaluation[model][task]["f1_weighted"] <= 1.0
+            assert "balanced_accuracy" in evaluation[model][task] and "f1_macro" in evaluation[model][task]
+        assert set(evaluation[model]["per_class"]) == {"real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6"}
+    assert evaluation["contaminated"] is False
+    pseudo = json.loads((project / "metrics/pseudolabel.json").read_text())
+    assert pseudo["kept"] == pseudo["train_rows"] + pseudo["validation_rows"]
+    prepared = json.loads((project / "metrics/prepare.json").read_text())
+    assert prepared["shared_captions_train_validation"] == 0
+
+
+def test_mlflow_runs_hold_params_and_both_weighted_f1(project):
+    by_stage = {r.data.tags["stage"]: r for r in runs(project)}
+    assert {"train", "pseudolabel", "retrain", "evaluate"} <= set(by_stage)
+    for stage in ("train", "retrain"):
+        run = by_stage[stage]
+        assert run.data.params["params.train.epochs"] == "2"
+        assert {"eval_f1_weighted_a", "eval_f1_weighted_b"} <= set(run.data.metrics)
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_f1_weighted_a")
+        assert len(history) >= 2                      # one point per epoch (and the final evaluation)
+    assert {"base_task_a_f1_weighted", "retrained_task_b_f1_weighted"} <= set(by_stage["evaluate"].data.metrics)
+    assert by_stage["pseudolabel"].data.params["params.threshold"] == "0.5"
+    ids = {r.data.tags["pipeline_id"] for r in by_stage.values()}
+    assert len(ids) == 1                              # one `dvc repro`, one pipeline id
+    assert all(r.data.tags["git_commit"] != "unknown" for r in by_stage.values())
+
+
+def test_second_repro_does_nothing(project):
+    out = sh("dvc", "repro", cwd=project)
+    assert "Running stage" not in out
+    assert "up to date" in out
+
+
+def test_threshold_experiment_reruns_only_downstream_stages(project):
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-qm", "pipeline outputs", cwd=project)
+    out = sh("dvc", "exp", "run", "-S", "threshold=0.6", cwd=project)
+    ran = {s for s in STAGES if f"Running stage '{s}'" in out}
+    assert ran == {"pseudolabel", "retrain", "evaluate"}, out
+    assert json.loads((project / "metrics/pseudolabel.json").read_text())["threshold"] == 0.6
+    tagged = [r for r in runs(project) if r.data.tags.get("dvc_exp_name")]
+    assert {r.data.tags["stage"] for r in tagged} == {"pseudolabel", "retrain", "evaluate"}

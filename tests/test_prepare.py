@@ -1,0 +1,144 @@
+"""`prepare` on the real dataset's layout: good input is stored, bad input stops with the row and the reason."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import yaml
+from click.testing import CliRunner
+from datasets import Dataset, DatasetDict, Features, Image, Value, load_from_disk
+from PIL import Image as PILImage
+
+from aigid.cli import main
+
+FEATURES = Features({"Caption": Value("string"), "Image": Image(), "Label_A": Value("int64"),
+                     "Label_B": Value("int64")})
+
+
+def png(seed: int, mode: str = "RGB") -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 255, (20, 20, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    PILImage.fromarray(arr).convert(mode).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def rows(n_captions: int, offset: int = 0) -> dict:
+    out = {"Caption": [], "Image": [], "Label_A": [], "Label_B": []}
+    for c in range(n_captions):
+        for b in range(6):
+            out["Caption"].append(f"caption {offset + c}: a red circle")
+            out["Image"].append({"bytes": png(100 * (offset + c) + b), "path": f"img_{offset + c}_{b}.png"})
+            out["Label_A"].append(int(b > 0))
+            out["Label_B"].append(b)
+    return out
+
+
+def write_source(tmp_path, train: dict, fmt: str = "disk"):
+    dsd = DatasetDict(train=Dataset.from_dict(train, features=FEATURES),
+                      test=Dataset.from_dict(rows(2, offset=50), features=FEATURES))
+    src = tmp_path / "source"
+    if fmt == "disk":
+        dsd.save_to_disk(str(src))
+    else:
+        src.mkdir()
+        for name, ds in dsd.items():
+            ds.to_parquet(str(src / f"{name}-00000.parquet"))
+    return src
+
+
+def run_prepare(tmp_path, src):
+    params = yaml.safe_load(open("params.yaml"))
+    params["prepare"]["source"] = str(src)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = tmp_path / "prepared"
+    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--out", str(out),
+                                       "--metrics", str(tmp_path / "prepare.json")])
+    return result, out
+
+
+@pytest.mark.parametrize("fmt", ["disk", "parquet"])
+def test_good_source_is_stored_with_a_validation_split_made_by_caption(tmp_path, fmt):
+    train = rows(10)
+    train["Image"][7] = {"bytes": png(7, "RGBA"), "path": "rgba.png"}       # converted, not rejected
+    train["Image"][8] = {"bytes": png(8, "L"), "path": "gray.png"}
+    train["Image"][9] = {"bytes": _cmyk_jpeg(), "path": "cmyk.jpg"}
+    train["Caption"][12] = ""                                              # allowed
+    train["Caption"][18] = "un café près de la tour, 東京"                    # allowed
+    result, out = run_prepare(tmp_path, write_source(tmp_path, train, fmt))
+    assert result.exit_code == 0, result.output
+    dsd = load_from_disk(str(out))
+    assert set(dsd) == {"train", "validation", "test"}
+    assert len(dsd["train"]) + len(dsd["validation"]) == 60
+    assert not set(dsd["train"]["Caption"]) & set(dsd["validation"]["Caption"])
+    metrics = json.loads((tmp_path / "prepare.json").read_text())
+    assert metrics["shared_captions_train_validation"] == 0
+    assert metrics["validation_made_by_caption"] is True
+
+
+def _cmyk_jpeg() -> bytes:
+    buf = io.BytesIO()
+    PILImage.new("CMYK", (20, 20), (10, 200, 30, 0)).save(buf, format="JPEG")
+    return buf.getvalue()
+
+
+def _truncated() -> bytes:
+    buf = io.BytesIO()
+    PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    return buf.getvalue()[:200]
+
+
+@pytest.mark.parametrize("break_it, message", [
+    (lambda t: t["Image"].__setitem__(4, {"bytes": _truncated(), "path": "broken.jpg"}),
+     r"train row 4 \(broken.jpg\): cannot decode image"),
+    (lambda t: t["Image"].__setitem__(5, {"bytes": b"hello, not an image", "path": "notes.txt"}),
+     r"train row 5 \(notes.txt\): cannot decode image"),
+    (lambda t: t["Image"].__setitem__(3, {"bytes": b"", "path": "empty.png"}),
+     r"empty.png.*empty image file"),
+    (lambda t: t["Label_B"].__setitem__(2, 7), r"train row 2: Label_B=7 is not a known class"),
+    (lambda t: t["Label_A"].__setitem__(1, 3), r"train row 1: Label_A=3 is not 0 \(real\) or 1 \(AI\)"),
+    (lambda t: t["Label_A"].__setitem__(0, 1), r"train row 0: Label_A=1 contradicts Label_B=0"),
+])
+def test_bad_row_stops_prepare_naming_the_row_and_leaves_no_output(tmp_path, break_it, message):
+    train = rows(3)
+    break_it(train)
+    result, out = run_prepare(tmp_path, write_source(tmp_path, train))
+    assert result.exit_code != 0
+    assert result.output.startswith("Error: ")
+    import re
+    assert re.search(message, result.output), result.output
+    assert not out.exists() and not (tmp_path / "prepare.json").exists()
+
+
+def test_missing_column_is_named(tmp_path):
+    train = rows(2)
+    del train["Label_B"]
+    src = tmp_path / "source"
+    DatasetDict(train=Dataset.from_dict(train), test=Dataset.from_dict(rows(1))).save_to_disk(str(src))
+    result, out = run_prepare(tmp_path, src)
+    assert result.exit_code != 0 and "split train: missing column(s) Label_B" in result.output
+    assert not out.exists()
+
+
+def test_missing_image_file_is_named(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    src = write_source(tmp_path, rows(2), "parquet")
+    train = rows(2)
+    train["Image"][3] = {"bytes": None, "path": str(tmp_path / "gone.jpg")}   # a path that points nowhere
+    pq.write_table(pa.Table.from_pydict(train), src / "train-00000.parquet")
+    result, out = run_prepare(tmp_path, src)
+    assert result.exit_code != 0 and "gone.jpg" in result.output, result.output
+    assert not out.exists()
+
+
+def test_malformed_params_value_names_the_key(tmp_path):
+    params = yaml.safe_load(open("params.yaml"))
+    params["train"]["learning_rate"] = "fast"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(main, ["train", "--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path),
+                                       "--encoders", str(tmp_path), "--out", str(tmp_path / "model")])
+    assert result.exit_code != 0
+    assert "train.learning_rate must be a number, got 'fast'" in result.output
+    assert not (tmp_path / "model").exists()
