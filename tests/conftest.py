@@ -16,7 +16,7 @@ TINY = {
                           "patch_size": 8}},
     "model": {"fusion_dim": 32},
     "train": {"epochs": 2, "batch_size": 32, "learning_rate": 0.002},
-    "threshold": 0.5,
+    "threshold": 0.2,  # a barely trained tiny model is never confident; keep some samples anyway
 }
 
 

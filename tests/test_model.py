@@ -78,3 +78,37 @@ def test_load_refuses_a_directory_without_safetensors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
     with pytest.raises(FileNotFoundError, match="model.safetensors"):
         load_detector(tmp_path)
+
+
+def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
+    """Hub names and local directories share one from_pretrained path; a local one runs offline."""
+    import yaml
+    from click.testing import CliRunner
+    from transformers import CLIPImageProcessor
+
+    from aigid.cli import main
+    from aigid.encoders import train_wordpiece
+    from aigid.model import build_detector
+
+    model = _tiny_detector()
+    model.text_encoder.save_pretrained(tmp_path / "bert")
+    train_wordpiece(["a red circle"], vocab_size=50).save_pretrained(tmp_path / "bert")
+    model.vision_encoder.save_pretrained(tmp_path / "clip")
+    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
+        tmp_path / "clip")
+    params = yaml.safe_load(open("params.yaml"))
+    params["encoders"].update(text=str(tmp_path / "bert"), vision=str(tmp_path / "clip"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(main, ["encoders", "--params", str(tmp_path / "params.yaml"), "--data",
+                                       str(tmp_path), "--out", str(tmp_path / "enc")])
+    assert result.exit_code == 0, result.output
+    detector, _, _ = build_detector(str(tmp_path / "enc/text"), str(tmp_path / "enc/vision"), 8, 16)
+    for name, tensor in model.text_encoder.state_dict().items():
+        assert torch.equal(detector.text_encoder.state_dict()[name], tensor), name
+
+    params["encoders"]["text"] = str(tmp_path / "missing")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(main, ["encoders", "--params", str(tmp_path / "params.yaml"), "--data",
+                                       str(tmp_path), "--out", str(tmp_path / "enc2")])
+    assert result.exit_code != 0 and "encoders.text=" in result.output
+    assert not (tmp_path / "enc2").exists()

@@ -78,7 +78,7 @@ def test_mlflow_runs_hold_params_and_both_weighted_f1(project):
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_f1_weighted_a")
         assert len(history) >= 2                      # one point per epoch (and the final evaluation)
     assert {"base_task_a_f1_weighted", "retrained_task_b_f1_weighted"} <= set(by_stage["evaluate"].data.metrics)
-    assert by_stage["pseudolabel"].data.params["params.threshold"] == "0.5"
+    assert by_stage["pseudolabel"].data.params["params.threshold"] == "0.2"
     ids = {r.data.tags["pipeline_id"] for r in by_stage.values()}
     assert len(ids) == 1                              # one `dvc repro`, one pipeline id
     assert all(r.data.tags["git_commit"] != "unknown" for r in by_stage.values())
@@ -93,9 +93,11 @@ def test_second_repro_does_nothing(project):
 def test_threshold_experiment_reruns_only_downstream_stages(project):
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "pipeline outputs", cwd=project)
-    out = sh("dvc", "exp", "run", "-S", "threshold=0.6", cwd=project)
+    before = json.loads((project / "metrics/pseudolabel.json").read_text())
+    out = sh("dvc", "exp", "run", "-S", "threshold=0.4", cwd=project)
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
     assert ran == {"pseudolabel", "retrain", "evaluate"}, out
-    assert json.loads((project / "metrics/pseudolabel.json").read_text())["threshold"] == 0.6
+    after = json.loads((project / "metrics/pseudolabel.json").read_text())
+    assert after["threshold"] == 0.4 and after["kept"] < before["kept"]
     tagged = [r for r in runs(project) if r.data.tags.get("dvc_exp_name")]
     assert {r.data.tags["stage"] for r in tagged} == {"pseudolabel", "retrain", "evaluate"}

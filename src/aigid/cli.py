@@ -80,8 +80,7 @@ def encoders(params_file: Path, data: Path, out: Path) -> None:
     encoders.text / encoders.vision may be hub names or local directories (loaded with from_pretrained and
     saved again, pinning them), or `demo` (small encoders built from configs, for offline runs).
     """
-    from datasets import load_from_disk
-
+    from .data import open_dataset
     from .encoders import build_demo_encoders, snapshot_encoders
 
     p = _load(params_file)
@@ -91,7 +90,7 @@ def encoders(params_file: Path, data: Path, out: Path) -> None:
     if any(demo) and not all(demo):
         raise click.ClickException("params.yaml: encoders.text and encoders.vision must both be 'demo' or neither")
     if all(demo):
-        build_demo_encoders(load_from_disk(str(data))["train"]["Caption"], p.encoders, tmp, p.seed)
+        build_demo_encoders(open_dataset(data)["train"]["Caption"], p.encoders, tmp, p.seed)
     else:
         try:
             snapshot_encoders(p.encoders, tmp)

@@ -56,13 +56,25 @@ def decode_rgb(image: dict, origin: str = "") -> PILImage.Image:
         raise DataError(f"{origin or path}: cannot decode image: {err}") from None
 
 
+def open_dataset(path: str | Path) -> DatasetDict:
+    """Open a stage's Arrow output read-only.
+
+    With caching on, `datasets` writes the results of cast/select/map as cache files next to the data it
+    read, which would modify another stage's DVC output and make every later `dvc repro` rerun.
+    """
+    from datasets import disable_caching, load_from_disk
+
+    disable_caching()
+    return load_from_disk(str(path))
+
+
 def load_source(source: str) -> DatasetDict:
     """A Hugging Face dataset id, a ``save_to_disk`` directory or a directory of ``<split>*.parquet`` files."""
-    from datasets import load_dataset, load_from_disk
+    from datasets import load_dataset
 
     path = Path(source)
     if path.is_dir() and (path / "dataset_dict.json").is_file():
-        return load_from_disk(str(path))
+        return open_dataset(path)  # never write cache files into the user's dataset
     if path.is_dir():
         files = sorted(path.glob("*.parquet")) + sorted(path.glob("*/*.parquet"))
         if not files:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import load_from_disk
 
+from .data import open_dataset
 from .infer import predict_logits
 from .metrics import confusion_rows, score
 from .model import CLASS_NAMES, decide, load_detector
@@ -28,7 +28,7 @@ def evaluate_model(model_dir: Path, test, batch_size: int, num_workers: int = 0)
 def evaluate(models: dict[str, Path], data_dir: Path, batch_size: int, contaminated: bool,
              num_workers: int = 0) -> tuple[dict, dict]:
     """Scores of each named model on the test split, and rows for the confusion plots."""
-    test = load_from_disk(str(data_dir))["test"]
+    test = open_dataset(data_dir)["test"]
     metrics: dict = {"test_rows": len(test), "contaminated": contaminated}
     plots = {}
     for name, path in models.items():

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from datasets import DatasetDict, load_from_disk
+from datasets import DatasetDict
 
-from .data import FEATURES, DataError, save_atomically, split_by_caption
+from .data import FEATURES, DataError, open_dataset, save_atomically, split_by_caption
 from .infer import predict_logits
 from .model import CLASS_NAMES, decide, load_detector
 
@@ -27,7 +27,7 @@ def select_confident(conf_a: np.ndarray, conf_b: np.ndarray, threshold: float) -
 
 def pseudolabel(model_dir: Path, data_dir: Path, out_dir: Path, pool: str, threshold: float,
                 validation_fraction: float, batch_size: int, seed: int, num_workers: int = 0) -> dict:
-    data = load_from_disk(str(data_dir))
+    data = open_dataset(data_dir)
     if pool not in data:
         raise DataError(f"{data_dir}: no '{pool}' split to pseudo-label (splits: {', '.join(data)}); "
                         f"set pseudolabel.pool to one of them")

@@ -6,6 +6,7 @@ reference code selected by binary F1), only the latest checkpoint kept, and the 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -14,11 +15,10 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
-from datasets import load_from_disk
 from transformers import Trainer, TrainingArguments, set_seed
 
 from .config import Params
-from .data import Collator, concat
+from .data import Collator, concat, open_dataset
 from .metrics import score
 from .model import build_detector, decide, save_detector
 from .tracking import stage_run
@@ -42,10 +42,10 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
     With ``pseudo_dir`` (the retrain stage), the pseudo-labelled train/validation additions are concatenated
     to the original splits. Returns the best checkpoint's validation metrics and the per-epoch history.
     """
-    data = load_from_disk(str(data_dir))
+    data = open_dataset(data_dir)
     train_ds, val_ds = data["train"], data["validation"]
     if pseudo_dir is not None:
-        pseudo = load_from_disk(str(pseudo_dir))
+        pseudo = open_dataset(pseudo_dir)
         train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
     t = params.train
     checkpoint_dir = checkpoint_dir or Path("checkpoints") / stage
@@ -69,7 +69,9 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
                           compute_metrics=compute_metrics, processing_class=tokenizer)
         trainer.train()
         best = trainer.evaluate()  # the best checkpoint is loaded at this point
-        history = [{"epoch": h["epoch"], **{k[5:]: v for k, v in h.items() if k.startswith("eval_")}}
+        # Timings are left out so that the same params on the same machine give identical files.
+        history = [{"epoch": h["epoch"], **{k[5:]: v for k, v in h.items() if k.startswith("eval_")
+                                            and not k.endswith(("runtime", "per_second"))}}
                    for h in trainer.state.log_history if "eval_loss" in h]
         history = history[:-1]  # the final evaluate() above repeats the best epoch
         tmp = model_dir.with_name(model_dir.name + ".tmp")
@@ -79,6 +81,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            checkpoint_dir.parent.rmdir()  # only if no other stage's checkpoints are there
     metrics = {"best_epoch": _best_epoch(history), "train_rows": len(train_ds), "validation_rows": len(val_ds),
                **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in
                   ("f1", "accuracy", "precision", "recall", "balanced")}}
