@@ -47,6 +47,8 @@ def main(verbose: bool) -> None:
 
     datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_default_handler()  # one handler (ours) prints each message once
+    transformers.utils.logging.enable_propagation()
     if not verbose:
         transformers.utils.logging.set_verbosity_warning()
 
@@ -55,7 +57,8 @@ def main(verbose: bool) -> None:
 @PARAMS
 @click.option("--out", type=_path(), default="data/prepared", show_default=True,
               help="Directory for the checked dataset (Arrow, save_to_disk layout).")
-@click.option("--metrics", "metrics_file", type=_path(), default="metrics/prepare.json", show_default=True)
+@click.option("--metrics", "metrics_file", type=_path(), default="metrics/prepare.json", show_default=True,
+              help="Metrics file: rows and captions per split, shared captions, bytes per sample.")
 def prepare(params_file: Path, out: Path, metrics_file: Path) -> None:
     """Read prepare.source (the demo, a hub dataset id or a local dataset), check every row, store it."""
     from .data import DataError
@@ -73,7 +76,8 @@ def prepare(params_file: Path, out: Path, metrics_file: Path) -> None:
 @PARAMS
 @click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True,
               help="Prepared dataset; its train captions train the demo tokenizer.")
-@click.option("--out", type=_path(), default="models/encoders", show_default=True)
+@click.option("--out", type=_path(), default="models/encoders", show_default=True,
+              help="Directory for the text/ and vision/ encoders.")
 def encoders(params_file: Path, data: Path, out: Path) -> None:
     """Write the starting text and vision encoders to OUT/text and OUT/vision.
 
@@ -102,12 +106,14 @@ def encoders(params_file: Path, data: Path, out: Path) -> None:
 
 def _train_command(stage: str, pseudo: bool):
     @PARAMS
-    @click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True)
+    @click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True,
+                  help="Prepared dataset (train and validation splits).")
     @click.option("--encoders", "encoders_dir", type=_path(exists=True), default="models/encoders",
                   show_default=True, help="Starting encoders written by the encoders stage.")
     @click.option("--out", type=_path(), default=f"models/{'retrained' if pseudo else 'base'}", show_default=True,
                   help="Directory for the best model (self-contained: weights, configs, tokenizer, processor).")
-    @click.option("--metrics", "metrics_file", type=_path(), default=f"metrics/{stage}.json", show_default=True)
+    @click.option("--metrics", "metrics_file", type=_path(), default=f"metrics/{stage}.json", show_default=True,
+                  help="Validation metrics of the best checkpoint.")
     @click.option("--history", "history_file", type=_path(), default=f"metrics/{stage}_history.json",
                   show_default=True, help="Per-epoch validation metrics (a DVC plot).")
     def command(params_file, data, encoders_dir, out, metrics_file, history_file, pseudo_dir=None):
@@ -132,10 +138,14 @@ retrain = main.command(name="retrain", help="Train a fresh detector from the sam
 
 @main.command()
 @PARAMS
-@click.option("--model", "model_dir", type=_path(exists=True), default="models/base", show_default=True)
-@click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True)
-@click.option("--out", type=_path(), default="data/pseudolabel", show_default=True)
-@click.option("--metrics", "metrics_file", type=_path(), default="metrics/pseudolabel.json", show_default=True)
+@click.option("--model", "model_dir", type=_path(exists=True), default="models/base", show_default=True,
+              help="Model directory that labels the pool.")
+@click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True,
+              help="Prepared dataset holding the pool split.")
+@click.option("--out", type=_path(), default="data/pseudolabel", show_default=True,
+              help="Directory for the kept samples, split into train/validation additions.")
+@click.option("--metrics", "metrics_file", type=_path(), default="metrics/pseudolabel.json", show_default=True,
+              help="Counts kept, and how many pseudo-labels are right where the pool's labels are known.")
 def pseudolabel(params_file, model_dir, data, out, metrics_file) -> None:
     """Label pseudolabel.pool with MODEL; keep samples whose Task A and Task B confidences exceed `threshold`."""
     from .data import DataError
@@ -158,11 +168,14 @@ def pseudolabel(params_file, model_dir, data, out, metrics_file) -> None:
 
 @main.command()
 @PARAMS
-@click.option("--base", "base_dir", type=_path(exists=True), default="models/base", show_default=True)
+@click.option("--base", "base_dir", type=_path(exists=True), default="models/base", show_default=True,
+              help="Model written by train.")
 @click.option("--retrained", "retrained_dir", type=_path(exists=True), default="models/retrained",
-              show_default=True)
-@click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True)
-@click.option("--metrics", "metrics_file", type=_path(), default="metrics/evaluate.json", show_default=True)
+              show_default=True, help="Model written by retrain.")
+@click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True,
+              help="Prepared dataset holding the labeled test split.")
+@click.option("--metrics", "metrics_file", type=_path(), default="metrics/evaluate.json", show_default=True,
+              help="Scores of both models on the test split.")
 @click.option("--plots", "plots_dir", type=_path(), default="metrics/plots", show_default=True,
               help="Directory for confusion-matrix rows (DVC plots, template `confusion`).")
 def evaluate(params_file, base_dir, retrained_dir, data, metrics_file, plots_dir) -> None:

@@ -109,12 +109,13 @@ def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_
     """A fresh detector from two pretrained encoders: hub names or local directories, same code path."""
     text = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
     vision = CLIPVisionModel.from_pretrained(vision_encoder)
-    config = DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config, fusion_dim=fusion_dim,
-                            max_text_length=max_text_length)
+    tokenizer = AutoTokenizer.from_pretrained(text_encoder)
+    config = DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config,
+                            fusion_dim=fusion_dim, max_text_length=max_text_length,
+                            pad_token_id=tokenizer.pad_token_id)
     model = Detector(config)
     model.text_encoder.load_state_dict(text.state_dict())
     model.vision_encoder.load_state_dict(vision.state_dict())
-    tokenizer = AutoTokenizer.from_pretrained(text_encoder)
     processor = AutoImageProcessor.from_pretrained(vision_encoder)
     return model, tokenizer, processor
 
