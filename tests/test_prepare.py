@@ -73,7 +73,7 @@ def test_good_source_is_stored_with_a_validation_split_made_by_caption(tmp_path,
     assert not set(dsd["train"]["Caption"]) & set(dsd["validation"]["Caption"])
     metrics = json.loads((tmp_path / "prepare.json").read_text())
     assert metrics["shared_captions_train_validation"] == 0
-    assert metrics["validation_made_by_caption"] is True
+    assert metrics["splits_made_by_caption"] == ["validation"]
 
 
 def _cmyk_jpeg() -> bytes:
@@ -95,9 +95,9 @@ def _truncated() -> bytes:
      r"train row 5 \(notes.txt\): cannot decode image"),
     (lambda t: t["Image"].__setitem__(3, {"bytes": b"", "path": "empty.png"}),
      r"empty.png.*empty image file"),
-    (lambda t: t["Label_B"].__setitem__(2, 7), r"train row 2: Label_B=7 is not a known class"),
-    (lambda t: t["Label_A"].__setitem__(1, 3), r"train row 1: Label_A=3 is not 0 \(real\) or 1 \(AI\)"),
-    (lambda t: t["Label_A"].__setitem__(0, 1), r"train row 0: Label_A=1 contradicts Label_B=0"),
+    (lambda t: t["Label_B"].__setitem__(2, 7), r"train row 2 \(img_0_2.png\): Label_B=7 is not a known class"),
+    (lambda t: t["Label_A"].__setitem__(1, 3), r"train row 1 \(img_0_1.png\): Label_A=3 is not 0 \(real\) or 1 \(AI\)"),
+    (lambda t: t["Label_A"].__setitem__(0, 1), r"train row 0 \(img_0_0.png\): Label_A=1 contradicts Label_B=0"),
 ])
 def test_bad_row_stops_prepare_naming_the_row_and_leaves_no_output(tmp_path, break_it, message):
     train = rows(3)

@@ -59,14 +59,22 @@ def main(verbose: bool) -> None:
               help="Directory for the checked dataset (Arrow, save_to_disk layout).")
 @click.option("--metrics", "metrics_file", type=_path(), default="metrics/prepare.json", show_default=True,
               help="Metrics file: rows and captions per split, shared captions, bytes per sample.")
-def prepare(params_file: Path, out: Path, metrics_file: Path) -> None:
-    """Read prepare.source (the demo, a hub dataset id or a local dataset), check every row, store it."""
+@click.option("--report", type=_path(), default="metrics/quarantine.csv", show_default=True,
+              help="CSV of every skipped row (prepare.on_bad: skip) and every duplicated image, with the reason.")
+def prepare(params_file: Path, out: Path, metrics_file: Path, report: Path) -> None:
+    """Read prepare.source, check every row, store it.
+
+    The source is `demo`, a Hugging Face dataset id, or a local directory in one of the layouts arrow
+    (save_to_disk), parquet, competition (captions table + one folder per source) or folders (one folder
+    per class); see prepare.layout. A bad row stops the stage with its split, row, file and reason, or,
+    with prepare.on_bad: skip, is left out and listed in REPORT.
+    """
     from .data import DataError
     from .prepare import prepare as run
 
     p = _load(params_file)
     try:
-        metrics = run(p.prepare, p.seed, out)
+        metrics = run(p.prepare, p.seed, out, report)
     except DataError as err:
         raise click.ClickException(str(err)) from None
     write_json(metrics_file, metrics)

@@ -25,12 +25,26 @@ class DemoDataParams:
     image_size: int = 64
 
 
+CT2_CLASSES = ["real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6"]
+CT2_ALIASES = {"coco": "real", "coco_image": "real", "sd21_image": "sd21", "sdxl_image": "sdxl",
+               "sd3_image": "sd3", "dalle_image": "dalle3", "dalle": "dalle3", "midjourney_image": "midjourney6",
+               "midjourney": "midjourney6"}
+LAYOUTS = ("auto", "hub", "arrow", "parquet", "competition", "folders")
+
+
 @dataclass(frozen=True)
 class PrepareParams:
-    # "demo" generates the embedded dataset; anything else is given to datasets.load_dataset /
-    # load_from_disk: a Hugging Face dataset id, a directory of parquet files or a save_to_disk directory.
+    # "demo" generates the embedded dataset; otherwise a Hugging Face dataset id or a local directory whose
+    # layout is detected (or named in `layout`): arrow (save_to_disk), parquet, competition, folders.
     source: str = "demo"
-    validation_fraction: float = 0.15
+    layout: str = "auto"
+    validation_fraction: float = 0.15  # of captions, when the source has no validation split
+    test_fraction: float = 0.15        # of captions, when the source has no test split
+    class_names: list[str] = field(default_factory=lambda: list(CT2_CLASSES))   # Label_B index -> name
+    class_aliases: dict[str, str] = field(default_factory=lambda: dict(CT2_ALIASES))  # folder -> class name
+    on_bad: str = "error"              # error: stop at the first bad row | skip: leave it out, report it
+    max_pixels: int = 89_478_485       # larger images are refused (decompression-bomb guard)
+    max_side: int = 0                  # > 0: images larger than this are stored resized (shortest side)
     demo: DemoDataParams = field(default_factory=DemoDataParams)
 
 
@@ -104,6 +118,16 @@ class Params:
         for split, n in p.demo.captions.items():
             _check(isinstance(n, int) and n >= 1, f"prepare.demo.captions.{split}", n, "a positive integer")
         _check("train" in p.demo.captions, "prepare.demo.captions", p.demo.captions, "a mapping with a train split")
+        _check(p.layout in LAYOUTS, "prepare.layout", p.layout, " or ".join(map(repr, LAYOUTS)))
+        _check(0.0 < p.test_fraction < 1.0, "prepare.test_fraction", p.test_fraction,
+               "a number strictly between 0 and 1")
+        _check(len(p.class_names) >= 2 and p.class_names[0] == "real" and len(set(p.class_names)) == len(p.class_names),
+               "prepare.class_names", p.class_names, "a list of unique names starting with 'real' (Label_B 0)")
+        for alias, name in p.class_aliases.items():
+            _check(name in p.class_names, f"prepare.class_aliases.{alias}", name, "one of prepare.class_names")
+        _check(p.on_bad in ("error", "skip"), "prepare.on_bad", p.on_bad, "'error' or 'skip'")
+        _check(p.max_pixels >= 1, "prepare.max_pixels", p.max_pixels, "a positive integer")
+        _check(p.max_side >= 0, "prepare.max_side", p.max_side, "an integer >= 0 (0 keeps images as they are)")
         _check(p.demo.image_size >= 16, "prepare.demo.image_size", p.demo.image_size, "an integer >= 16")
         d = self.encoders.demo
         _check(d.hidden_size % d.heads == 0, "encoders.demo.hidden_size", d.hidden_size,
@@ -180,6 +204,14 @@ def _convert(type_name: str, value: Any, key: str):
         if not isinstance(value, str) or not value:
             raise ParamsError(f"params.yaml: {key} must be a non-empty string, got {value!r}")
         return value
+    if type_name == "list[str]":
+        if not isinstance(value, list):
+            raise ParamsError(f"params.yaml: {key} must be a list, got {value!r}")
+        return [_convert("str", v, f"{key}[{i}]") for i, v in enumerate(value)]
+    if type_name == "dict[str, str]":
+        if not isinstance(value, dict):
+            raise ParamsError(f"params.yaml: {key} must be a mapping, got {value!r}")
+        return {str(k): _convert("str", v, f"{key}.{k}") for k, v in value.items()}
     if type_name == "dict[str, int]":
         if not isinstance(value, dict):
             raise ParamsError(f"params.yaml: {key} must be a mapping, got {value!r}")

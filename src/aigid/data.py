@@ -12,6 +12,7 @@ import io
 import shutil
 import warnings
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,13 +21,31 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, c
 from PIL import Image as PILImage
 
 REQUIRED_COLUMNS = ("Caption", "Image", "Label_A", "Label_B")
+CLASS_NAMES = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")
 FEATURES = Features({"Caption": Value("string"), "Image": Image(decode=False), "Label_A": Value("int64"),
-                     "Label_B": Value("int64"), "caption_id": Value("int64")})
-NUM_CLASSES_B = 6
+                     "Label_B": Value("int64"), "caption_id": Value("int64"), "source_file": Value("string")})
 
 
 class DataError(ValueError):
     """Input data that cannot be used; the message names the split, the row and the file where known."""
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How :func:`check_split` treats rows (see the ``prepare`` params)."""
+
+    class_names: tuple[str, ...] = CLASS_NAMES
+    on_bad: str = "error"          # "error": stop at the first bad row; "skip": leave it out, report it
+    max_pixels: int = 89_478_485   # larger images are refused (decompression-bomb guard)
+    max_side: int = 0              # > 0: store images larger than this resized (shortest side), as PNG
+
+
+@dataclass
+class Rejected:
+    split: str
+    row: int
+    file: str
+    reason: str
 
 
 def where(split: str, row: int, image: dict | None = None) -> str:
@@ -34,26 +53,54 @@ def where(split: str, row: int, image: dict | None = None) -> str:
     return f"{split} row {row}" + (f" ({path})" if path else "")
 
 
-def decode_rgb(image: dict, origin: str = "") -> PILImage.Image:
-    """Decode one stored image to RGB. Raises DataError naming ``origin``; never substitutes a blank image."""
+def _open(image: dict, max_pixels: int) -> tuple[bytes, PILImage.Image]:
     data, path = image.get("bytes"), image.get("path")
+    if data is None:
+        if not path:
+            raise DataError("no image bytes and no path")
+        try:
+            data = Path(path).read_bytes()
+        except OSError as err:
+            raise DataError(f"cannot read image file: {err.strerror or err}") from None
+    if len(data) == 0:
+        raise DataError("empty image file")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
-            if data is None:
-                if not path:
-                    raise DataError("no image bytes and no path")
-                data = Path(path).read_bytes()
-            if len(data) == 0:
-                raise DataError("empty image file")
             img = PILImage.open(io.BytesIO(data))
+            if img.width * img.height > max_pixels:
+                raise DataError(f"image of {img.width}x{img.height} pixels is larger than {max_pixels} pixels "
+                                f"(decompression-bomb guard)")
             img.load()
-            return img.convert("RGB")
+    except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as err:
+        raise DataError(f"decompression-bomb guard: {err}") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"cannot decode image: {err}") from None
+    return data, img
+
+
+def decode_rgb(image: dict, origin: str = "", max_pixels: int = CheckOptions.max_pixels) -> PILImage.Image:
+    """Decode one stored image to RGB. Raises DataError naming ``origin``; never substitutes a blank image."""
+    try:
+        return _open(image, max_pixels)[1].convert("RGB")
     except DataError as err:
-        raise DataError(f"{origin or path}: {err}") from None
-    except (OSError, SyntaxError, ValueError, PILImage.DecompressionBombError,
-            PILImage.DecompressionBombWarning) as err:
-        raise DataError(f"{origin or path}: cannot decode image: {err}") from None
+        raise DataError(f"{origin or image.get('path') or 'image'}: {err}") from None
+
+
+def checked_image(image: dict, opts: CheckOptions) -> bytes:
+    """The bytes to store for one image: the original encoding, or a PNG resized to ``opts.max_side``.
+
+    Alpha, grayscale, palette and CMYK images are kept as they are; they are converted to RGB when decoded.
+    """
+    data, img = _open(image, opts.max_pixels)
+    img.convert("RGB")  # fails here, not in training, if the mode cannot be converted
+    if opts.max_side and min(img.size) > opts.max_side:
+        scale = opts.max_side / min(img.size)
+        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
+        buf = io.BytesIO()
+        img.convert("RGB").resize(size, PILImage.BICUBIC).save(buf, format="PNG")
+        data = buf.getvalue()
+    return data
 
 
 def open_dataset(path: str | Path) -> DatasetDict:
@@ -68,20 +115,31 @@ def open_dataset(path: str | Path) -> DatasetDict:
     return load_from_disk(str(path))
 
 
-def load_source(source: str) -> DatasetDict:
-    """A Hugging Face dataset id, a ``save_to_disk`` directory or a directory of ``<split>*.parquet`` files."""
+def load_source(source: str, layout: str = "auto", class_names: tuple[str, ...] = CLASS_NAMES,
+                aliases: dict[str, str] | None = None) -> DatasetDict:
+    """Read ``source`` in ``layout``: hub, arrow (save_to_disk), parquet, competition or folders."""
     from datasets import load_dataset
 
+    from . import sources
+
     path = Path(source)
-    if path.is_dir() and (path / "dataset_dict.json").is_file():
+    if layout == "auto":
+        if path.is_dir():
+            layout = sources.detect_layout(path)
+        elif path.suffix or source.startswith((".", "/")):
+            raise DataError(f"{source}: no such directory")
+        else:
+            layout = "hub"
+    if layout != "hub" and not path.is_dir():
+        raise DataError(f"{source}: no such directory (prepare.layout={layout})")
+    if layout == "arrow":
         return open_dataset(path)  # never write cache files into the user's dataset
-    if path.is_dir():
-        files = sorted(path.glob("*.parquet")) + sorted(path.glob("*/*.parquet"))
-        if not files:
-            raise DataError(f"{path}: no dataset_dict.json and no parquet files")
+    if layout == "parquet":
         return load_dataset("parquet", data_dir=str(path))
-    if path.suffix or source.startswith((".", "/")):
-        raise DataError(f"{source}: no such directory")
+    if layout == "competition":
+        return sources.read_competition(path, class_names, aliases or {})
+    if layout == "folders":
+        return sources.read_folders(path, class_names, aliases or {})
     try:
         return load_dataset(source)
     except Exception as err:  # the hub client raises many types; all mean "not reachable from here"
@@ -89,8 +147,35 @@ def load_source(source: str) -> DatasetDict:
                         f"({type(err).__name__}: {err})") from err
 
 
-def check_split(ds: Dataset, split: str) -> Dataset:
-    """Check columns, labels and every image of one split; return it in the canonical features."""
+def features(class_names: tuple[str, ...] = CLASS_NAMES) -> Features:
+    return Features({"Caption": Value("string"), "Image": Image(decode=False), "Label_A": Value("int64"),
+                     "Label_B": ClassLabel(names=list(class_names)), "caption_id": Value("int64"),
+                     "source_file": Value("string")})
+
+
+def _check_row(caption, image, a, b, opts: CheckOptions) -> bytes:
+    if caption is not None and not isinstance(caption, str):
+        raise DataError(f"Caption must be text, got {caption!r}")
+    if a not in (0, 1):
+        raise DataError(f"Label_A={a!r} is not 0 (real) or 1 (AI)")
+    if b not in range(len(opts.class_names)):
+        raise DataError(f"Label_B={b!r} is not a known class 0..{len(opts.class_names) - 1}")
+    if (a == 0) != (b == 0):
+        raise DataError(f"Label_A={a} contradicts Label_B={b} (Label_B is 0 exactly for real images)")
+    return checked_image(image or {}, opts)
+
+
+def check_split(ds: Dataset, split: str, cache_dir: str, opts: CheckOptions = CheckOptions(),
+                rejected: list[Rejected] | None = None) -> Dataset:
+    """Check columns, labels and every image of one split; return it in the canonical features.
+
+    Rows are streamed to an Arrow file under ``cache_dir`` (which must outlive the returned dataset), so
+    memory stays flat however large the split is. A bad row stops
+    with a DataError naming the split, row and file, or, with ``opts.on_bad == "skip"``, is left out and
+    appended to ``rejected``. Nothing is ever replaced by a made-up sample.
+    """
+    from datasets.exceptions import DatasetGenerationError
+
     missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
     if missing:
         raise DataError(f"split {split}: missing column(s) {', '.join(missing)} (found: {', '.join(ds.column_names)})")
@@ -100,22 +185,41 @@ def check_split(ds: Dataset, split: str) -> Dataset:
         if isinstance(ds.features[col], ClassLabel):
             ds = ds.cast_column(col, Value("int64"))
     ds = ds.cast_column("Image", Image(decode=False))
-    labels_a, labels_b = ds["Label_A"], ds["Label_B"]
-    for row, (a, b) in enumerate(zip(labels_a, labels_b)):
-        if a not in (0, 1):
-            raise DataError(f"{where(split, row)}: Label_A={a!r} is not 0 (real) or 1 (AI)")
-        if b not in range(NUM_CLASSES_B):
-            raise DataError(f"{where(split, row)}: Label_B={b!r} is not a known class 0..{NUM_CLASSES_B - 1}")
-        if (a == 0) != (b == 0):
-            raise DataError(f"{where(split, row)}: Label_A={a} contradicts Label_B={b} (Label_B is 0 exactly for real)")
-    for start in range(0, len(ds), 256):
-        for offset, image in enumerate(ds[start:start + 256]["Image"]):
-            row = start + offset
-            decode_rgb(image, where(split, row, image))
-    if "caption_id" not in ds.column_names:
-        ds = ds.add_column("caption_id", caption_ids(ds["Caption"]))
-    ds = ds.select_columns(list(FEATURES))
-    return ds.cast(FEATURES)
+    has_ids = "caption_id" in ds.column_names
+    rejected = rejected if rejected is not None else []
+    skipped_before = len(rejected)
+
+    def rows():
+        ids: dict[str, int] = {}
+        for start in range(0, len(ds), 256):
+            batch = ds[start:start + 256]
+            for i, (caption, image, a, b) in enumerate(zip(batch["Caption"], batch["Image"], batch["Label_A"],
+                                                           batch["Label_B"])):
+                row = start + i
+                try:
+                    data = _check_row(caption, image, a, b, opts)
+                except DataError as err:
+                    if opts.on_bad != "skip":
+                        raise DataError(f"{where(split, row, image)}: {err}") from None
+                    rejected.append(Rejected(split, row, (image or {}).get("path") or "", str(err)))
+                    continue
+                caption = caption or ""
+                # An empty caption says nothing about which images belong together: its own group.
+                cid = batch["caption_id"][i] if has_ids else ids.setdefault(caption or f"\0{row}", len(ids))
+                # The bytes are the sample; where they came from is kept apart (an Image path that exists
+                # on disk would be preferred to the bytes by `datasets`).
+                yield {"Caption": caption, "Image": {"bytes": data, "path": None}, "Label_A": a, "Label_B": b,
+                       "caption_id": cid, "source_file": (image or {}).get("path") or f"{split} row {row}"}
+
+    try:
+        out = Dataset.from_generator(rows, features=features(opts.class_names), cache_dir=cache_dir)
+    except DatasetGenerationError as err:
+        if isinstance(err.__cause__, DataError):
+            raise err.__cause__ from None
+        raise
+    if len(out) == 0:
+        raise DataError(f"split {split}: no samples left after skipping {len(rejected) - skipped_before} bad row(s)")
+    return out
 
 
 def caption_ids(captions: Sequence[str]) -> list[int]:
@@ -164,7 +268,7 @@ class Collator:
         self.tokenizer, self.processor, self.max_length = tokenizer, processor, max_length
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        images = [decode_rgb(r["Image"], (r["Image"] or {}).get("path") or "image") for r in rows]
+        images = [decode_rgb(r["Image"], r.get("source_file") or "image") for r in rows]
         batch = dict(self.tokenizer([r["Caption"] or "" for r in rows], padding=True, truncation=True,
                                     max_length=self.max_length, return_tensors="pt"))
         batch["pixel_values"] = self.processor(images=images, return_tensors="pt")["pixel_values"]

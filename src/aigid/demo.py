@@ -114,11 +114,14 @@ def encode(img: PILImage.Image, rng: np.random.Generator) -> bytes:
 def generate_demo(split_sizes: dict[str, int], image_size: int = 64, seed: int = 0) -> DatasetDict:
     """``split_sizes`` maps split -> number of captions; each caption gives 6 rows (one per source)."""
     rng = np.random.default_rng(seed)
-    splits, caption_id = {}, 0
+    splits, caption_id, used = {}, 0, set()
     for split, n_captions in split_sizes.items():
         rows = {name: [] for name in FEATURES}
         for _ in range(n_captions):
             caption, scene = random_scene(rng)
+            while caption in used:  # as in COCO, one caption text describes one scene only
+                caption, scene = random_scene(rng)
+            used.add(caption)
             for source in GENERATORS:
                 rows["Caption"].append(caption)
                 rows["Image"].append({"bytes": encode(apply_trace(source, scene, image_size, rng), rng),

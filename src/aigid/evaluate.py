@@ -10,7 +10,7 @@ import torch
 from .data import open_dataset
 from .infer import predict_logits
 from .metrics import confusion_rows, score
-from .model import CLASS_NAMES, decide, load_detector
+from .model import decide, load_detector
 
 
 def evaluate_model(model_dir: Path, test, batch_size: int, num_workers: int = 0) -> tuple[dict, dict]:
@@ -19,9 +19,10 @@ def evaluate_model(model_dir: Path, test, batch_size: int, num_workers: int = 0)
     pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
     labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
     pa, pb = pred.label_a.numpy(), pred.label_b.numpy()
-    result = score(labels_a, labels_b, pa, pb)
+    names = tuple(model.config.class_names)
+    result = score(labels_a, labels_b, pa, pb, names)
     plots = {"confusion_a": confusion_rows(labels_a, pa, ("real", "ai")),
-             "confusion_b": confusion_rows(labels_b, pb, CLASS_NAMES)}
+             "confusion_b": confusion_rows(labels_b, pb, names)}
     return result, plots
 
 

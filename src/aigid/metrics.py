@@ -27,14 +27,14 @@ def task_scores(y_true, y_pred, labels) -> dict[str, float]:
     }
 
 
-def score(labels_a, labels_b, pred_a, pred_b) -> dict:
+def score(labels_a, labels_b, pred_a, pred_b, class_names=CLASS_NAMES) -> dict:
     """Both tasks, plus per-class results for Task B (detection rate of each generator, F1 of attribution)."""
     labels_b, pred_b, pred_a = np.asarray(labels_b), np.asarray(pred_b), np.asarray(pred_a)
     out = {"task_a": task_scores(labels_a, pred_a, [0, 1]),
-           "task_b": task_scores(labels_b, pred_b, list(range(len(CLASS_NAMES))))}
-    f1_b = f1_score(labels_b, pred_b, labels=list(range(len(CLASS_NAMES))), average=None, zero_division=0)
+           "task_b": task_scores(labels_b, pred_b, list(range(len(class_names))))}
+    f1_b = f1_score(labels_b, pred_b, labels=list(range(len(class_names))), average=None, zero_division=0)
     per_class = {}
-    for k, name in enumerate(CLASS_NAMES):
+    for k, name in enumerate(class_names):
         rows = labels_b == k
         if not rows.any():
             continue

@@ -28,8 +28,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-NUM_CLASSES_B = 6
-CLASS_NAMES = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")
+CLASS_NAMES = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")  # Label_B 0..5 of CT2
 
 
 class DetectorConfig(PretrainedConfig):
@@ -38,12 +37,12 @@ class DetectorConfig(PretrainedConfig):
     # The encoder configs are plain dicts under their own names (not `text_config`/`vision_config`, which
     # transformers treats as nested config objects of a composite model).
     def __init__(self, text_encoder_config=None, vision_encoder_config=None, fusion_dim=512,
-                 num_classes_b=NUM_CLASSES_B, max_text_length=64, **kwargs):
+                 class_names=CLASS_NAMES, max_text_length=64, **kwargs):
         super().__init__(**kwargs)
         self.text_encoder_config = _as_dict(text_encoder_config)
         self.vision_encoder_config = _as_dict(vision_encoder_config)
         self.fusion_dim = fusion_dim
-        self.num_classes_b = num_classes_b
+        self.class_names = list(class_names)  # Label_B index -> name; index 0 is the real class
         self.max_text_length = max_text_length
 
 
@@ -85,7 +84,7 @@ class Detector(PreTrainedModel):
         in_dim = self.text_encoder.config.hidden_size + self.vision_encoder.config.hidden_size
         self.fusion = nn.Sequential(nn.Linear(in_dim, config.fusion_dim), nn.ReLU())
         self.head_a = nn.Linear(config.fusion_dim, 1)
-        self.head_b = nn.Linear(config.fusion_dim, config.num_classes_b)
+        self.head_b = nn.Linear(config.fusion_dim, len(config.class_names))
         self.post_init()
 
     def _init_weights(self, module):
@@ -105,14 +104,15 @@ class Detector(PreTrainedModel):
         return DetectorOutput(loss=loss, logits_a=logits_a, logits_b=logits_b)
 
 
-def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_text_length: int):
+def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_text_length: int,
+                   class_names=CLASS_NAMES):
     """A fresh detector from two pretrained encoders: hub names or local directories, same code path."""
     text = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
     vision = CLIPVisionModel.from_pretrained(vision_encoder)
     tokenizer = AutoTokenizer.from_pretrained(text_encoder)
     config = DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config,
                             fusion_dim=fusion_dim, max_text_length=max_text_length,
-                            pad_token_id=tokenizer.pad_token_id)
+                            pad_token_id=tokenizer.pad_token_id, class_names=class_names)
     model = Detector(config)
     model.text_encoder.load_state_dict(text.state_dict())
     model.vision_encoder.load_state_dict(vision.state_dict())
@@ -141,13 +141,14 @@ class Predictions:
     """Per-sample outputs with the consistency rule applied.
 
     Rule: predicted Label_B is 0 (real) exactly when predicted Label_A is 0. Head B is trained only on AI images,
-    so its class-0 logit is never a target; for an image called AI, Label_B is the argmax over classes 1..5.
+    so its class-0 logit is never a target; for an image called AI, Label_B is the argmax over the AI classes
+    (1..5 for CT2).
     """
 
     prob_ai: torch.Tensor          # P(AI) from head A
     label_a: torch.Tensor          # prob_ai >= decision threshold
-    probs_b: torch.Tensor          # softmax of head B over classes 1..5 (class 0 column is 0)
-    label_b: torch.Tensor          # 0 when label_a == 0, else argmax over 1..5
+    probs_b: torch.Tensor          # softmax of head B over the AI classes (class 0 column is 0)
+    label_b: torch.Tensor          # 0 when label_a == 0, else argmax over the AI classes
     conf_a: torch.Tensor           # max(p, 1 - p)
     conf_b: torch.Tensor           # max of probs_b for AI predictions; equals conf_a for real ones
 

@@ -15,7 +15,7 @@ from datasets import DatasetDict
 
 from .data import FEATURES, DataError, open_dataset, save_atomically, split_by_caption
 from .infer import predict_logits
-from .model import CLASS_NAMES, decide, load_detector
+from .model import decide, load_detector
 
 log = logging.getLogger(__name__)
 
@@ -57,7 +57,7 @@ def pseudolabel(model_dir: Path, data_dir: Path, out_dir: Path, pool: str, thres
                # The pool's true labels, where known (the demo's, the test split's), say how good they are.
                "correct_a": int((label_a == true_a).sum()), "correct_b": int((label_b == true_b).sum()),
                "per_class": {}}
-    for k, name in enumerate(CLASS_NAMES):
+    for k, name in enumerate(model.config.class_names):
         as_k = label_b == k
         metrics["per_class"][name] = {"kept": int(as_k.sum()), "correct": int((true_b[as_k] == k).sum())}
     log.info("kept %d of %d pool samples at threshold %s", len(keep), len(ds), threshold)

@@ -7,6 +7,7 @@ reference code selected by binary F1), only the latest checkpoint kept, and the 
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import shutil
@@ -20,18 +21,18 @@ from transformers import Trainer, TrainingArguments, set_seed
 from .config import Params
 from .data import Collator, concat, open_dataset
 from .metrics import score
-from .model import build_detector, decide, save_detector
+from .model import CLASS_NAMES, build_detector, decide, save_detector
 from .tracking import stage_run
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "f1_weighted_a"
 
 
-def compute_metrics(eval_pred) -> dict[str, float]:
+def compute_metrics(eval_pred, class_names=CLASS_NAMES) -> dict[str, float]:
     logits_a, logits_b = eval_pred.predictions
     labels_a, labels_b = eval_pred.label_ids
     pred = decide(torch.from_numpy(np.asarray(logits_a)), torch.from_numpy(np.asarray(logits_b)))
-    s = score(labels_a, labels_b, pred.label_a.numpy(), pred.label_b.numpy())
+    s = score(labels_a, labels_b, pred.label_a.numpy(), pred.label_b.numpy(), class_names)
     return {f"{name}_{task[-1]}": value for task in ("task_a", "task_b") for name, value in s[task].items()}
 
 
@@ -44,6 +45,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
     """
     data = open_dataset(data_dir)
     train_ds, val_ds = data["train"], data["validation"]
+    label_b = train_ds.features["Label_B"]
+    class_names = tuple(label_b.names) if hasattr(label_b, "names") else CLASS_NAMES
     if pseudo_dir is not None:
         pseudo = open_dataset(pseudo_dir)
         train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
@@ -52,7 +55,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
     with stage_run(stage, params, ("seed", "model", "train", "mlflow")) as run:
         set_seed(params.seed)  # before the fusion layer and heads are initialised
         model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
-                                                     params.model.fusion_dim, params.model.max_text_length)
+                                                     params.model.fusion_dim, params.model.max_text_length,
+                                                     class_names)
         mlflow.log_params({"data.train_rows": len(train_ds), "data.validation_rows": len(val_ds)})
         args = TrainingArguments(
             output_dir=str(checkpoint_dir), run_name=stage, report_to=["mlflow"], seed=params.seed,
@@ -66,7 +70,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         )
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                           data_collator=Collator(tokenizer, processor, params.model.max_text_length),
-                          compute_metrics=compute_metrics, processing_class=tokenizer)
+                          compute_metrics=functools.partial(compute_metrics, class_names=class_names),
+                          processing_class=tokenizer)
         trainer.train()
         best = trainer.evaluate()  # the best checkpoint is loaded at this point
         # Timings are left out so that the same params on the same machine give identical files.

@@ -1,0 +1,137 @@
+"""Readers for the dataset layouts users bring, each returning rows in the CT2/Defactify layout.
+
+- ``competition``: the layout the CT2 competition distributed. Per split directory (``train/``,
+  ``validation/``, ``test/``, ``unlabeled/``, or the root itself for a single split): a captions table
+  (``captions.xlsx`` or ``captions.csv``, columns ``Index``, ``Caption``) and either one folder per source
+  (``coco_image``, ``sd21_image``, ``sdxl_image``, ``sd3_image``, ``dalle_image``, ``midjourney_image``)
+  holding ``image_{Index}.jpg`` (labels come from the folder), or a labels table (``labels.xlsx`` /
+  ``labels.csv``: ``Index``, ``Label_A``, ``Label_B``) with the images ``image_{Index}.jpg`` in ``images/``
+  or next to the tables.
+- ``folders``: one folder per class, ``<root>/<class>/*`` (or ``<root>/<split>/<class>/*``), with an optional
+  ``<root>/captions.csv`` (columns ``file``, ``caption``; ``file`` relative to the root or a bare file name).
+  Images without a caption get an empty caption. Folder names map to classes through
+  ``prepare.class_names`` and ``prepare.class_aliases``.
+
+Rows carry ``{"bytes": None, "path": <file>}``; the checks in :mod:`aigid.data` read and validate each file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+from datasets import Dataset, DatasetDict, Features, Image, Value
+
+from .data import DataError
+
+SPLITS = ("train", "validation", "test", "unlabeled")
+SOURCE_DIRS = ("coco_image", "sd21_image", "sdxl_image", "sd3_image", "dalle_image", "midjourney_image")
+RAW_FEATURES = Features({"Caption": Value("string"), "Image": Image(decode=False), "Label_A": Value("int64"),
+                         "Label_B": Value("int64")})
+
+
+def inside(root: Path, relative: str, what: str) -> Path:
+    """``root / relative``, refusing anything that resolves outside ``root`` (``../``, absolute paths, links)."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise DataError(f"{what}: {relative!r} points outside the dataset root {root}")
+    return path
+
+
+def class_index(name: str, class_names: tuple[str, ...], aliases: dict[str, str], where: str) -> int:
+    name = aliases.get(name, name)
+    if name not in class_names:
+        raise DataError(f"{where}: class folder {name!r} is not a known class ({', '.join(class_names)}); "
+                        f"add it to prepare.class_names or prepare.class_aliases")
+    return class_names.index(name)
+
+
+def _table(directory: Path, stem: str, columns: tuple[str, ...], required: bool = True) -> pd.DataFrame | None:
+    for suffix in (".xlsx", ".csv"):
+        path = directory / f"{stem}{suffix}"
+        if path.is_file():
+            frame = pd.read_excel(path) if suffix == ".xlsx" else pd.read_csv(path, keep_default_na=False)
+            missing = [c for c in columns if c not in frame.columns]
+            if missing:
+                raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})")
+            return frame
+    if required:
+        raise DataError(f"{directory}: no {stem}.xlsx or {stem}.csv")
+    return None
+
+
+def _rows(captions, paths, labels_a, labels_b) -> Dataset:
+    return Dataset.from_dict({"Caption": list(captions), "Image": [{"bytes": None, "path": str(p)} for p in paths],
+                              "Label_A": list(labels_a), "Label_B": list(labels_b)}, features=RAW_FEATURES)
+
+
+def _competition_split(directory: Path, class_names, aliases) -> Dataset:
+    captions = _table(directory, "captions", ("Index", "Caption"))
+    text = dict(zip(captions["Index"], captions["Caption"].fillna("").astype(str)))
+    sources = [d for d in SOURCE_DIRS if (directory / d).is_dir()]
+    rows: tuple[list, list, list, list] = ([], [], [], [])
+    if sources:
+        for source in sources:
+            label_b = class_index(source, class_names, aliases, str(directory / source))
+            for index, caption in text.items():
+                for part, value in zip(rows, (caption, directory / source / f"image_{index}.jpg",
+                                               int(label_b != 0), label_b)):
+                    part.append(value)
+        return _rows(*rows)
+    labels = _table(directory, "labels", ("Index", "Label_A", "Label_B"), required=False)
+    images = directory / "images" if (directory / "images").is_dir() else directory
+    if labels is None:
+        raise DataError(f"{directory}: neither source folders ({', '.join(SOURCE_DIRS)}) nor a labels table")
+    for index, a, b in zip(labels["Index"], labels["Label_A"], labels["Label_B"]):
+        if index not in text:
+            raise DataError(f"{directory}: labels table row Index={index} has no caption in the captions table")
+        for part, value in zip(rows, (text[index], images / f"image_{index}.jpg", a, b)):
+            part.append(value)
+    return _rows(*rows)
+
+
+def read_competition(root: Path, class_names, aliases) -> DatasetDict:
+    splits = {s: root / s for s in SPLITS if (root / s).is_dir()} or {"train": root}
+    return DatasetDict({s: _competition_split(d, class_names, aliases) for s, d in splits.items()})
+
+
+def _folder_split(root: Path, split_dir: Path, captions: dict[str, str], class_names, aliases) -> Dataset:
+    rows: tuple[list, list, list, list] = ([], [], [], [])
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        label_b = class_index(class_dir.name, class_names, aliases, str(class_dir))
+        for file in sorted(f for f in class_dir.rglob("*") if f.is_file() and not f.name.startswith(".")):
+            inside(root, str(file.relative_to(root)), str(class_dir))  # a symlink out of the root is refused
+            rel = file.relative_to(root).as_posix()
+            caption = captions.get(rel, captions.get(file.name, ""))
+            for part, value in zip(rows, (caption, file, int(label_b != 0), label_b)):
+                part.append(value)
+    if not rows[0]:
+        raise DataError(f"{split_dir}: no images in any class folder")
+    return _rows(*rows)
+
+
+def read_folders(root: Path, class_names, aliases) -> DatasetDict:
+    captions: dict[str, str] = {}
+    table = root / "captions.csv"
+    if table.is_file():
+        frame = pd.read_csv(table, keep_default_na=False)
+        missing = [c for c in ("file", "caption") if c not in frame.columns]
+        if missing:
+            raise DataError(f"{table}: missing column(s) {', '.join(missing)}")
+        for row, (file, caption) in enumerate(zip(frame["file"], frame["caption"])):
+            inside(root, str(file), f"{table} row {row}")
+            captions[str(file)] = str(caption)
+    splits = {s: root / s for s in SPLITS if (root / s).is_dir()} or {"train": root}
+    return DatasetDict({s: _folder_split(root, d, captions, class_names, aliases) for s, d in splits.items()})
+
+
+def detect_layout(root: Path) -> str:
+    if (root / "dataset_dict.json").is_file():
+        return "arrow"
+    if any(root.glob("*.parquet")) or any(root.glob("*/*.parquet")):
+        return "parquet"
+    for d in (root, *(root / s for s in SPLITS)):
+        if any((d / f"captions{x}").is_file() for x in (".xlsx", ".csv")) and (
+                any((d / s).is_dir() for s in SOURCE_DIRS) or any((d / f"labels{x}").is_file() for x in (".xlsx", ".csv"))):
+            return "competition"
+    return "folders"
