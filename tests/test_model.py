@@ -112,3 +112,32 @@ def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
                                        str(tmp_path), "--out", str(tmp_path / "enc2")])
     assert result.exit_code != 0 and "encoders.text=" in result.output
     assert not (tmp_path / "enc2").exists()
+
+
+def test_a_class_added_in_params_gives_head_b_one_more_output():
+    from aigid.metrics import score
+
+    text = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                intermediate_size=32), add_pooling_layer=False)
+    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                              intermediate_size=32, image_size=16, patch_size=8))
+    names = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6", "flux")
+    model = Detector(DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config,
+                                    fusion_dim=8, class_names=names))
+    assert model.head_b.out_features == 7
+    logits_b = torch.zeros(2, 7)
+    logits_b[:, 6] = 5.0
+    p = decide(torch.tensor([3.0, -3.0]), logits_b)
+    assert p.label_b.tolist() == [6, 0]
+    s = score([1, 0], [6, 0], p.label_a.numpy(), p.label_b.numpy(), names)
+    assert s["per_class"]["flux"]["task_b_recall"] == 1.0
+
+
+def test_demo_tokenizer_vocabulary_is_deterministic_and_covers_unseen_words():
+    from aigid.encoders import train_wordpiece
+
+    captions = ["two red circles and a blue square on a green background", "a yellow triangle on a grey background"]
+    a, b = train_wordpiece(captions, 80), train_wordpiece(list(reversed(captions)) * 3, 80)
+    assert a.get_vocab() == train_wordpiece(captions, 80).get_vocab()
+    assert set(a.get_vocab()) == set(b.get_vocab())          # frequency ties are broken alphabetically
+    assert "[UNK]" not in a.tokenize("a green triangles")      # unseen words fall back to characters

@@ -101,3 +101,12 @@ def test_threshold_experiment_reruns_only_downstream_stages(project):
     assert after["threshold"] == 0.4 and after["kept"] < before["kept"]
     tagged = [r for r in runs(project) if r.data.tags.get("dvc_exp_name")]
     assert {r.data.tags["stage"] for r in tagged} == {"pseudolabel", "retrain", "evaluate"}
+
+
+def test_pseudo_labelling_the_test_split_flags_evaluate_as_contaminated(project, tmp_path):
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["pseudolabel"]["pool"] = "test"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    sh("aigid", "evaluate", "--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "e.json"),
+       "--plots", str(tmp_path / "plots"), cwd=project)
+    assert json.loads((tmp_path / "e.json").read_text())["contaminated"] is True

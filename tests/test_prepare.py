@@ -142,3 +142,13 @@ def test_malformed_params_value_names_the_key(tmp_path):
     assert result.exit_code != 0
     assert "train.learning_rate must be a number, got 'fast'" in result.output
     assert not (tmp_path / "model").exists()
+
+
+def test_split_with_no_samples_is_named(tmp_path):
+    src = tmp_path / "source"
+    empty = Dataset.from_dict(rows(1), features=FEATURES).select([])
+    DatasetDict(train=Dataset.from_dict(rows(3), features=FEATURES), test=empty).save_to_disk(
+        str(src), num_shards={"test": 1})
+    result, out = run_prepare(tmp_path, src)
+    assert result.exit_code != 0 and "split test: no samples" in result.output
+    assert not out.exists()

@@ -2,7 +2,8 @@
 
 Layout: columns ``Caption`` (str), ``Image`` (encoded bytes, the `datasets` Image feature), ``Label_A``
 (0 real, 1 AI) and ``Label_B`` (0 real, 1 SD 2.1, 2 SDXL, 3 SD 3, 4 DALL-E 3, 5 Midjourney 6), plus
-``caption_id`` so that splits can be made by caption. Images stay encoded on disk (memory-mapped Arrow) and
+``caption_id`` so that splits can be made by caption (rows of one caption text share it) and ``source_file``
+(where the image came from, for messages). Images stay encoded on disk (memory-mapped Arrow) and
 are decoded batch by batch in the DataLoader workers by :class:`Collator`.
 """
 
@@ -11,7 +12,6 @@ from __future__ import annotations
 import io
 import shutil
 import warnings
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -220,12 +220,6 @@ def check_split(ds: Dataset, split: str, cache_dir: str, opts: CheckOptions = Ch
     if len(out) == 0:
         raise DataError(f"split {split}: no samples left after skipping {len(rejected) - skipped_before} bad row(s)")
     return out
-
-
-def caption_ids(captions: Sequence[str]) -> list[int]:
-    """Same caption text, same id: the unit that splits must not cut through."""
-    ids: dict[str, int] = {}
-    return [ids.setdefault(c, len(ids)) for c in captions]
 
 
 def split_by_caption(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
