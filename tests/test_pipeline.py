@@ -110,3 +110,27 @@ def test_pseudo_labelling_the_test_split_flags_evaluate_as_contaminated(project,
     sh("aigid", "evaluate", "--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "e.json"),
        "--plots", str(tmp_path / "plots"), cwd=project)
     assert json.loads((tmp_path / "e.json").read_text())["contaminated"] is True
+
+
+def test_forced_rerun_gives_identical_metrics_files(project):
+    before = {p: p.read_bytes() for p in (project / "metrics").rglob("*.json")}
+    sh("dvc", "repro", "--force", cwd=project)
+    after = {p: p.read_bytes() for p in (project / "metrics").rglob("*.json")}
+    assert before.keys() == after.keys()
+    assert [p.name for p in before if before[p] != after[p]] == []
+
+
+def test_push_then_pull_into_a_fresh_clone_reruns_nothing(project, tmp_path):
+    remote = tmp_path / "remote"
+    sh("dvc", "remote", "add", "-d", "storage", str(remote), cwd=project)
+    sh("dvc", "push", cwd=project)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-qm", "outputs pushed to the remote", cwd=project)
+    clone = tmp_path / "clone"
+    sh("git", "clone", "-q", str(project), str(clone), cwd=tmp_path)
+    sh("dvc", "pull", cwd=clone)
+    assert (clone / "models/retrained/model.safetensors").is_file()
+    status = sh("dvc", "status", cwd=clone)
+    assert "up to date" in status, status
+    out = sh("dvc", "repro", cwd=clone)
+    assert "Running stage" not in out

@@ -28,6 +28,23 @@ def write_json(path: Path, obj) -> None:
     os.replace(tmp, path)
 
 
+def _fail_cleanly(fn):
+    """Known failures (bad data, unreachable tracking store) end with one clear line, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from .data import DataError
+        from .tracking import TrackingError
+
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, TrackingError) as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
 def _load(params_file: Path):
     try:
         return load_params(params_file)
@@ -124,6 +141,7 @@ def _train_command(stage: str, pseudo: bool):
                   help="Validation metrics of the best checkpoint.")
     @click.option("--history", "history_file", type=_path(), default=f"metrics/{stage}_history.json",
                   show_default=True, help="Per-epoch validation metrics (a DVC plot).")
+    @_fail_cleanly
     def command(params_file, data, encoders_dir, out, metrics_file, history_file, pseudo_dir=None):
         from .train import fit
 
@@ -154,22 +172,19 @@ retrain = main.command(name="retrain", help="Train a fresh detector from the sam
               help="Directory for the kept samples, split into train/validation additions.")
 @click.option("--metrics", "metrics_file", type=_path(), default="metrics/pseudolabel.json", show_default=True,
               help="Counts kept, and how many pseudo-labels are right where the pool's labels are known.")
+@_fail_cleanly
 def pseudolabel(params_file, model_dir, data, out, metrics_file) -> None:
     """Label pseudolabel.pool with MODEL; keep samples whose Task A and Task B confidences exceed `threshold`."""
-    from .data import DataError
+    import mlflow
+
     from .pseudolabel import pseudolabel as run
     from .tracking import stage_run
 
     p = _load(params_file)
     q = p.pseudolabel
     with stage_run("pseudolabel", p, ("threshold", "seed", "pseudolabel", "train.num_workers", "mlflow")):
-        try:
-            metrics = run(model_dir, data, out, q.pool, p.threshold, q.validation_fraction, q.batch_size, p.seed,
-                          p.train.num_workers)
-        except DataError as err:
-            raise click.ClickException(str(err)) from None
-        import mlflow
-
+        metrics = run(model_dir, data, out, q.pool, p.threshold, q.validation_fraction, q.batch_size, p.seed,
+                      p.train.num_workers)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "threshold"})
     write_json(metrics_file, metrics)
 
@@ -186,6 +201,7 @@ def pseudolabel(params_file, model_dir, data, out, metrics_file) -> None:
               help="Scores of both models on the test split.")
 @click.option("--plots", "plots_dir", type=_path(), default="metrics/plots", show_default=True,
               help="Directory for confusion-matrix rows (DVC plots, template `confusion`).")
+@_fail_cleanly
 def evaluate(params_file, base_dir, retrained_dir, data, metrics_file, plots_dir) -> None:
     """Score the base and retrained models on the test split: both tasks, balanced metrics, per generator."""
     import mlflow

@@ -21,6 +21,24 @@ from .config import flatten
 STAGE_TAG, PIPELINE_TAG = "stage", "pipeline_id"
 
 
+class TrackingError(RuntimeError):
+    """The MLflow store cannot be used; raised before any work starts."""
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast on a tracking server that does not answer (the MLflow client would retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(f"MLflow tracking server {uri} is not reachable ({err}); start it or set "
+                            f"MLFLOW_TRACKING_URI to a reachable store") from None
+
+
 def project_root() -> Path:
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
     parts = root.parts
@@ -61,11 +79,12 @@ def stage_run(stage: str, params, groups: tuple[str, ...], params_file: str | Pa
     work starts, so an unreachable store fails fast with its URI in the message.
     """
     uri = tracking_uri()
+    check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
         mlflow.set_experiment(params.mlflow.experiment)
     except Exception as err:
-        raise RuntimeError(f"MLflow tracking store {uri} is not usable: {err}") from err
+        raise TrackingError(f"MLflow tracking store {uri} is not usable: {err}") from err
     cwd = Path.cwd()
     commit = _git_commit(cwd)
     tags = {STAGE_TAG: stage, "git_commit": commit, PIPELINE_TAG: pipeline_id(commit, Path(params_file)),

@@ -2,12 +2,17 @@
 
 Evaluation every epoch, the best checkpoint chosen by weighted F1 on Task A (as the paper reports it; the
 reference code selected by binary F1), only the latest checkpoint kept, and the best model saved at the end.
+
+Checkpoints live in ``checkpoints/<stage>/<fingerprint>``, outside the stage's DVC outputs. A run that was
+killed leaves them there, and the next run with the same params, data and encoders (same fingerprint)
+resumes from the last one instead of starting over; they are deleted when the stage completes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
+import hashlib
 import json
 import logging
 import shutil
@@ -18,7 +23,7 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
-from .config import Params
+from .config import Params, flatten
 from .data import Collator, concat, open_dataset
 from .metrics import score
 from .model import CLASS_NAMES, build_detector, decide, save_detector
@@ -51,7 +56,11 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         pseudo = open_dataset(pseudo_dir)
         train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
     t = params.train
-    checkpoint_dir = checkpoint_dir or Path("checkpoints") / stage
+    stage_dir = checkpoint_dir or Path("checkpoints") / stage
+    checkpoint_dir = stage_dir / fingerprint(params, data_dir, encoders_dir, pseudo_dir)
+    resume = last_complete_checkpoint(checkpoint_dir)
+    if resume:
+        log.info("resuming %s from the last checkpoint in %s (%s)", stage, checkpoint_dir, resume.name)
     with stage_run(stage, params, ("seed", "model", "train", "mlflow")) as run:
         set_seed(params.seed)  # before the fusion layer and heads are initialised
         model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
@@ -72,7 +81,7 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
                           data_collator=Collator(tokenizer, processor, params.model.max_text_length),
                           compute_metrics=functools.partial(compute_metrics, class_names=class_names),
                           processing_class=tokenizer)
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         best = trainer.evaluate()  # the best checkpoint is loaded at this point
         # Timings are left out so that the same params on the same machine give identical files.
         history = [{"epoch": h["epoch"], **{k[5:]: v for k, v in h.items() if k.startswith("eval_")
@@ -85,13 +94,39 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         (tmp / "training_run.json").write_text(json.dumps({"mlflow_run_id": run.info.run_id, "stage": stage}))
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
+        shutil.rmtree(stage_dir, ignore_errors=True)
         with contextlib.suppress(OSError):
-            checkpoint_dir.parent.rmdir()  # only if no other stage's checkpoints are there
+            stage_dir.parent.rmdir()  # only if no other stage's checkpoints are there
     metrics = {"best_epoch": _best_epoch(history), "train_rows": len(train_ds), "validation_rows": len(val_ds),
                **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in
                   ("f1", "accuracy", "precision", "recall", "balanced")}}
     return {"metrics": metrics, "history": history, "run_id": run.info.run_id}
+
+
+CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
+
+
+def last_complete_checkpoint(directory: Path) -> Path | None:
+    """The newest checkpoint with every file written; one cut short by a kill is removed."""
+    found = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
+    for candidate in reversed(found):
+        if all((candidate / name).is_file() for name in CHECKPOINT_FILES):
+            return candidate
+        log.warning("removing incomplete checkpoint %s", candidate)
+        shutil.rmtree(candidate, ignore_errors=True)
+    return None
+
+
+def fingerprint(params: Params, *inputs: Path | None) -> str:
+    """What a checkpoint depends on: the params the stage reads and the identity of its input data."""
+    h = hashlib.sha1(json.dumps({k: v for k, v in flatten(params).items()
+                                 if k.split(".")[0] in ("seed", "model", "train")}, sort_keys=True).encode())
+    for path in filter(None, inputs):
+        for file in sorted(f for f in path.rglob("*") if f.is_file()):
+            h.update(f"{file.relative_to(path).as_posix()}:{file.stat().st_size}".encode())
+            if file.suffix == ".json":  # datasets' state.json fingerprints, encoder configs
+                h.update(file.read_bytes())
+    return h.hexdigest()[:12]
 
 
 def _best_epoch(history: list[dict]) -> float:

@@ -1,0 +1,130 @@
+"""Training under faults: killed mid-run it resumes; with its tracking store away it fails before any work;
+against a real MLflow server it logs there."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import tiny_params_dict
+
+pytestmark = pytest.mark.slow
+
+
+def environment(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    return {**env, **extra}
+
+
+def aigid(*args: str, cwd: Path, **env: str) -> subprocess.Popen:
+    return subprocess.Popen(["aigid", *args], cwd=cwd, env=environment(**env), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out
+    return out
+
+
+def last_complete_checkpoint_in(root: Path):
+    from aigid.train import CHECKPOINT_FILES
+
+    for checkpoint in (root / "checkpoints").glob("train/*/checkpoint-*"):
+        if all((checkpoint / name).is_file() for name in CHECKPOINT_FILES):
+            return checkpoint
+    return None
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("resume")
+    params = tiny_params_dict()
+    params["train"]["epochs"] = 4
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    finish(aigid("prepare", cwd=root))
+    finish(aigid("encoders", cwd=root))
+    return root
+
+
+def test_sigkill_mid_training_then_rerun_resumes_and_matches_an_unbroken_run(inputs, tmp_path):
+    finish(aigid("train", "--out", "models/unbroken", "--metrics", "unbroken.json", "--history", "h1.json",
+                 cwd=inputs))
+    assert not (inputs / "checkpoints").exists()          # cleaned when the stage completes
+
+    proc = aigid("train", "--out", "models/killed", "--metrics", "killed.json", "--history", "h2.json", cwd=inputs)
+    deadline = time.time() + 300
+    while last_complete_checkpoint_in(inputs) is None and time.time() < deadline:
+        assert proc.poll() is None, proc.communicate()[0]
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (inputs / "models/killed").exists() and not (inputs / "killed.json").exists()
+
+    out = finish(aigid("train", "--out", "models/killed", "--metrics", "killed.json", "--history", "h2.json",
+                       cwd=inputs))
+    assert "resuming train from the last checkpoint" in out
+    unbroken = json.loads((inputs / "unbroken.json").read_text())
+    resumed = json.loads((inputs / "killed.json").read_text())
+    assert resumed == pytest.approx(unbroken)
+    h1, h2 = (json.loads((inputs / name).read_text()) for name in ("h1.json", "h2.json"))
+    assert len(h1) == len(h2) == 4
+    for epoch_unbroken, epoch_resumed in zip(h1, h2):
+        assert epoch_resumed == pytest.approx(epoch_unbroken)
+
+
+def test_unreachable_tracking_server_fails_before_any_training(inputs):
+    uri = f"http://127.0.0.1:{free_port()}"                       # nothing listens there
+    started = time.time()
+    proc = aigid("train", "--out", "models/never", "--metrics", "never.json", cwd=inputs, MLFLOW_TRACKING_URI=uri)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and f"MLflow tracking server {uri} is not reachable" in out
+    assert "Traceback" not in out and time.time() - started < 60
+    assert not (inputs / "models/never").exists() and not (inputs / "checkpoints").exists()
+
+
+def test_training_logs_to_a_real_mlflow_server(inputs, tmp_path):
+    import urllib.request
+
+    import mlflow
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "artifacts")], env=environment(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                urllib.request.urlopen(f"{uri}/health", timeout=2).close()
+                break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "mlflow server did not start"
+                time.sleep(0.5)
+        finish(aigid("train", "--out", "models/served", "--metrics", "served.json", "--history", "h3.json",
+                     cwd=inputs, MLFLOW_TRACKING_URI=uri))
+        mlflow.set_tracking_uri(uri)
+        (run,) = mlflow.search_runs(experiment_names=["aigid"], output_format="list")
+        assert run.data.tags["stage"] == "train" and run.data.params["params.train.epochs"] == "4"
+        assert {"eval_f1_weighted_a", "eval_f1_weighted_b"} <= set(run.data.metrics)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
