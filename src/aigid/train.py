@@ -91,7 +91,6 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         tmp = model_dir.with_name(model_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
         save_detector(trainer.model, tokenizer, processor, tmp)
-        (tmp / "training_run.json").write_text(json.dumps({"mlflow_run_id": run.info.run_id, "stage": stage}))
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)
         shutil.rmtree(stage_dir, ignore_errors=True)
