@@ -222,5 +222,52 @@ def evaluate(params_file, base_dir, retrained_dir, data, metrics_file, plots_dir
     write_json(metrics_file, metrics)
 
 
+@main.command()
+@click.argument("inputs", nargs=-1, required=True)
+@click.option("--model", "model_dir", type=_path(exists=True), default="models/retrained", show_default=True,
+              help="Model directory written by train or retrain.")
+@click.option("--caption", default="", help="One caption for every image (default: none).")
+@click.option("--captions", "captions_file", type=_path(exists=True, dir_okay=False),
+              help="CSV with columns path,caption (path as given or a bare file name).")
+@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Call an image AI when P(AI) is at least this.")
+@click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
+@click.option("--out", type=_path(dir_okay=False), help="Output file (default: standard output).")
+def detect(inputs, model_dir, caption, captions_file, threshold, batch_size, fmt, out) -> None:
+    """Score image files, folders or globs: P(AI), the generator and every class probability.
+
+    Unreadable files get a row with the reason in `error`; the others are still scored.
+    """
+    import csv
+    import io
+    import json as jsonlib
+
+    from .detect import detect as run
+    from .detect import expand
+
+    captions = None
+    if captions_file:
+        with open(captions_file, newline="") as f:
+            table = list(csv.DictReader(f))
+        if table and not {"path", "caption"} <= set(table[0]):
+            raise click.ClickException(f"{captions_file}: needs columns path,caption")
+        captions = {r["path"]: r["caption"] for r in table}
+    rows = run(expand(list(inputs)), model_dir, captions, caption, threshold, batch_size)
+    if fmt == "json":
+        text = jsonlib.dumps(rows, indent=2) + "\n"
+    else:
+        buf = io.StringIO()
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        text = buf.getvalue()
+    if out:
+        out.write_text(text)
+    else:
+        click.echo(text, nl=False)
+
+
 if __name__ == "__main__":
     main()

@@ -74,6 +74,8 @@ def _open(image: dict, max_pixels: int) -> tuple[bytes, PILImage.Image]:
             img.load()
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as err:
         raise DataError(f"decompression-bomb guard: {err}") from None
+    except PILImage.UnidentifiedImageError:
+        raise DataError("cannot decode image: not a recognised image format") from None
     except (OSError, SyntaxError, ValueError) as err:
         raise DataError(f"cannot decode image: {err}") from None
     return data, img
