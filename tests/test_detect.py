@@ -49,3 +49,24 @@ def test_detect_folder_with_a_corrupt_file(tmp_path):
         assert row["generator"] == model.config.class_names[int(expected.label_b[i])]
         probs = [float(row[f"p_{n}"]) for n in model.config.class_names]
         assert abs(sum(probs) - 1) < 1e-5
+
+
+def test_detect_json_with_per_file_captions(tmp_path):
+    import json
+
+    save_detector(_tiny_detector().eval(), train_wordpiece(["a red circle"], 50),
+                  CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+                  tmp_path / "model")
+    for name in ("a.png", "b.png"):
+        Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / name)
+    (tmp_path / "captions.csv").write_text("path,caption\na.png,a red circle\n")
+    result = CliRunner().invoke(main, ["detect", str(tmp_path / "*.png"), "--model", str(tmp_path / "model"),
+                                       "--captions", str(tmp_path / "captions.csv"), "--format", "json",
+                                       "--threshold", "0.9"])
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)
+    assert [r["caption"] for r in rows] == ["a red circle", ""] and all(r["threshold"] == 0.9 for r in rows)
+    (tmp_path / "bad.csv").write_text("file,text\na.png,x\n")
+    result = CliRunner().invoke(main, ["detect", str(tmp_path / "a.png"), "--model", str(tmp_path / "model"),
+                                       "--captions", str(tmp_path / "bad.csv")])
+    assert result.exit_code != 0 and "needs columns path,caption" in result.output

@@ -234,35 +234,17 @@ def evaluate(params_file, base_dir, retrained_dir, data, metrics_file, plots_dir
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--out", type=_path(dir_okay=False), help="Output file (default: standard output).")
+@_fail_cleanly
 def detect(inputs, model_dir, caption, captions_file, threshold, batch_size, fmt, out) -> None:
     """Score image files, folders or globs: P(AI), the generator and every class probability.
 
     Unreadable files get a row with the reason in `error`; the others are still scored.
     """
-    import csv
-    import io
-    import json as jsonlib
-
     from .detect import detect as run
-    from .detect import expand
+    from .detect import expand, read_captions, render
 
-    captions = None
-    if captions_file:
-        with open(captions_file, newline="") as f:
-            table = list(csv.DictReader(f))
-        if table and not {"path", "caption"} <= set(table[0]):
-            raise click.ClickException(f"{captions_file}: needs columns path,caption")
-        captions = {r["path"]: r["caption"] for r in table}
-    rows = run(expand(list(inputs)), model_dir, captions, caption, threshold, batch_size)
-    if fmt == "json":
-        text = jsonlib.dumps(rows, indent=2) + "\n"
-    else:
-        buf = io.StringIO()
-        fields = list(dict.fromkeys(k for r in rows for k in r))
-        writer = csv.DictWriter(buf, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-        text = buf.getvalue()
+    captions = read_captions(captions_file) if captions_file else None
+    text = render(run(expand(list(inputs)), model_dir, captions, caption, threshold, batch_size), fmt)
     if out:
         out.write_text(text)
     else:

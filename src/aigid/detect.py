@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
+import json
 from pathlib import Path
 
 import torch
@@ -66,3 +69,22 @@ def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None =
             row.update({f"p_{n}": (1 - p_ai) if k == 0 else p_ai * float(pred.probs_b[i, k])
                         for k, n in enumerate(names)})
     return rows
+
+
+def read_captions(path: Path) -> dict[str, str]:
+    """A ``path,caption`` CSV as {path: caption}; paths as given on the command line or bare file names."""
+    with open(path, newline="") as f:
+        table = list(csv.DictReader(f))
+    if table and not {"path", "caption"} <= set(table[0]):
+        raise DataError(f"{path}: needs columns path,caption (found: {', '.join(table[0])})")
+    return {r["path"]: r["caption"] for r in table}
+
+
+def render(rows: list[dict], fmt: str) -> str:
+    if fmt == "json":
+        return json.dumps(rows, indent=2) + "\n"
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buf.getvalue()
