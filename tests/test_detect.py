@@ -15,11 +15,14 @@ from aigid.model import decide, load_detector, save_detector
 from test_model import _tiny_detector
 
 
-def test_detect_folder_with_a_corrupt_file(tmp_path):
+def save_tiny_model(path):
     torch.manual_seed(0)
     save_detector(_tiny_detector().eval(), train_wordpiece(["a red circle"], 50),
-                  CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-                  tmp_path / "model")
+                  CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}), path)
+
+
+def test_detect_folder_with_a_corrupt_file(tmp_path):
+    save_tiny_model(tmp_path / "model")
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
@@ -54,9 +57,7 @@ def test_detect_folder_with_a_corrupt_file(tmp_path):
 def test_detect_json_with_per_file_captions(tmp_path):
     import json
 
-    save_detector(_tiny_detector().eval(), train_wordpiece(["a red circle"], 50),
-                  CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-                  tmp_path / "model")
+    save_tiny_model(tmp_path / "model")
     for name in ("a.png", "b.png"):
         Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / name)
     (tmp_path / "captions.csv").write_text("path,caption\na.png,a red circle\n")

@@ -31,6 +31,7 @@ from .tracking import stage_run
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "f1_weighted_a"
+PARAM_GROUPS = ("seed", "model", "train", "mlflow")  # what train/retrain read (dvc.yaml lists the same)
 
 
 def compute_metrics(eval_pred, class_names=CLASS_NAMES) -> dict[str, float]:
@@ -61,7 +62,7 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
     resume = last_complete_checkpoint(checkpoint_dir)
     if resume:
         log.info("resuming %s from the last checkpoint in %s (%s)", stage, checkpoint_dir, resume.name)
-    with stage_run(stage, params, ("seed", "model", "train", "mlflow")) as run:
+    with stage_run(stage, params, PARAM_GROUPS) as run:
         set_seed(params.seed)  # before the fusion layer and heads are initialised
         model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
                                                      params.model.fusion_dim, params.model.max_text_length,
@@ -119,7 +120,7 @@ def last_complete_checkpoint(directory: Path) -> Path | None:
 def fingerprint(params: Params, *inputs: Path | None) -> str:
     """What a checkpoint depends on: the params the stage reads and the identity of its input data."""
     h = hashlib.sha1(json.dumps({k: v for k, v in flatten(params).items()
-                                 if k.split(".")[0] in ("seed", "model", "train")}, sort_keys=True).encode())
+                                 if k.split(".")[0] in PARAM_GROUPS}, sort_keys=True).encode())
     for path in filter(None, inputs):
         for file in sorted(f for f in path.rglob("*") if f.is_file()):
             h.update(f"{file.relative_to(path).as_posix()}:{file.stat().st_size}".encode())
