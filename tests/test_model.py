@@ -141,3 +141,30 @@ def test_demo_tokenizer_vocabulary_is_deterministic_and_covers_unseen_words():
     assert a.get_vocab() == train_wordpiece(captions, 80).get_vocab()
     assert set(a.get_vocab()) == set(b.get_vocab())          # frequency ties are broken alphabetically
     assert "[UNK]" not in a.tokenize("a green triangles")      # unseen words fall back to characters
+
+
+def test_each_distinct_caption_is_encoded_once_with_the_same_result():
+    torch.manual_seed(0)
+    model = _tiny_detector().eval()
+    ids = torch.tensor([[2, 7, 9, 3, 0], [2, 8, 3, 0, 0], [2, 7, 9, 3, 0], [2, 7, 9, 4, 3]])
+    mask = (ids != 0).long()
+    pixels = torch.randn(4, 3, 16, 16)
+    seen = []
+    model.text_encoder.register_forward_hook(lambda m, args, kwargs, out: seen.append(len(kwargs["input_ids"])),
+                                             with_kwargs=True)
+    with torch.no_grad():
+        text, image = model.encode(ids, mask, pixels)
+        alone = [model.text_encoder(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).last_hidden_state[:, 0]
+                 for i in range(4)]
+    assert seen[0] == 3                                   # rows 0 and 2 share a caption
+    assert torch.allclose(text, torch.cat(alone), atol=1e-5)
+    out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
+    from_features = model(text_features=text, image_features=image)
+    assert torch.allclose(out.logits_a, from_features.logits_a) and torch.allclose(out.logits_b, from_features.logits_b)
+
+
+def test_frozen_encoders_get_no_gradient():
+    model = _tiny_detector()
+    model.freeze_encoders()
+    trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"fusion", "head_a", "head_b"}

@@ -68,6 +68,9 @@ def main(verbose: bool) -> None:
     transformers.utils.logging.enable_propagation()
     if not verbose:
         transformers.utils.logging.set_verbosity_warning()
+    from .runtime import configure
+
+    configure()
 
 
 @main.command()
@@ -129,6 +132,30 @@ def encoders(params_file: Path, data: Path, out: Path) -> None:
     tmp.rename(out)
 
 
+@main.command()
+@PARAMS
+@click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True,
+              help="Prepared dataset: every split is encoded.")
+@click.option("--encoders", "encoders_dir", type=_path(exists=True), default="models/encoders",
+              show_default=True, help="Starting encoders written by the encoders stage.")
+@click.option("--out", type=_path(), default="data/features", show_default=True,
+              help="Directory for the cached features (Arrow, one row per prepared row).")
+@_fail_cleanly
+def features(params_file: Path, data: Path, encoders_dir: Path, out: Path) -> None:
+    """Cache the starting encoders' text and image features (train.freeze_encoders: true).
+
+    With train.freeze_encoders: false, OUT only records that no features were computed.
+    """
+    from .features import compute_features
+
+    p = _load(params_file)
+    compute_features(p, data, encoders_dir, out)
+
+
+FEATURES_OPTION = click.option("--features", "features_dir", type=_path(), default="data/features",
+                               show_default=True, help="Cached encoder features (used with train.freeze_encoders).")
+
+
 def _train_command(stage: str, pseudo: bool):
     @PARAMS
     @click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True,
@@ -141,12 +168,13 @@ def _train_command(stage: str, pseudo: bool):
                   help="Validation metrics of the best checkpoint.")
     @click.option("--history", "history_file", type=_path(), default=f"metrics/{stage}_history.json",
                   show_default=True, help="Per-epoch validation metrics (a DVC plot).")
+    @FEATURES_OPTION
     @_fail_cleanly
-    def command(params_file, data, encoders_dir, out, metrics_file, history_file, pseudo_dir=None):
+    def command(params_file, data, encoders_dir, out, metrics_file, history_file, features_dir, pseudo_dir=None):
         from .train import fit
 
         p = _load(params_file)
-        result = fit(p, data, encoders_dir, out, stage=stage, pseudo_dir=pseudo_dir)
+        result = fit(p, data, encoders_dir, out, stage=stage, pseudo_dir=pseudo_dir, features_dir=features_dir)
         write_json(metrics_file, result["metrics"])
         write_json(history_file, result["history"])
 
@@ -172,8 +200,9 @@ retrain = main.command(name="retrain", help="Train a fresh detector from the sam
               help="Directory for the kept samples, split into train/validation additions.")
 @click.option("--metrics", "metrics_file", type=_path(), default="metrics/pseudolabel.json", show_default=True,
               help="Counts kept, and how many pseudo-labels are right where the pool's labels are known.")
+@FEATURES_OPTION
 @_fail_cleanly
-def pseudolabel(params_file, model_dir, data, out, metrics_file) -> None:
+def pseudolabel(params_file, model_dir, data, out, metrics_file, features_dir) -> None:
     """Label pseudolabel.pool with MODEL; keep samples whose Task A and Task B confidences exceed `threshold`."""
     import mlflow
 
@@ -182,9 +211,10 @@ def pseudolabel(params_file, model_dir, data, out, metrics_file) -> None:
 
     p = _load(params_file)
     q = p.pseudolabel
-    with stage_run("pseudolabel", p, ("threshold", "seed", "pseudolabel", "train.num_workers", "mlflow")):
+    with stage_run("pseudolabel", p, ("threshold", "seed", "pseudolabel", "train.num_workers",
+                                      "train.freeze_encoders", "mlflow")):
         metrics = run(model_dir, data, out, q.pool, p.threshold, q.validation_fraction, q.batch_size, p.seed,
-                      p.train.num_workers)
+                      p.train.num_workers, features_dir if p.train.freeze_encoders else None)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "threshold"})
     write_json(metrics_file, metrics)
 

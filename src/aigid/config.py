@@ -79,6 +79,14 @@ class TrainParams:
     epochs: int = 8
     warmup_ratio: float = 0.0
     num_workers: int = 0
+    # Frozen-encoder mode: the `features` stage encodes every image and caption once with the starting
+    # encoders; only the fusion layer and the heads are trained, on those cached features.
+    freeze_encoders: bool = False
+
+
+@dataclass(frozen=True)
+class FeaturesParams:
+    batch_size: int = 128          # inference batch of the `features` stage (frozen-encoder mode only)
 
 
 @dataclass(frozen=True)
@@ -106,6 +114,7 @@ class Params:
     encoders: EncodersParams = field(default_factory=EncodersParams)
     model: ModelParams = field(default_factory=ModelParams)
     train: TrainParams = field(default_factory=TrainParams)
+    features: FeaturesParams = field(default_factory=FeaturesParams)
     pseudolabel: PseudolabelParams = field(default_factory=PseudolabelParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
@@ -145,6 +154,7 @@ class Params:
         _check(t.epochs >= 1, "train.epochs", t.epochs, "a positive integer")
         _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "a number in [0, 1)")
         _check(t.num_workers >= 0, "train.num_workers", t.num_workers, "an integer >= 0")
+        _check(self.features.batch_size >= 1, "features.batch_size", self.features.batch_size, "a positive integer")
         q = self.pseudolabel
         _check(q.pool in ("unlabeled", "test"), "pseudolabel.pool", q.pool, "'unlabeled' or 'test'")
         _check(0 < q.validation_fraction < 1, "pseudolabel.validation_fraction", q.validation_fraction,
@@ -180,7 +190,7 @@ def _coerce(cls, raw: Any, prefix: str):
 
 _NESTED = {
     "DemoDataParams": DemoDataParams, "PrepareParams": PrepareParams, "DemoEncoderParams": DemoEncoderParams,
-    "EncodersParams": EncodersParams, "ModelParams": ModelParams, "TrainParams": TrainParams,
+    "EncodersParams": EncodersParams, "ModelParams": ModelParams, "TrainParams": TrainParams, "FeaturesParams": FeaturesParams,
     "PseudolabelParams": PseudolabelParams, "EvaluateParams": EvaluateParams, "MlflowParams": MlflowParams,
 }
 
@@ -196,6 +206,10 @@ def _convert(type_name: str, value: Any, key: str):
             return float(value)
         except (TypeError, ValueError):
             raise ParamsError(f"params.yaml: {key} must be a number, got {value!r}") from None
+    if type_name == "bool":
+        if not isinstance(value, bool):
+            raise ParamsError(f"params.yaml: {key} must be true or false, got {value!r}")
+        return value
     if type_name == "int":
         if isinstance(value, bool) or not isinstance(value, int):
             raise ParamsError(f"params.yaml: {key} must be an integer, got {value!r}")

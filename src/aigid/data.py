@@ -241,12 +241,14 @@ def shared_captions(a: Dataset, b: Dataset) -> int:
     return len(set(a["Caption"]) & set(b["Caption"]))
 
 
-def save_atomically(dsd: DatasetDict, out: Path) -> None:
+def save_atomically(dsd: DatasetDict, out: Path, extra_files: dict[str, str] | None = None) -> None:
     """Write to a sibling temporary directory, then rename: a crash never leaves a finished-looking output."""
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     # One shard at least: datasets cannot read back an empty split saved with zero shards.
     dsd.save_to_disk(str(tmp), num_shards={k: 1 for k, v in dsd.items() if len(v) == 0} or None)
+    for name, text in (extra_files or {}).items():
+        (tmp / name).write_text(text)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
 

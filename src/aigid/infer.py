@@ -1,35 +1,73 @@
-"""Batched inference, the one path used by pseudolabel and evaluate."""
+"""Batched inference, the one path used by features, pseudolabel, evaluate and detect.
+
+Rows are read from memory-mapped Arrow by a DataLoader whose worker processes decode, resize and tokenise
+(:class:`~aigid.data.Collator`); the main process only moves batches to the device and runs the model. Rows
+are visited grouped by caption, so the images of one caption share a batch and BERT reads each caption once
+(:meth:`~aigid.model.Detector.encode`); results come back in the dataset's order.
+"""
 
 from __future__ import annotations
-
-import contextlib
 
 import numpy as np
 import torch
 from datasets import Dataset
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from .data import Collator
+from .runtime import autocast, device
 
 
-def device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+def caption_order(dataset: Dataset) -> np.ndarray:
+    """Row indices grouped by caption (stable), or the identity where captions carry no id."""
+    if "caption_id" not in dataset.column_names:
+        return np.arange(len(dataset))
+    return np.argsort(np.asarray(dataset["caption_id"]), kind="stable")
+
+
+def _batches(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int):
+    dev = device()
+    order = caption_order(dataset)
+    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
+                        num_workers=num_workers, pin_memory=dev.type == "cuda",
+                        collate_fn=Collator(tokenizer, processor, model.config.max_text_length))
+    for batch in loader:
+        yield {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
+
+
+def _unsort(order: np.ndarray, *parts: list[torch.Tensor]) -> list[np.ndarray]:
+    out = []
+    for chunks in parts:
+        values = torch.cat(chunks).float().numpy()
+        restored = np.empty_like(values)
+        restored[order] = values
+        out.append(restored.astype(np.float32))
+    return out
 
 
 @torch.inference_mode()
 def predict_logits(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0):
-    """Head A and head B logits for every row, in order, as float32 numpy arrays."""
+    """Head A and head B logits for every row, in the dataset's order, as float32 numpy arrays."""
     dev = device()
     model = model.to(dev).eval()
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=Collator(tokenizer, processor, model.config.max_text_length),
-                        pin_memory=dev.type == "cuda")
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     logits_a, logits_b = [], []
-    for batch in loader:
-        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
-        with autocast:
+    for batch in _batches(model, tokenizer, processor, dataset, batch_size, num_workers):
+        with autocast(dev):
             out = model(**batch)
         logits_a.append(out.logits_a.float().cpu())
         logits_b.append(out.logits_b.float().cpu())
-    return torch.cat(logits_a).numpy().astype(np.float32), torch.cat(logits_b).numpy().astype(np.float32)
+    return tuple(_unsort(caption_order(dataset), logits_a, logits_b))
+
+
+@torch.inference_mode()
+def encode_features(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0):
+    """The encoders' text and image features for every row, in the dataset's order (float32 numpy)."""
+    dev = device()
+    model = model.to(dev).eval()
+    text, image = [], []
+    for batch in _batches(model, tokenizer, processor, dataset, batch_size, num_workers):
+        with autocast(dev):
+            t, i = model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                                batch.get("token_type_ids"))
+        text.append(t.float().cpu())
+        image.append(i.float().cpu())
+    return tuple(_unsort(caption_order(dataset), text, image))

@@ -92,16 +92,34 @@ class Detector(PreTrainedModel):
         if module in (self.fusion[0], self.head_a, self.head_b):
             module.reset_parameters()
 
-    def forward(self, input_ids, attention_mask, pixel_values, token_type_ids=None, labels_a=None,
-                labels_b=None, **_):
-        text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                 token_type_ids=token_type_ids).last_hidden_state[:, 0]  # [CLS]
+    def encode(self, input_ids, attention_mask, pixel_values, token_type_ids=None):
+        """Text ([CLS]) and image (pooled) features, the encoders' whole contribution."""
+        # The six images of a caption share it: BERT reads each distinct caption of the batch once.
+        unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+        first = torch.full((len(unique),), len(input_ids), device=input_ids.device).scatter_reduce(
+            0, inverse, torch.arange(len(input_ids), device=input_ids.device), reduce="amin")
+        text = self.text_encoder(input_ids=unique, attention_mask=attention_mask[first],
+                                 token_type_ids=None if token_type_ids is None else token_type_ids[first],
+                                 ).last_hidden_state[:, 0]  # [CLS]
         image = self.vision_encoder(pixel_values=pixel_values).pooler_output
-        shared = self.fusion(torch.cat([text, image], dim=-1))
+        return text[inverse], image
+
+    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, token_type_ids=None,
+                text_features=None, image_features=None, labels_a=None, labels_b=None, **_):
+        """From raw inputs, or from features cached by :meth:`encode` (frozen-encoder training)."""
+        if text_features is None:
+            text_features, image_features = self.encode(input_ids, attention_mask, pixel_values, token_type_ids)
+        shared = self.fusion(torch.cat([text_features, image_features], dim=-1))
         logits_a = self.head_a(shared).squeeze(-1)
         logits_b = self.head_b(shared)
         loss = None if labels_a is None else multitask_loss(logits_a, logits_b, labels_a, labels_b)
         return DetectorOutput(loss=loss, logits_a=logits_a, logits_b=logits_b)
+
+    def freeze_encoders(self) -> None:
+        """Train only the fusion layer and the heads (the Trainer optimises parameters that require grad)."""
+        for encoder in (self.text_encoder, self.vision_encoder):
+            encoder.requires_grad_(False)
+            encoder.eval()
 
 
 def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_text_length: int,

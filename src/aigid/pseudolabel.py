@@ -14,6 +14,7 @@ import torch
 from datasets import DatasetDict
 
 from .data import FEATURES, DataError, open_dataset, save_atomically, split_by_caption
+from .features import open_features, predict_from_features
 from .infer import predict_logits
 from .model import decide, load_detector
 
@@ -26,14 +27,20 @@ def select_confident(conf_a: np.ndarray, conf_b: np.ndarray, threshold: float) -
 
 
 def pseudolabel(model_dir: Path, data_dir: Path, out_dir: Path, pool: str, threshold: float,
-                validation_fraction: float, batch_size: int, seed: int, num_workers: int = 0) -> dict:
+                validation_fraction: float, batch_size: int, seed: int, num_workers: int = 0,
+                features_dir: Path | None = None) -> dict:
+    """Label the ``pool`` split and write the confident samples. With ``features_dir`` (frozen-encoder mode)
+    the model's heads read the pool's cached encoder features instead of running the encoders."""
     data = open_dataset(data_dir)
     if pool not in data:
         raise DataError(f"{data_dir}: no '{pool}' split to pseudo-label (splits: {', '.join(data)}); "
                         f"set pseudolabel.pool to one of them")
     ds = data[pool]
     model, tokenizer, processor = load_detector(model_dir)
-    logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, batch_size, num_workers)
+    if features_dir is not None:
+        logits_a, logits_b = predict_from_features(model, open_features(features_dir)[pool])
+    else:
+        logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, batch_size, num_workers)
     pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
     keep = select_confident(pred.conf_a.numpy(), pred.conf_b.numpy(), threshold)
     if len(keep) == 0:
@@ -45,6 +52,7 @@ def pseudolabel(model_dir: Path, data_dir: Path, out_dir: Path, pool: str, thres
     kept = kept.select_columns(list(FEATURES)).cast(FEATURES)
     kept = kept.add_column("Confidence_A", pred.conf_a.numpy()[keep].tolist())
     kept = kept.add_column("Confidence_B", pred.conf_b.numpy()[keep].tolist())
+    kept = kept.add_column("pool_row", keep.tolist())  # where the sample is in the pool split (and its features)
     if len(set(kept["caption_id"])) >= 2:
         train_part, val_part = split_by_caption(kept, validation_fraction, seed)
     else:  # nothing (or one caption) to split: it all goes to train

@@ -23,8 +23,11 @@ import numpy as np
 import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
+from datasets import concatenate_datasets
+
 from .config import Params, flatten
-from .data import Collator, concat, open_dataset
+from .data import Collator, DataError, concat, open_dataset
+from .features import FeatureCollator, open_features
 from .metrics import score
 from .model import CLASS_NAMES, build_detector, decide, save_detector
 from .tracking import stage_run
@@ -43,22 +46,28 @@ def compute_metrics(eval_pred, class_names=CLASS_NAMES) -> dict[str, float]:
 
 
 def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, stage: str = "train",
-        pseudo_dir: Path | None = None, checkpoint_dir: Path | None = None) -> dict:
+        pseudo_dir: Path | None = None, checkpoint_dir: Path | None = None, features_dir: Path | None = None) -> dict:
     """Train a fresh detector from the starting encoders; write the best one to ``model_dir``.
 
     With ``pseudo_dir`` (the retrain stage), the pseudo-labelled train/validation additions are concatenated
-    to the original splits. Returns the best checkpoint's validation metrics and the per-epoch history.
+    to the original splits. With ``train.freeze_encoders`` the rows are the cached encoder features in
+    ``features_dir`` and only the fusion layer and heads learn. Returns the best checkpoint's validation
+    metrics and the per-epoch history.
     """
     data = open_dataset(data_dir)
-    train_ds, val_ds = data["train"], data["validation"]
-    label_b = train_ds.features["Label_B"]
+    label_b = data["train"].features["Label_B"]
     class_names = tuple(label_b.names) if hasattr(label_b, "names") else CLASS_NAMES
-    if pseudo_dir is not None:
-        pseudo = open_dataset(pseudo_dir)
-        train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
     t = params.train
+    if t.freeze_encoders:
+        train_ds, val_ds = _feature_splits(params, features_dir, pseudo_dir)
+    else:
+        train_ds, val_ds = data["train"], data["validation"]
+        if pseudo_dir is not None:
+            pseudo = open_dataset(pseudo_dir)
+            train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
+        features_dir = None  # not an input of full fine-tuning
     stage_dir = checkpoint_dir or Path("checkpoints") / stage
-    checkpoint_dir = stage_dir / fingerprint(params, data_dir, encoders_dir, pseudo_dir)
+    checkpoint_dir = stage_dir / fingerprint(params, data_dir, encoders_dir, pseudo_dir, features_dir)
     resume = last_complete_checkpoint(checkpoint_dir)
     if resume:
         log.info("resuming %s from the last checkpoint in %s (%s)", stage, checkpoint_dir, resume.name)
@@ -67,6 +76,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
                                                      params.model.fusion_dim, params.model.max_text_length,
                                                      class_names)
+        if t.freeze_encoders:
+            model.freeze_encoders()
         mlflow.log_params({"data.train_rows": len(train_ds), "data.validation_rows": len(val_ds)})
         args = TrainingArguments(
             output_dir=str(checkpoint_dir), run_name=stage, report_to=["mlflow"], seed=params.seed,
@@ -79,7 +90,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
             bf16=torch.cuda.is_available(), disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                          data_collator=Collator(tokenizer, processor, params.model.max_text_length),
+                          data_collator=FeatureCollator() if t.freeze_encoders else
+                          Collator(tokenizer, processor, params.model.max_text_length),
                           compute_metrics=functools.partial(compute_metrics, class_names=class_names),
                           processing_class=tokenizer)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -101,6 +113,25 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
                **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in
                   ("f1", "accuracy", "precision", "recall", "balanced")}}
     return {"metrics": metrics, "history": history, "run_id": run.info.run_id}
+
+
+def _feature_splits(params: Params, features_dir: Path | None, pseudo_dir: Path | None):
+    """Train and validation rows as cached features; pseudo-labelled rows are looked up in the pool's features
+    by their ``pool_row`` and carry their predicted labels."""
+    if features_dir is None:
+        raise DataError("train.freeze_encoders is true: pass the features stage output (--features)")
+    feats = open_features(features_dir)
+    train_ds, val_ds = feats["train"], feats["validation"]
+    if pseudo_dir is not None:
+        pseudo, pool = open_dataset(pseudo_dir), feats[params.pseudolabel.pool]
+        added = []
+        for part in ("train", "validation"):
+            rows = pool.select(pseudo[part]["pool_row"]).remove_columns(["Label_A", "Label_B"])
+            added.append(rows.add_column("Label_A", pseudo[part]["Label_A"]).add_column("Label_B", pseudo[part]["Label_B"])
+                         .cast(train_ds.features))
+        train_ds = concatenate_datasets([train_ds, added[0]]).with_format("numpy")
+        val_ds = concatenate_datasets([val_ds, added[1]]).with_format("numpy")
+    return train_ds, val_ds
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")

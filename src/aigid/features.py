@@ -1,0 +1,89 @@
+"""The `features` stage: encode every prepared row once with the starting encoders (frozen-encoder mode).
+
+With ``train.freeze_encoders: true`` the encoders never change during training, so their outputs are computed
+once here and cached as a DVC output (Arrow, memory-mapped): ``text_features`` (BERT [CLS]) and
+``image_features`` (CLIP pooled) per row, aligned row by row with ``data/prepared``. `train`, `pseudolabel` and
+`retrain` then only run the fusion layer and the heads: experiments on the threshold or the heads cost seconds.
+This is how the strongest CLIP-based detectors are trained (a frozen CLIP with a light head).
+
+With ``train.freeze_encoders: false`` (full fine-tuning, the paper's setup) nothing is computed: the output is a
+directory holding only ``features.json`` that says so, and the stages that read it ignore it.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset, DatasetDict
+
+from .config import Params
+from .data import DataError, open_dataset, save_atomically
+from .infer import encode_features
+from .model import build_detector
+
+log = logging.getLogger(__name__)
+MARKER = "features.json"
+
+
+def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float32()), values.shape[1])
+
+
+def compute_features(params: Params, data_dir: Path, encoders_dir: Path, out_dir: Path) -> dict:
+    if not params.train.freeze_encoders:
+        save_atomically(DatasetDict(), out_dir, {MARKER: json.dumps({"computed": False, "reason":
+                                                                     "train.freeze_encoders is false"}) + "\n"})
+        return {"computed": False}
+    data = open_dataset(data_dir)
+    torch.manual_seed(params.seed)
+    model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
+                                                 params.model.fusion_dim, params.model.max_text_length)
+    splits = {}
+    for name, ds in data.items():
+        text, image = encode_features(model, tokenizer, processor, ds, params.features.batch_size,
+                                      params.train.num_workers)
+        splits[name] = Dataset(pa.table({"text_features": _fixed(text), "image_features": _fixed(image),
+                                         "Label_A": pa.array(ds["Label_A"], pa.int64()),
+                                         "Label_B": pa.array(ds["Label_B"], pa.int64())}))
+        log.info("encoded %d %s rows", len(ds), name)
+    save_atomically(DatasetDict(splits), out_dir, {MARKER: json.dumps({"computed": True}) + "\n"})
+    return {"computed": True, "rows": {k: len(v) for k, v in splits.items()},
+            "text_dim": int(text.shape[1]), "image_dim": int(image.shape[1])}
+
+
+def open_features(path: Path) -> DatasetDict:
+    """The cached features, or a clear error when the `features` stage ran without freeze_encoders."""
+    marker = path / MARKER
+    if not marker.is_file() or not json.loads(marker.read_text()).get("computed"):
+        raise DataError(f"{path}: no cached features; train.freeze_encoders is true, so run the `features` stage "
+                        f"with it (dvc repro does)")
+    return open_dataset(path).with_format("numpy")
+
+
+class FeatureCollator:
+    """Rows of cached features to model inputs (frozen-encoder training)."""
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        return {"text_features": torch.from_numpy(np.stack([r["text_features"] for r in rows])),
+                "image_features": torch.from_numpy(np.stack([r["image_features"] for r in rows])),
+                "labels_a": torch.tensor([int(r["Label_A"]) for r in rows]),
+                "labels_b": torch.tensor([int(r["Label_B"]) for r in rows])}
+
+
+@torch.inference_mode()
+def predict_from_features(model, feats: Dataset, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Head logits for cached features (no encoder runs)."""
+    model = model.eval()
+    logits_a, logits_b = [], []
+    for start in range(0, len(feats), batch_size):
+        rows = feats[start:start + batch_size]
+        out = model(text_features=torch.as_tensor(rows["text_features"]),
+                    image_features=torch.as_tensor(rows["image_features"]))
+        logits_a.append(out.logits_a.float().numpy())
+        logits_b.append(out.logits_b.float().numpy())
+    return np.concatenate(logits_a), np.concatenate(logits_b)
