@@ -86,7 +86,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
             num_train_epochs=t.epochs, eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
             save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=BEST_METRIC,
             greater_is_better=True, remove_unused_columns=False, label_names=["labels_a", "labels_b"],
-            dataloader_num_workers=t.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
+            dataloader_num_workers=t.num_workers, dataloader_persistent_workers=t.num_workers > 0,
+            dataloader_pin_memory=torch.cuda.is_available(),
             bf16=torch.cuda.is_available(), disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
