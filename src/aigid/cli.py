@@ -143,12 +143,17 @@ def _train_command(stage: str, pseudo: bool):
                   show_default=True, help="Per-epoch validation metrics (a DVC plot).")
     @_fail_cleanly
     def command(params_file, data, encoders_dir, out, metrics_file, history_file, pseudo_dir=None):
+        from .tracking import is_main_process
         from .train import fit
 
         p = _load(params_file)
-        result = fit(p, data, encoders_dir, out, stage=stage, pseudo_dir=pseudo_dir)
-        write_json(metrics_file, result["metrics"])
-        write_json(history_file, result["history"])
+        try:
+            result = fit(p, data, encoders_dir, out, stage=stage, pseudo_dir=pseudo_dir)
+        except ParamsError as err:  # train.batch_size that does not divide over the launched processes
+            raise click.ClickException(str(err)) from None
+        if is_main_process():  # under torchrun every rank gets here; rank 0 writes
+            write_json(metrics_file, result["metrics"])
+            write_json(history_file, result["history"])
 
     return command
 
