@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from aigid.config import ParamsError
-from aigid.train import CHECKPOINT_FILES, checkpoint_files, per_process_batch
+from aigid.train import CHECKPOINT_FILES, checkpoint_files, last_complete_checkpoint, per_process_batch
 from conftest import tiny_params_dict
 
 BIN = Path(sys.executable).parent
@@ -44,10 +44,16 @@ def test_global_batch_is_shared_by_the_processes():
         per_process_batch(30, 4)
 
 
-def test_a_complete_checkpoint_holds_every_rank_rng_state():
+def test_a_complete_checkpoint_holds_every_rank_rng_state(tmp_path):
     assert checkpoint_files(1) == CHECKPOINT_FILES
-    assert {"rng_state_0.pth", "rng_state_1.pth"} <= set(checkpoint_files(2))
     assert "rng_state.pth" not in checkpoint_files(2)
+    for step, files in ((5, checkpoint_files(2)), (10, checkpoint_files(2)[:-1])):  # rank 1 killed before its RNG
+        (tmp_path / f"checkpoint-{step}").mkdir()
+        for name in files:
+            (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"")
+    assert last_complete_checkpoint(tmp_path, 2) == tmp_path / "checkpoint-5"
+    assert not (tmp_path / "checkpoint-10").exists()
+    assert last_complete_checkpoint(tmp_path, 1) is None                 # single-process files are not there
 
 
 @pytest.mark.slow
