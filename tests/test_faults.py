@@ -99,6 +99,17 @@ def test_unreachable_tracking_server_fails_before_any_training(inputs):
     assert not (inputs / "models/never").exists() and not (inputs / "checkpoints").exists()
 
 
+def test_unusable_sqlite_store_fails_before_any_training(inputs, tmp_path):
+    # MLflow creates a missing directory for a sqlite file, so the store is placed under a regular file instead.
+    (tmp_path / "not-a-dir").write_text("")
+    uri = f"sqlite:///{tmp_path / 'not-a-dir' / 'mlflow.db'}"
+    proc = aigid("train", "--out", "models/never", "--metrics", "never.json", cwd=inputs, MLFLOW_TRACKING_URI=uri)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode != 0 and f"MLflow tracking store {uri} is not usable" in out
+    assert "Traceback" not in out
+    assert not (inputs / "models/never").exists() and not (inputs / "checkpoints").exists()
+
+
 def test_training_logs_to_a_real_mlflow_server(inputs, tmp_path):
     import urllib.request
 

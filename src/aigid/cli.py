@@ -171,12 +171,17 @@ def _train_command(stage: str, pseudo: bool):
     @FEATURES_OPTION
     @_fail_cleanly
     def command(params_file, data, encoders_dir, out, metrics_file, history_file, features_dir, pseudo_dir=None):
+        from .tracking import is_main_process
         from .train import fit
 
         p = _load(params_file)
-        result = fit(p, data, encoders_dir, out, stage=stage, pseudo_dir=pseudo_dir, features_dir=features_dir)
-        write_json(metrics_file, result["metrics"])
-        write_json(history_file, result["history"])
+        try:
+            result = fit(p, data, encoders_dir, out, stage=stage, pseudo_dir=pseudo_dir, features_dir=features_dir)
+        except ParamsError as err:  # train.batch_size that does not divide over the launched processes
+            raise click.ClickException(str(err)) from None
+        if is_main_process():  # under torchrun every rank gets here; rank 0 writes
+            write_json(metrics_file, result["metrics"])
+            write_json(history_file, result["history"])
 
     return command
 

@@ -39,6 +39,25 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
                             f"MLFLOW_TRACKING_URI to a reachable store") from None
 
 
+def is_main_process() -> bool:
+    """True unless this is a process other than global rank 0 of a multi-process launch (torchrun, accelerate
+    launch) whose process group is already up; only rank 0 talks to MLflow and writes a stage's outputs."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _from_rank_zero(message: str | None) -> str | None:
+    """Rank 0's outcome of contacting the store, sent to every rank of a multi-process launch (else returned)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
 def project_root() -> Path:
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
     parts = root.parts
@@ -69,6 +88,15 @@ def pipeline_id(commit: str, params_file: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def _open_store(uri: str, experiment: str) -> None:
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        mlflow.set_experiment(experiment)
+    except Exception as err:
+        raise TrackingError(f"MLflow tracking store {uri} is not usable: {err}") from err
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params, groups: tuple[str, ...], params_file: str | Path = "params.yaml",
               extra_tags: dict | None = None):
@@ -77,14 +105,21 @@ def stage_run(stage: str, params, groups: tuple[str, ...], params_file: str | Pa
     Holding our own active run makes the Trainer's MLflow callback log into it, and keeps
     ``trainer.evaluate()`` after ``train()`` from opening a second run. The store is contacted here, before any
     work starts, so an unreachable store fails fast with its URI in the message.
+
+    On the other ranks of a multi-process launch it yields None and leaves MLflow alone: the Trainer's MLflow
+    callback logs from rank 0 only, and one stage is one run.
     """
-    uri = tracking_uri()
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
+    if not is_main_process():
+        if error := _from_rank_zero(None):  # rank 0 could not use the store: stop here too, before any work
+            raise TrackingError(error)
+        yield None
+        return
     try:
-        mlflow.set_experiment(params.mlflow.experiment)
-    except Exception as err:
-        raise TrackingError(f"MLflow tracking store {uri} is not usable: {err}") from err
+        _open_store(tracking_uri(), params.mlflow.experiment)
+    except TrackingError as err:
+        _from_rank_zero(str(err))
+        raise
+    _from_rank_zero(None)
     cwd = Path.cwd()
     commit = _git_commit(cwd)
     tags = {STAGE_TAG: stage, "git_commit": commit, PIPELINE_TAG: pipeline_id(commit, Path(params_file)),

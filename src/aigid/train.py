@@ -21,11 +21,12 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast_object_list
+from datasets import concatenate_datasets
 from transformers import Trainer, TrainingArguments, set_seed
 
-from datasets import concatenate_datasets
-
-from .config import Params, flatten
+from .config import Params, ParamsError, flatten
 from .data import Collator, DataError, concat, open_dataset
 from .features import FeatureCollator, open_features
 from .metrics import score
@@ -66,29 +67,39 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
             pseudo = open_dataset(pseudo_dir)
             train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
         features_dir = None  # not an input of full fine-tuning
+    # Under torchrun / accelerate launch this sets up the process group that the Trainer then uses for
+    # DistributedDataParallel; a plain run is one process. Only rank 0 logs to MLflow and writes outputs.
+    # Without CUDA, accelerate makes a launch multi-CPU (gloo) only when told to use the CPU.
+    cpu = not torch.cuda.is_available() and torch.distributed.is_torchelastic_launched()
+    launch = PartialState(cpu=cpu)
+    batch_size = per_process_batch(t.batch_size, launch.num_processes)
     stage_dir = checkpoint_dir or Path("checkpoints") / stage
-    checkpoint_dir = stage_dir / fingerprint(params, data_dir, encoders_dir, pseudo_dir, features_dir)
-    resume = last_complete_checkpoint(checkpoint_dir)
-    if resume:
+    checkpoint_dir = stage_dir / fingerprint(params, data_dir, encoders_dir, pseudo_dir, features_dir,
+                                             processes=launch.num_processes)
+    # Rank 0 picks (and cleans) the checkpoint to resume from; every rank resumes from that one.
+    resume = last_complete_checkpoint(checkpoint_dir, launch.num_processes) if launch.is_main_process else None
+    resume = broadcast_object_list([resume])[0]
+    if resume and launch.is_main_process:
         log.info("resuming %s from the last checkpoint in %s (%s)", stage, checkpoint_dir, resume.name)
-    with stage_run(stage, params, PARAM_GROUPS) as run:
+    with stage_run(stage, params, PARAM_GROUPS) as run:  # None on the ranks other than 0
         set_seed(params.seed)  # before the fusion layer and heads are initialised
         model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
                                                      params.model.fusion_dim, params.model.max_text_length,
                                                      class_names)
         if t.freeze_encoders:
             model.freeze_encoders()
-        mlflow.log_params({"data.train_rows": len(train_ds), "data.validation_rows": len(val_ds)})
+        if run is not None:
+            mlflow.log_params({"data.train_rows": len(train_ds), "data.validation_rows": len(val_ds)})
         args = TrainingArguments(
             output_dir=str(checkpoint_dir), run_name=stage, report_to=["mlflow"], seed=params.seed,
             learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
-            per_device_train_batch_size=t.batch_size, per_device_eval_batch_size=t.batch_size,
+            per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
             num_train_epochs=t.epochs, eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
             save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=BEST_METRIC,
             greater_is_better=True, remove_unused_columns=False, label_names=["labels_a", "labels_b"],
             dataloader_num_workers=t.num_workers, dataloader_persistent_workers=t.num_workers > 0,
             dataloader_pin_memory=torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(), disable_tqdm=True,
+            bf16=torch.cuda.is_available(), use_cpu=cpu, ddp_find_unused_parameters=False, disable_tqdm=True,
         )
         trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                           data_collator=FeatureCollator() if t.freeze_encoders else
@@ -96,24 +107,35 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
                           compute_metrics=functools.partial(compute_metrics, class_names=class_names),
                           processing_class=tokenizer)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        best = trainer.evaluate()  # the best checkpoint is loaded at this point
+        best = trainer.evaluate()  # the best checkpoint is loaded at this point; every rank takes part
         # Timings are left out so that the same params on the same machine give identical files.
         history = [{"epoch": h["epoch"], **{k[5:]: v for k, v in h.items() if k.startswith("eval_")
                                             and not k.endswith(("runtime", "per_second"))}}
                    for h in trainer.state.log_history if "eval_loss" in h]
         history = history[:-1]  # the final evaluate() above repeats the best epoch
-        tmp = model_dir.with_name(model_dir.name + ".tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_detector(trainer.model, tokenizer, processor, tmp)
-        shutil.rmtree(model_dir, ignore_errors=True)
-        tmp.rename(model_dir)
-        shutil.rmtree(stage_dir, ignore_errors=True)
-        with contextlib.suppress(OSError):
-            stage_dir.parent.rmdir()  # only if no other stage's checkpoints are there
+        trainer.accelerator.wait_for_everyone()  # no rank still reads a checkpoint when rank 0 deletes them
+        if trainer.is_world_process_zero():
+            tmp = model_dir.with_name(model_dir.name + ".tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            save_detector(trainer.model, tokenizer, processor, tmp)
+            shutil.rmtree(model_dir, ignore_errors=True)
+            tmp.rename(model_dir)
+            shutil.rmtree(stage_dir, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                stage_dir.parent.rmdir()  # only if no other stage's checkpoints are there
     metrics = {"best_epoch": _best_epoch(history), "train_rows": len(train_ds), "validation_rows": len(val_ds),
                **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in
                   ("f1", "accuracy", "precision", "recall", "balanced")}}
-    return {"metrics": metrics, "history": history, "run_id": run.info.run_id}
+    return {"metrics": metrics, "history": history, "run_id": run.info.run_id if run is not None else None}
+
+
+def per_process_batch(batch_size: int, processes: int) -> int:
+    """train.batch_size is the global batch (the paper's 256): each of the launched processes takes its share,
+    so an optimizer step sees the same number of samples however many processes run."""
+    if batch_size % processes:
+        raise ParamsError(f"train.batch_size: {batch_size} is the global batch and must divide evenly over the "
+                          f"{processes} processes launched; use a multiple of {processes}")
+    return batch_size // processes
 
 
 def _feature_splits(params: Params, features_dir: Path | None, pseudo_dir: Path | None):
@@ -138,21 +160,31 @@ def _feature_splits(params: Params, features_dir: Path | None, pseudo_dir: Path 
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
 
 
-def last_complete_checkpoint(directory: Path) -> Path | None:
+def checkpoint_files(processes: int = 1) -> tuple[str, ...]:
+    """What a complete checkpoint holds; under a multi-process launch each rank saves its own RNG state."""
+    if processes == 1:
+        return CHECKPOINT_FILES
+    return (*CHECKPOINT_FILES[:-1], *(f"rng_state_{rank}.pth" for rank in range(processes)))
+
+
+def last_complete_checkpoint(directory: Path, processes: int = 1) -> Path | None:
     """The newest checkpoint with every file written; one cut short by a kill is removed."""
     found = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
     for candidate in reversed(found):
-        if all((candidate / name).is_file() for name in CHECKPOINT_FILES):
+        if all((candidate / name).is_file() for name in checkpoint_files(processes)):
             return candidate
         log.warning("removing incomplete checkpoint %s", candidate)
         shutil.rmtree(candidate, ignore_errors=True)
     return None
 
 
-def fingerprint(params: Params, *inputs: Path | None) -> str:
-    """What a checkpoint depends on: the params the stage reads and the identity of its input data."""
+def fingerprint(params: Params, *inputs: Path | None, processes: int = 1) -> str:
+    """What a checkpoint depends on: the params the stage reads, the identity of its input data and, under a
+    multi-process launch, the number of processes (each saves its own RNG state)."""
     h = hashlib.sha1(json.dumps({k: v for k, v in flatten(params).items()
                                  if k.split(".")[0] in PARAM_GROUPS}, sort_keys=True).encode())
+    if processes > 1:
+        h.update(f"processes:{processes}".encode())
     for path in filter(None, inputs):
         for file in sorted(f for f in path.rglob("*") if f.is_file()):
             h.update(f"{file.relative_to(path).as_posix()}:{file.stat().st_size}".encode())
