@@ -1,8 +1,9 @@
-"""Batched inference, the one path used by pseudolabel and evaluate."""
+"""Batched inference, the one path used by pseudolabel, evaluate and detect."""
 
 from __future__ import annotations
 
 import contextlib
+import sys
 
 import numpy as np
 import torch
@@ -17,16 +18,23 @@ def device() -> torch.device:
 
 
 @torch.inference_mode()
-def predict_logits(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0):
-    """Head A and head B logits for every row, in order, as float32 numpy arrays."""
+def predict_logits(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0,
+                   perturb=None, progress: bool = False):
+    """Head A and head B logits for every row, in order, as float32 numpy arrays.
+
+    ``perturb`` transforms each decoded image first (see :class:`aigid.data.Perturbation`); ``progress``
+    shows a bar of batches on stderr.
+    """
+    from tqdm import tqdm
+
     dev = device()
     model = model.to(dev).eval()
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=Collator(tokenizer, processor, model.config.max_text_length),
+                        collate_fn=Collator(tokenizer, processor, model.config.max_text_length, perturb=perturb),
                         pin_memory=dev.type == "cuda")
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if dev.type == "cuda" else contextlib.nullcontext()
     logits_a, logits_b = [], []
-    for batch in loader:
+    for batch in tqdm(loader, desc="scoring", unit="batch", file=sys.stderr, disable=not progress):
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
         with autocast:
             out = model(**batch)

@@ -24,7 +24,7 @@ import torch
 from transformers import Trainer, TrainingArguments, set_seed
 
 from .config import Params, flatten
-from .data import Collator, concat, open_dataset
+from .data import Collator, DataError, concat, open_dataset
 from .metrics import score
 from .model import CLASS_NAMES, build_detector, decide, save_detector
 from .tracking import stage_run
@@ -57,6 +57,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         pseudo = open_dataset(pseudo_dir)
         train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
     t = params.train
+    if t.holdout != "none":  # after the pseudo-labels, so none predicted as the held-out class comes back
+        train_ds, val_ds = drop_class(train_ds, class_names, t.holdout), drop_class(val_ds, class_names, t.holdout)
     stage_dir = checkpoint_dir or Path("checkpoints") / stage
     checkpoint_dir = stage_dir / fingerprint(params, data_dir, encoders_dir, pseudo_dir)
     resume = last_complete_checkpoint(checkpoint_dir)
@@ -78,8 +80,10 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
             dataloader_num_workers=t.num_workers, dataloader_pin_memory=torch.cuda.is_available(),
             bf16=torch.cuda.is_available(), disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+        trainer = DetectorTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                           data_collator=Collator(tokenizer, processor, params.model.max_text_length),
+                          train_collator=Collator(tokenizer, processor, params.model.max_text_length,
+                                                  caption_dropout=t.caption_dropout),
                           compute_metrics=functools.partial(compute_metrics, class_names=class_names),
                           processing_class=tokenizer)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
@@ -91,6 +95,7 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         history = history[:-1]  # the final evaluate() above repeats the best epoch
         tmp = model_dir.with_name(model_dir.name + ".tmp")
         shutil.rmtree(tmp, ignore_errors=True)
+        trainer.model.config.holdout = t.holdout  # evaluate reads it to report the unseen generator
         save_detector(trainer.model, tokenizer, processor, tmp)
         shutil.rmtree(model_dir, ignore_errors=True)
         tmp.rename(model_dir)
@@ -101,6 +106,29 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
                **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in
                   ("f1", "accuracy", "precision", "recall", "balanced")}}
     return {"metrics": metrics, "history": history, "run_id": run.info.run_id}
+
+
+class DetectorTrainer(Trainer):
+    """The Trainer with its own collator for the training loader: caption dropout never reaches validation."""
+
+    def __init__(self, *args, train_collator, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_collator = train_collator
+
+    def get_train_dataloader(self):
+        eval_collator, self.data_collator = self.data_collator, self.train_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = eval_collator
+
+
+def drop_class(ds, class_names, name: str):
+    """Rows whose Label_B is not ``name`` (leave-one-generator-out)."""
+    if name not in class_names:
+        raise DataError(f"train.holdout={name!r} is not a class of the prepared data ({', '.join(class_names)})")
+    k = list(class_names).index(name)
+    return ds.select(np.flatnonzero(np.asarray(ds["Label_B"]) != k))
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
