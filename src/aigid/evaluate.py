@@ -23,7 +23,8 @@ from .model import decide, load_detector
 
 def perturbations(params: EvaluateParams) -> list[Perturbation]:
     """The robustness grid, in params order: JPEG qualities, blur sigmas, resize factors."""
-    return ([Perturbation("jpeg", q) for q in params.jpeg_quality] + [Perturbation("blur", s) for s in params.blur_sigma]
+    return ([Perturbation("jpeg", q) for q in params.jpeg_quality]
+            + [Perturbation("blur", s) for s in params.blur_sigma]
             + [Perturbation("resize", f) for f in params.resize_scale])
 
 
@@ -80,7 +81,8 @@ def evaluate_model(model_dir: Path, data, params: EvaluateParams, num_workers: i
 
 
 def _summary(s: dict) -> dict:
-    return {"task_a_f1_weighted": s["task_a"]["f1_weighted"], "task_a_balanced_accuracy": s["task_a"]["balanced_accuracy"],
+    return {"task_a_f1_weighted": s["task_a"]["f1_weighted"],
+            "task_a_balanced_accuracy": s["task_a"]["balanced_accuracy"],
             "task_b_f1_weighted": s["task_b"]["f1_weighted"]}
 
 

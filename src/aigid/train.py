@@ -81,11 +81,11 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
             bf16=torch.cuda.is_available(), disable_tqdm=True,
         )
         trainer = DetectorTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                          data_collator=Collator(tokenizer, processor, params.model.max_text_length),
-                          train_collator=Collator(tokenizer, processor, params.model.max_text_length,
-                                                  caption_dropout=t.caption_dropout),
-                          compute_metrics=functools.partial(compute_metrics, class_names=class_names),
-                          processing_class=tokenizer)
+                                  data_collator=Collator(tokenizer, processor, params.model.max_text_length),
+                                  train_collator=Collator(tokenizer, processor, params.model.max_text_length,
+                                                          caption_dropout=t.caption_dropout),
+                                  compute_metrics=functools.partial(compute_metrics, class_names=class_names),
+                                  processing_class=tokenizer)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         best = trainer.evaluate()  # the best checkpoint is loaded at this point
         # Timings are left out so that the same params on the same machine give identical files.
