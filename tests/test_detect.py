@@ -106,3 +106,14 @@ def test_threshold_from_the_operating_point_and_progress_only_on_stderr(tmp_path
     shown = detect(expand([str(tmp_path / "*.png")]), tmp_path / "model", progress=True)
     captured = capsys.readouterr()
     assert shown == quiet and "scoring" in captured.err and captured.out == ""
+
+
+def test_unknown_model_directory_or_registered_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # Set through monkeypatch: MLflow writes the URI it is given into the environment, this undoes it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    result = CliRunner().invoke(main, ["detect", "a.png", "--model", "no/such/dir"])
+    assert result.exit_code != 0 and "no/such/dir: no such model directory" in result.output
+    result = CliRunner().invoke(main, ["detect", "a.png", "--model", "models:/aigid-detector/7"])
+    assert result.exit_code != 0 and "models:/aigid-detector/7: cannot download the model" in result.output

@@ -106,12 +106,13 @@ def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(proje
     example = json.loads(image.read_text())
     frame = pd.DataFrame(example["data"], columns=example["columns"])
     out = model.predict(frame)
-    threshold = json.loads((project / "metrics/evaluate.json").read_text())["retrained"]["operating_point"]["threshold"]
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    threshold = evaluation["retrained"]["operating_point"]["threshold"]
     assert list(out.columns[:4]) == ["prob_ai", "label", "generator", "threshold"] and out["threshold"][0] == threshold
     png = tmp_path / "x.png"
     png.write_bytes(base64.b64decode(frame["image"][0]))
     sh("aigid", "detect", str(png), "--model", "models:/aigid-detector/latest", "--format", "json",
-       "--threshold-from", "metrics/evaluate.json", "-q", "--out", str(tmp_path / "rows.json"), cwd=project)
+       "--caption", frame["caption"][0], "--threshold-from", "metrics/evaluate.json", "-q", "--out", str(tmp_path / "rows.json"), cwd=project)
     row = json.loads((tmp_path / "rows.json").read_text())[0]
     assert abs(row["prob_ai"] - out["prob_ai"][0]) < 1e-6 and row["threshold"] == threshold
 
