@@ -10,6 +10,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from aigid.cli import main
+from aigid.data import to_rgb
 from aigid.encoders import train_wordpiece
 from aigid.model import decide, load_detector, save_detector
 from test_model import _tiny_detector
@@ -26,11 +27,16 @@ def test_detect_folder_with_a_corrupt_file(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    modes = {"rgb.png": "RGB", "rgba.png": "RGBA", "gray.jpg": "L", "cmyk.jpg": "CMYK", "big.png": "RGB"}
+    modes = {"rgb.png": "RGB", "rgba.png": "RGBA", "gray.jpg": "L", "cmyk.jpg": "CMYK", "big.png": "RGB",
+             "tiny.png": "RGB", "palette.gif": "P"}
+    sizes = {"big.png": (2400, 1600), "tiny.png": (1, 1)}
     for name, mode in modes.items():
-        size = (300, 200) if name == "big.png" else (20, 20)
-        img = Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).convert(mode)
+        w, h = sizes.get(name, (20, 20))
+        img = Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).convert(mode)
         img.save(folder / name)
+    # 16-bit grayscale PNG: Pillow opens it as "I;16"; it must be scaled to 8 bits, not clipped to white.
+    Image.fromarray((rng.integers(0, 65535, (24, 24))).astype(np.uint16)).save(folder / "gray16.png")
+    modes["gray16.png"] = "I;16"
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     result = CliRunner().invoke(main, ["detect", str(folder), "--model", str(tmp_path / "model"),
                                        "--caption", "a red circle", "--batch-size", "2"])
@@ -41,7 +47,7 @@ def test_detect_folder_with_a_corrupt_file(tmp_path):
 
     model, tokenizer, processor = load_detector(tmp_path / "model")
     names = sorted(modes)                                    # detect walks a folder in sorted order
-    images = [Image.open(folder / n).convert("RGB") for n in names]
+    images = [to_rgb(Image.open(folder / n)) for n in names]
     with torch.no_grad():
         out = model(**tokenizer(["a red circle"] * len(names), return_tensors="pt", padding=True),
                     pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
@@ -71,3 +77,43 @@ def test_detect_json_with_per_file_captions(tmp_path):
     result = CliRunner().invoke(main, ["detect", str(tmp_path / "a.png"), "--model", str(tmp_path / "model"),
                                        "--captions", str(tmp_path / "bad.csv")])
     assert result.exit_code != 0 and "needs columns path,caption" in result.output
+
+
+def test_threshold_from_the_operating_point_and_progress_only_on_stderr(tmp_path, capsys):
+    import json
+
+    from aigid.detect import detect, expand
+
+    save_tiny_model(tmp_path / "model")
+    for i in range(3):
+        Image.new("RGB", (20, 20), (200, 30 * i, 30)).save(tmp_path / f"{i}.png")
+    (tmp_path / "evaluate.json").write_text(json.dumps({"base": {"operating_point": {"threshold": 0.25}},
+                                                        "retrained": {"operating_point": {"threshold": 0.75}}}))
+    args = ["detect", str(tmp_path / "*.png"), "--model", str(tmp_path / "model"), "--format", "json"]
+    runner = CliRunner()
+    rows = json.loads(runner.invoke(main, args + ["--threshold-from", str(tmp_path / "evaluate.json")]).output)
+    assert [r["threshold"] for r in rows] == [0.75] * 3
+    assert all(r["label"] == ("ai" if r["prob_ai"] >= 0.75 else "real") for r in rows)
+    rows = json.loads(runner.invoke(main, args + ["--threshold-from", f"{tmp_path / 'evaluate.json'}:base"]).output)
+    assert [r["threshold"] for r in rows] == [0.25] * 3
+    both = runner.invoke(main, args + ["--threshold", "0.3", "--threshold-from", str(tmp_path / "evaluate.json")])
+    assert both.exit_code != 0 and "not both" in both.output
+    missing = runner.invoke(main, args + ["--threshold-from", str(tmp_path / "model" / "config.json")])
+    assert missing.exit_code != 0 and "retrained.operating_point.threshold" in missing.output
+
+    quiet = detect(expand([str(tmp_path / "*.png")]), tmp_path / "model")
+    capsys.readouterr()
+    shown = detect(expand([str(tmp_path / "*.png")]), tmp_path / "model", progress=True)
+    captured = capsys.readouterr()
+    assert shown == quiet and "scoring" in captured.err and captured.out == ""
+
+
+def test_unknown_model_directory_or_registered_model_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # Set through monkeypatch: MLflow writes the URI it is given into the environment, this undoes it.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    Image.new("RGB", (20, 20)).save(tmp_path / "a.png")
+    result = CliRunner().invoke(main, ["detect", "a.png", "--model", "no/such/dir"])
+    assert result.exit_code != 0 and "no/such/dir: no such model directory" in result.output
+    result = CliRunner().invoke(main, ["detect", "a.png", "--model", "models:/aigid-detector/7"])
+    assert result.exit_code != 0 and "models:/aigid-detector/7: cannot download the model" in result.output

@@ -34,7 +34,9 @@ def project(tmp_path_factory) -> Path:
     for name in ("dvc.yaml", ".gitignore"):
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
+    params = tiny_params_dict()
+    params["train"]["holdout"] = "sd3"  # leave-one-generator-out, so evaluate reports an unseen generator
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     sh("git", "init", "-q", cwd=root)
     sh("git", "config", "user.email", "ci@example.com", cwd=root)
     sh("git", "config", "user.name", "ci", cwd=root)
@@ -66,6 +68,53 @@ def test_repro_writes_models_metrics_and_plots(project):
     assert pseudo["kept"] == pseudo["train_rows"] + pseudo["validation_rows"]
     prepared = json.loads((project / "metrics/prepare.json").read_text())
     assert prepared["shared_captions_train_validation"] == 0
+
+
+def test_evaluate_reports_curves_operating_point_captions_robustness_and_the_unseen_generator(project):
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    conditions = {"clean", "jpeg_95", "jpeg_75", "jpeg_50", "blur_1", "blur_2", "resize_50", "resize_150"}
+    for model in ("base", "retrained"):
+        result = evaluation[model]
+        assert 0.0 <= result["roc_auc"] <= 1.0 and 0.0 <= result["average_precision"] <= 1.0
+        op = result["operating_point"]
+        assert op["target_fpr"] == 0.05 and op["validation_fpr"] <= 0.05 and 0.0 <= op["test_tpr"] <= 1.0
+        assert set(result["captions"]) == {"with", "without"}
+        assert result["captions"]["with"]["task_a_f1_weighted"] == result["task_a"]["f1_weighted"]
+        assert set(result["robustness"]) == conditions
+        assert set(result["robustness"]["jpeg_50"]["per_class"]) == set(result["per_class"])
+        assert result["unseen_generator"] == {"name": "sd3", "n": result["per_class"]["sd3"]["n"],
+                                              "detection_rate": result["per_class"]["sd3"]["task_a_recall"]}
+        roc = json.loads((project / f"metrics/plots/roc_{model}.json").read_text())
+        assert roc[0] == {"fpr": 0.0, "tpr": 0.0} and roc[-1] == {"fpr": 1.0, "tpr": 1.0}
+        assert (project / f"metrics/plots/pr_{model}.json").is_file()
+        rows = json.loads((project / f"metrics/plots/robustness_{model}.json").read_text())
+        assert {r["condition"] for r in rows} == conditions
+    assert json.loads((project / "models/retrained/config.json").read_text())["holdout"] == "sd3"
+    html = sh("dvc", "plots", "show", "--json", cwd=project)
+    assert "Robustness, detection rate per class (retrained)" in html and "Task A ROC on the test split" in html
+
+
+def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(project, tmp_path):
+    import base64
+
+    import pandas as pd
+
+    runs(project)  # points MLflow at the project's store
+    assert any((project / "mlartifacts").rglob("model.safetensors"))   # not in a working-directory ./mlruns
+    model = mlflow.pyfunc.load_model("models:/aigid-detector/latest")
+    image = next((project / "mlartifacts").rglob("input_example.json"))   # the logged example: a test image
+    example = json.loads(image.read_text())
+    frame = pd.DataFrame(example["data"], columns=example["columns"])
+    out = model.predict(frame)
+    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    threshold = evaluation["retrained"]["operating_point"]["threshold"]
+    assert list(out.columns[:4]) == ["prob_ai", "label", "generator", "threshold"] and out["threshold"][0] == threshold
+    png = tmp_path / "x.png"
+    png.write_bytes(base64.b64decode(frame["image"][0]))
+    sh("aigid", "detect", str(png), "--model", "models:/aigid-detector/latest", "--format", "json",
+       "--caption", frame["caption"][0], "--threshold-from", "metrics/evaluate.json", "-q", "--out", str(tmp_path / "rows.json"), cwd=project)
+    row = json.loads((tmp_path / "rows.json").read_text())[0]
+    assert abs(row["prob_ai"] - out["prob_ai"][0]) < 1e-6 and row["threshold"] == threshold
 
 
 def test_mlflow_runs_hold_params_and_both_weighted_f1(project):

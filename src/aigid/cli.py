@@ -229,29 +229,41 @@ def pseudolabel(params_file, model_dir, data, out, metrics_file, features_dir) -
 @click.option("--base", "base_dir", type=_path(exists=True), default="models/base", show_default=True,
               help="Model written by train.")
 @click.option("--retrained", "retrained_dir", type=_path(exists=True), default="models/retrained",
-              show_default=True, help="Model written by retrain.")
+              show_default=True, help="Model written by retrain; logged to MLflow and registered.")
 @click.option("--data", type=_path(exists=True), default="data/prepared", show_default=True,
-              help="Prepared dataset holding the labeled test split.")
+              help="Prepared dataset holding the labeled test split (and validation, for the operating point).")
 @click.option("--metrics", "metrics_file", type=_path(), default="metrics/evaluate.json", show_default=True,
               help="Scores of both models on the test split.")
 @click.option("--plots", "plots_dir", type=_path(), default="metrics/plots", show_default=True,
-              help="Directory for confusion-matrix rows (DVC plots, template `confusion`).")
+              help="Directory for plot rows: confusion matrices, ROC and precision-recall curves, robustness.")
 @_fail_cleanly
 def evaluate(params_file, base_dir, retrained_dir, data, metrics_file, plots_dir) -> None:
-    """Score the base and retrained models on the test split: both tasks, balanced metrics, per generator."""
+    """Score the base and retrained models on the test split: both tasks, balanced metrics, per generator,
+    ROC/PR, the operating point at evaluate.target_fpr, without captions, under the robustness grid.
+
+    The retrained model is then logged to this stage's MLflow run (with its test metrics) and registered as
+    a new version of mlflow.registered_model, labelling at its operating-point threshold.
+    """
     import mlflow
 
+    from .config import flatten
+    from .data import open_dataset
     from .evaluate import evaluate as run
+    from .registry import log_detector
     from .tracking import stage_run
 
     p = _load(params_file)
     with stage_run("evaluate", p, ("evaluate", "pseudolabel.pool", "train.num_workers", "mlflow")):
-        metrics, plots = run({"base": base_dir, "retrained": retrained_dir}, data, p.evaluate.batch_size,
+        metrics, plots = run({"base": base_dir, "retrained": retrained_dir}, data, p.evaluate,
                              contaminated=p.pseudolabel.pool == "test", num_workers=p.train.num_workers)
         for model in ("base", "retrained"):
-            for task in ("task_a", "task_b"):
-                mlflow.log_metrics({f"{model}_{task}_{k}": v for k, v in metrics[model][task].items()})
+            flat = flatten(metrics[model])
+            mlflow.log_metrics({f"{model}_{k.replace('.', '_')}": v for k, v in flat.items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
         mlflow.set_tag("contaminated", str(metrics["contaminated"]).lower())
+        test = open_dataset(data)["test"]
+        log_detector(retrained_dir, p.mlflow.registered_model, metrics["retrained"]["operating_point"]["threshold"],
+                     test[0]["Image"]["bytes"], test[0]["Caption"])
     for name, rows in plots.items():
         write_json(plots_dir / f"{name}.json", rows)
     write_json(metrics_file, metrics)
@@ -259,27 +271,43 @@ def evaluate(params_file, base_dir, retrained_dir, data, metrics_file, plots_dir
 
 @main.command()
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", "model_dir", type=_path(exists=True), default="models/retrained", show_default=True,
-              help="Model directory written by train or retrain.")
+@click.option("--model", "model_spec", default="models/retrained", show_default=True,
+              help="Model directory written by train or retrain, or a registered model: "
+                   "models:/<name>/<version|latest> (e.g. models:/aigid-detector/latest), from the MLflow store.")
 @click.option("--caption", default="", help="One caption for every image (default: none).")
 @click.option("--captions", "captions_file", type=_path(exists=True, dir_okay=False),
               help="CSV with columns path,caption (path as given or a bare file name).")
 @click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
               help="Call an image AI when P(AI) is at least this.")
+@click.option("--threshold-from", "threshold_spec", metavar="FILE[:MODEL]",
+              help="Use the operating point evaluate chose instead of --threshold: the threshold with at most "
+                   "evaluate.target_fpr false positives on real validation images, read from FILE (e.g. "
+                   "metrics/evaluate.json) for MODEL (retrained (default) or base).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--out", type=_path(dir_okay=False), help="Output file (default: standard output).")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar (it is shown on stderr only when it is a terminal).")
+@click.pass_context
 @_fail_cleanly
-def detect(inputs, model_dir, caption, captions_file, threshold, batch_size, fmt, out) -> None:
+def detect(ctx, inputs, model_spec, caption, captions_file, threshold, threshold_spec, batch_size, fmt, out,
+           quiet) -> None:
     """Score image files, folders or globs: P(AI), the generator and every class probability.
 
     Unreadable files get a row with the reason in `error`; the others are still scored.
     """
-    from .detect import detect as run
-    from .detect import expand, read_captions, render
+    import sys
 
+    from .detect import detect as run
+    from .detect import expand, read_captions, render, resolve_model, threshold_from
+
+    if threshold_spec:
+        if ctx.get_parameter_source("threshold") == click.core.ParameterSource.COMMANDLINE:
+            raise click.UsageError("give --threshold or --threshold-from, not both")
+        threshold = threshold_from(threshold_spec)
     captions = read_captions(captions_file) if captions_file else None
-    text = render(run(expand(list(inputs)), model_dir, captions, caption, threshold, batch_size), fmt)
+    progress = not quiet and sys.stderr.isatty()
+    rows = run(expand(list(inputs)), resolve_model(model_spec), captions, caption, threshold, batch_size, progress)
+    text = render(rows, fmt)
     if out:
         out.write_text(text)
     else:

@@ -82,6 +82,12 @@ class TrainParams:
     # Frozen-encoder mode: the `features` stage encodes every image and caption once with the starting
     # encoders; only the fusion layer and the heads are trained, on those cached features.
     freeze_encoders: bool = False
+    # Training only: each sample's caption is replaced by "" with this probability, so the model also works
+    # on images that come without a caption (`aigid detect` without --caption). 0 disables it.
+    caption_dropout: float = 0.1
+    # Leave-one-generator-out: "none", or a class name whose rows train/retrain drop from train and validation
+    # (evaluate then reports that generator's detection rate as `unseen_generator`).
+    holdout: str = "none"
 
 
 @dataclass(frozen=True)
@@ -99,11 +105,17 @@ class PseudolabelParams:
 @dataclass(frozen=True)
 class EvaluateParams:
     batch_size: int = 128
+    target_fpr: float = 0.05   # operating point: at most this false-positive rate on real validation images
+    # Robustness grid on the test split: JPEG re-encoding quality, Gaussian blur sigma, resize factor.
+    jpeg_quality: list[int] = field(default_factory=lambda: [95, 75, 50])
+    blur_sigma: list[float] = field(default_factory=lambda: [1.0, 2.0])
+    resize_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
 
 
 @dataclass(frozen=True)
 class MlflowParams:
     experiment: str = "aigid"
+    registered_model: str = "aigid-detector"   # evaluate registers the retrained model under this name
 
 
 @dataclass(frozen=True)
@@ -155,12 +167,23 @@ class Params:
         _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "a number in [0, 1)")
         _check(t.num_workers >= 0, "train.num_workers", t.num_workers, "an integer >= 0")
         _check(self.features.batch_size >= 1, "features.batch_size", self.features.batch_size, "a positive integer")
+        _check(0 <= t.caption_dropout < 1, "train.caption_dropout", t.caption_dropout, "a number in [0, 1)")
+        _check(t.holdout == "none" or t.holdout in p.class_names[1:], "train.holdout", t.holdout,
+               "'none' or one of the generators in prepare.class_names")
         q = self.pseudolabel
         _check(q.pool in ("unlabeled", "test"), "pseudolabel.pool", q.pool, "'unlabeled' or 'test'")
         _check(0 < q.validation_fraction < 1, "pseudolabel.validation_fraction", q.validation_fraction,
                "a number strictly between 0 and 1")
         _check(q.batch_size >= 1, "pseudolabel.batch_size", q.batch_size, "a positive integer")
-        _check(self.evaluate.batch_size >= 1, "evaluate.batch_size", self.evaluate.batch_size, "a positive integer")
+        e = self.evaluate
+        _check(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "a positive integer")
+        _check(0 < e.target_fpr < 1, "evaluate.target_fpr", e.target_fpr, "a number strictly between 0 and 1")
+        for i, q in enumerate(e.jpeg_quality):
+            _check(1 <= q <= 100, f"evaluate.jpeg_quality[{i}]", q, "an integer from 1 to 100")
+        for i, sigma in enumerate(e.blur_sigma):
+            _check(sigma > 0, f"evaluate.blur_sigma[{i}]", sigma, "a positive number")
+        for i, scale in enumerate(e.resize_scale):
+            _check(scale > 0, f"evaluate.resize_scale[{i}]", scale, "a positive number")
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -218,10 +241,10 @@ def _convert(type_name: str, value: Any, key: str):
         if not isinstance(value, str) or not value:
             raise ParamsError(f"params.yaml: {key} must be a non-empty string, got {value!r}")
         return value
-    if type_name == "list[str]":
+    if type_name in ("list[str]", "list[int]", "list[float]"):
         if not isinstance(value, list):
             raise ParamsError(f"params.yaml: {key} must be a list, got {value!r}")
-        return [_convert("str", v, f"{key}[{i}]") for i, v in enumerate(value)]
+        return [_convert(type_name[5:-1], v, f"{key}[{i}]") for i, v in enumerate(value)]
     if type_name == "dict[str, str]":
         if not isinstance(value, dict):
             raise ParamsError(f"params.yaml: {key} must be a mapping, got {value!r}")

@@ -81,10 +81,19 @@ def _open(image: dict, max_pixels: int) -> tuple[bytes, PILImage.Image]:
     return data, img
 
 
+def to_rgb(img: PILImage.Image) -> PILImage.Image:
+    """8-bit RGB. 16-bit grayscale ("I;16*", and "I" as Pillow opens 16-bit PNGs) is scaled from 0..65535 to
+    0..255: a plain convert("RGB") clips every value above 255 to white."""
+    if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
+        wide = np.asarray(img, dtype=np.float64)
+        img = PILImage.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
+    return img.convert("RGB")
+
+
 def decode_rgb(image: dict, origin: str = "", max_pixels: int = CheckOptions.max_pixels) -> PILImage.Image:
     """Decode one stored image to RGB. Raises DataError naming ``origin``; never substitutes a blank image."""
     try:
-        return _open(image, max_pixels)[1].convert("RGB")
+        return to_rgb(_open(image, max_pixels)[1])
     except DataError as err:
         raise DataError(f"{origin or image.get('path') or 'image'}: {err}") from None
 
@@ -95,12 +104,12 @@ def checked_image(image: dict, opts: CheckOptions) -> bytes:
     Alpha, grayscale, palette and CMYK images are kept as they are; they are converted to RGB when decoded.
     """
     data, img = _open(image, opts.max_pixels)
-    img.convert("RGB")  # fails here, not in training, if the mode cannot be converted
+    rgb = to_rgb(img)  # fails here, not in training, if the mode cannot be converted
     if opts.max_side and min(img.size) > opts.max_side:
         scale = opts.max_side / min(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
         buf = io.BytesIO()
-        img.convert("RGB").resize(size, PILImage.BICUBIC).save(buf, format="PNG")
+        rgb.resize(size, PILImage.BICUBIC).save(buf, format="PNG")
         data = buf.getvalue()
     return data
 
@@ -259,15 +268,60 @@ def concat(*parts: Dataset) -> Dataset:
     return concatenate_datasets(parts)
 
 
-class Collator:
-    """Turns rows into model inputs: decodes images (in DataLoader workers), pads text to the batch's longest."""
+@dataclass(frozen=True)
+class Perturbation:
+    """One condition of the robustness grid, applied to a decoded RGB image before the image processor.
 
-    def __init__(self, tokenizer, processor, max_length: int):
+    kind: "jpeg" (re-encode at quality ``value``), "blur" (Gaussian blur, standard deviation ``value`` pixels)
+    or "resize" (both sides times ``value``, bicubic). A plain object, so DataLoader workers can receive it.
+    """
+
+    kind: str
+    value: float
+
+    @property
+    def name(self) -> str:
+        """Metric-key friendly: jpeg_95, blur_1, resize_50 (percent of the original size)."""
+        value = self.value * 100 if self.kind == "resize" else self.value
+        return f"{self.kind}_{value:g}".replace(".", "p")
+
+    def __call__(self, img: PILImage.Image) -> PILImage.Image:
+        from PIL import ImageFilter
+
+        if self.kind == "jpeg":
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=int(self.value))
+            return PILImage.open(buf).convert("RGB")
+        if self.kind == "blur":
+            return img.filter(ImageFilter.GaussianBlur(radius=self.value))  # Pillow's radius is the sigma
+        if self.kind == "resize":
+            size = (max(1, round(img.width * self.value)), max(1, round(img.height * self.value)))
+            return img.resize(size, PILImage.BICUBIC)
+        raise ValueError(f"unknown perturbation {self.kind!r} (jpeg, blur or resize)")
+
+
+class Collator:
+    """Turns rows into model inputs: decodes images (in DataLoader workers), pads text to the batch's longest.
+
+    ``perturb`` (evaluation's robustness grid) transforms each decoded image. ``caption_dropout`` replaces
+    each caption by "" with that probability; only the training loader gets a collator with it (see
+    train.py). The draws come from torch's global generator, which the Trainer seeds (and DataLoader seeds
+    per worker from it) and saves in its checkpoints: the same seed drops the same captions, resumed or not.
+    """
+
+    def __init__(self, tokenizer, processor, max_length: int, perturb=None, caption_dropout: float = 0.0):
         self.tokenizer, self.processor, self.max_length = tokenizer, processor, max_length
+        self.perturb, self.caption_dropout = perturb, caption_dropout
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         images = [decode_rgb(r["Image"], r.get("source_file") or "image") for r in rows]
-        batch = dict(self.tokenizer([r["Caption"] or "" for r in rows], padding=True, truncation=True,
+        if self.perturb is not None:
+            images = [self.perturb(img) for img in images]
+        captions = [r["Caption"] or "" for r in rows]
+        if self.caption_dropout > 0:
+            drop = (torch.rand(len(rows)) < self.caption_dropout).tolist()
+            captions = ["" if d else c for c, d in zip(captions, drop)]
+        batch = dict(self.tokenizer(captions, padding=True, truncation=True,
                                     max_length=self.max_length, return_tensors="pt"))
         batch["pixel_values"] = self.processor(images=images, return_tensors="pt")["pixel_values"]
         if "Label_A" in rows[0]:

@@ -1,4 +1,11 @@
-"""The `evaluate` stage: base and retrained detectors on the labeled test split."""
+"""The `evaluate` stage: base and retrained detectors on the labeled test split.
+
+For each model: both tasks' scores (balanced ones too), Task A ROC AUC and average precision with their
+curves, the operating point (the threshold with at most ``evaluate.target_fpr`` false positives on the
+validation split's real images, and the test split's rates there), scores with every caption blanked, a
+robustness grid (JPEG, blur, resize) and, for a model trained with ``train.holdout``, the detection rate of
+the generator it never saw.
+"""
 
 from __future__ import annotations
 
@@ -7,32 +14,91 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import open_dataset
+from .config import EvaluateParams
+from .data import Perturbation, open_dataset
 from .infer import predict_logits
-from .metrics import confusion_rows, score
+from .metrics import confusion_rows, curve_rows, ranking_scores, rates_at, score, threshold_at_fpr
 from .model import decide, load_detector
 
 
-def evaluate_model(model_dir: Path, test, batch_size: int, num_workers: int = 0) -> tuple[dict, dict]:
+def perturbations(params: EvaluateParams) -> list[Perturbation]:
+    """The robustness grid, in params order: JPEG qualities, blur sigmas, resize factors."""
+    return ([Perturbation("jpeg", q) for q in params.jpeg_quality]
+            + [Perturbation("blur", s) for s in params.blur_sigma]
+            + [Perturbation("resize", f) for f in params.resize_scale])
+
+
+def blank_captions(ds):
+    return ds.remove_columns("Caption").add_column("Caption", [""] * len(ds))
+
+
+def evaluate_model(model_dir: Path, data, params: EvaluateParams, num_workers: int = 0) -> tuple[dict, dict]:
     model, tokenizer, processor = load_detector(model_dir)
-    logits_a, logits_b = predict_logits(model, tokenizer, processor, test, batch_size, num_workers)
-    pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
-    labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
-    pa, pb = pred.label_a.numpy(), pred.label_b.numpy()
     names = tuple(model.config.class_names)
-    result = score(labels_a, labels_b, pa, pb, names)
-    plots = {"confusion_a": confusion_rows(labels_a, pa, ("real", "ai")),
-             "confusion_b": confusion_rows(labels_b, pb, names)}
+    test, validation = data["test"], data["validation"]
+    labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
+
+    def predict(ds, perturb=None):
+        logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, params.batch_size, num_workers, perturb)
+        return decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
+
+    def scores(pred) -> dict:
+        return score(labels_a, labels_b, pred.label_a.numpy(), pred.label_b.numpy(), names)
+
+    pred = predict(test)
+    prob_ai = pred.prob_ai.numpy()
+    result = {**scores(pred), **ranking_scores(labels_a, prob_ai)}
+    plots = {"confusion_a": confusion_rows(labels_a, pred.label_a.numpy(), ("real", "ai")),
+             "confusion_b": confusion_rows(labels_b, pred.label_b.numpy(), names), **curve_rows(labels_a, prob_ai)}
+
+    # The operating point is chosen on validation and only measured on test.
+    val_labels_a, val_prob = np.asarray(validation["Label_A"]), predict(validation).prob_ai.numpy()
+    threshold = threshold_at_fpr(val_prob[val_labels_a == 0], params.target_fpr)
+    val_rates, test_rates = rates_at(val_labels_a, val_prob, threshold), rates_at(labels_a, prob_ai, threshold)
+    result["operating_point"] = {"target_fpr": params.target_fpr, "threshold": threshold,
+                                 "validation_tpr": val_rates["tpr"], "validation_fpr": val_rates["fpr"],
+                                 "test_tpr": test_rates["tpr"], "test_fpr": test_rates["fpr"]}
+
+    blank = predict(blank_captions(test))
+    result["captions"] = {"with": _summary(result), "without": {**_summary(scores(blank)),
+                                                                **ranking_scores(labels_a, blank.prob_ai.numpy())}}
+    result["captions"]["with"].update(roc_auc=result["roc_auc"], average_precision=result["average_precision"])
+
+    robustness = {"clean": _condition(result)}
+    for perturb in perturbations(params):
+        robustness[perturb.name] = _condition(scores(predict(test, perturb)))
+    result["robustness"] = robustness
+    plots["robustness"] = [{"condition": c, "f1_a": r["task_a_f1_weighted"], "f1_b": r["task_b_f1_weighted"]}
+                           for c, r in robustness.items()]
+    plots["robustness_per_class"] = [{"case": f"{c} / {g}", "condition": c, "class": g, "detection_rate": rate}
+                                     for c, r in robustness.items() for g, rate in r["per_class"].items()]
+
+    holdout = getattr(model.config, "holdout", "none")
+    if holdout != "none":
+        seen = result["per_class"].get(holdout, {"n": 0, "task_a_recall": None})
+        result["unseen_generator"] = {"name": holdout, "n": seen["n"], "detection_rate": seen["task_a_recall"]}
     return result, plots
 
 
-def evaluate(models: dict[str, Path], data_dir: Path, batch_size: int, contaminated: bool,
+def _summary(s: dict) -> dict:
+    return {"task_a_f1_weighted": s["task_a"]["f1_weighted"],
+            "task_a_balanced_accuracy": s["task_a"]["balanced_accuracy"],
+            "task_b_f1_weighted": s["task_b"]["f1_weighted"]}
+
+
+def _condition(s: dict) -> dict:
+    """One robustness condition: both weighted F1s and each class's Task A recall (its detection rate)."""
+    return {"task_a_f1_weighted": s["task_a"]["f1_weighted"], "task_b_f1_weighted": s["task_b"]["f1_weighted"],
+            "per_class": {name: c["task_a_recall"] for name, c in s["per_class"].items()}}
+
+
+def evaluate(models: dict[str, Path], data_dir: Path, params: EvaluateParams, contaminated: bool,
              num_workers: int = 0) -> tuple[dict, dict]:
-    """Scores of each named model on the test split, and rows for the confusion plots."""
-    test = open_dataset(data_dir)["test"]
-    metrics: dict = {"test_rows": len(test), "contaminated": contaminated}
+    """Scores of each named model on the test split, and rows for the plots (confusion, ROC, PR, robustness)."""
+    data = open_dataset(data_dir)
+    metrics: dict = {"test_rows": len(data["test"]), "contaminated": contaminated}
     plots = {}
     for name, path in models.items():
-        metrics[name], model_plots = evaluate_model(path, test, batch_size, num_workers)
+        metrics[name], model_plots = evaluate_model(path, data, params, num_workers)
         plots.update({f"{key}_{name}": rows for key, rows in model_plots.items()})
     return metrics, plots

@@ -8,6 +8,8 @@ are visited grouped by caption, so the images of one caption share a batch and B
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import torch
 from datasets import Dataset
@@ -24,13 +26,16 @@ def caption_order(dataset: Dataset) -> np.ndarray:
     return np.argsort(np.asarray(dataset["caption_id"]), kind="stable")
 
 
-def _batches(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int):
+def _batches(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int, perturb=None,
+             progress: bool = False):
+    from tqdm import tqdm
+
     dev = device()
     order = caption_order(dataset)
     loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=dev.type == "cuda",
-                        collate_fn=Collator(tokenizer, processor, model.config.max_text_length))
-    for batch in loader:
+                        collate_fn=Collator(tokenizer, processor, model.config.max_text_length, perturb=perturb))
+    for batch in tqdm(loader, desc="scoring", unit="batch", file=sys.stderr, disable=not progress):
         yield {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
 
 
@@ -45,12 +50,17 @@ def _unsort(order: np.ndarray, *parts: list[torch.Tensor]) -> list[np.ndarray]:
 
 
 @torch.inference_mode()
-def predict_logits(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0):
-    """Head A and head B logits for every row, in the dataset's order, as float32 numpy arrays."""
+def predict_logits(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0,
+                   perturb=None, progress: bool = False):
+    """Head A and head B logits for every row, in the dataset's order, as float32 numpy arrays.
+
+    ``perturb`` transforms each decoded image first (see :class:`aigid.data.Perturbation`); ``progress``
+    shows a bar of batches on stderr.
+    """
     dev = device()
     model = model.to(dev).eval()
     logits_a, logits_b = [], []
-    for batch in _batches(model, tokenizer, processor, dataset, batch_size, num_workers):
+    for batch in _batches(model, tokenizer, processor, dataset, batch_size, num_workers, perturb, progress):
         with autocast(dev):
             out = model(**batch)
         logits_a.append(out.logits_a.float().cpu())

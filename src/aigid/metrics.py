@@ -5,9 +5,13 @@ from __future__ import annotations
 import numpy as np
 from sklearn.metrics import (
     accuracy_score,
+    average_precision_score,
     balanced_accuracy_score,
     f1_score,
+    precision_recall_curve,
     precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
 )
 
 from .model import CLASS_NAMES
@@ -49,3 +53,41 @@ def score(labels_a, labels_b, pred_a, pred_b, class_names=CLASS_NAMES) -> dict:
 def confusion_rows(y_true, y_pred, names) -> list[dict[str, str]]:
     """Rows for DVC's ``confusion`` plot template: one {actual, predicted} pair per sample."""
     return [{"actual": names[t], "predicted": names[p]} for t, p in zip(np.asarray(y_true), np.asarray(y_pred))]
+
+
+def ranking_scores(labels_a, prob_ai) -> dict[str, float]:
+    """Threshold-free Task A quality: ROC AUC and average precision (AI is the positive class)."""
+    labels_a, prob_ai = np.asarray(labels_a), np.asarray(prob_ai)
+    if len(np.unique(labels_a)) < 2:
+        raise ValueError("ROC AUC and average precision need both real and AI images")
+    return {"roc_auc": float(roc_auc_score(labels_a, prob_ai)),
+            "average_precision": float(average_precision_score(labels_a, prob_ai))}
+
+
+def curve_rows(labels_a, prob_ai) -> dict[str, list[dict[str, float]]]:
+    """Rows for the ROC ({fpr, tpr}) and precision-recall ({recall, precision}) DVC plots."""
+    fpr, tpr, _ = roc_curve(labels_a, prob_ai)
+    precision, recall, _ = precision_recall_curve(labels_a, prob_ai)
+    return {"roc": [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr)],
+            "pr": [{"recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)]}
+
+
+def threshold_at_fpr(prob_real_images, target_fpr: float) -> float:
+    """The lowest threshold whose false-positive rate on these real images is at most ``target_fpr``.
+
+    An image is called AI when P(AI) >= threshold. With n real images, at most floor(target_fpr * n) may
+    score at or above it, so the threshold is the next float above the (k+1)-th highest real score; ties
+    at that score all fall below it, so the rate never exceeds the target. Float32 steps, as the model's
+    probabilities are float32: a float64 step would round back onto the score where they are compared.
+    """
+    p = np.sort(np.asarray(prob_real_images, dtype=np.float32))[::-1]
+    if len(p) == 0:
+        raise ValueError("no real images to set a false-positive rate on")
+    k = int(np.floor(target_fpr * len(p) + 1e-9))
+    return float(np.nextafter(p[k], np.float32(np.inf))) if k < len(p) else 0.0
+
+
+def rates_at(labels_a, prob_ai, threshold: float) -> dict[str, float]:
+    """Task A true- and false-positive rates when P(AI) >= ``threshold`` is called AI."""
+    labels_a, called = np.asarray(labels_a), np.asarray(prob_ai) >= threshold
+    return {"tpr": float(called[labels_a == 1].mean()), "fpr": float(called[labels_a == 0].mean())}

@@ -3,7 +3,8 @@
 Default store: ``sqlite:///<repository root>/mlflow.db``. The root comes from ``DVC_ROOT`` (set by DVC for
 every stage); experiments that DVC runs in a temporary copy (``dvc exp run --temp``, queued runs) live under
 ``<root>/.dvc/tmp/exps/``, so the store is placed in the real repository above that copy and every run of the
-project lands in one database. ``MLFLOW_TRACKING_URI`` overrides all of this (a shared server, for example).
+project lands in one database; logged models go to ``<root>/mlartifacts``. ``MLFLOW_TRACKING_URI`` overrides
+all of this (a shared server, for example).
 """
 
 from __future__ import annotations
@@ -71,6 +72,17 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
+def ensure_experiment(name: str, uri: str) -> None:
+    """Make ``name`` the active experiment; with a sqlite store (the default), create it with its artifacts
+    under ``<project root>/mlartifacts``. MLflow's default (./mlruns relative to the working directory) would
+    put logged models inside the temporary copy that `dvc exp run --temp` deletes. A server keeps its own
+    artifact store. An experiment that already exists keeps the location it was created with.
+    """
+    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=(project_root() / "mlartifacts").as_uri())
+    mlflow.set_experiment(name)
+
+
 def _git_commit(cwd: Path) -> str:
     try:
         return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
@@ -92,7 +104,7 @@ def _open_store(uri: str, experiment: str) -> None:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        mlflow.set_experiment(experiment)
+        ensure_experiment(experiment, uri)
     except Exception as err:
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {err}") from err
 

@@ -67,6 +67,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
             pseudo = open_dataset(pseudo_dir)
             train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
         features_dir = None  # not an input of full fine-tuning
+    if t.holdout != "none":  # after the pseudo-labels, so none predicted as the held-out class comes back
+        train_ds, val_ds = drop_class(train_ds, class_names, t.holdout), drop_class(val_ds, class_names, t.holdout)
     # Under torchrun / accelerate launch this sets up the process group that the Trainer then uses for
     # DistributedDataParallel; a plain run is one process. Only rank 0 logs to MLflow and writes outputs.
     # Without CUDA, accelerate makes a launch multi-CPU (gloo) only when told to use the CPU.
@@ -101,11 +103,16 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
             dataloader_pin_memory=torch.cuda.is_available(),
             bf16=torch.cuda.is_available(), use_cpu=cpu, ddp_find_unused_parameters=False, disable_tqdm=True,
         )
-        trainer = Trainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                          data_collator=FeatureCollator() if t.freeze_encoders else
-                          Collator(tokenizer, processor, params.model.max_text_length),
-                          compute_metrics=functools.partial(compute_metrics, class_names=class_names),
-                          processing_class=tokenizer)
+        if t.freeze_encoders:  # cached features: captions were encoded once, so there is nothing to drop
+            collator = train_collator = FeatureCollator()
+        else:
+            collator = Collator(tokenizer, processor, params.model.max_text_length)
+            train_collator = Collator(tokenizer, processor, params.model.max_text_length,
+                                      caption_dropout=t.caption_dropout)
+        trainer = DetectorTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+                                  data_collator=collator, train_collator=train_collator,
+                                  compute_metrics=functools.partial(compute_metrics, class_names=class_names),
+                                  processing_class=tokenizer)
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         best = trainer.evaluate()  # the best checkpoint is loaded at this point; every rank takes part
         # Timings are left out so that the same params on the same machine give identical files.
@@ -117,6 +124,7 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         if trainer.is_world_process_zero():
             tmp = model_dir.with_name(model_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
+            trainer.model.config.holdout = t.holdout  # evaluate reads it to report the unseen generator
             save_detector(trainer.model, tokenizer, processor, tmp)
             shutil.rmtree(model_dir, ignore_errors=True)
             tmp.rename(model_dir)
@@ -155,6 +163,29 @@ def _feature_splits(params: Params, features_dir: Path | None, pseudo_dir: Path 
         train_ds = concatenate_datasets([train_ds, added[0]]).with_format("numpy")
         val_ds = concatenate_datasets([val_ds, added[1]]).with_format("numpy")
     return train_ds, val_ds
+
+
+class DetectorTrainer(Trainer):
+    """The Trainer with its own collator for the training loader: caption dropout never reaches validation."""
+
+    def __init__(self, *args, train_collator, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.train_collator = train_collator
+
+    def get_train_dataloader(self):
+        eval_collator, self.data_collator = self.data_collator, self.train_collator
+        try:
+            return super().get_train_dataloader()
+        finally:
+            self.data_collator = eval_collator
+
+
+def drop_class(ds, class_names, name: str):
+    """Rows whose Label_B is not ``name`` (leave-one-generator-out)."""
+    if name not in class_names:
+        raise DataError(f"train.holdout={name!r} is not a class of the prepared data ({', '.join(class_names)})")
+    k = list(class_names).index(name)
+    return ds.select(np.flatnonzero(np.asarray(ds["Label_B"]) != k))
 
 
 CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
