@@ -28,6 +28,7 @@ def test_numbers_in_any_yaml_spelling_are_accepted(tmp_path):
     ("train:\n  batch_size: 0\n", "train.batch_size"),
     ("pseudolabel:\n  pool: validation\n", "pseudolabel.pool"),
     ("train:\n  lr: 0.1\n", "train.lr"),
+    ("inference:\n  precision: fp16\n", "inference.precision"),
     ("encoders:\n  demo:\n    hidden_size: 30\n    heads: 4\n", "encoders.demo.hidden_size"),
 ])
 def test_bad_values_name_their_key(tmp_path, text, key):

@@ -117,3 +117,30 @@ def test_unknown_model_directory_or_registered_model_is_a_clear_error(tmp_path, 
     assert result.exit_code != 0 and "no/such/dir: no such model directory" in result.output
     result = CliRunner().invoke(main, ["detect", "a.png", "--model", "models:/aigid-detector/7"])
     assert result.exit_code != 0 and "models:/aigid-detector/7: cannot download the model" in result.output
+
+
+def test_precision_bf16_runs_the_model_in_bf16_on_the_cpu_and_auto_keeps_float32(tmp_path):
+    import json
+
+    from aigid.runtime import autocast
+
+    cpu = torch.device("cpu")
+    x = torch.randn(4, 8)
+    with autocast(cpu, "bf16"):
+        assert (x @ x.T).dtype == torch.bfloat16
+    for precision in ("auto", "fp32"):
+        with autocast(cpu, precision):
+            assert (x @ x.T).dtype == torch.float32
+
+    save_tiny_model(tmp_path / "model")
+    rng = np.random.default_rng(1)
+    for i in range(6):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    args = ["detect", str(tmp_path / "*.png"), "--model", str(tmp_path / "model"), "--format", "json",
+            "--caption", "a red circle"]
+    prob = {p: np.array([r["prob_ai"] for r in json.loads(CliRunner().invoke(main, args + ["--precision", p]).output)])
+            for p in ("auto", "fp32", "bf16")}
+    assert np.array_equal(prob["auto"], prob["fp32"])
+    assert 0 < np.abs(prob["bf16"] - prob["fp32"]).max() < 0.05   # bf16 ran, and stays close
+    bad = CliRunner().invoke(main, args + ["--precision", "fp16"])
+    assert bad.exit_code != 0 and "fp16" in bad.output

@@ -128,6 +128,8 @@ def test_mlflow_runs_hold_params_and_both_weighted_f1(project):
         assert len(history) >= 2                      # one point per epoch (and the final evaluation)
     assert {"base_task_a_f1_weighted", "retrained_task_b_f1_weighted"} <= set(by_stage["evaluate"].data.metrics)
     assert by_stage["pseudolabel"].data.params["params.threshold"] == "0.2"
+    for stage in ("pseudolabel", "evaluate"):   # the precision their inference ran at
+        assert by_stage[stage].data.params["params.inference.precision"] == "auto"
     ids = {r.data.tags["pipeline_id"] for r in by_stage.values()}
     assert len(ids) == 1                              # one `dvc repro`, one pipeline id
     assert all(r.data.tags["git_commit"] != "unknown" for r in by_stage.values())

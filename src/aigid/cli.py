@@ -10,7 +10,7 @@ from pathlib import Path
 
 import click
 
-from .config import ParamsError, load_params
+from .config import PRECISIONS, ParamsError, load_params
 
 PARAMS = click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path),
                       default="params.yaml", show_default=True, help="Parameters file.")
@@ -217,9 +217,10 @@ def pseudolabel(params_file, model_dir, data, out, metrics_file, features_dir) -
     p = _load(params_file)
     q = p.pseudolabel
     with stage_run("pseudolabel", p, ("threshold", "seed", "pseudolabel", "train.num_workers",
-                                      "train.freeze_encoders", "mlflow")):
+                                      "train.freeze_encoders", "inference", "mlflow")):
         metrics = run(model_dir, data, out, q.pool, p.threshold, q.validation_fraction, q.batch_size, p.seed,
-                      p.train.num_workers, features_dir if p.train.freeze_encoders else None)
+                      p.train.num_workers, features_dir if p.train.freeze_encoders else None,
+                      p.inference.precision)
         mlflow.log_metrics({k: v for k, v in metrics.items() if isinstance(v, (int, float)) and k != "threshold"})
     write_json(metrics_file, metrics)
 
@@ -253,9 +254,10 @@ def evaluate(params_file, base_dir, retrained_dir, data, metrics_file, plots_dir
     from .tracking import stage_run
 
     p = _load(params_file)
-    with stage_run("evaluate", p, ("evaluate", "pseudolabel.pool", "train.num_workers", "mlflow")):
+    with stage_run("evaluate", p, ("evaluate", "pseudolabel.pool", "train.num_workers", "inference", "mlflow")):
         metrics, plots = run({"base": base_dir, "retrained": retrained_dir}, data, p.evaluate,
-                             contaminated=p.pseudolabel.pool == "test", num_workers=p.train.num_workers)
+                             contaminated=p.pseudolabel.pool == "test", num_workers=p.train.num_workers,
+                             precision=p.inference.precision)
         for model in ("base", "retrained"):
             flat = flatten(metrics[model])
             mlflow.log_metrics({f"{model}_{k.replace('.', '_')}": v for k, v in flat.items()
@@ -284,13 +286,16 @@ def evaluate(params_file, base_dir, retrained_dir, data, metrics_file, plots_dir
                    "evaluate.target_fpr false positives on real validation images, read from FILE (e.g. "
                    "metrics/evaluate.json) for MODEL (retrained (default) or base).")
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
+@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
+              help="auto: bf16 on a GPU, float32 on the CPU; bf16: also on the CPU (about 2x faster on CPUs with "
+                   "bf16 instructions, scores within a few hundredths); fp32: float32 everywhere.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--out", type=_path(dir_okay=False), help="Output file (default: standard output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (it is shown on stderr only when it is a terminal).")
 @click.pass_context
 @_fail_cleanly
-def detect(ctx, inputs, model_spec, caption, captions_file, threshold, threshold_spec, batch_size, fmt, out,
-           quiet) -> None:
+def detect(ctx, inputs, model_spec, caption, captions_file, threshold, threshold_spec, batch_size, precision, fmt,
+           out, quiet) -> None:
     """Score image files, folders or globs: P(AI), the generator and every class probability.
 
     Unreadable files get a row with the reason in `error`; the others are still scored.
@@ -306,7 +311,8 @@ def detect(ctx, inputs, model_spec, caption, captions_file, threshold, threshold
         threshold = threshold_from(threshold_spec)
     captions = read_captions(captions_file) if captions_file else None
     progress = not quiet and sys.stderr.isatty()
-    rows = run(expand(list(inputs)), resolve_model(model_spec), captions, caption, threshold, batch_size, progress)
+    rows = run(expand(list(inputs)), resolve_model(model_spec), captions, caption, threshold, batch_size, progress,
+               precision)
     text = render(rows, fmt)
     if out:
         out.write_text(text)

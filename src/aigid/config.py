@@ -29,6 +29,12 @@ CT2_CLASSES = ["real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6"]
 CT2_ALIASES = {"coco": "real", "coco_image": "real", "sd21_image": "sd21", "sdxl_image": "sdxl",
                "sd3_image": "sd3", "dalle_image": "dalle3", "dalle": "dalle3", "midjourney_image": "midjourney6",
                "midjourney": "midjourney6"}
+# Inference precision (inference.precision, `aigid detect --precision`), applied by aigid.runtime.autocast:
+#   auto: bf16 autocast on CUDA, float32 on the CPU (the numbers CPU training produced)
+#   bf16: bf16 autocast on any device; on a CPU with bf16 instructions (AVX512-BF16, AMX) about twice the
+#         float32 speed of the paper-size encoders
+#   fp32: float32 everywhere
+PRECISIONS = ("auto", "bf16", "fp32")
 LAYOUTS = ("auto", "hub", "arrow", "parquet", "competition", "folders")
 
 
@@ -113,6 +119,11 @@ class EvaluateParams:
 
 
 @dataclass(frozen=True)
+class InferenceParams:
+    precision: str = "auto"   # of features, pseudolabel and evaluate: auto | bf16 | fp32 (see PRECISIONS)
+
+
+@dataclass(frozen=True)
 class MlflowParams:
     experiment: str = "aigid"
     registered_model: str = "aigid-detector"   # evaluate registers the retrained model under this name
@@ -129,6 +140,7 @@ class Params:
     features: FeaturesParams = field(default_factory=FeaturesParams)
     pseudolabel: PseudolabelParams = field(default_factory=PseudolabelParams)
     evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    inference: InferenceParams = field(default_factory=InferenceParams)
     mlflow: MlflowParams = field(default_factory=MlflowParams)
 
     def __post_init__(self):
@@ -184,6 +196,8 @@ class Params:
             _check(sigma > 0, f"evaluate.blur_sigma[{i}]", sigma, "a positive number")
         for i, scale in enumerate(e.resize_scale):
             _check(scale > 0, f"evaluate.resize_scale[{i}]", scale, "a positive number")
+        _check(self.inference.precision in PRECISIONS, "inference.precision", self.inference.precision,
+               " or ".join(map(repr, PRECISIONS)))
 
 
 def _check(ok: bool, key: str, value: Any, expected: str) -> None:
@@ -214,7 +228,8 @@ def _coerce(cls, raw: Any, prefix: str):
 _NESTED = {
     "DemoDataParams": DemoDataParams, "PrepareParams": PrepareParams, "DemoEncoderParams": DemoEncoderParams,
     "EncodersParams": EncodersParams, "ModelParams": ModelParams, "TrainParams": TrainParams, "FeaturesParams": FeaturesParams,
-    "PseudolabelParams": PseudolabelParams, "EvaluateParams": EvaluateParams, "MlflowParams": MlflowParams,
+    "PseudolabelParams": PseudolabelParams, "EvaluateParams": EvaluateParams, "InferenceParams": InferenceParams,
+    "MlflowParams": MlflowParams,
 }
 
 

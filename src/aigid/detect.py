@@ -35,7 +35,7 @@ def expand(inputs: list[str]) -> list[Path]:
 
 
 def score_images(model, tokenizer, processor, images: list[bytes], captions: list[str], threshold: float = 0.5,
-                 batch_size: int = 64, progress: bool = False) -> list[dict]:
+                 batch_size: int = 64, progress: bool = False, precision: str = "auto") -> list[dict]:
     """Score encoded images (already known to decode) in batches: one row of scores per image.
 
     Class probabilities are joint: P(real) = 1 - P(AI) and P(generator) = P(AI) * P(generator | AI).
@@ -43,7 +43,8 @@ def score_images(model, tokenizer, processor, images: list[bytes], captions: lis
     names = list(model.config.class_names)
     ds = Dataset.from_dict({"Caption": list(captions), "Image": [{"bytes": b, "path": None} for b in images]},
                            features=Features({"Caption": Value("string"), "Image": Image(decode=False)}))
-    logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, batch_size, progress=progress)
+    logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, batch_size, progress=progress,
+                                        precision=precision)
     pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b), threshold)
     rows = []
     for i, caption in enumerate(captions):
@@ -56,7 +57,8 @@ def score_images(model, tokenizer, processor, images: list[bytes], captions: lis
 
 
 def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None = None, caption: str = "",
-           threshold: float = 0.5, batch_size: int = 64, progress: bool = False) -> list[dict]:
+           threshold: float = 0.5, batch_size: int = 64, progress: bool = False,
+           precision: str = "auto") -> list[dict]:
     """One row per path: P(AI), the decision at ``threshold``, the generator and every class probability.
 
     A file that cannot be read gets a row with its ``error`` and no scores; the rest are still scored.
@@ -81,7 +83,7 @@ def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None =
     if images:
         good = [r for r in rows if not r["error"]]
         for row, scores in zip(good, score_images(model, tokenizer, processor, images, texts, threshold, batch_size,
-                                                  progress)):
+                                                  progress, precision)):
             row.update(scores)
     return rows
 

@@ -32,14 +32,16 @@ def blank_captions(ds):
     return ds.remove_columns("Caption").add_column("Caption", [""] * len(ds))
 
 
-def evaluate_model(model_dir: Path, data, params: EvaluateParams, num_workers: int = 0) -> tuple[dict, dict]:
+def evaluate_model(model_dir: Path, data, params: EvaluateParams, num_workers: int = 0,
+                   precision: str = "auto") -> tuple[dict, dict]:
     model, tokenizer, processor = load_detector(model_dir)
     names = tuple(model.config.class_names)
     test, validation = data["test"], data["validation"]
     labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
 
     def predict(ds, perturb=None):
-        logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, params.batch_size, num_workers, perturb)
+        logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, params.batch_size, num_workers, perturb,
+                                            precision=precision)
         return decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
 
     def scores(pred) -> dict:
@@ -93,12 +95,12 @@ def _condition(s: dict) -> dict:
 
 
 def evaluate(models: dict[str, Path], data_dir: Path, params: EvaluateParams, contaminated: bool,
-             num_workers: int = 0) -> tuple[dict, dict]:
+             num_workers: int = 0, precision: str = "auto") -> tuple[dict, dict]:
     """Scores of each named model on the test split, and rows for the plots (confusion, ROC, PR, robustness)."""
     data = open_dataset(data_dir)
     metrics: dict = {"test_rows": len(data["test"]), "contaminated": contaminated}
     plots = {}
     for name, path in models.items():
-        metrics[name], model_plots = evaluate_model(path, data, params, num_workers)
+        metrics[name], model_plots = evaluate_model(path, data, params, num_workers, precision)
         plots.update({f"{key}_{name}": rows for key, rows in model_plots.items()})
     return metrics, plots

@@ -46,7 +46,7 @@ def compute_features(params: Params, data_dir: Path, encoders_dir: Path, out_dir
     splits = {}
     for name, ds in data.items():
         text, image = encode_features(model, tokenizer, processor, ds, params.features.batch_size,
-                                      params.train.num_workers)
+                                      params.train.num_workers, params.inference.precision)
         splits[name] = Dataset(pa.table({"text_features": _fixed(text), "image_features": _fixed(image),
                                          "Label_A": pa.array(ds["Label_A"], pa.int64()),
                                          "Label_B": pa.array(ds["Label_B"], pa.int64())}))

@@ -51,17 +51,17 @@ def _unsort(order: np.ndarray, *parts: list[torch.Tensor]) -> list[np.ndarray]:
 
 @torch.inference_mode()
 def predict_logits(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0,
-                   perturb=None, progress: bool = False):
+                   perturb=None, progress: bool = False, precision: str = "auto"):
     """Head A and head B logits for every row, in the dataset's order, as float32 numpy arrays.
 
     ``perturb`` transforms each decoded image first (see :class:`aigid.data.Perturbation`); ``progress``
-    shows a bar of batches on stderr.
+    shows a bar of batches on stderr; ``precision`` is one of :data:`aigid.config.PRECISIONS`.
     """
     dev = device()
     model = model.to(dev).eval()
     logits_a, logits_b = [], []
     for batch in _batches(model, tokenizer, processor, dataset, batch_size, num_workers, perturb, progress):
-        with autocast(dev):
+        with autocast(dev, precision):
             out = model(**batch)
         logits_a.append(out.logits_a.float().cpu())
         logits_b.append(out.logits_b.float().cpu())
@@ -69,13 +69,14 @@ def predict_logits(model, tokenizer, processor, dataset: Dataset, batch_size: in
 
 
 @torch.inference_mode()
-def encode_features(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0):
+def encode_features(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0,
+                    precision: str = "auto"):
     """The encoders' text and image features for every row, in the dataset's order (float32 numpy)."""
     dev = device()
     model = model.to(dev).eval()
     text, image = [], []
     for batch in _batches(model, tokenizer, processor, dataset, batch_size, num_workers):
-        with autocast(dev):
+        with autocast(dev, precision):
             t, i = model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
                                 batch.get("token_type_ids"))
         text.append(t.float().cpu())

@@ -28,7 +28,7 @@ def select_confident(conf_a: np.ndarray, conf_b: np.ndarray, threshold: float) -
 
 def pseudolabel(model_dir: Path, data_dir: Path, out_dir: Path, pool: str, threshold: float,
                 validation_fraction: float, batch_size: int, seed: int, num_workers: int = 0,
-                features_dir: Path | None = None) -> dict:
+                features_dir: Path | None = None, precision: str = "auto") -> dict:
     """Label the ``pool`` split and write the confident samples. With ``features_dir`` (frozen-encoder mode)
     the model's heads read the pool's cached encoder features instead of running the encoders."""
     data = open_dataset(data_dir)
@@ -40,7 +40,8 @@ def pseudolabel(model_dir: Path, data_dir: Path, out_dir: Path, pool: str, thres
     if features_dir is not None:
         logits_a, logits_b = predict_from_features(model, open_features(features_dir)[pool])
     else:
-        logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, batch_size, num_workers)
+        logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, batch_size, num_workers,
+                                            precision=precision)
     pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
     keep = select_confident(pred.conf_a.numpy(), pred.conf_b.numpy(), threshold)
     if len(keep) == 0:
