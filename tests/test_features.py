@@ -102,6 +102,8 @@ def test_batches_of_cached_features_are_the_rows_pseudo_labelled_ones_included(f
     indices = [len(train) - 1, 0, 5, len(train) - len(pseudo)]   # pseudo-labelled rows come last
     batch = FeatureCollator()(rows.__getitems__(indices))
     assert batch["text_features"].dtype == torch.float32 and batch["labels_a"].dtype == torch.int64
+    listed = FeatureCollator()(train.with_format("numpy").__getitems__(indices))  # rows of a plain dataset
+    assert all(torch.equal(batch[k], listed[k]) for k in batch)
     for k, i in enumerate(indices):
         row = train.with_format("numpy")[i]
         assert np.array_equal(batch["text_features"][k].numpy(), row["text_features"])

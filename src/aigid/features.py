@@ -100,7 +100,8 @@ class FeatureCollator:
 
     def __call__(self, batch: dict[str, torch.Tensor] | list[dict]) -> dict[str, torch.Tensor]:
         if isinstance(batch, list):
-            batch = {name: torch.as_tensor(np.stack([np.asarray(r[name]) for r in batch])) for name in FEATURE_COLUMNS}
+            batch = {name: torch.as_tensor(np.stack([np.asarray(r[name]) for r in batch]))
+                     for name in FEATURE_COLUMNS}
         return {"text_features": batch["text_features"], "image_features": batch["image_features"],
                 "labels_a": batch["Label_A"], "labels_b": batch["Label_B"]}
 
