@@ -85,3 +85,76 @@ def test_frozen_model_predicts_the_same_from_images_and_from_features(frozen):
     a2, b2 = predict_from_features(model, open_features(frozen / "data/features")["test"])
     assert torch.allclose(torch.from_numpy(a1), torch.from_numpy(a2), atol=1e-4)
     assert torch.allclose(torch.from_numpy(b1), torch.from_numpy(b2), atol=1e-4)
+
+
+def test_batches_of_cached_features_are_the_rows_pseudo_labelled_ones_included(frozen):
+    from aigid.config import load_params
+    from aigid.data import open_dataset
+    from aigid.features import FeatureCollator, FeatureRows, open_features
+    from aigid.train import _feature_splits
+
+    params = load_params(frozen / "params.yaml")
+    train, _ = _feature_splits(params, frozen / "data/features", frozen / "data/pseudolabel")
+    pseudo = open_dataset(frozen / "data/pseudolabel")["train"]
+    pool = open_features(frozen / "data/features")[params.pseudolabel.pool]
+    assert len(pseudo) > 0
+    rows = FeatureRows(train)
+    indices = [len(train) - 1, 0, 5, len(train) - len(pseudo)]   # pseudo-labelled rows come last
+    batch = FeatureCollator()(rows.__getitems__(indices))
+    assert batch["text_features"].dtype == torch.float32 and batch["labels_a"].dtype == torch.int64
+    listed = FeatureCollator()(train.with_format("numpy").__getitems__(indices))  # rows of a plain dataset
+    assert all(torch.equal(batch[k], listed[k]) for k in batch)
+    for k, i in enumerate(indices):
+        row = train.with_format("numpy")[i]
+        assert np.array_equal(batch["text_features"][k].numpy(), row["text_features"])
+        assert np.array_equal(batch["image_features"][k].numpy(), row["image_features"])
+        assert (batch["labels_a"][k], batch["labels_b"][k]) == (row["Label_A"], row["Label_B"])
+    last = pseudo[len(pseudo) - 1]
+    assert np.array_equal(batch["image_features"][0].numpy(), np.asarray(pool[last["pool_row"]]["image_features"]))
+    assert (batch["labels_a"][0], batch["labels_b"][0]) == (last["Label_A"], last["Label_B"])
+
+
+def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(frozen, tmp_path, monkeypatch, caplog):
+    from safetensors.torch import load_file
+    from transformers import Trainer
+
+    from aigid.config import load_params
+    from aigid.train import CHECKPOINT_FILES, fit
+
+    class Killed(Exception):
+        pass
+
+    def save_then_die(self, *args, **kwargs):
+        save(self, *args, **kwargs)
+        raise Killed
+
+    monkeypatch.chdir(tmp_path)  # the MLflow store of these runs
+    for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+    params = load_params(frozen / "params.yaml")
+    run = dict(params=params, data_dir=frozen / "data/prepared", encoders_dir=frozen / "models/encoders",
+               features_dir=frozen / "data/features")
+    save = Trainer._save_checkpoint
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    with pytest.raises(Killed):
+        fit(model_dir=tmp_path / "killed", checkpoint_dir=tmp_path / "ck", **run)
+    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+    (checkpoint,) = (tmp_path / "ck").glob("*/checkpoint-*")
+    assert all((checkpoint / name).is_file() for name in CHECKPOINT_FILES)
+    assert {k.split(".")[0] for k in load_file(checkpoint / "model.safetensors")} == {"fusion", "head_a", "head_b"}
+
+    steps = []
+    step = Trainer.training_step
+    monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **kw: steps.append(1) or step(self, *a, **kw))
+    with caplog.at_level("INFO", logger="aigid.train"):
+        resumed = fit(model_dir=tmp_path / "killed", checkpoint_dir=tmp_path / "ck", **run)
+    assert "resuming train from the last checkpoint" in caplog.text
+    resumed_steps, steps[:] = len(steps), []
+    unbroken = fit(model_dir=tmp_path / "unbroken", checkpoint_dir=tmp_path / "ck2", **run)
+    assert resumed_steps == len(steps) * (params.train.epochs - 1) / params.train.epochs  # only the epochs left
+    assert resumed["metrics"] == pytest.approx(unbroken["metrics"])
+    assert len(resumed["history"]) == params.train.epochs
+    for epoch_resumed, epoch_unbroken in zip(resumed["history"], unbroken["history"]):
+        assert epoch_resumed == pytest.approx(epoch_unbroken)
+    a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("killed", "unbroken"))
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)   # the complete detector

@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
-from aigid.model import Detector, DetectorConfig, decide, load_detector, multitask_loss, save_detector
+from aigid.model import (Detector, DetectorConfig, DetectorHeads, decide, load_detector, multitask_loss,
+                         save_detector)
 
 
 def test_loss_is_bce_plus_ce_over_ai_images_only():
@@ -168,3 +169,21 @@ def test_frozen_encoders_get_no_gradient():
     model.freeze_encoders()
     trainable = {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {"fusion", "head_a", "head_b"}
+
+
+def test_training_the_heads_module_trains_the_detector_and_it_holds_nothing_else():
+    torch.manual_seed(0)
+    model = _tiny_detector()
+    heads = DetectorHeads(model)
+    text, image = torch.randn(5, 16), torch.randn(5, 16)
+    labels_a, labels_b = torch.tensor([0, 1, 1, 1, 0]), torch.tensor([0, 2, 5, 1, 0])
+    before = model(text_features=text, image_features=image, labels_a=labels_a, labels_b=labels_b)
+    out = heads(text_features=text, image_features=image, labels_a=labels_a, labels_b=labels_b)
+    assert torch.equal(out.logits_a, before.logits_a) and torch.equal(out.loss, before.loss)
+    assert set(heads.state_dict()) == {k for k in model.state_dict() if k.split(".")[0] in ("fusion", "head_a", "head_b")}
+    out.loss.backward()
+    torch.optim.SGD(heads.parameters(), lr=0.5).step()
+    after = model(text_features=text, image_features=image, labels_a=labels_a, labels_b=labels_b)
+    assert after.loss < before.loss                       # the step on the heads module moved the detector
+    heads.load_state_dict({k: torch.zeros_like(v) for k, v in heads.state_dict().items()})
+    assert torch.count_nonzero(model.head_b.weight) == 0  # loading a checkpoint into it loads the detector

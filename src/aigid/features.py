@@ -65,14 +65,45 @@ def open_features(path: Path) -> DatasetDict:
     return open_dataset(path).with_format("numpy")
 
 
-class FeatureCollator:
-    """Rows of cached features to model inputs (frozen-encoder training)."""
+FEATURE_COLUMNS = ("text_features", "image_features", "Label_A", "Label_B")
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
-        return {"text_features": torch.from_numpy(np.stack([r["text_features"] for r in rows])),
-                "image_features": torch.from_numpy(np.stack([r["image_features"] for r in rows])),
-                "labels_a": torch.tensor([int(r["Label_A"]) for r in rows]),
-                "labels_b": torch.tensor([int(r["Label_B"]) for r in rows])}
+
+class FeatureRows(torch.utils.data.Dataset):
+    """Cached features for a DataLoader, still read from memory-mapped Arrow: a batch of indices is one take
+    over the table, converted column by column to tensors (no per-row dicts to split and re-stack)."""
+
+    def __init__(self, feats: Dataset):
+        self.feats = feats.with_format("arrow")
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        table = self.feats[indices]
+        return {name: _tensor(table.column(name).combine_chunks()) for name in FEATURE_COLUMNS}
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: value[0] for name, value in self.__getitems__([index]).items()}
+
+
+def _tensor(column: pa.Array) -> torch.Tensor:
+    if isinstance(column, pa.FixedSizeListArray):  # one row of floats per sample
+        values = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    else:
+        values = column.to_numpy()
+    return torch.tensor(values)  # a copy: Arrow's buffers are read-only
+
+
+class FeatureCollator:
+    """A batch of cached features to model inputs (frozen-encoder training): the batch that
+    :meth:`FeatureRows.__getitems__` returns, or a list of rows from any other dataset of features."""
+
+    def __call__(self, batch: dict[str, torch.Tensor] | list[dict]) -> dict[str, torch.Tensor]:
+        if isinstance(batch, list):
+            batch = {name: torch.as_tensor(np.stack([np.asarray(r[name]) for r in batch]))
+                     for name in FEATURE_COLUMNS}
+        return {"text_features": batch["text_features"], "image_features": batch["image_features"],
+                "labels_a": batch["Label_A"], "labels_b": batch["Label_B"]}
 
 
 @torch.inference_mode()

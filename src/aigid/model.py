@@ -109,17 +109,38 @@ class Detector(PreTrainedModel):
         """From raw inputs, or from features cached by :meth:`encode` (frozen-encoder training)."""
         if text_features is None:
             text_features, image_features = self.encode(input_ids, attention_mask, pixel_values, token_type_ids)
-        shared = self.fusion(torch.cat([text_features, image_features], dim=-1))
-        logits_a = self.head_a(shared).squeeze(-1)
-        logits_b = self.head_b(shared)
-        loss = None if labels_a is None else multitask_loss(logits_a, logits_b, labels_a, labels_b)
-        return DetectorOutput(loss=loss, logits_a=logits_a, logits_b=logits_b)
+        return _heads(self, text_features, image_features, labels_a, labels_b)
 
     def freeze_encoders(self) -> None:
         """Train only the fusion layer and the heads (the Trainer optimises parameters that require grad)."""
         for encoder in (self.text_encoder, self.vision_encoder):
             encoder.requires_grad_(False)
             encoder.eval()
+
+
+class DetectorHeads(nn.Module):
+    """A detector's fusion layer and two heads, the very same modules: training this trains the detector.
+
+    Frozen-encoder training hands this to the Trainer instead of the whole detector, whose every step would
+    otherwise switch modes, zero and clip gradients across all the encoders' parameters it never updates;
+    its checkpoints hold only these weights (same names as in the detector).
+    """
+
+    def __init__(self, detector: Detector):
+        super().__init__()
+        self.fusion, self.head_a, self.head_b = detector.fusion, detector.head_a, detector.head_b
+
+    def forward(self, text_features, image_features, labels_a=None, labels_b=None, **_):
+        return _heads(self, text_features, image_features, labels_a, labels_b)
+
+
+def _heads(model: Detector | DetectorHeads, text_features, image_features, labels_a, labels_b) -> DetectorOutput:
+    """Fusion, both heads and the loss: the part of the forward pass shared by both modules."""
+    shared = model.fusion(torch.cat([text_features, image_features], dim=-1))
+    logits_a = model.head_a(shared).squeeze(-1)
+    logits_b = model.head_b(shared)
+    loss = None if labels_a is None else multitask_loss(logits_a, logits_b, labels_a, labels_b)
+    return DetectorOutput(loss=loss, logits_a=logits_a, logits_b=logits_b)
 
 
 def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_text_length: int,

@@ -28,9 +28,9 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from .config import Params, ParamsError, flatten
 from .data import Collator, DataError, concat, open_dataset
-from .features import FeatureCollator, open_features
+from .features import FeatureCollator, FeatureRows, open_features
 from .metrics import score
-from .model import CLASS_NAMES, build_detector, decide, save_detector
+from .model import CLASS_NAMES, DetectorHeads, build_detector, decide, save_detector
 from .tracking import stage_run
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         features_dir = None  # not an input of full fine-tuning
     if t.holdout != "none":  # after the pseudo-labels, so none predicted as the held-out class comes back
         train_ds, val_ds = drop_class(train_ds, class_names, t.holdout), drop_class(val_ds, class_names, t.holdout)
+    if t.freeze_encoders:
+        train_ds, val_ds = FeatureRows(train_ds), FeatureRows(val_ds)
     # Under torchrun / accelerate launch this sets up the process group that the Trainer then uses for
     # DistributedDataParallel; a plain run is one process. Only rank 0 logs to MLflow and writes outputs.
     # Without CUDA, accelerate makes a launch multi-CPU (gloo) only when told to use the CPU.
@@ -90,6 +92,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
                                                      class_names)
         if t.freeze_encoders:
             model.freeze_encoders()
+        # Frozen, the Trainer sees only the fusion layer and heads: the detector's own modules, updated in place.
+        trained = DetectorHeads(model) if t.freeze_encoders else model
         if run is not None:
             mlflow.log_params({"data.train_rows": len(train_ds), "data.validation_rows": len(val_ds)})
         args = TrainingArguments(
@@ -109,7 +113,7 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
             collator = Collator(tokenizer, processor, params.model.max_text_length)
             train_collator = Collator(tokenizer, processor, params.model.max_text_length,
                                       caption_dropout=t.caption_dropout)
-        trainer = DetectorTrainer(model=model, args=args, train_dataset=train_ds, eval_dataset=val_ds,
+        trainer = DetectorTrainer(model=trained, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                                   data_collator=collator, train_collator=train_collator,
                                   compute_metrics=functools.partial(compute_metrics, class_names=class_names),
                                   processing_class=tokenizer)
@@ -124,8 +128,8 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         if trainer.is_world_process_zero():
             tmp = model_dir.with_name(model_dir.name + ".tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            trainer.model.config.holdout = t.holdout  # evaluate reads it to report the unseen generator
-            save_detector(trainer.model, tokenizer, processor, tmp)
+            model.config.holdout = t.holdout  # evaluate reads it to report the unseen generator
+            save_detector(model, tokenizer, processor, tmp)  # with the best checkpoint's weights, loaded in place
             shutil.rmtree(model_dir, ignore_errors=True)
             tmp.rename(model_dir)
             shutil.rmtree(stage_dir, ignore_errors=True)
@@ -160,8 +164,7 @@ def _feature_splits(params: Params, features_dir: Path | None, pseudo_dir: Path 
             rows = pool.select(pseudo[part]["pool_row"]).remove_columns(["Label_A", "Label_B"])
             added.append(rows.add_column("Label_A", pseudo[part]["Label_A"]).add_column("Label_B", pseudo[part]["Label_B"])
                          .cast(train_ds.features))
-        train_ds = concatenate_datasets([train_ds, added[0]]).with_format("numpy")
-        val_ds = concatenate_datasets([val_ds, added[1]]).with_format("numpy")
+        train_ds, val_ds = concatenate_datasets([train_ds, added[0]]), concatenate_datasets([val_ds, added[1]])
     return train_ds, val_ds
 
 
