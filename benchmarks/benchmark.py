@@ -186,12 +186,10 @@ def _epochs(work: Path, train, batch: int) -> dict:
 
     The epoch is timed from the Trainer's epoch start to its last step; the Trainer's own start-up (the same
     for both) and the one-off feature extraction are reported beside it."""
-    import pyarrow as pa
     import torch
-    from datasets import Dataset
 
     from aigid.data import Collator
-    from aigid.features import FeatureCollator, FeatureRows, _fixed
+    from aigid.features import FeatureCollator, FeatureRows, feature_table
     from aigid.infer import encode_features
     from aigid.model import DetectorHeads
 
@@ -208,8 +206,7 @@ def _epochs(work: Path, train, batch: int) -> dict:
     started = time.perf_counter()
     text, image = encode_features(model, tokenizer, processor, train, 128)
     extract = time.perf_counter() - started
-    feats = Dataset(pa.table({"text_features": _fixed(text), "image_features": _fixed(image),
-                              "Label_A": pa.array(train["Label_A"]), "Label_B": pa.array(train["Label_B"])}))
+    feats = feature_table(text, image, train)
     model.freeze_encoders()
     frozen, frozen_wall = run(DetectorHeads(model), FeatureRows(feats), FeatureCollator())
     return {"epoch_s_full": full, "epoch_s_frozen": frozen, "epoch_wall_s_full": full_wall,

@@ -34,6 +34,13 @@ def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
     return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float32()), values.shape[1])
 
 
+def feature_table(text: np.ndarray, image: np.ndarray, rows: Dataset) -> Dataset:
+    """Encoder features of ``rows`` (in their order) with their labels: one split of `data/features`."""
+    return Dataset(pa.table({"text_features": _fixed(text), "image_features": _fixed(image),
+                             "Label_A": pa.array(rows["Label_A"], pa.int64()),
+                             "Label_B": pa.array(rows["Label_B"], pa.int64())}))
+
+
 def compute_features(params: Params, data_dir: Path, encoders_dir: Path, out_dir: Path) -> dict:
     if not params.train.freeze_encoders:
         save_atomically(DatasetDict(), out_dir, {MARKER: json.dumps({"computed": False, "reason":
@@ -47,9 +54,7 @@ def compute_features(params: Params, data_dir: Path, encoders_dir: Path, out_dir
     for name, ds in data.items():
         text, image = encode_features(model, tokenizer, processor, ds, params.features.batch_size,
                                       params.train.num_workers, params.inference.precision)
-        splits[name] = Dataset(pa.table({"text_features": _fixed(text), "image_features": _fixed(image),
-                                         "Label_A": pa.array(ds["Label_A"], pa.int64()),
-                                         "Label_B": pa.array(ds["Label_B"], pa.int64())}))
+        splits[name] = feature_table(text, image, ds)
         log.info("encoded %d %s rows", len(ds), name)
     save_atomically(DatasetDict(splits), out_dir, {MARKER: json.dumps({"computed": True}) + "\n"})
     return {"computed": True, "rows": {k: len(v) for k, v in splits.items()},

@@ -26,27 +26,41 @@ def caption_order(dataset: Dataset) -> np.ndarray:
     return np.argsort(np.asarray(dataset["caption_id"]), kind="stable")
 
 
-def _batches(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int, perturb=None,
-             progress: bool = False):
+def _run(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int, precision: str, step,
+         perturb=None, progress: bool = False) -> list[np.ndarray]:
+    """``step(model, batch)`` -> a tuple of per-row tensors, for every batch in caption order; each output
+    concatenated and put back in the dataset's order as float32 numpy."""
     from tqdm import tqdm
 
     dev = device()
+    model = model.to(dev).eval()
     order = caption_order(dataset)
     loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
                         num_workers=num_workers, pin_memory=dev.type == "cuda",
                         collate_fn=Collator(tokenizer, processor, model.config.max_text_length, perturb=perturb))
+    outputs = None
     for batch in tqdm(loader, desc="scoring", unit="batch", file=sys.stderr, disable=not progress):
-        yield {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
+        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
+        with autocast(dev, precision):
+            values = step(model, batch)
+        outputs = outputs or [[] for _ in values]
+        for chunks, value in zip(outputs, values):
+            chunks.append(value.float().cpu())
+    restored = []
+    for chunks in outputs or []:
+        values = torch.cat(chunks).numpy()
+        restored.append(np.empty_like(values))
+        restored[-1][order] = values
+    return restored
 
 
-def _unsort(order: np.ndarray, *parts: list[torch.Tensor]) -> list[np.ndarray]:
-    out = []
-    for chunks in parts:
-        values = torch.cat(chunks).float().numpy()
-        restored = np.empty_like(values)
-        restored[order] = values
-        out.append(restored.astype(np.float32))
-    return out
+def _logits(model, batch):
+    out = model(**batch)
+    return out.logits_a, out.logits_b
+
+
+def _features(model, batch):
+    return model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch.get("token_type_ids"))
 
 
 @torch.inference_mode()
@@ -57,28 +71,12 @@ def predict_logits(model, tokenizer, processor, dataset: Dataset, batch_size: in
     ``perturb`` transforms each decoded image first (see :class:`aigid.data.Perturbation`); ``progress``
     shows a bar of batches on stderr; ``precision`` is one of :data:`aigid.config.PRECISIONS`.
     """
-    dev = device()
-    model = model.to(dev).eval()
-    logits_a, logits_b = [], []
-    for batch in _batches(model, tokenizer, processor, dataset, batch_size, num_workers, perturb, progress):
-        with autocast(dev, precision):
-            out = model(**batch)
-        logits_a.append(out.logits_a.float().cpu())
-        logits_b.append(out.logits_b.float().cpu())
-    return tuple(_unsort(caption_order(dataset), logits_a, logits_b))
+    return tuple(_run(model, tokenizer, processor, dataset, batch_size, num_workers, precision, _logits, perturb,
+                      progress))
 
 
 @torch.inference_mode()
 def encode_features(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0,
                     precision: str = "auto"):
     """The encoders' text and image features for every row, in the dataset's order (float32 numpy)."""
-    dev = device()
-    model = model.to(dev).eval()
-    text, image = [], []
-    for batch in _batches(model, tokenizer, processor, dataset, batch_size, num_workers):
-        with autocast(dev, precision):
-            t, i = model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                                batch.get("token_type_ids"))
-        text.append(t.float().cpu())
-        image.append(i.float().cpu())
-    return tuple(_unsort(caption_order(dataset), text, image))
+    return tuple(_run(model, tokenizer, processor, dataset, batch_size, num_workers, precision, _features))

@@ -91,9 +91,15 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
                                                      params.model.fusion_dim, params.model.max_text_length,
                                                      class_names)
         if t.freeze_encoders:
+            # The Trainer sees only the fusion layer and heads (the detector's own modules, updated in place),
+            # on cached features: captions were encoded once, so there is nothing to drop either.
             model.freeze_encoders()
-        # Frozen, the Trainer sees only the fusion layer and heads: the detector's own modules, updated in place.
-        trained = DetectorHeads(model) if t.freeze_encoders else model
+            trained, collator, train_collator = DetectorHeads(model), FeatureCollator(), FeatureCollator()
+        else:
+            trained = model
+            collator = Collator(tokenizer, processor, params.model.max_text_length)
+            train_collator = Collator(tokenizer, processor, params.model.max_text_length,
+                                      caption_dropout=t.caption_dropout)
         if run is not None:
             mlflow.log_params({"data.train_rows": len(train_ds), "data.validation_rows": len(val_ds)})
         args = TrainingArguments(
@@ -107,12 +113,6 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
             dataloader_pin_memory=torch.cuda.is_available(),
             bf16=torch.cuda.is_available(), use_cpu=cpu, ddp_find_unused_parameters=False, disable_tqdm=True,
         )
-        if t.freeze_encoders:  # cached features: captions were encoded once, so there is nothing to drop
-            collator = train_collator = FeatureCollator()
-        else:
-            collator = Collator(tokenizer, processor, params.model.max_text_length)
-            train_collator = Collator(tokenizer, processor, params.model.max_text_length,
-                                      caption_dropout=t.caption_dropout)
         trainer = DetectorTrainer(model=trained, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                                   data_collator=collator, train_collator=train_collator,
                                   compute_metrics=functools.partial(compute_metrics, class_names=class_names),
