@@ -63,11 +63,13 @@ def child_source(work: Path, config: str, scale: int, seed: int) -> dict:
 
 
 def child_prepare(work: Path, config: str, crop: int) -> dict:
-    from aigid.config import PrepareParams
+    from aigid.config import load_params
     from aigid.prepare import prepare
 
+    params = load_params(REPO / "params.yaml").prepare.model_copy(update={"source": str(work / "source"),
+                                                                          "layout": "arrow"})
     started = time.perf_counter()
-    metrics = prepare(PrepareParams(source=str(work / "source"), layout="arrow"), 0, work / "prepared")
+    metrics = prepare(params, 0, work / "prepared")
     elapsed = time.perf_counter() - started
     rows = sum(s["rows"] for s in metrics["splits"].values())
     return {"prepare_images_s": rows / elapsed, "bytes_per_sample": metrics["bytes_per_sample"],
@@ -100,9 +102,11 @@ def child_encoders(work: Path, config: str) -> dict:
 
 
 def _detector(work: Path):
+    from aigid.config import load_params
     from aigid.model import build_detector
 
-    return build_detector(str(work / "encoders" / "text"), str(work / "encoders" / "vision"), 512, 64)
+    return build_detector(str(work / "encoders" / "text"), str(work / "encoders" / "vision"), 512, 64,
+                          load_params(REPO / "params.yaml").prepare.class_names)
 
 
 class PadTo128:

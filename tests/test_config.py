@@ -1,36 +1,78 @@
+"""params.yaml: complete, typed, checked; each stage reads only the keys it declares."""
+
 import pytest
 import yaml
 
-from aigid.config import ParamsError, flatten, load_params
+from aigid.config import ParamsError, declared, flatten, load_params, scoped
+from conftest import REPO, _merge
 
 
-def write(tmp_path, text):
+def write(tmp_path, over: dict | None = None, text: str | None = None):
+    """A params file: the committed params.yaml with ``over`` merged in, or ``text`` as it is."""
     p = tmp_path / "params.yaml"
+    if text is None:
+        text = yaml.safe_dump(_merge(yaml.safe_load((REPO / "params.yaml").read_text()), over or {}))
     p.write_text(text)
     return p
 
 
 def test_committed_params_load_and_flatten():
-    p = load_params("params.yaml")
+    p = load_params(REPO / "params.yaml")
     flat = flatten(p)
-    assert flat["threshold"] == p.threshold and "train.learning_rate" in flat
+    assert flat["threshold"] == p.threshold and flat["train.learning_rate"] == 0.002
+    assert flat["prepare.class_aliases.coco"] == "real"
 
 
 def test_numbers_in_any_yaml_spelling_are_accepted(tmp_path):
-    p = load_params(write(tmp_path, "train:\n  learning_rate: 2e-5\n"))   # a string to a YAML 1.1 reader
+    p = load_params(write(tmp_path, {"train": {"learning_rate": "2e-5"}}))   # a string to a YAML 1.1 reader
     assert p.train.learning_rate == pytest.approx(2e-5)
 
 
-@pytest.mark.parametrize("text, key", [
-    ("threshold: 1.5\n", "threshold"),
-    ("threshold: high\n", "threshold"),
-    ("train:\n  epochs: 2.5\n", "train.epochs"),
-    ("train:\n  batch_size: 0\n", "train.batch_size"),
-    ("pseudolabel:\n  pool: validation\n", "pseudolabel.pool"),
-    ("train:\n  lr: 0.1\n", "train.lr"),
-    ("inference:\n  precision: fp16\n", "inference.precision"),
-    ("encoders:\n  demo:\n    hidden_size: 30\n    heads: 4\n", "encoders.demo.hidden_size"),
+@pytest.mark.parametrize("over, key", [
+    ({"threshold": 1.5}, "threshold"),
+    ({"threshold": "high"}, "threshold"),
+    ({"train": {"epochs": 2.5}}, "train.epochs"),
+    ({"train": {"batch_size": 0}}, "train.batch_size"),
+    ({"pseudolabel": {"pool": "validation"}}, "pseudolabel.pool"),
+    ({"inference": {"precision": "fp16"}}, "inference.precision"),
+    ({"encoders": {"demo": {"hidden_size": 30, "heads": 4}}}, "encoders.demo"),
+    ({"evaluate": {"jpeg_quality": [95, 0]}}, "evaluate"),
+    ({"prepare": {"class_aliases": {"x_image": "sd4"}}}, "prepare"),
+    ({"train": {"holdout": "sd4"}}, "train.holdout"),
 ])
-def test_bad_values_name_their_key(tmp_path, text, key):
+def test_bad_values_name_their_key(tmp_path, over, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
-        load_params(write(tmp_path, text))
+        load_params(write(tmp_path, over))
+
+
+def test_unknown_key_is_refused_with_a_suggestion(tmp_path):
+    with pytest.raises(ParamsError, match=r"unknown key train\.learning_rat \(did you mean train\.learning_rate\?\)"):
+        load_params(write(tmp_path, {"train": {"learning_rat": 0.1}}))
+
+
+@pytest.mark.parametrize("text", ["", "# nothing set\n", "[]\n"])
+def test_an_empty_params_file_is_refused(tmp_path, text):
+    with pytest.raises(ParamsError, match="must set every key"):
+        load_params(write(tmp_path, text=text))
+
+
+def test_a_partial_params_file_names_every_missing_key(tmp_path):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    del params["train"]["epochs"], params["mlflow"], params["prepare"]["revision"]
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, text=yaml.safe_dump(params)))
+    assert "missing key(s)" in str(err.value)
+    for key in ("train.epochs", "mlflow", "prepare.revision"):
+        assert key in str(err.value)
+
+
+def test_a_stage_reads_only_its_declared_keys():
+    p = load_params(REPO / "params.yaml")
+    view = scoped(p, ("seed", "train.num_workers", "inference"))
+    assert view.seed == 42 and view.train.num_workers == 0 and view.inference.precision == "auto"
+    with pytest.raises(ParamsError, match=r"train\.epochs.*does not declare"):
+        view.train.epochs
+    with pytest.raises(ParamsError, match=r"threshold"):
+        view.threshold
+    assert view.declared() == {"seed": 42, "train.num_workers": 0, "inference.precision": "auto"}
+    assert declared(p, ("model",)) == {"model.fusion_dim": 512, "model.max_text_length": 64}

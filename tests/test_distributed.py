@@ -30,7 +30,8 @@ def run(command: list[str], cwd: Path, store: Path) -> str:
 
 
 def train_args(name: str) -> list[str]:
-    return ["train", "--out", f"models/{name}", "--metrics", f"{name}.json", "--history", f"{name}_history.json"]
+    return ["train", "--out", f"models/{name}", "--metrics", f"{name}.json", "--report", f"{name}_report.json",
+            "--history", f"{name}_history.json"]
 
 
 def runs_in(store: Path) -> list:
@@ -61,6 +62,7 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     params = tiny_params_dict()
     assert params["train"]["epochs"] == 2 and params["train"]["batch_size"] % 2 == 0
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    (tmp_path / "data/raw").mkdir(parents=True)  # the raw data folder prepare depends on
     for stage in ("prepare", "encoders"):
         run([str(BIN / "aigid"), stage], tmp_path, tmp_path / "prepare.db")
 
@@ -75,9 +77,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     assert ddp_run.data.params["per_device_train_batch_size"] == str(params["train"]["batch_size"] // 2)
     assert {"eval_f1_weighted_a", "eval_f1_weighted_b"} <= set(ddp_run.data.metrics)
     assert (tmp_path / "models/ddp/model.safetensors").is_file() and not (tmp_path / "checkpoints").exists()
-    assert not list(tmp_path.glob("models/*.tmp"))
+    assert not list(tmp_path.glob("models/.*.tmp"))
 
-    single, ddp = (json.loads((tmp_path / f"{name}.json").read_text()) for name in ("single", "ddp"))
+    single, ddp = (json.loads((tmp_path / f"{name}_report.json").read_text()) for name in ("single", "ddp"))
     assert set(ddp) == set(single)
     assert ddp["train_rows"] == single["train_rows"] and ddp["validation_rows"] == single["validation_rows"]
     # Measured on the tiny data (36 validation images): weighted F1 0.7576 / 0.0833 with one process and

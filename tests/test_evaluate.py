@@ -7,9 +7,10 @@ import torch
 from PIL import Image
 
 from aigid.config import ParamsError, load_params
-from aigid.data import Collator, Perturbation, to_rgb
-from aigid.evaluate import perturbations
+from aigid.data import Collator, to_rgb
+from aigid.evaluate import Perturbation, perturbations
 from aigid.metrics import rates_at, ranking_scores, threshold_at_fpr
+from test_config import write
 
 
 def test_threshold_at_fpr_is_the_lowest_with_at_most_the_target_rate():
@@ -37,7 +38,7 @@ def test_rates_and_ranking_scores():
         ranking_scores([1, 1], [0.2, 0.3])
 
 
-def test_perturbations_change_the_image_as_named():
+def test_perturbations_change_the_image_as_named(tmp_path):
     rng = np.random.default_rng(0)
     img = Image.fromarray(rng.integers(0, 255, (40, 60, 3), dtype=np.uint8))
     pixels = np.asarray(img, dtype=float)
@@ -46,7 +47,7 @@ def test_perturbations_change_the_image_as_named():
     blurred = np.asarray(Perturbation("blur", 2)(img), dtype=float)
     assert blurred.std() < pixels.std() / 2                  # noise is smoothed away
     assert Perturbation("resize", 0.5)(img).size == (30, 20) and Perturbation("resize", 1.5)(img).size == (90, 60)
-    names = [p.name for p in perturbations(load_params("params.yaml").evaluate)]
+    names = [p.name for p in perturbations(load_params(write(tmp_path)).evaluate)]
     assert names == ["jpeg_95", "jpeg_75", "jpeg_50", "blur_1", "blur_2", "resize_50", "resize_150"]
 
 
@@ -106,24 +107,22 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
     assert abs(rgb[..., 0].mean() - ramp.mean() / 257) < 1                  # a plain convert("RGB") gives ~255
 
 
-@pytest.mark.parametrize("text, key", [
-    ("train:\n  caption_dropout: 1\n", "train.caption_dropout"),
-    ("train:\n  holdout: real\n", "train.holdout"),
-    ("train:\n  holdout: flux\n", "train.holdout"),
-    ("evaluate:\n  target_fpr: 0\n", "evaluate.target_fpr"),
-    ("evaluate:\n  jpeg_quality: [95, 101]\n", r"evaluate.jpeg_quality\[1\]"),
-    ("evaluate:\n  blur_sigma: [1, x]\n", r"evaluate.blur_sigma\[1\]"),
-    ("evaluate:\n  resize_scale: 0.5\n", "evaluate.resize_scale"),
+@pytest.mark.parametrize("over, key", [
+    ({"train": {"caption_dropout": 1}}, "train.caption_dropout"),
+    ({"train": {"holdout": "real"}}, "train.holdout"),
+    ({"train": {"holdout": "flux"}}, "train.holdout"),
+    ({"evaluate": {"target_fpr": 0}}, "evaluate.target_fpr"),
+    ({"evaluate": {"jpeg_quality": [95, 101]}}, r"jpeg_quality\[1\]"),
+    ({"evaluate": {"blur_sigma": [1, "x"]}}, r"evaluate.blur_sigma\[1\]"),
+    ({"evaluate": {"resize_scale": 0.5}}, "evaluate.resize_scale"),
 ])
-def test_new_params_are_checked(tmp_path, text, key):
-    (tmp_path / "params.yaml").write_text(text)
+def test_new_params_are_checked(tmp_path, over, key):
     with pytest.raises(ParamsError, match=key):
-        load_params(tmp_path / "params.yaml")
+        load_params(write(tmp_path, over))
 
 
 def test_holdout_accepts_a_generator(tmp_path):
-    (tmp_path / "params.yaml").write_text("train:\n  holdout: sd3\nevaluate:\n  blur_sigma: [1, 2.5]\n")
-    p = load_params(tmp_path / "params.yaml")
+    p = load_params(write(tmp_path, {"train": {"holdout": "sd3"}, "evaluate": {"blur_sigma": [1, 2.5]}}))
     assert p.train.holdout == "sd3" and p.evaluate.blur_sigma == [1.0, 2.5]
 
 

@@ -58,6 +58,7 @@ def inputs(tmp_path_factory) -> Path:
     params = tiny_params_dict()
     params["train"]["epochs"] = 4
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "data/raw").mkdir(parents=True)  # the raw data folder prepare depends on
     finish(aigid("prepare", cwd=root))
     finish(aigid("encoders", cwd=root))
     return root

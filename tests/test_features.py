@@ -23,6 +23,7 @@ def frozen(tmp_path_factory) -> Path:
     params = tiny_params_dict()
     params["train"]["freeze_encoders"] = True
     (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "data/raw").mkdir(parents=True)  # the raw data folder prepare depends on
     for stage in ("prepare", "encoders", "features", "train", "pseudolabel", "retrain"):
         finish(aigid(stage, cwd=root))
     return root
@@ -49,13 +50,13 @@ def test_features_match_the_encoders_and_the_trained_model_keeps_them(frozen):
 def test_heads_learn_on_cached_features_and_pseudo_rows_point_into_the_pool(frozen):
     from aigid.data import open_dataset
 
-    metrics = json.loads((frozen / "metrics/train.json").read_text())
+    metrics = json.loads((frozen / "reports/train.json").read_text())
     assert metrics["train_rows"] == len(open_dataset(frozen / "data/prepared")["train"])
     pseudo = open_dataset(frozen / "data/pseudolabel")
     pool = open_dataset(frozen / "data/prepared")["unlabeled"]
     rows = pseudo["train"]["pool_row"]
     assert [pool[i]["Caption"] for i in rows] == pseudo["train"]["Caption"]
-    retrain = json.loads((frozen / "metrics/retrain.json").read_text())
+    retrain = json.loads((frozen / "reports/retrain.json").read_text())
     assert retrain["train_rows"] == metrics["train_rows"] + len(pseudo["train"])
 
 
@@ -118,7 +119,8 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     from safetensors.torch import load_file
     from transformers import Trainer
 
-    from aigid.config import load_params
+    from aigid import train
+    from aigid.config import load_params, scoped
     from aigid.train import CHECKPOINT_FILES, fit
 
     class Killed(Exception):
@@ -131,13 +133,17 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     monkeypatch.chdir(tmp_path)  # the MLflow store of these runs
     for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
-    params = load_params(frozen / "params.yaml")
-    run = dict(params=params, data_dir=frozen / "data/prepared", encoders_dir=frozen / "models/encoders",
-               features_dir=frozen / "data/features")
+    params = scoped(load_params(frozen / "params.yaml"), train.PARAMS)
+
+    def run(out: str, checkpoints: str):
+        paths = train.Paths(data=frozen / "data/prepared", encoders=frozen / "models/encoders",
+                            features=frozen / "data/features", out=tmp_path / out)
+        return fit(params, paths, checkpoint_dir=tmp_path / checkpoints)
+
     save = Trainer._save_checkpoint
     monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
     with pytest.raises(Killed):
-        fit(model_dir=tmp_path / "killed", checkpoint_dir=tmp_path / "ck", **run)
+        run("killed", "ck")
     monkeypatch.setattr(Trainer, "_save_checkpoint", save)
     (checkpoint,) = (tmp_path / "ck").glob("*/checkpoint-*")
     assert all((checkpoint / name).is_file() for name in CHECKPOINT_FILES)
@@ -147,10 +153,10 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     step = Trainer.training_step
     monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **kw: steps.append(1) or step(self, *a, **kw))
     with caplog.at_level("INFO", logger="aigid.train"):
-        resumed = fit(model_dir=tmp_path / "killed", checkpoint_dir=tmp_path / "ck", **run)
+        resumed = run("killed", "ck")
     assert "resuming train from the last checkpoint" in caplog.text
     resumed_steps, steps[:] = len(steps), []
-    unbroken = fit(model_dir=tmp_path / "unbroken", checkpoint_dir=tmp_path / "ck2", **run)
+    unbroken = run("unbroken", "ck2")
     assert resumed_steps == len(steps) * (params.train.epochs - 1) / params.train.epochs  # only the epochs left
     assert resumed["metrics"] == pytest.approx(unbroken["metrics"])
     assert len(resumed["history"]) == params.train.epochs

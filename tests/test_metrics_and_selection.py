@@ -31,7 +31,7 @@ def test_per_class_detection_rates():
     labels_a = (labels_b > 0).astype(int)
     pred_a = np.array([0, 1, 1, 0, 1, 1])
     pred_b = np.array([0, 3, 1, 0, 3, 2])
-    s = score(labels_a, labels_b, pred_a, pred_b)
+    s = score(labels_a, labels_b, pred_a, pred_b, ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6"))
     assert s["per_class"]["real"]["task_a_recall"] == pytest.approx(0.5)
     assert s["per_class"]["sd21"]["task_a_recall"] == pytest.approx(0.5)
     assert s["per_class"]["sdxl"]["task_a_recall"] == pytest.approx(1.0)

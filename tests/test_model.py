@@ -46,13 +46,16 @@ def test_label_b_is_real_exactly_when_label_a_is_real():
     assert p.probs_b[:, 0].eq(0).all() and p.probs_b.sum(-1).allclose(torch.ones(4))
 
 
+CT2 = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")
+
+
 def _tiny_detector():
     text = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=32), add_pooling_layer=False)
     vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                               intermediate_size=32, image_size=16, patch_size=8))
     return Detector(DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config,
-                                   fusion_dim=8))
+                                   fusion_dim=8, class_names=CT2))
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
@@ -103,7 +106,7 @@ def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
     result = CliRunner().invoke(main, ["encoders", "--params", str(tmp_path / "params.yaml"), "--data",
                                        str(tmp_path), "--out", str(tmp_path / "enc")])
     assert result.exit_code == 0, result.output
-    detector, _, _ = build_detector(str(tmp_path / "enc/text"), str(tmp_path / "enc/vision"), 8, 16)
+    detector, _, _ = build_detector(str(tmp_path / "enc/text"), str(tmp_path / "enc/vision"), 8, 16, ("real", "ai"))
     for name, tensor in model.text_encoder.state_dict().items():
         assert torch.equal(detector.text_encoder.state_dict()[name], tensor), name
 

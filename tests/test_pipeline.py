@@ -10,13 +10,14 @@ import sys
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import pytest
 import yaml
 
 from conftest import REPO, tiny_params_dict
 
 pytestmark = pytest.mark.slow
-STAGES = ("prepare", "encoders", "train", "pseudolabel", "retrain", "evaluate")
+STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate")
 
 
 def sh(*cmd: str, cwd: Path) -> str:
@@ -31,7 +32,8 @@ def sh(*cmd: str, cwd: Path) -> str:
 def project(tmp_path_factory) -> Path:
     """A fresh git + DVC repository holding this project's pipeline, its code and a tiny params.yaml."""
     root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", ".gitignore"):
+    for name in ("dvc.yaml", ".gitignore", "data/raw/README.md"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     params = tiny_params_dict()
@@ -57,21 +59,40 @@ def test_repro_writes_models_metrics_and_plots(project):
                  "data/prepared/dataset_dict.json", "data/pseudolabel/dataset_dict.json",
                  "metrics/plots/confusion_b_retrained.json", "metrics/train_history.json"):
         assert (project / path).exists(), path
-    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((project / "reports/evaluate.json").read_text())
     for model in ("base", "retrained"):
         for task in ("task_a", "task_b"):
-            assert 0.0 <= evaluation[model][task]["f1_weighted"] <= 1.0
-            assert "balanced_accuracy" in evaluation[model][task] and "f1_macro" in evaluation[model][task]
+            assert {"f1_weighted", "balanced_accuracy", "f1_macro", "accuracy"} <= set(evaluation[model][task])
         assert set(evaluation[model]["per_class"]) == {"real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6"}
     assert evaluation["contaminated"] is False
-    pseudo = json.loads((project / "metrics/pseudolabel.json").read_text())
+    pseudo = json.loads((project / "reports/pseudolabel.json").read_text())
     assert pseudo["kept"] == pseudo["train_rows"] + pseudo["validation_rows"]
-    prepared = json.loads((project / "metrics/prepare.json").read_text())
-    assert prepared["shared_captions_train_validation"] == 0
+    prepared = json.loads((project / "reports/prepare.json").read_text())
+    assert prepared["shared_captions_train_validation"] == 0 and len(prepared["fingerprint"]) == 64
+
+
+def test_metrics_files_hold_the_headline_numbers_of_the_reports(project):
+    report = json.loads((project / "reports/evaluate.json").read_text())
+    headline = json.loads((project / "metrics/evaluate.json").read_text())
+    for model in ("base", "retrained"):
+        assert headline[model]["task_a"]["f1_weighted"] == report[model]["task_a"]["f1_weighted"]
+        assert headline[model]["operating_point"]["test_tpr"] == report[model]["operating_point"]["test_tpr"]
+    pseudo = json.loads((project / "reports/pseudolabel.json").read_text())
+    assert json.loads((project / "metrics/pseudolabel.json").read_text()) == {
+        k: pseudo[k] for k in ("kept", "kept_fraction", "precision_a", "precision_b")}
+    assert pseudo["precision_a"] == pseudo["correct_a"] / pseudo["kept"]
+    shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=project))
+    keys = [k for files in shown.values() for m in files["data"].values() for k in _leaves(m["data"])]
+    assert 10 <= len(keys) <= 30, keys
+
+
+def _leaves(d: dict, prefix: str = "") -> list[str]:
+    return [k for key, v in d.items() for k in (_leaves(v, f"{prefix}{key}.") if isinstance(v, dict)
+                                               else [prefix + key])]
 
 
 def test_evaluate_reports_curves_operating_point_captions_robustness_and_the_unseen_generator(project):
-    evaluation = json.loads((project / "metrics/evaluate.json").read_text())
+    evaluation = json.loads((project / "reports/evaluate.json").read_text())
     conditions = {"clean", "jpeg_95", "jpeg_75", "jpeg_50", "blur_1", "blur_2", "resize_50", "resize_150"}
     for model in ("base", "retrained"):
         result = evaluation[model]
@@ -144,11 +165,11 @@ def test_second_repro_does_nothing(project):
 def test_threshold_experiment_reruns_only_downstream_stages(project):
     sh("git", "add", "-A", cwd=project)
     sh("git", "commit", "-qm", "pipeline outputs", cwd=project)
-    before = json.loads((project / "metrics/pseudolabel.json").read_text())
+    before = json.loads((project / "reports/pseudolabel.json").read_text())
     out = sh("dvc", "exp", "run", "-S", "threshold=0.4", cwd=project)
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
     assert ran == {"pseudolabel", "retrain", "evaluate"}, out
-    after = json.loads((project / "metrics/pseudolabel.json").read_text())
+    after = json.loads((project / "reports/pseudolabel.json").read_text())
     assert after["threshold"] == 0.4 and after["kept"] < before["kept"]
     tagged = [r for r in runs(project) if r.data.tags.get("dvc_exp_name")]
     assert {r.data.tags["stage"] for r in tagged} == {"pseudolabel", "retrain", "evaluate"}
@@ -159,14 +180,15 @@ def test_pseudo_labelling_the_test_split_flags_evaluate_as_contaminated(project,
     params["pseudolabel"]["pool"] = "test"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     sh("aigid", "evaluate", "--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "e.json"),
-       "--plots", str(tmp_path / "plots"), cwd=project)
+       "--report", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots"), cwd=project)
     assert json.loads((tmp_path / "e.json").read_text())["contaminated"] is True
 
 
 def test_forced_rerun_gives_identical_metrics_files(project):
-    before = {p: p.read_bytes() for p in (project / "metrics").rglob("*.json")}
+    files = lambda: [*(project / "metrics").rglob("*.json"), *(project / "reports").rglob("*")]  # noqa: E731
+    before = {p: p.read_bytes() for p in files()}
     sh("dvc", "repro", "--force", cwd=project)
-    after = {p: p.read_bytes() for p in (project / "metrics").rglob("*.json")}
+    after = {p: p.read_bytes() for p in files()}
     assert before.keys() == after.keys()
     assert [p.name for p in before if before[p] != after[p]] == []
 
@@ -185,3 +207,54 @@ def test_push_then_pull_into_a_fresh_clone_reruns_nothing(project, tmp_path):
     assert "up to date" in status, status
     out = sh("dvc", "repro", cwd=clone)
     assert "Running stage" not in out
+
+
+def _changed(root: Path) -> set[str]:
+    """The stages `dvc status` reports as changed."""
+    status = json.loads(sh("dvc", "status", "--json", cwd=root))
+    return {name.split(":")[-1] for name in status}
+
+
+def test_a_code_edit_reruns_exactly_the_stages_that_import_it(project):
+    assert _changed(project) == set()
+    edits = {"detect.py": "# a comment\n", "registry.py": "# a comment\n", "model.py": "# a comment\n"}
+    originals = {name: (project / "src/aigid" / name).read_text() for name in edits}
+    try:
+        (project / "src/aigid/detect.py").write_text(originals["detect.py"] + edits["detect.py"])
+        assert _changed(project) == set()                     # detect is no stage's dependency
+        (project / "src/aigid/registry.py").write_text(originals["registry.py"] + edits["registry.py"])
+        assert _changed(project) == {"evaluate"}              # only evaluate registers models
+        (project / "src/aigid/model.py").write_text(originals["model.py"] + edits["model.py"])
+        assert _changed(project) == {"features", "train", "pseudolabel", "retrain", "evaluate"}
+    finally:
+        for name, text in originals.items():
+            (project / "src/aigid" / name).write_text(text)
+    assert _changed(project) == set()
+
+
+def test_a_local_dataset_under_dvc_reruns_prepare_when_a_file_changes(project):
+    """The README's workflow: copy a dataset under data/raw, `dvc add` it, point prepare.source at it."""
+    from PIL import Image
+
+    mini = project / "data/raw/mini"
+    for k, name in enumerate(("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")):
+        for i in range(8):
+            rgb = np.random.default_rng(10 * k + i).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+            (mini / name).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(rgb).save(mini / name / f"{i}.png")
+    sh("dvc", "add", "data/raw/mini", cwd=project)
+    params = yaml.safe_load((project / "params.yaml").read_text())
+    params["prepare"]["source"] = "data/raw/mini"
+    (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("dvc", "repro", "prepare", cwd=project)
+    sh("git", "add", "-A", cwd=project)
+    sh("git", "commit", "-qm", "local dataset", cwd=project)
+    assert "prepare" not in _changed(project)
+    fingerprint = json.loads((project / "reports/prepare.json").read_text())["fingerprint"]
+
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(mini / "sd3" / "0.png")   # one image fixed
+    assert "prepare" in _changed(project)
+    out = sh("dvc", "repro", "prepare", cwd=project)
+    assert "Running stage 'prepare'" in out
+    assert json.loads((project / "reports/prepare.json").read_text())["fingerprint"] != fingerprint
+    assert {"encoders", "features", "train"} <= _changed(project)   # what reads data/prepared follows

@@ -52,8 +52,9 @@ def run_prepare(tmp_path, src):
     params["prepare"]["source"] = str(src)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "prepared"
-    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--out", str(out),
-                                       "--metrics", str(tmp_path / "prepare.json")])
+    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path),
+                                       "--out", str(out), "--report", str(tmp_path / "prepare.json"),
+                                       "--quarantine", str(tmp_path / "quarantine.csv")])
     return result, out
 
 
@@ -140,7 +141,7 @@ def test_malformed_params_value_names_the_key(tmp_path):
     result = CliRunner().invoke(main, ["train", "--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path),
                                        "--encoders", str(tmp_path), "--out", str(tmp_path / "model")])
     assert result.exit_code != 0
-    assert "train.learning_rate must be a number, got 'fast'" in result.output
+    assert "train.learning_rate: Input should be a valid number" in result.output and "'fast'" in result.output
     assert not (tmp_path / "model").exists()
 
 

@@ -16,7 +16,6 @@ from PIL import Image
 
 from aigid.cli import main
 from aigid.data import open_dataset
-from aigid.sources import SOURCE_DIRS
 
 
 def save_image(path, seed: int, mode: str = "RGB", size=(24, 24), fmt: str | None = None) -> None:
@@ -30,10 +29,13 @@ def run(tmp_path, source, **prepare):
     params["prepare"].update(source=str(source), **prepare)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "prepared"
-    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--out", str(out),
-                                       "--metrics", str(tmp_path / "prepare.json"),
-                                       "--report", str(tmp_path / "quarantine.csv")])
+    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path),
+                                       "--out", str(out), "--report", str(tmp_path / "prepare.json"),
+                                       "--quarantine", str(tmp_path / "quarantine.csv")])
     return result, out
+
+
+SOURCE_DIRS = ("coco_image", "sd21_image", "sdxl_image", "sd3_image", "dalle_image", "midjourney_image")
 
 
 def competition(root, table: str = "xlsx", n: int = 8):
@@ -44,7 +46,7 @@ def competition(root, table: str = "xlsx", n: int = 8):
         captions.to_excel(root / "train" / "captions.xlsx", index=False)
     else:
         captions.to_csv(root / "train" / "captions.csv", index=False)
-    for k, folder in enumerate(SOURCE_DIRS):
+    for k, folder in enumerate(SOURCE_DIRS):  # the competition's folder names, in Label_B order
         for i in range(n):
             save_image(root / "train" / folder / f"image_{i}.jpg", 100 * k + i)
     val = pd.DataFrame({"Index": [0, 1, 2, 3], "Caption": ["a cat", "a car", "two birds", "a bus"]})
@@ -204,3 +206,24 @@ def test_large_images_are_stored_resized_to_max_side(tmp_path):
     assert result.exit_code == 0, result.output
     image = open_dataset(out)["train"][0]["Image"]
     assert Image.open(io.BytesIO(image["bytes"])).size == (40, 30)
+
+
+def test_an_unknown_source_folder_is_an_error_not_skipped(tmp_path):
+    competition(tmp_path / "ct2")
+    save_image(tmp_path / "ct2" / "train" / "flux_image" / "image_0.jpg", 7)
+    result, out = run(tmp_path, tmp_path / "ct2")
+    assert result.exit_code != 0 and not out.exists()
+    assert "flux_image" in result.output and "prepare.class_aliases" in result.output, result.output
+
+
+def test_a_local_source_outside_the_raw_data_folder_is_refused(tmp_path):
+    competition(tmp_path / "elsewhere" / "ct2")
+    (tmp_path / "raw").mkdir()
+    params = yaml.safe_load(open("params.yaml"))
+    params["prepare"]["source"] = str(tmp_path / "elsewhere" / "ct2")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--raw",
+                                       str(tmp_path / "raw"), "--out", str(tmp_path / "prepared"),
+                                       "--report", str(tmp_path / "prepare.json")])
+    assert result.exit_code != 0 and not (tmp_path / "prepared").exists()
+    assert f"must be inside {tmp_path / 'raw'}/" in result.output and "dvc add" in result.output

@@ -1,276 +1,222 @@
-"""params.yaml, read once into typed, validated dataclasses.
+"""params.yaml, read once into typed, validated pydantic models.
 
-Every value is checked at start-up; a wrong one stops the stage with a message naming the key. The resolved
-values are logged to MLflow as they are (see :func:`flatten`).
+params.yaml is the only place values live: every key must be present (an empty or partial file is refused,
+naming the missing keys), unknown keys are refused with a did-you-mean, and a wrong value stops the stage
+with a message naming its dotted key. Each stage reads only the keys it declares (its ``PARAMS``, the same
+list as its ``params:`` in dvc.yaml); :func:`scoped` enforces that, and :func:`declared` gives the values it
+logs to MLflow and fingerprints its checkpoints with.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from dataclasses import dataclass, field
+import difflib
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .errors import ParamsError
 
-class ParamsError(ValueError):
-    """A params.yaml value is missing or invalid; the message names the key."""
-
-
-@dataclass(frozen=True)
-class DemoDataParams:
-    captions: dict[str, int] = field(
-        default_factory=lambda: {"train": 200, "validation": 40, "test": 80, "unlabeled": 100})
-    image_size: int = 64
-
-
-CT2_CLASSES = ["real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6"]
-CT2_ALIASES = {"coco": "real", "coco_image": "real", "sd21_image": "sd21", "sdxl_image": "sdxl",
-               "sd3_image": "sd3", "dalle_image": "dalle3", "dalle": "dalle3", "midjourney_image": "midjourney6",
-               "midjourney": "midjourney6"}
 # Inference precision (inference.precision, `aigid detect --precision`), applied by aigid.runtime.autocast:
 #   auto: bf16 autocast on CUDA, float32 on the CPU (the numbers CPU training produced)
 #   bf16: bf16 autocast on any device; on a CPU with bf16 instructions (AVX512-BF16, AMX) about twice the
 #         float32 speed of the paper-size encoders
 #   fp32: float32 everywhere
-PRECISIONS = ("auto", "bf16", "fp32")
-LAYOUTS = ("auto", "hub", "arrow", "parquet", "competition", "folders")
+Precision = Literal["auto", "bf16", "fp32"]
+PRECISIONS: tuple[str, ...] = Precision.__args__
+Layout = Literal["auto", "hub", "arrow", "parquet", "competition", "folders"]
 
 
-@dataclass(frozen=True)
-class PrepareParams:
-    # "demo" generates the embedded dataset; otherwise a Hugging Face dataset id or a local directory whose
-    # layout is detected (or named in `layout`): arrow (save_to_disk), parquet, competition, folders.
-    source: str = "demo"
-    layout: str = "auto"
-    validation_fraction: float = 0.15  # of captions, when the source has no validation split
-    test_fraction: float = 0.15        # of captions, when the source has no test split
-    class_names: list[str] = field(default_factory=lambda: list(CT2_CLASSES))   # Label_B index -> name
-    class_aliases: dict[str, str] = field(default_factory=lambda: dict(CT2_ALIASES))  # folder -> class name
-    on_bad: str = "error"              # error: stop at the first bad row | skip: leave it out, report it
-    max_pixels: int = 89_478_485       # larger images are refused (decompression-bomb guard)
-    max_side: int = 0                  # > 0: images larger than this are stored resized (shortest side)
-    demo: DemoDataParams = field(default_factory=DemoDataParams)
+class Group(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-@dataclass(frozen=True)
-class DemoEncoderParams:
-    hidden_size: int = 64
-    layers: int = 2
-    heads: int = 2
-    vocab_size: int = 1000
-    image_size: int = 64
-    patch_size: int = 8
+class DemoData(Group):
+    captions: dict[str, int] = Field(description="captions per split of the generated dataset (6 images each); "
+                                                 "needs train")
+    image_size: int = Field(ge=16, description="side of the generated images, pixels")
+
+    @model_validator(mode="after")
+    def _splits(self):
+        if "train" not in self.captions:
+            raise ValueError("needs a train split")
+        if any(n < 1 for n in self.captions.values()):
+            raise ValueError("every split needs at least one caption")
+        return self
 
 
-@dataclass(frozen=True)
-class EncodersParams:
-    text: str = "demo"      # "demo", a hub name (bert-base-uncased) or a local directory
-    vision: str = "demo"    # "demo", a hub name (openai/clip-vit-base-patch32) or a local directory
-    demo: DemoEncoderParams = field(default_factory=DemoEncoderParams)
+class Prepare(Group):
+    source: str = Field(min_length=1, description="demo | a Hugging Face dataset id | a local directory under "
+                                                  "the raw data folder (data/raw), tracked by DVC")
+    revision: str = Field(min_length=1, description="hub sources: the dataset revision (commit hash or tag) "
+                                                    "that is loaded; ignored for demo and local sources")
+    layout: Layout = Field(description="how a local source is laid out")
+    validation_fraction: float = Field(gt=0, lt=1, description="share of captions moved to validation when "
+                                                                "the source has no validation split")
+    test_fraction: float = Field(gt=0, lt=1, description="share of captions moved to test when the source has "
+                                                          "no test split")
+    class_names: list[str] = Field(min_length=2, description="Label_B index -> class name; index 0 is real")
+    class_aliases: dict[str, str] = Field(description="folder name -> class name (competition source folders "
+                                                      "*_image, class folders)")
+    on_bad: Literal["error", "skip"] = Field(description="error: stop at the first bad row | skip: leave it out "
+                                                         "and list it in the quarantine report")
+    max_pixels: int = Field(ge=1, description="larger images are refused (decompression-bomb guard)")
+    max_side: int = Field(ge=0, description="> 0: images whose shorter side is larger are stored resized to it")
+    demo: DemoData
+
+    @model_validator(mode="after")
+    def _classes(self):
+        names = self.class_names
+        if names[0] != "real" or len(set(names)) != len(names):
+            raise ValueError("class_names must be unique and start with 'real' (Label_B 0)")
+        for alias, name in self.class_aliases.items():
+            if name not in names:
+                raise ValueError(f"class_aliases.{alias}: {name!r} is not one of class_names {names}")
+        return self
 
 
-@dataclass(frozen=True)
-class ModelParams:
-    fusion_dim: int = 512
-    max_text_length: int = 64
+class DemoEncoders(Group):
+    hidden_size: int = Field(ge=1)
+    layers: int = Field(ge=1)
+    heads: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    image_size: int = Field(ge=1)
+    patch_size: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _shapes(self):
+        if self.hidden_size % self.heads:
+            raise ValueError(f"hidden_size {self.hidden_size} must be a multiple of heads ({self.heads})")
+        if self.image_size % self.patch_size:
+            raise ValueError(f"image_size {self.image_size} must be a multiple of patch_size ({self.patch_size})")
+        return self
 
 
-@dataclass(frozen=True)
-class TrainParams:
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.01
-    batch_size: int = 256
-    epochs: int = 8
-    warmup_ratio: float = 0.0
-    num_workers: int = 0
-    # Frozen-encoder mode: the `features` stage encodes every image and caption once with the starting
-    # encoders; only the fusion layer and the heads are trained, on those cached features.
-    freeze_encoders: bool = False
-    # Training only: each sample's caption is replaced by "" with this probability, so the model also works
-    # on images that come without a caption (`aigid detect` without --caption). 0 disables it.
-    caption_dropout: float = 0.1
-    # Leave-one-generator-out: "none", or a class name whose rows train/retrain drop from train and validation
-    # (evaluate then reports that generator's detection rate as `unseen_generator`).
-    holdout: str = "none"
+class Encoders(Group):
+    text: str = Field(min_length=1, description="demo | hub name (bert-base-uncased) | local directory")
+    vision: str = Field(min_length=1, description="demo | hub name (openai/clip-vit-base-patch32) | local directory")
+    demo: DemoEncoders
+
+    @model_validator(mode="after")
+    def _both_or_neither(self):
+        if (self.text == "demo") != (self.vision == "demo"):
+            raise ValueError("text and vision must both be 'demo' or neither")
+        return self
 
 
-@dataclass(frozen=True)
-class FeaturesParams:
-    batch_size: int = 128          # inference batch of the `features` stage (frozen-encoder mode only)
+class Model(Group):
+    fusion_dim: int = Field(ge=1, description="width of the shared space after concatenation")
+    max_text_length: int = Field(ge=4, description="captions longer than this are truncated (padding is per batch)")
 
 
-@dataclass(frozen=True)
-class PseudolabelParams:
-    pool: str = "unlabeled"          # split that is pseudo-labelled: "unlabeled" or "test" (as the paper did)
-    validation_fraction: float = 0.2  # the paper's 8:2 train/validation split of the kept samples
-    batch_size: int = 128
+class Train(Group):
+    learning_rate: float = Field(gt=0)
+    weight_decay: float = Field(ge=0)
+    batch_size: int = Field(ge=1, description="the global batch, shared by the processes of a launch")
+    epochs: int = Field(ge=1)
+    warmup_ratio: float = Field(ge=0, lt=1)
+    num_workers: int = Field(ge=0, description="DataLoader worker processes")
+    freeze_encoders: bool = Field(description="true: cache the encoders' features once, train the heads only")
+    caption_dropout: float = Field(ge=0, lt=1, description="training only: a caption becomes '' with this probability")
+    holdout: str = Field(min_length=1, description="none | a generator left out of train/validation")
 
 
-@dataclass(frozen=True)
-class EvaluateParams:
-    batch_size: int = 128
-    target_fpr: float = 0.05   # operating point: at most this false-positive rate on real validation images
-    # Robustness grid on the test split: JPEG re-encoding quality, Gaussian blur sigma, resize factor.
-    jpeg_quality: list[int] = field(default_factory=lambda: [95, 75, 50])
-    blur_sigma: list[float] = field(default_factory=lambda: [1.0, 2.0])
-    resize_scale: list[float] = field(default_factory=lambda: [0.5, 1.5])
+class Features(Group):
+    batch_size: int = Field(ge=1, description="inference batch of the features stage (frozen-encoder mode)")
 
 
-@dataclass(frozen=True)
-class InferenceParams:
-    precision: str = "auto"   # of features, pseudolabel and evaluate: auto | bf16 | fp32 (see PRECISIONS)
+class Pseudolabel(Group):
+    pool: Literal["unlabeled", "test"] = Field(description="the split that is pseudo-labelled")
+    validation_fraction: float = Field(gt=0, lt=1, description="share of kept captions that go to validation")
+    batch_size: int = Field(ge=1)
 
 
-@dataclass(frozen=True)
-class MlflowParams:
-    experiment: str = "aigid"
-    registered_model: str = "aigid-detector"   # evaluate registers the retrained model under this name
+class Evaluate(Group):
+    batch_size: int = Field(ge=1)
+    target_fpr: float = Field(gt=0, lt=1, description="operating point: at most this false-positive rate on real "
+                                                      "validation images")
+    jpeg_quality: list[int] = Field(description="robustness grid: JPEG re-encoding qualities")
+    blur_sigma: list[float] = Field(description="robustness grid: Gaussian blur standard deviations, pixels")
+    resize_scale: list[float] = Field(description="robustness grid: resize factors")
+
+    @model_validator(mode="after")
+    def _grid(self):
+        for i, q in enumerate(self.jpeg_quality):
+            if not 1 <= q <= 100:
+                raise ValueError(f"jpeg_quality[{i}] must be an integer from 1 to 100, got {q}")
+        for key in ("blur_sigma", "resize_scale"):
+            for i, v in enumerate(getattr(self, key)):
+                if v <= 0:
+                    raise ValueError(f"{key}[{i}] must be a positive number, got {v}")
+        return self
 
 
-@dataclass(frozen=True)
-class Params:
-    threshold: float = 0.8
-    seed: int = 42
-    prepare: PrepareParams = field(default_factory=PrepareParams)
-    encoders: EncodersParams = field(default_factory=EncodersParams)
-    model: ModelParams = field(default_factory=ModelParams)
-    train: TrainParams = field(default_factory=TrainParams)
-    features: FeaturesParams = field(default_factory=FeaturesParams)
-    pseudolabel: PseudolabelParams = field(default_factory=PseudolabelParams)
-    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
-    inference: InferenceParams = field(default_factory=InferenceParams)
-    mlflow: MlflowParams = field(default_factory=MlflowParams)
-
-    def __post_init__(self):
-        _check(0.0 < self.threshold < 1.0, "threshold", self.threshold, "a number strictly between 0 and 1")
-        p = self.prepare
-        _check(0.0 < p.validation_fraction < 1.0, "prepare.validation_fraction", p.validation_fraction,
-               "a number strictly between 0 and 1")
-        for split, n in p.demo.captions.items():
-            _check(isinstance(n, int) and n >= 1, f"prepare.demo.captions.{split}", n, "a positive integer")
-        _check("train" in p.demo.captions, "prepare.demo.captions", p.demo.captions, "a mapping with a train split")
-        _check(p.layout in LAYOUTS, "prepare.layout", p.layout, " or ".join(map(repr, LAYOUTS)))
-        _check(0.0 < p.test_fraction < 1.0, "prepare.test_fraction", p.test_fraction,
-               "a number strictly between 0 and 1")
-        _check(len(p.class_names) >= 2 and p.class_names[0] == "real" and len(set(p.class_names)) == len(p.class_names),
-               "prepare.class_names", p.class_names, "a list of unique names starting with 'real' (Label_B 0)")
-        for alias, name in p.class_aliases.items():
-            _check(name in p.class_names, f"prepare.class_aliases.{alias}", name, "one of prepare.class_names")
-        _check(p.on_bad in ("error", "skip"), "prepare.on_bad", p.on_bad, "'error' or 'skip'")
-        _check(p.max_pixels >= 1, "prepare.max_pixels", p.max_pixels, "a positive integer")
-        _check(p.max_side >= 0, "prepare.max_side", p.max_side, "an integer >= 0 (0 keeps images as they are)")
-        _check(p.demo.image_size >= 16, "prepare.demo.image_size", p.demo.image_size, "an integer >= 16")
-        d = self.encoders.demo
-        _check(d.hidden_size % d.heads == 0, "encoders.demo.hidden_size", d.hidden_size,
-               f"a multiple of encoders.demo.heads ({d.heads})")
-        _check(d.image_size % d.patch_size == 0, "encoders.demo.image_size", d.image_size,
-               f"a multiple of encoders.demo.patch_size ({d.patch_size})")
-        for key in ("hidden_size", "layers", "heads", "vocab_size", "image_size", "patch_size"):
-            _check(getattr(d, key) >= 1, f"encoders.demo.{key}", getattr(d, key), "a positive integer")
-        _check(self.model.fusion_dim >= 1, "model.fusion_dim", self.model.fusion_dim, "a positive integer")
-        _check(self.model.max_text_length >= 4, "model.max_text_length", self.model.max_text_length, "an integer >= 4")
-        t = self.train
-        _check(t.learning_rate > 0, "train.learning_rate", t.learning_rate, "a positive number")
-        _check(t.weight_decay >= 0, "train.weight_decay", t.weight_decay, "a number >= 0")
-        _check(t.batch_size >= 1, "train.batch_size", t.batch_size, "a positive integer")
-        _check(t.epochs >= 1, "train.epochs", t.epochs, "a positive integer")
-        _check(0 <= t.warmup_ratio < 1, "train.warmup_ratio", t.warmup_ratio, "a number in [0, 1)")
-        _check(t.num_workers >= 0, "train.num_workers", t.num_workers, "an integer >= 0")
-        _check(self.features.batch_size >= 1, "features.batch_size", self.features.batch_size, "a positive integer")
-        _check(0 <= t.caption_dropout < 1, "train.caption_dropout", t.caption_dropout, "a number in [0, 1)")
-        _check(t.holdout == "none" or t.holdout in p.class_names[1:], "train.holdout", t.holdout,
-               "'none' or one of the generators in prepare.class_names")
-        q = self.pseudolabel
-        _check(q.pool in ("unlabeled", "test"), "pseudolabel.pool", q.pool, "'unlabeled' or 'test'")
-        _check(0 < q.validation_fraction < 1, "pseudolabel.validation_fraction", q.validation_fraction,
-               "a number strictly between 0 and 1")
-        _check(q.batch_size >= 1, "pseudolabel.batch_size", q.batch_size, "a positive integer")
-        e = self.evaluate
-        _check(e.batch_size >= 1, "evaluate.batch_size", e.batch_size, "a positive integer")
-        _check(0 < e.target_fpr < 1, "evaluate.target_fpr", e.target_fpr, "a number strictly between 0 and 1")
-        for i, q in enumerate(e.jpeg_quality):
-            _check(1 <= q <= 100, f"evaluate.jpeg_quality[{i}]", q, "an integer from 1 to 100")
-        for i, sigma in enumerate(e.blur_sigma):
-            _check(sigma > 0, f"evaluate.blur_sigma[{i}]", sigma, "a positive number")
-        for i, scale in enumerate(e.resize_scale):
-            _check(scale > 0, f"evaluate.resize_scale[{i}]", scale, "a positive number")
-        _check(self.inference.precision in PRECISIONS, "inference.precision", self.inference.precision,
-               " or ".join(map(repr, PRECISIONS)))
+class Inference(Group):
+    precision: Precision = Field(description="features, pseudolabel and evaluate: auto | bf16 | fp32")
 
 
-def _check(ok: bool, key: str, value: Any, expected: str) -> None:
-    if not ok:
-        raise ParamsError(f"params.yaml: {key} must be {expected}, got {value!r}")
+class Mlflow(Group):
+    experiment: str = Field(min_length=1)
+    registered_model: str = Field(min_length=1, description="evaluate registers the retrained model under this name")
 
 
-def _coerce(cls, raw: Any, prefix: str):
-    """Build dataclass ``cls`` from a mapping, converting and checking each field's type."""
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ParamsError(f"params.yaml: {prefix or 'top level'} must be a mapping, got {raw!r}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        where = f"{prefix}." if prefix else ""
-        raise ParamsError(f"params.yaml: unknown key {where}{unknown[0]} (known: {', '.join(sorted(fields))})")
-    values = {}
-    for name, f in fields.items():
-        if name not in raw:
-            continue
-        key = f"{prefix}.{name}" if prefix else name
-        values[name] = _convert(f.type, raw[name], key)
-    return cls(**values)
+class Params(Group):
+    threshold: float = Field(gt=0, lt=1, description="pseudo-labelling keeps samples whose Task A and Task B "
+                                                     "confidences both exceed this")
+    seed: int
+    prepare: Prepare
+    encoders: Encoders
+    model: Model
+    train: Train
+    features: Features
+    pseudolabel: Pseudolabel
+    evaluate: Evaluate
+    inference: Inference
+    mlflow: Mlflow
+
+    @model_validator(mode="after")
+    def _holdout(self):
+        if self.train.holdout != "none" and self.train.holdout not in self.prepare.class_names[1:]:
+            raise ValueError(f"train.holdout must be 'none' or a generator of prepare.class_names, "
+                             f"got {self.train.holdout!r}")
+        return self
 
 
-_NESTED = {
-    "DemoDataParams": DemoDataParams, "PrepareParams": PrepareParams, "DemoEncoderParams": DemoEncoderParams,
-    "EncodersParams": EncodersParams, "ModelParams": ModelParams, "TrainParams": TrainParams, "FeaturesParams": FeaturesParams,
-    "PseudolabelParams": PseudolabelParams, "EvaluateParams": EvaluateParams, "InferenceParams": InferenceParams,
-    "MlflowParams": MlflowParams,
-}
+def _dotted(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
 
 
-def _convert(type_name: str, value: Any, key: str):
-    if type_name in _NESTED:
-        return _coerce(_NESTED[type_name], value, key)
-    if type_name == "float":
-        # YAML 1.1 readers see "2e-5" as a string; accept any numeric spelling, refuse anything else.
-        if isinstance(value, bool):
-            raise ParamsError(f"params.yaml: {key} must be a number, got {value!r}")
-        try:
-            return float(value)
-        except (TypeError, ValueError):
-            raise ParamsError(f"params.yaml: {key} must be a number, got {value!r}") from None
-    if type_name == "bool":
-        if not isinstance(value, bool):
-            raise ParamsError(f"params.yaml: {key} must be true or false, got {value!r}")
-        return value
-    if type_name == "int":
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ParamsError(f"params.yaml: {key} must be an integer, got {value!r}")
-        return value
-    if type_name == "str":
-        if not isinstance(value, str) or not value:
-            raise ParamsError(f"params.yaml: {key} must be a non-empty string, got {value!r}")
-        return value
-    if type_name in ("list[str]", "list[int]", "list[float]"):
-        if not isinstance(value, list):
-            raise ParamsError(f"params.yaml: {key} must be a list, got {value!r}")
-        return [_convert(type_name[5:-1], v, f"{key}[{i}]") for i, v in enumerate(value)]
-    if type_name == "dict[str, str]":
-        if not isinstance(value, dict):
-            raise ParamsError(f"params.yaml: {key} must be a mapping, got {value!r}")
-        return {str(k): _convert("str", v, f"{key}.{k}") for k, v in value.items()}
-    if type_name == "dict[str, int]":
-        if not isinstance(value, dict):
-            raise ParamsError(f"params.yaml: {key} must be a mapping, got {value!r}")
-        for k, v in value.items():
-            _convert("int", v, f"{key}.{k}")
-        return dict(value)
-    raise AssertionError(f"unhandled field type {type_name} for {key}")
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: Any = Params
+    for part in loc:
+        field = model.model_fields.get(part) if isinstance(part, str) else None
+        model = field.annotation if field is not None else None
+        if not (isinstance(model, type) and issubclass(model, BaseModel)):
+            return None
+    return model
+
+
+def _message(err: ValidationError, path: Path) -> str:
+    errors = err.errors()
+    missing = [_dotted(e["loc"]) for e in errors if e["type"] == "missing"]
+    if missing:
+        return (f"{path}: missing key(s) {', '.join(missing)}; params.yaml must set every key "
+                f"(copy them from the committed params.yaml)")
+    e = errors[0]
+    key = _dotted(e["loc"])
+    if e["type"] == "extra_forbidden":
+        parent = _model_at(e["loc"][:-1])
+        known = list(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(e["loc"][-1]), known, n=1)
+        hint = f"did you mean {_dotted((*e['loc'][:-1], close[0]))}?" if close else f"known: {', '.join(known)}"
+        return f"{path}: unknown key {key} ({hint})"
+    where = f"{key}: " if key else ""
+    got = "" if e["type"].startswith("value_error") else f", got {e['input']!r}"
+    return f"{path}: {where}{e['msg'].removeprefix('Value error, ')}{got}"
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -280,19 +226,69 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as err:
-        raise ParamsError(f"{path}: not valid YAML: {err}") from err
-    return _coerce(Params, raw, "")
+        raise ParamsError(f"{path}: not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ParamsError(f"{path}: empty or not a mapping of keys; params.yaml must set every key "
+                          f"(copy them from the committed params.yaml)")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as err:
+        raise ParamsError(_message(err, path)) from None
 
 
 def flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
-    """Dotted keys for logging, e.g. {"train.learning_rate": 2e-05}."""
-    if dataclasses.is_dataclass(obj):
-        obj = dataclasses.asdict(obj)
+    """Dotted keys, e.g. {"train.learning_rate": 2e-05}."""
+    if isinstance(obj, BaseModel):
+        obj = obj.model_dump()
     out: dict[str, Any] = {}
     for k, v in obj.items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict):
+        if isinstance(v, dict) and v:
             out.update(flatten(v, key + "."))
         else:
             out[key] = v
     return out
+
+
+def _covers(declared: str, key: str) -> bool:
+    return key == declared or key.startswith(declared + ".")
+
+
+def declared(params: Params, keys: tuple[str, ...]) -> dict[str, Any]:
+    """The values of the declared ``keys`` (groups or dotted keys), flattened: what a stage logs and
+    fingerprints."""
+    return {k: v for k, v in flatten(params).items() if any(_covers(d, k) for d in keys)}
+
+
+class Scoped:
+    """Read access to the declared keys of the params, and to nothing else.
+
+    A stage runs on ``scoped(params, PARAMS)``: reading a key outside its declared list raises ParamsError,
+    so the list in dvc.yaml (checked against ``PARAMS`` by a test) cannot silently fall behind the code.
+    """
+
+    def __init__(self, obj: BaseModel, keys: tuple[str, ...], prefix: str = ""):
+        object.__setattr__(self, "_obj", obj)
+        object.__setattr__(self, "_keys", keys)
+        object.__setattr__(self, "_prefix", prefix)
+
+    def __getattr__(self, name: str):
+        key = self._prefix + name
+        value = getattr(self._obj, name)
+        if any(_covers(d, key) for d in self._keys):
+            return value
+        if any(d.startswith(key + ".") for d in self._keys):
+            return Scoped(value, self._keys, key + ".")
+        raise ParamsError(f"this stage reads params key {key}, which it does not declare "
+                          f"(declared: {', '.join(self._keys)}); add it to the stage's PARAMS and dvc.yaml")
+
+    def __setattr__(self, name, value):
+        raise AttributeError("params are read-only")
+
+    def declared(self) -> dict[str, Any]:
+        """The declared keys and their values, flattened: what the stage logs and fingerprints."""
+        return declared(self._obj, self._keys)
+
+
+def scoped(params: Params, keys: tuple[str, ...]) -> Scoped:
+    return Scoped(params, keys)

@@ -1,7 +1,7 @@
-"""Reading, checking and storing datasets in the CT2/Defactify layout.
+"""Datasets in the CT2/Defactify layout: the schema, decoding, splits, storage and the training collator.
 
 Layout: columns ``Caption`` (str), ``Image`` (encoded bytes, the `datasets` Image feature), ``Label_A``
-(0 real, 1 AI) and ``Label_B`` (0 real, 1 SD 2.1, 2 SDXL, 3 SD 3, 4 DALL-E 3, 5 Midjourney 6), plus
+(0 real, 1 AI) and ``Label_B`` (the index into ``prepare.class_names``: 0 real, then the generators), plus
 ``caption_id`` so that splits can be made by caption (rows of one caption text share it) and ``source_file``
 (where the image came from, for messages). Images stay encoded on disk (memory-mapped Arrow) and
 are decoded batch by batch in the DataLoader workers by :class:`Collator`.
@@ -10,9 +10,7 @@ are decoded batch by batch in the DataLoader workers by :class:`Collator`.
 from __future__ import annotations
 
 import io
-import shutil
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -20,40 +18,35 @@ import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, concatenate_datasets
 from PIL import Image as PILImage
 
-REQUIRED_COLUMNS = ("Caption", "Image", "Label_A", "Label_B")
-CLASS_NAMES = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")
-FEATURES = Features({"Caption": Value("string"), "Image": Image(decode=False), "Label_A": Value("int64"),
-                     "Label_B": Value("int64"), "caption_id": Value("int64"), "source_file": Value("string")})
+from .errors import DataError
+from .files import atomic_path
+
+# The one column schema. Prepared rows have every column; sources deliver the first four (RAW_COLUMNS).
+COLUMNS = ("Caption", "Image", "Label_A", "Label_B", "caption_id", "source_file")
+RAW_COLUMNS = COLUMNS[:4]
 
 
-class DataError(ValueError):
-    """Input data that cannot be used; the message names the split, the row and the file where known."""
+def schema(class_names: tuple[str, ...] | None = None, columns: tuple[str, ...] = COLUMNS) -> Features:
+    """Features of ``columns``. With ``class_names``, Label_B is a ClassLabel carrying them (prepared data);
+    without, a plain integer (raw rows, pseudo-labels). Images stay encoded bytes."""
+    types = {"Caption": Value("string"), "Image": Image(decode=False), "Label_A": Value("int64"),
+             "Label_B": ClassLabel(names=list(class_names)) if class_names else Value("int64"),
+             "caption_id": Value("int64"), "source_file": Value("string")}
+    return Features({c: types[c] for c in columns})
 
 
-@dataclass(frozen=True)
-class CheckOptions:
-    """How :func:`check_split` treats rows (see the ``prepare`` params)."""
-
-    class_names: tuple[str, ...] = CLASS_NAMES
-    on_bad: str = "error"          # "error": stop at the first bad row; "skip": leave it out, report it
-    max_pixels: int = 89_478_485   # larger images are refused (decompression-bomb guard)
-    max_side: int = 0              # > 0: store images larger than this resized (shortest side), as PNG
+def class_names_of(ds: Dataset) -> tuple[str, ...]:
+    """The class names a prepared split carries (Label_B is a ClassLabel written by prepare)."""
+    label_b = ds.features["Label_B"]
+    if not isinstance(label_b, ClassLabel):
+        raise DataError("Label_B carries no class names: not a dataset written by `aigid prepare`")
+    return tuple(label_b.names)
 
 
-@dataclass
-class Rejected:
-    split: str
-    row: int
-    file: str
-    reason: str
+MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit; prepare.max_pixels sets it for prepared data
 
 
-def where(split: str, row: int, image: dict | None = None) -> str:
-    path = (image or {}).get("path")
-    return f"{split} row {row}" + (f" ({path})" if path else "")
-
-
-def _open(image: dict, max_pixels: int) -> tuple[bytes, PILImage.Image]:
+def open_image(image: dict, max_pixels: int) -> tuple[bytes, PILImage.Image]:
     data, path = image.get("bytes"), image.get("path")
     if data is None:
         if not path:
@@ -90,28 +83,12 @@ def to_rgb(img: PILImage.Image) -> PILImage.Image:
     return img.convert("RGB")
 
 
-def decode_rgb(image: dict, origin: str = "", max_pixels: int = CheckOptions.max_pixels) -> PILImage.Image:
+def decode_rgb(image: dict, origin: str = "", max_pixels: int = MAX_PIXELS) -> PILImage.Image:
     """Decode one stored image to RGB. Raises DataError naming ``origin``; never substitutes a blank image."""
     try:
-        return to_rgb(_open(image, max_pixels)[1])
+        return to_rgb(open_image(image, max_pixels)[1])
     except DataError as err:
         raise DataError(f"{origin or image.get('path') or 'image'}: {err}") from None
-
-
-def checked_image(image: dict, opts: CheckOptions) -> bytes:
-    """The bytes to store for one image: the original encoding, or a PNG resized to ``opts.max_side``.
-
-    Alpha, grayscale, palette and CMYK images are kept as they are; they are converted to RGB when decoded.
-    """
-    data, img = _open(image, opts.max_pixels)
-    rgb = to_rgb(img)  # fails here, not in training, if the mode cannot be converted
-    if opts.max_side and min(img.size) > opts.max_side:
-        scale = opts.max_side / min(img.size)
-        size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))
-        buf = io.BytesIO()
-        rgb.resize(size, PILImage.BICUBIC).save(buf, format="PNG")
-        data = buf.getvalue()
-    return data
 
 
 def open_dataset(path: str | Path) -> DatasetDict:
@@ -124,113 +101,6 @@ def open_dataset(path: str | Path) -> DatasetDict:
 
     disable_caching()
     return load_from_disk(str(path))
-
-
-def load_source(source: str, layout: str = "auto", class_names: tuple[str, ...] = CLASS_NAMES,
-                aliases: dict[str, str] | None = None) -> DatasetDict:
-    """Read ``source`` in ``layout``: hub, arrow (save_to_disk), parquet, competition or folders."""
-    from datasets import load_dataset
-
-    from . import sources
-
-    path = Path(source)
-    if layout == "auto":
-        if path.is_dir():
-            layout = sources.detect_layout(path)
-        elif path.suffix or source.startswith((".", "/")):
-            raise DataError(f"{source}: no such directory")
-        else:
-            layout = "hub"
-    if layout != "hub" and not path.is_dir():
-        raise DataError(f"{source}: no such directory (prepare.layout={layout})")
-    if layout == "arrow":
-        return open_dataset(path)  # never write cache files into the user's dataset
-    if layout == "parquet":
-        return load_dataset("parquet", data_dir=str(path))
-    if layout == "competition":
-        return sources.read_competition(path, class_names, aliases or {})
-    if layout == "folders":
-        return sources.read_folders(path, class_names, aliases or {})
-    try:
-        return load_dataset(source)
-    except Exception as err:  # the hub client raises many types; all mean "not reachable from here"
-        raise DataError(f"{source}: could not load the dataset from the Hugging Face hub or its local cache "
-                        f"({type(err).__name__}: {err})") from err
-
-
-def features(class_names: tuple[str, ...] = CLASS_NAMES) -> Features:
-    return Features({"Caption": Value("string"), "Image": Image(decode=False), "Label_A": Value("int64"),
-                     "Label_B": ClassLabel(names=list(class_names)), "caption_id": Value("int64"),
-                     "source_file": Value("string")})
-
-
-def _check_row(caption, image, a, b, opts: CheckOptions) -> bytes:
-    if caption is not None and not isinstance(caption, str):
-        raise DataError(f"Caption must be text, got {caption!r}")
-    if a not in (0, 1):
-        raise DataError(f"Label_A={a!r} is not 0 (real) or 1 (AI)")
-    if b not in range(len(opts.class_names)):
-        raise DataError(f"Label_B={b!r} is not a known class 0..{len(opts.class_names) - 1}")
-    if (a == 0) != (b == 0):
-        raise DataError(f"Label_A={a} contradicts Label_B={b} (Label_B is 0 exactly for real images)")
-    return checked_image(image or {}, opts)
-
-
-def check_split(ds: Dataset, split: str, cache_dir: str, opts: CheckOptions = CheckOptions(),
-                rejected: list[Rejected] | None = None) -> Dataset:
-    """Check columns, labels and every image of one split; return it in the canonical features.
-
-    Rows are streamed to an Arrow file under ``cache_dir`` (which must outlive the returned dataset), so
-    memory stays flat however large the split is. A bad row stops
-    with a DataError naming the split, row and file, or, with ``opts.on_bad == "skip"``, is left out and
-    appended to ``rejected``. Nothing is ever replaced by a made-up sample.
-    """
-    from datasets.exceptions import DatasetGenerationError
-
-    missing = [c for c in REQUIRED_COLUMNS if c not in ds.column_names]
-    if missing:
-        raise DataError(f"split {split}: missing column(s) {', '.join(missing)} (found: {', '.join(ds.column_names)})")
-    if len(ds) == 0:
-        raise DataError(f"split {split}: no samples")
-    for col in ("Label_A", "Label_B"):
-        if isinstance(ds.features[col], ClassLabel):
-            ds = ds.cast_column(col, Value("int64"))
-    ds = ds.cast_column("Image", Image(decode=False))
-    has_ids = "caption_id" in ds.column_names
-    rejected = rejected if rejected is not None else []
-    skipped_before = len(rejected)
-
-    def rows():
-        ids: dict[str, int] = {}
-        for start in range(0, len(ds), 256):
-            batch = ds[start:start + 256]
-            for i, (caption, image, a, b) in enumerate(zip(batch["Caption"], batch["Image"], batch["Label_A"],
-                                                           batch["Label_B"])):
-                row = start + i
-                try:
-                    data = _check_row(caption, image, a, b, opts)
-                except DataError as err:
-                    if opts.on_bad != "skip":
-                        raise DataError(f"{where(split, row, image)}: {err}") from None
-                    rejected.append(Rejected(split, row, (image or {}).get("path") or "", str(err)))
-                    continue
-                caption = caption or ""
-                # An empty caption says nothing about which images belong together: its own group.
-                cid = batch["caption_id"][i] if has_ids else ids.setdefault(caption or f"\0{row}", len(ids))
-                # The bytes are the sample; where they came from is kept apart (an Image path that exists
-                # on disk would be preferred to the bytes by `datasets`).
-                yield {"Caption": caption, "Image": {"bytes": data, "path": None}, "Label_A": a, "Label_B": b,
-                       "caption_id": cid, "source_file": (image or {}).get("path") or f"{split} row {row}"}
-
-    try:
-        out = Dataset.from_generator(rows, features=features(opts.class_names), cache_dir=cache_dir)
-    except DatasetGenerationError as err:
-        if isinstance(err.__cause__, DataError):
-            raise err.__cause__ from None
-        raise
-    if len(out) == 0:
-        raise DataError(f"split {split}: no samples left after skipping {len(rejected) - skipped_before} bad row(s)")
-    return out
 
 
 def split_by_caption(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, Dataset]:
@@ -246,58 +116,19 @@ def split_by_caption(ds: Dataset, fraction: float, seed: int) -> tuple[Dataset, 
     return ds.select(np.flatnonzero(~is_right)), ds.select(np.flatnonzero(is_right))
 
 
-def shared_captions(a: Dataset, b: Dataset) -> int:
-    return len(set(a["Caption"]) & set(b["Caption"]))
-
-
-def save_atomically(dsd: DatasetDict, out: Path, extra_files: dict[str, str] | None = None) -> None:
-    """Write to a sibling temporary directory, then rename: a crash never leaves a finished-looking output."""
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    # One shard at least: datasets cannot read back an empty split saved with zero shards.
-    dsd.save_to_disk(str(tmp), num_shards={k: 1 for k, v in dsd.items() if len(v) == 0} or None)
-    for name, text in (extra_files or {}).items():
-        (tmp / name).write_text(text)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+def save_dataset(dsd: DatasetDict, out: Path, extra_files: dict[str, str] | None = None) -> None:
+    """Save atomically (see :mod:`aigid.files`), with ``extra_files`` (name -> text) beside the splits."""
+    with atomic_path(out) as tmp:
+        # One shard at least: datasets cannot read back an empty split saved with zero shards.
+        dsd.save_to_disk(str(tmp), num_shards={k: 1 for k, v in dsd.items() if len(v) == 0} or None)
+        for name, text in (extra_files or {}).items():
+            (tmp / name).write_text(text)
 
 
 def concat(*parts: Dataset) -> Dataset:
-    """Rows of all parts in the canonical features (extra columns such as confidences dropped)."""
-    parts = [p.select_columns(list(FEATURES)).cast(FEATURES) for p in parts if len(p)]
-    return concatenate_datasets(parts)
-
-
-@dataclass(frozen=True)
-class Perturbation:
-    """One condition of the robustness grid, applied to a decoded RGB image before the image processor.
-
-    kind: "jpeg" (re-encode at quality ``value``), "blur" (Gaussian blur, standard deviation ``value`` pixels)
-    or "resize" (both sides times ``value``, bicubic). A plain object, so DataLoader workers can receive it.
-    """
-
-    kind: str
-    value: float
-
-    @property
-    def name(self) -> str:
-        """Metric-key friendly: jpeg_95, blur_1, resize_50 (percent of the original size)."""
-        value = self.value * 100 if self.kind == "resize" else self.value
-        return f"{self.kind}_{value:g}".replace(".", "p")
-
-    def __call__(self, img: PILImage.Image) -> PILImage.Image:
-        from PIL import ImageFilter
-
-        if self.kind == "jpeg":
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=int(self.value))
-            return PILImage.open(buf).convert("RGB")
-        if self.kind == "blur":
-            return img.filter(ImageFilter.GaussianBlur(radius=self.value))  # Pillow's radius is the sigma
-        if self.kind == "resize":
-            size = (max(1, round(img.width * self.value)), max(1, round(img.height * self.value)))
-            return img.resize(size, PILImage.BICUBIC)
-        raise ValueError(f"unknown perturbation {self.kind!r} (jpeg, blur or resize)")
+    """Rows of all parts in the schema of the first (extra columns such as confidences dropped)."""
+    features = schema(class_names_of(parts[0]))
+    return concatenate_datasets([p.select_columns(list(COLUMNS)).cast(features) for p in parts if len(p)])
 
 
 class Collator:

@@ -11,18 +11,19 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from datasets import Dataset, DatasetDict, Features, Image, Value
+from datasets import Dataset, DatasetDict
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageEnhance, ImageFilter
 
-GENERATORS = {0: "real", 1: "sd21", 2: "sdxl", 3: "sd3", 4: "dalle3", 5: "midjourney6"}
+from .data import RAW_COLUMNS, schema
+
+SOURCES = 6  # Label_B 0 (real) and five simulated generators, in the order of prepare.class_names
 PALETTE = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (50, 160, 60), "yellow": (230, 200, 40),
            "purple": (130, 50, 160), "orange": (240, 130, 30), "white": (235, 235, 235), "black": (25, 25, 25),
            "brown": (120, 80, 40), "grey": (128, 128, 128)}
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = {1: "a", 2: "two", 3: "three"}
-FEATURES = Features({"Caption": Value("string"), "Image": Image(), "Label_A": Value("int64"),
-                     "Label_B": Value("int64"), "caption_id": Value("int64")})
+FEATURES = schema(columns=(*RAW_COLUMNS, "caption_id"))
 
 
 def random_scene(rng: np.random.Generator) -> tuple[str, dict]:
@@ -122,7 +123,7 @@ def generate_demo(split_sizes: dict[str, int], image_size: int = 64, seed: int =
             while caption in used:  # as in COCO, one caption text describes one scene only
                 caption, scene = random_scene(rng)
             used.add(caption)
-            for source in GENERATORS:
+            for source in range(SOURCES):
                 rows["Caption"].append(caption)
                 rows["Image"].append({"bytes": encode(apply_trace(source, scene, image_size, rng), rng),
                                       "path": None})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
@@ -25,9 +26,38 @@ from transformers import (
     CLIPVisionModel,
 )
 
-from .config import EncodersParams
+from . import stage
+from .data import open_dataset
+from .errors import DataError
+from .files import atomic_path
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+PARAMS = ("seed", "encoders")
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: Path = stage.path("data/prepared", "Prepared dataset; its train captions train the demo tokenizer.",
+                            exists=True)
+    out: Path = stage.path("models/encoders", "Directory for the text/ and vision/ encoders.")
+
+
+def run(params, paths: Paths) -> dict:
+    """Write the starting text and vision encoders to OUT/text and OUT/vision.
+
+    encoders.text / encoders.vision may be hub names or local directories (loaded with from_pretrained and
+    saved again, pinning them), or `demo` (small encoders built from configs, for offline runs).
+    """
+    e = params.encoders
+    with atomic_path(paths.out) as tmp:
+        if e.text == "demo":  # both or neither (checked with the params)
+            build_demo_encoders(open_dataset(paths.data)["train"]["Caption"], e, tmp, params.seed)
+        else:
+            snapshot_encoders(e, tmp)
+    return {"text": e.text, "vision": e.vision}
+
+
+command = stage.command("encoders", run, Paths, PARAMS)
 
 
 def train_wordpiece(captions: Iterable[str], vocab_size: int) -> BertTokenizerFast:
@@ -54,7 +84,7 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int) -> BertTokenizerFa
                              sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True)
 
 
-def build_demo_encoders(captions: Iterable[str], params: EncodersParams, out_dir: Path, seed: int) -> None:
+def build_demo_encoders(captions: Iterable[str], params, out_dir: Path, seed: int) -> None:
     import torch
 
     d = params.demo
@@ -76,7 +106,7 @@ def build_demo_encoders(captions: Iterable[str], params: EncodersParams, out_dir
     processor.save_pretrained(out_dir / "vision")
 
 
-def snapshot_encoders(params: EncodersParams, out_dir: Path) -> None:
+def snapshot_encoders(params, out_dir: Path) -> None:
     """Copy pretrained encoders (hub names or local directories) into ``out_dir`` through from_pretrained."""
     for name, kind in ((params.text, "text"), (params.vision, "vision")):
         try:
@@ -85,7 +115,7 @@ def snapshot_encoders(params: EncodersParams, out_dir: Path) -> None:
             else:
                 model, pre = CLIPVisionModel.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
         except OSError as err:
-            raise RuntimeError(
+            raise DataError(
                 f"encoders.{kind}={name!r} could not be loaded: it is neither a local directory nor a model in the "
                 f"Hugging Face cache or hub reachable from here ({err})") from err
         model.save_pretrained(out_dir / kind)

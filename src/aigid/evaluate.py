@@ -9,19 +9,122 @@ the generator it never saw.
 
 from __future__ import annotations
 
+import io
+from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import torch
+from PIL import Image as PILImage
 
-from .config import EvaluateParams
-from .data import Perturbation, open_dataset
+from . import stage
+from .config import flatten
+from .data import open_dataset
+from .files import write_json
 from .infer import predict_logits
 from .metrics import confusion_rows, curve_rows, ranking_scores, rates_at, score, threshold_at_fpr
 from .model import decide, load_detector
+from .registry import log_detector
+from .runtime import configure
+from .tracking import stage_run
+
+PARAMS = ("evaluate", "pseudolabel.pool", "train.num_workers", "inference", "mlflow")
+# The DVC metrics, per model; everything else (per class, captions, robustness) goes to the report.
+HEADLINE = ("task_a.f1_weighted", "task_a.balanced_accuracy", "task_b.f1_weighted", "task_b.f1_macro", "roc_auc",
+            "operating_point.threshold", "operating_point.test_tpr")
+MODELS = ("base", "retrained")
 
 
-def perturbations(params: EvaluateParams) -> list[Perturbation]:
+@dataclass(frozen=True)
+class Paths:
+    base: Path = stage.path("models/base", "Model written by train.", exists=True)
+    retrained: Path = stage.path("models/retrained", "Model written by retrain; logged to MLflow and registered.",
+                                 exists=True)
+    data: Path = stage.path("data/prepared", "Prepared dataset holding the labeled test split (and validation, "
+                            "for the operating point).", exists=True)
+    metrics: Path = stage.path("metrics/evaluate.json", "Headline test scores of both models (DVC metrics).")
+    report: Path = stage.path("reports/evaluate.json", "Every test score of both models: per class, captions, "
+                              "robustness, the unseen generator.")
+    plots: Path = stage.path("metrics/plots", "Directory for plot rows: confusion matrices, ROC and "
+                             "precision-recall curves, robustness.")
+
+
+def run(params, paths: Paths) -> dict:
+    """Score the base and retrained models on the test split: both tasks, balanced metrics, per generator,
+    ROC/PR, the operating point at evaluate.target_fpr, without captions, under the robustness grid.
+
+    The retrained model is then logged to this stage's MLflow run (with its test metrics) and registered as
+    a new version of mlflow.registered_model, labelling at its operating-point threshold.
+    """
+    configure()
+    models = {"base": paths.base, "retrained": paths.retrained}
+    with stage_run("evaluate", params):
+        report, plots = evaluate(models, paths.data, params.evaluate, contaminated=params.pseudolabel.pool == "test",
+                                 num_workers=params.train.num_workers, precision=params.inference.precision)
+        for model in models:
+            mlflow.log_metrics({f"{model}_{k.replace('.', '_')}": v for k, v in flatten(report[model]).items()
+                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        mlflow.set_tag("contaminated", str(report["contaminated"]).lower())
+        test = open_dataset(paths.data)["test"]
+        log_detector(paths.retrained, params.mlflow.registered_model,
+                     report["retrained"]["operating_point"]["threshold"], test[0]["Image"]["bytes"], test[0]["Caption"])
+    for name, rows in plots.items():
+        write_json(paths.plots / f"{name}.json", rows)
+    write_json(paths.report, report)
+    write_json(paths.metrics, headline(report))
+    return report
+
+
+command = stage.command("evaluate", run, Paths, PARAMS)
+
+
+def headline(report: dict) -> dict:
+    """The few numbers compared across experiments (``dvc exp show``), nested per model as in the report."""
+    out: dict = {"contaminated": report["contaminated"]}
+    for model in MODELS:
+        flat = flatten(report[model])
+        out[model] = {}
+        for key in HEADLINE:
+            group, _, name = key.rpartition(".")
+            (out[model].setdefault(group, {}) if group else out[model])[name] = flat[key]
+    return out
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One condition of the robustness grid, applied to a decoded RGB image before the image processor.
+
+    kind: "jpeg" (re-encode at quality ``value``), "blur" (Gaussian blur, standard deviation ``value`` pixels)
+    or "resize" (both sides times ``value``, bicubic). A plain object, so DataLoader workers can receive it.
+    """
+
+    kind: str
+    value: float
+
+    @property
+    def name(self) -> str:
+        """Metric-key friendly: jpeg_95, blur_1, resize_50 (percent of the original size)."""
+        value = self.value * 100 if self.kind == "resize" else self.value
+        return f"{self.kind}_{value:g}".replace(".", "p")
+
+    def __call__(self, img: PILImage.Image) -> PILImage.Image:
+        from PIL import ImageFilter
+
+        if self.kind == "jpeg":
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=int(self.value))
+            return PILImage.open(buf).convert("RGB")
+        if self.kind == "blur":
+            return img.filter(ImageFilter.GaussianBlur(radius=self.value))  # Pillow's radius is the sigma
+        if self.kind == "resize":
+            size = (max(1, round(img.width * self.value)), max(1, round(img.height * self.value)))
+            return img.resize(size, PILImage.BICUBIC)
+        raise ValueError(f"unknown perturbation {self.kind!r} (jpeg, blur or resize)")
+
+
+
+def perturbations(params) -> list[Perturbation]:
     """The robustness grid, in params order: JPEG qualities, blur sigmas, resize factors."""
     return ([Perturbation("jpeg", q) for q in params.jpeg_quality]
             + [Perturbation("blur", s) for s in params.blur_sigma]
@@ -32,7 +135,7 @@ def blank_captions(ds):
     return ds.remove_columns("Caption").add_column("Caption", [""] * len(ds))
 
 
-def evaluate_model(model_dir: Path, data, params: EvaluateParams, num_workers: int = 0,
+def evaluate_model(model_dir: Path, data, params, num_workers: int = 0,
                    precision: str = "auto") -> tuple[dict, dict]:
     model, tokenizer, processor = load_detector(model_dir)
     names = tuple(model.config.class_names)
@@ -94,7 +197,7 @@ def _condition(s: dict) -> dict:
             "per_class": {name: c["task_a_recall"] for name, c in s["per_class"].items()}}
 
 
-def evaluate(models: dict[str, Path], data_dir: Path, params: EvaluateParams, contaminated: bool,
+def evaluate(models: dict[str, Path], data_dir: Path, params, contaminated: bool,
              num_workers: int = 0, precision: str = "auto") -> tuple[dict, dict]:
     """Scores of each named model on the test split, and rows for the plots (confusion, ROC, PR, robustness)."""
     data = open_dataset(data_dir)

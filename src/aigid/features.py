@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,13 +22,33 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict
 
-from .config import Params
-from .data import DataError, open_dataset, save_atomically
+from . import stage
+from .data import DataError, open_dataset, save_dataset
 from .infer import encode_features
 from .model import build_detector
+from .runtime import configure
 
 log = logging.getLogger(__name__)
 MARKER = "features.json"
+PARAMS = ("seed", "train.freeze_encoders", "train.num_workers", "model.max_text_length", "features", "inference")
+
+
+@dataclass(frozen=True)
+class Paths:
+    data: Path = stage.path("data/prepared", "Prepared dataset: every split is encoded.", exists=True)
+    encoders: Path = stage.path("models/encoders", "Starting encoders written by the encoders stage.", exists=True)
+    out: Path = stage.path("data/features", "Directory for the cached features (Arrow, one row per prepared row).")
+
+
+def run(params, paths: Paths) -> dict:
+    """Cache the starting encoders' text and image features (train.freeze_encoders: true).
+
+    With train.freeze_encoders: false, OUT only records that no features were computed.
+    """
+    return compute_features(params, paths.data, paths.encoders, paths.out)
+
+
+command = stage.command("features", run, Paths, PARAMS)
 
 
 def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
@@ -41,22 +62,24 @@ def feature_table(text: np.ndarray, image: np.ndarray, rows: Dataset) -> Dataset
                              "Label_B": pa.array(rows["Label_B"], pa.int64())}))
 
 
-def compute_features(params: Params, data_dir: Path, encoders_dir: Path, out_dir: Path) -> dict:
+def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) -> dict:
     if not params.train.freeze_encoders:
-        save_atomically(DatasetDict(), out_dir, {MARKER: json.dumps({"computed": False, "reason":
-                                                                     "train.freeze_encoders is false"}) + "\n"})
+        save_dataset(DatasetDict(), out_dir, {MARKER: json.dumps({"computed": False, "reason":
+                                                                  "train.freeze_encoders is false"}) + "\n"})
         return {"computed": False}
+    configure()
     data = open_dataset(data_dir)
     torch.manual_seed(params.seed)
+    # Only the encoders run here: the fusion layer and heads of this detector are placeholders, never used.
     model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
-                                                 params.model.fusion_dim, params.model.max_text_length)
+                                                 1, params.model.max_text_length, ("real", "ai"))
     splits = {}
     for name, ds in data.items():
         text, image = encode_features(model, tokenizer, processor, ds, params.features.batch_size,
                                       params.train.num_workers, params.inference.precision)
         splits[name] = feature_table(text, image, ds)
         log.info("encoded %d %s rows", len(ds), name)
-    save_atomically(DatasetDict(splits), out_dir, {MARKER: json.dumps({"computed": True}) + "\n"})
+    save_dataset(DatasetDict(splits), out_dir, {MARKER: json.dumps({"computed": True}) + "\n"})
     return {"computed": True, "rows": {k: len(v) for k, v in splits.items()},
             "text_dim": int(text.shape[1]), "image_dim": int(image.shape[1])}
 

@@ -1,4 +1,4 @@
-"""Batched inference, the one path used by features, pseudolabel, evaluate and detect.
+"""Batched inference, the one path used by features, pseudolabel, evaluate, detect and the registered model.
 
 Rows are read from memory-mapped Arrow by a DataLoader whose worker processes decode, resize and tokenise
 (:class:`~aigid.data.Collator`); the main process only moves batches to the device and runs the model. Rows
@@ -15,7 +15,8 @@ import torch
 from datasets import Dataset
 from torch.utils.data import DataLoader, Subset
 
-from .data import Collator
+from .data import Collator, schema
+from .model import decide
 from .runtime import autocast, device
 
 
@@ -80,3 +81,25 @@ def encode_features(model, tokenizer, processor, dataset: Dataset, batch_size: i
                     precision: str = "auto"):
     """The encoders' text and image features for every row, in the dataset's order (float32 numpy)."""
     return tuple(_run(model, tokenizer, processor, dataset, batch_size, num_workers, precision, _features))
+
+
+def score_images(model, tokenizer, processor, images: list[bytes], captions: list[str], threshold: float = 0.5,
+                 batch_size: int = 64, progress: bool = False, precision: str = "auto") -> list[dict]:
+    """Score encoded images (already known to decode) in batches: one row of scores per image.
+
+    Class probabilities are joint: P(real) = 1 - P(AI) and P(generator) = P(AI) * P(generator | AI).
+    """
+    names = list(model.config.class_names)
+    ds = Dataset.from_dict({"Caption": list(captions), "Image": [{"bytes": b, "path": None} for b in images]},
+                           features=schema(columns=("Caption", "Image")))
+    logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, batch_size, progress=progress,
+                                        precision=precision)
+    pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b), threshold)
+    rows = []
+    for i, caption in enumerate(captions):
+        p_ai = float(pred.prob_ai[i])
+        row = {"prob_ai": p_ai, "label": "ai" if pred.label_a[i] else "real",
+               "generator": names[int(pred.label_b[i])], "threshold": threshold, "caption": caption}
+        row.update({f"p_{n}": (1 - p_ai) if k == 0 else p_ai * float(pred.probs_b[i, k]) for k, n in enumerate(names)})
+        rows.append(row)
+    return rows

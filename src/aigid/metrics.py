@@ -14,8 +14,6 @@ from sklearn.metrics import (
     roc_curve,
 )
 
-from .model import CLASS_NAMES
-
 
 def task_scores(y_true, y_pred, labels) -> dict[str, float]:
     """Weighted F1/precision/recall, accuracy, balanced accuracy and macro F1 over ``labels``."""
@@ -31,7 +29,7 @@ def task_scores(y_true, y_pred, labels) -> dict[str, float]:
     }
 
 
-def score(labels_a, labels_b, pred_a, pred_b, class_names=CLASS_NAMES) -> dict:
+def score(labels_a, labels_b, pred_a, pred_b, class_names: tuple[str, ...]) -> dict:
     """Both tasks, plus per-class results for Task B (detection rate of each generator, F1 of attribution)."""
     labels_b, pred_b, pred_a = np.asarray(labels_b), np.asarray(pred_b), np.asarray(pred_a)
     out = {"task_a": task_scores(labels_a, pred_a, [0, 1]),

@@ -28,16 +28,13 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-CLASS_NAMES = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")  # Label_B 0..5 of CT2
-
-
 class DetectorConfig(PretrainedConfig):
     model_type = "aigid-detector"
 
     # The encoder configs are plain dicts under their own names (not `text_config`/`vision_config`, which
     # transformers treats as nested config objects of a composite model).
     def __init__(self, text_encoder_config=None, vision_encoder_config=None, fusion_dim=512,
-                 class_names=CLASS_NAMES, max_text_length=64, **kwargs):
+                 class_names=(), max_text_length=64, **kwargs):
         super().__init__(**kwargs)
         self.text_encoder_config = _as_dict(text_encoder_config)
         self.vision_encoder_config = _as_dict(vision_encoder_config)
@@ -144,7 +141,7 @@ def _heads(model: Detector | DetectorHeads, text_features, image_features, label
 
 
 def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_text_length: int,
-                   class_names=CLASS_NAMES):
+                   class_names: tuple[str, ...]):
     """A fresh detector from two pretrained encoders: hub names or local directories, same code path."""
     text = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
     vision = CLIPVisionModel.from_pretrained(vision_encoder)

@@ -31,7 +31,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
         self.threshold = float((context.model_config or {}).get("threshold", 0.5))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from .detect import score_images
+        from .infer import score_images
 
         images = [image_bytes(v, i) for i, v in enumerate(model_input["image"])]
         captions = [c or "" for c in model_input["caption"]] if "caption" in model_input else [""] * len(images)
@@ -54,7 +54,7 @@ def log_detector(model_dir: Path, registered_name: str, threshold: float, exampl
     """Log ``model_dir`` to the active run as a pyfunc model and register it as a new version of the name."""
     from mlflow.models import infer_signature
 
-    from .detect import score_images
+    from .infer import score_images
     from .model import load_detector
 
     example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()], "caption": [example_caption]})

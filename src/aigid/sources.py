@@ -2,9 +2,10 @@
 
 - ``competition``: the layout the CT2 competition distributed. Per split directory (``train/``,
   ``validation/``, ``test/``, ``unlabeled/``, or the root itself for a single split): a captions table
-  (``captions.xlsx`` or ``captions.csv``, columns ``Index``, ``Caption``) and either one folder per source
-  (``coco_image``, ``sd21_image``, ``sdxl_image``, ``sd3_image``, ``dalle_image``, ``midjourney_image``)
-  holding ``image_{Index}.jpg`` (labels come from the folder), or a labels table (``labels.xlsx`` /
+  (``captions.xlsx`` or ``captions.csv``, columns ``Index``, ``Caption``) and either one folder per source,
+  named ``<source>_image`` (``coco_image``, ``sd21_image``, ...: every one must map to a class through
+  ``prepare.class_aliases`` or ``prepare.class_names``) holding ``image_{Index}.jpg`` (labels come from the
+  folder), or a labels table (``labels.xlsx`` /
   ``labels.csv``: ``Index``, ``Label_A``, ``Label_B``) with the images ``image_{Index}.jpg`` in ``images/``
   or next to the tables.
 - ``folders``: one folder per class, ``<root>/<class>/*`` (or ``<root>/<split>/<class>/*``), with an optional
@@ -12,22 +13,76 @@
   Images without a caption get an empty caption. Folder names map to classes through
   ``prepare.class_names`` and ``prepare.class_aliases``.
 
-Rows carry ``{"bytes": None, "path": <file>}``; the checks in :mod:`aigid.data` read and validate each file.
+Rows carry ``{"bytes": None, "path": <file>}``; the checks of the prepare stage read and validate each file.
+:func:`load_source` also reads the other sources: the hub (at a pinned revision), arrow and parquet.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pandas as pd
-from datasets import Dataset, DatasetDict, Features, Image, Value
+import re
 
-from .data import DataError
+import pandas as pd
+from datasets import Dataset, DatasetDict
+
+from .data import RAW_COLUMNS, DataError, open_dataset, schema
 
 SPLITS = ("train", "validation", "test", "unlabeled")
-SOURCE_DIRS = ("coco_image", "sd21_image", "sdxl_image", "sd3_image", "dalle_image", "midjourney_image")
-RAW_FEATURES = Features({"Caption": Value("string"), "Image": Image(decode=False), "Label_A": Value("int64"),
-                         "Label_B": Value("int64")})
+SOURCE_SUFFIX = "_image"  # competition source folders: coco_image, sd21_image, ...
+
+
+def load_source(source: str, layout: str, class_names: tuple[str, ...], aliases: dict[str, str],
+                revision: str, raw: Path | None = None) -> tuple[DatasetDict, dict]:
+    """Read ``source`` in ``layout`` (hub, arrow, parquet, competition, folders; auto detects it) and say
+    where it came from: ``{"source", "layout"}`` plus, for the hub, the ``revision`` asked for and the commit
+    it resolved to. A local source must lie inside ``raw`` (the DVC-tracked raw data folder), when given."""
+    from datasets import load_dataset
+
+    path = Path(source)
+    if layout == "auto":
+        if path.is_dir():
+            layout = detect_layout(path)
+        elif path.suffix or source.startswith((".", "/")) or (raw is not None and path.is_relative_to(raw)):
+            raise DataError(f"prepare.source={source}: no such directory")
+        else:
+            layout = "hub"
+    origin = {"source": source, "layout": layout}
+    if layout == "hub":
+        dsd, resolved = _from_hub(source, revision)
+        return dsd, {**origin, "revision": revision, "resolved_revision": resolved}
+    if not path.is_dir():
+        raise DataError(f"prepare.source={source}: no such directory (prepare.layout={layout})")
+    if raw is not None and not path.resolve().is_relative_to(raw.resolve()):
+        raise DataError(f"prepare.source={source}: a local dataset must be inside {raw}/, where DVC sees its files "
+                        f"change; move it there and track it with `dvc add {raw}/<name>` (README: Bringing your "
+                        f"own data)")
+    if layout == "arrow":
+        return open_dataset(path), origin  # never write cache files into the user's dataset
+    if layout == "parquet":
+        return load_dataset("parquet", data_dir=str(path)), origin
+    if layout == "competition":
+        return read_competition(path, class_names, aliases), origin
+    return read_folders(path, class_names, aliases), origin
+
+
+def _from_hub(source: str, revision: str) -> tuple[DatasetDict, str | None]:
+    from datasets import load_dataset_builder
+
+    try:
+        builder = load_dataset_builder(source, revision=revision)
+        builder.download_and_prepare()
+        dsd = builder.as_dataset()
+    except Exception as err:  # the hub client raises many types; all mean "not reachable from here"
+        raise DataError(f"prepare.source={source}: could not load revision {revision!r} from the Hugging Face hub "
+                        f"or its local cache ({type(err).__name__}: {err})") from err
+    return dsd, resolved_revision(builder.config.data_files)
+
+
+def resolved_revision(data_files) -> str | None:
+    """The commit a hub dataset's files were read at: `datasets` names them hf://datasets/<id>@<commit>/..."""
+    found = re.search(r"@([0-9a-f]{40})/", str(data_files))
+    return found.group(1) if found else None
 
 
 def inside(root: Path, relative: str, what: str) -> Path:
@@ -62,26 +117,33 @@ def _table(directory: Path, stem: str, columns: tuple[str, ...], required: bool 
 
 def _rows(captions, paths, labels_a, labels_b) -> Dataset:
     return Dataset.from_dict({"Caption": list(captions), "Image": [{"bytes": None, "path": str(p)} for p in paths],
-                              "Label_A": list(labels_a), "Label_B": list(labels_b)}, features=RAW_FEATURES)
+                              "Label_A": list(labels_a), "Label_B": list(labels_b)}, features=schema(columns=RAW_COLUMNS))
+
+
+def source_dirs(directory: Path, class_names, aliases) -> list[tuple[int, Path]]:
+    """The competition source folders (``*_image``) of a split directory with their class, in class order;
+    a folder that maps to no class is an error, never skipped."""
+    found = [d for d in directory.iterdir() if d.is_dir() and d.name.endswith(SOURCE_SUFFIX)]
+    return sorted(((class_index(d.name, class_names, aliases, str(d)), d) for d in found),
+                  key=lambda kd: (kd[0], kd[1].name))
 
 
 def _competition_split(directory: Path, class_names, aliases) -> Dataset:
     captions = _table(directory, "captions", ("Index", "Caption"))
     text = dict(zip(captions["Index"], captions["Caption"].fillna("").astype(str)))
-    sources = [d for d in SOURCE_DIRS if (directory / d).is_dir()]
+    sources = source_dirs(directory, class_names, aliases)
     rows: tuple[list, list, list, list] = ([], [], [], [])
     if sources:
-        for source in sources:
-            label_b = class_index(source, class_names, aliases, str(directory / source))
+        for label_b, source in sources:
             for index, caption in text.items():
-                for part, value in zip(rows, (caption, directory / source / f"image_{index}.jpg",
+                for part, value in zip(rows, (caption, source / f"image_{index}.jpg",
                                                int(label_b != 0), label_b)):
                     part.append(value)
         return _rows(*rows)
     labels = _table(directory, "labels", ("Index", "Label_A", "Label_B"), required=False)
     images = directory / "images" if (directory / "images").is_dir() else directory
     if labels is None:
-        raise DataError(f"{directory}: neither source folders ({', '.join(SOURCE_DIRS)}) nor a labels table")
+        raise DataError(f"{directory}: neither source folders (*{SOURCE_SUFFIX}) nor a labels table")
     for index, a, b in zip(labels["Index"], labels["Label_A"], labels["Label_B"]):
         if index not in text:
             raise DataError(f"{directory}: labels table row Index={index} has no caption in the captions table")
@@ -132,6 +194,7 @@ def detect_layout(root: Path) -> str:
         return "parquet"
     for d in (root, *(root / s for s in SPLITS)):
         if any((d / f"captions{x}").is_file() for x in (".xlsx", ".csv")) and (
-                any((d / s).is_dir() for s in SOURCE_DIRS) or any((d / f"labels{x}").is_file() for x in (".xlsx", ".csv"))):
+                any(p.is_dir() and p.name.endswith(SOURCE_SUFFIX) for p in d.iterdir())
+                or any((d / f"labels{x}").is_file() for x in (".xlsx", ".csv"))):
             return "competition"
     return "folders"

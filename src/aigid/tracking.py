@@ -17,13 +17,9 @@ from pathlib import Path
 
 import mlflow
 
-from .config import flatten
+from .errors import TrackingError
 
 STAGE_TAG, PIPELINE_TAG = "stage", "pipeline_id"
-
-
-class TrackingError(RuntimeError):
-    """The MLflow store cannot be used; raised before any work starts."""
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
@@ -110,9 +106,9 @@ def _open_store(uri: str, experiment: str) -> None:
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params, groups: tuple[str, ...], params_file: str | Path = "params.yaml",
-              extra_tags: dict | None = None):
-    """An active MLflow run named after the stage, with the resolved params it reads (``groups``) logged.
+def stage_run(stage: str, params, params_file: str | Path = "params.yaml", extra_tags: dict | None = None):
+    """An active MLflow run named after the stage, with the params it reads logged (``params`` is the
+    stage's view, :class:`aigid.config.Scoped`: exactly its declared keys).
 
     Holding our own active run makes the Trainer's MLflow callback log into it, and keeps
     ``trainer.evaluate()`` after ``train()`` from opening a second run. The store is contacted here, before any
@@ -137,6 +133,5 @@ def stage_run(stage: str, params, groups: tuple[str, ...], params_file: str | Pa
     tags = {STAGE_TAG: stage, "git_commit": commit, PIPELINE_TAG: pipeline_id(commit, Path(params_file)),
             "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(extra_tags or {})}
     with mlflow.start_run(run_name=stage, tags=tags) as run:
-        flat = flatten(params)
-        mlflow.log_params({f"params.{k}": v for k, v in flat.items() if k.split(".")[0] in groups or k in groups})
+        mlflow.log_params({f"params.{k}": v for k, v in params.declared().items()})
         yield run

@@ -16,6 +16,7 @@ import hashlib
 import json
 import logging
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -26,19 +27,50 @@ from accelerate.utils import broadcast_object_list
 from datasets import concatenate_datasets
 from transformers import Trainer, TrainingArguments, set_seed
 
-from .config import Params, ParamsError, flatten
-from .data import Collator, DataError, concat, open_dataset
+from . import stage
+from .data import Collator, DataError, class_names_of, concat, open_dataset
+from .errors import ParamsError
 from .features import FeatureCollator, FeatureRows, open_features
+from .files import atomic_path, write_json
 from .metrics import score
-from .model import CLASS_NAMES, DetectorHeads, build_detector, decide, save_detector
-from .tracking import stage_run
+from .model import DetectorHeads, build_detector, decide, save_detector
+from .runtime import configure
+from .tracking import is_main_process, stage_run
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "f1_weighted_a"
-PARAM_GROUPS = ("seed", "model", "train", "mlflow")  # what train/retrain read (dvc.yaml lists the same)
+PARAMS = ("seed", "model", "train", "mlflow")
+HEADLINE = ("f1_weighted_a", "f1_weighted_b", "best_epoch")  # the DVC metrics; the rest goes to the report
 
 
-def compute_metrics(eval_pred, class_names=CLASS_NAMES) -> dict[str, float]:
+@dataclass(frozen=True)
+class Paths:
+    data: Path = stage.path("data/prepared", "Prepared dataset (train and validation splits).", exists=True)
+    encoders: Path = stage.path("models/encoders", "Starting encoders written by the encoders stage.", exists=True)
+    features: Path = stage.path("data/features", "Cached encoder features (used with train.freeze_encoders).")
+    out: Path = stage.path("models/base", "Directory for the best model (self-contained: weights, configs, "
+                           "tokenizer, processor).")
+    metrics: Path = stage.path("metrics/train.json", "Headline validation metrics of the best checkpoint (DVC metrics).")
+    report: Path = stage.path("reports/train.json", "Every validation metric of the best checkpoint.")
+    history: Path = stage.path("metrics/train_history.json", "Per-epoch validation metrics (a DVC plot).")
+    pseudo = None  # retrain's paths add the pseudo-labelled additions
+
+
+def run(params, paths: Paths, stage_name: str = "train") -> dict:
+    """Train the detector on the prepared train split (Trainer; best checkpoint by weighted F1 on Task A)."""
+    configure()
+    result = fit(params, paths, stage_name)
+    if is_main_process():  # under torchrun every rank gets here; rank 0 writes
+        write_json(paths.metrics, {k: result["metrics"][k] for k in HEADLINE})
+        write_json(paths.report, result["metrics"])
+        write_json(paths.history, result["history"])
+    return result["metrics"]
+
+
+command = stage.command("train", run, Paths, PARAMS)
+
+
+def compute_metrics(eval_pred, class_names: tuple[str, ...]) -> dict[str, float]:
     logits_a, logits_b = eval_pred.predictions
     labels_a, labels_b = eval_pred.label_ids
     pred = decide(torch.from_numpy(np.asarray(logits_a)), torch.from_numpy(np.asarray(logits_b)))
@@ -46,18 +78,18 @@ def compute_metrics(eval_pred, class_names=CLASS_NAMES) -> dict[str, float]:
     return {f"{name}_{task[-1]}": value for task in ("task_a", "task_b") for name, value in s[task].items()}
 
 
-def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, stage: str = "train",
-        pseudo_dir: Path | None = None, checkpoint_dir: Path | None = None, features_dir: Path | None = None) -> dict:
-    """Train a fresh detector from the starting encoders; write the best one to ``model_dir``.
+def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None = None) -> dict:
+    """Train a fresh detector from the starting encoders; write the best one to ``paths.out``.
 
-    With ``pseudo_dir`` (the retrain stage), the pseudo-labelled train/validation additions are concatenated
+    With ``paths.pseudo`` (the retrain stage), the pseudo-labelled train/validation additions are concatenated
     to the original splits. With ``train.freeze_encoders`` the rows are the cached encoder features in
-    ``features_dir`` and only the fusion layer and heads learn. Returns the best checkpoint's validation
+    ``paths.features`` and only the fusion layer and heads learn. Returns the best checkpoint's validation
     metrics and the per-epoch history.
     """
+    data_dir, encoders_dir, model_dir, pseudo_dir = paths.data, paths.encoders, paths.out, paths.pseudo
+    features_dir = paths.features
     data = open_dataset(data_dir)
-    label_b = data["train"].features["Label_B"]
-    class_names = tuple(label_b.names) if hasattr(label_b, "names") else CLASS_NAMES
+    class_names = class_names_of(data["train"])
     t = params.train
     if t.freeze_encoders:
         train_ds, val_ds = _feature_splits(params, features_dir, pseudo_dir)
@@ -85,7 +117,7 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
     resume = broadcast_object_list([resume])[0]
     if resume and launch.is_main_process:
         log.info("resuming %s from the last checkpoint in %s (%s)", stage, checkpoint_dir, resume.name)
-    with stage_run(stage, params, PARAM_GROUPS) as run:  # None on the ranks other than 0
+    with stage_run(stage, params) as run:  # None on the ranks other than 0
         set_seed(params.seed)  # before the fusion layer and heads are initialised
         model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
                                                      params.model.fusion_dim, params.model.max_text_length,
@@ -126,12 +158,9 @@ def fit(params: Params, data_dir: Path, encoders_dir: Path, model_dir: Path, sta
         history = history[:-1]  # the final evaluate() above repeats the best epoch
         trainer.accelerator.wait_for_everyone()  # no rank still reads a checkpoint when rank 0 deletes them
         if trainer.is_world_process_zero():
-            tmp = model_dir.with_name(model_dir.name + ".tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
             model.config.holdout = t.holdout  # evaluate reads it to report the unseen generator
-            save_detector(model, tokenizer, processor, tmp)  # with the best checkpoint's weights, loaded in place
-            shutil.rmtree(model_dir, ignore_errors=True)
-            tmp.rename(model_dir)
+            with atomic_path(model_dir) as tmp:
+                save_detector(model, tokenizer, processor, tmp)  # the best checkpoint's weights, loaded in place
             shutil.rmtree(stage_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 stage_dir.parent.rmdir()  # only if no other stage's checkpoints are there
@@ -150,7 +179,7 @@ def per_process_batch(batch_size: int, processes: int) -> int:
     return batch_size // processes
 
 
-def _feature_splits(params: Params, features_dir: Path | None, pseudo_dir: Path | None):
+def _feature_splits(params, features_dir: Path | None, pseudo_dir: Path | None):
     """Train and validation rows as cached features; pseudo-labelled rows are looked up in the pool's features
     by their ``pool_row`` and carry their predicted labels."""
     if features_dir is None:
@@ -212,11 +241,11 @@ def last_complete_checkpoint(directory: Path, processes: int = 1) -> Path | None
     return None
 
 
-def fingerprint(params: Params, *inputs: Path | None, processes: int = 1) -> str:
-    """What a checkpoint depends on: the params the stage reads, the identity of its input data and, under a
-    multi-process launch, the number of processes (each saves its own RNG state)."""
-    h = hashlib.sha1(json.dumps({k: v for k, v in flatten(params).items()
-                                 if k.split(".")[0] in PARAM_GROUPS}, sort_keys=True).encode())
+def fingerprint(params, *inputs: Path | None, processes: int = 1) -> str:
+    """What a checkpoint depends on: the params the stage reads (its declared keys, as logged), the identity
+    of its input data and, under a multi-process launch, the number of processes (each saves its own RNG
+    state)."""
+    h = hashlib.sha1(json.dumps(params.declared(), sort_keys=True).encode())
     if processes > 1:
         h.update(f"processes:{processes}".encode())
     for path in filter(None, inputs):
