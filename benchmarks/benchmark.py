@@ -194,7 +194,7 @@ def _epochs(work: Path, train, batch: int) -> dict:
 
     from aigid.data import Collator
     from aigid.features import FeatureCollator, FeatureRows, feature_table
-    from aigid.infer import encode_features
+    from aigid.infer import RunOptions, encode_features
     from aigid.model import DetectorHeads
 
     def run(model, dataset, collator) -> tuple[float, float]:
@@ -206,9 +206,10 @@ def _epochs(work: Path, train, batch: int) -> dict:
     model, tokenizer, processor = _detector(work)
     full, full_wall = run(model, train, Collator(tokenizer, processor, 64))
     torch.manual_seed(0)
-    model, tokenizer, processor = _detector(work)
+    detector = _detector(work)
+    model = detector.model
     started = time.perf_counter()
-    text, image = encode_features(model, tokenizer, processor, train, 128)
+    text, image = encode_features(detector, train, RunOptions(batch_size=128))
     extract = time.perf_counter() - started
     feats = feature_table(text, image, train)
     model.freeze_encoders()
@@ -221,21 +222,22 @@ def child_infer(work: Path, config: str, workers: int) -> dict:
     import torch
 
     from aigid.data import decode_rgb, open_dataset
-    from aigid.infer import predict_logits
+    from aigid.infer import RunOptions, predict_logits
 
     cfg = CONFIGS[config]
     pool = open_dataset(work / "prepared")["unlabeled"]
     torch.manual_seed(0)
-    model, tokenizer, processor = _detector(work)
+    detector = _detector(work)
+    model, tokenizer, processor = detector
     model.eval()
     result = {}
     # precision auto is the pipeline's default (float32 on the CPU, bf16 on a GPU); bf16 is inference.precision
     # bf16, which on the CPU pays only where it has bf16 instructions.
     for precision, key in (("auto", "infer_images_s"), ("bf16", "infer_images_s_bf16")):
         warm_up = pool.select(range(cfg["infer_batch"]))
-        predict_logits(model, tokenizer, processor, warm_up, cfg["infer_batch"], 0, precision=precision)
+        predict_logits(detector, warm_up, RunOptions(cfg["infer_batch"], 0, precision))
         started = time.perf_counter()
-        predict_logits(model, tokenizer, processor, pool, cfg["infer_batch"], workers, precision=precision)
+        predict_logits(detector, pool, RunOptions(cfg["infer_batch"], workers, precision))
         result[key] = len(pool) / (time.perf_counter() - started)
         if precision == "auto":
             result["peak_mb_infer"] = peak_mb()

@@ -32,16 +32,16 @@ def frozen(tmp_path_factory) -> Path:
 def test_features_match_the_encoders_and_the_trained_model_keeps_them(frozen):
     from aigid.data import open_dataset
     from aigid.features import open_features
-    from aigid.infer import encode_features
+    from aigid.infer import RunOptions, encode_features
     from aigid.model import load_detector
 
     feats = open_features(frozen / "data/features")
     prepared = open_dataset(frozen / "data/prepared")
     assert set(feats) == set(prepared)
     assert all(len(feats[s]) == len(prepared[s]) for s in feats)
-    model, tokenizer, processor = load_detector(frozen / "models/base")
+    detector = load_detector(frozen / "models/base")
     test = prepared["test"]
-    text, image = encode_features(model, tokenizer, processor, test, 16)   # the saved model's encoders
+    text, image = encode_features(detector, test, RunOptions(batch_size=16))   # the saved model's encoders
     assert np.allclose(text, feats["test"]["text_features"], atol=1e-4)   # are the starting ones, unchanged
     assert np.allclose(image, feats["test"]["image_features"], atol=1e-4)
     assert list(feats["test"]["Label_B"]) == list(test["Label_B"])
@@ -77,12 +77,13 @@ def test_full_fine_tuning_leaves_features_uncomputed_and_frozen_mode_refuses_the
 def test_frozen_model_predicts_the_same_from_images_and_from_features(frozen):
     from aigid.data import open_dataset
     from aigid.features import open_features, predict_from_features
-    from aigid.infer import predict_logits
+    from aigid.infer import RunOptions, predict_logits
     from aigid.model import load_detector
 
-    model, tokenizer, processor = load_detector(frozen / "models/retrained")
+    detector = load_detector(frozen / "models/retrained")
+    model = detector.model
     test = open_dataset(frozen / "data/prepared")["test"]
-    a1, b1 = predict_logits(model, tokenizer, processor, test, 8)
+    a1, b1 = predict_logits(detector, test, RunOptions(batch_size=8))
     a2, b2 = predict_from_features(model, open_features(frozen / "data/features")["test"])
     assert torch.allclose(torch.from_numpy(a1), torch.from_numpy(a2), atol=1e-4)
     assert torch.allclose(torch.from_numpy(b1), torch.from_numpy(b2), atol=1e-4)

@@ -13,7 +13,7 @@ import click
 
 from .config import PRECISIONS
 from .data import DataError, decode_rgb
-from .infer import score_images
+from .infer import RunOptions, score_images
 from .model import load_detector
 from .runtime import configure
 from .stage import clean_errors
@@ -36,7 +36,7 @@ def expand(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None = None, caption: str = "",
+def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None = None, *, caption: str = "",
            threshold: float = 0.5, batch_size: int = 64, progress: bool = False,
            precision: str = "auto") -> list[dict]:
     """One row per path: P(AI), the decision at ``threshold``, the generator and every class probability.
@@ -46,7 +46,7 @@ def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None =
     """
     from tqdm import tqdm
 
-    model, tokenizer, processor = load_detector(model_dir)
+    detector = load_detector(model_dir)
     captions = captions or {}
     rows, images, texts = [], [], []
     for path in tqdm(paths, desc="reading", unit="file", file=sys.stderr, disable=not progress):
@@ -62,8 +62,8 @@ def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None =
         rows.append(row)
     if images:
         good = [r for r in rows if not r["error"]]
-        for row, scores in zip(good, score_images(model, tokenizer, processor, images, texts, threshold, batch_size,
-                                                  progress, precision)):
+        options = RunOptions(batch_size, precision=precision, progress=progress)
+        for row, scores in zip(good, score_images(detector, images, texts, threshold, options)):
             row.update(scores)
     return rows
 
@@ -163,8 +163,8 @@ def command(ctx, inputs, model_spec, caption, captions_file, threshold, threshol
     configure()
     captions = read_captions(captions_file) if captions_file else None
     progress = not quiet and sys.stderr.isatty()
-    rows = detect(expand(list(inputs)), resolve_model(model_spec), captions, caption, threshold, batch_size, progress,
-               precision)
+    rows = detect(expand(list(inputs)), resolve_model(model_spec), captions, caption=caption, threshold=threshold,
+                  batch_size=batch_size, progress=progress, precision=precision)
     text = render(rows, fmt)
     if out:
         out.write_text(text)

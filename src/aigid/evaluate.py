@@ -22,7 +22,7 @@ from . import stage
 from .config import flatten
 from .data import open_dataset
 from .files import write_json
-from .infer import predict_logits
+from .infer import RunOptions, predict_logits
 from .metrics import confusion_rows, curve_rows, ranking_scores, rates_at, score, threshold_at_fpr
 from .model import decide, load_detector
 from .registry import log_detector
@@ -137,14 +137,15 @@ def blank_captions(ds):
 
 def evaluate_model(model_dir: Path, data, params, num_workers: int = 0,
                    precision: str = "auto") -> tuple[dict, dict]:
-    model, tokenizer, processor = load_detector(model_dir)
+    detector = load_detector(model_dir)
+    model = detector.model
     names = tuple(model.config.class_names)
     test, validation = data["test"], data["validation"]
     labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
 
     def predict(ds, perturb=None):
-        logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, params.batch_size, num_workers, perturb,
-                                            precision=precision)
+        logits_a, logits_b = predict_logits(detector, ds, RunOptions(params.batch_size, num_workers, precision,
+                                                                     perturb=perturb))
         return decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
 
     def scores(pred) -> dict:

@@ -24,7 +24,7 @@ from datasets import Dataset, DatasetDict
 
 from . import stage
 from .data import DataError, open_dataset, save_dataset
-from .infer import encode_features
+from .infer import RunOptions, encode_features
 from .model import build_detector
 from .runtime import configure
 
@@ -71,12 +71,12 @@ def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) 
     data = open_dataset(data_dir)
     torch.manual_seed(params.seed)
     # Only the encoders run here: the fusion layer and heads of this detector are placeholders, never used.
-    model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
-                                                 1, params.model.max_text_length, ("real", "ai"))
+    detector = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"), 1,
+                              params.model.max_text_length, ("real", "ai"))
+    options = RunOptions(params.features.batch_size, params.train.num_workers, params.inference.precision)
     splits = {}
     for name, ds in data.items():
-        text, image = encode_features(model, tokenizer, processor, ds, params.features.batch_size,
-                                      params.train.num_workers, params.inference.precision)
+        text, image = encode_features(detector, ds, options)
         splits[name] = feature_table(text, image, ds)
         log.info("encoded %d %s rows", len(ds), name)
     save_dataset(DatasetDict(splits), out_dir, {MARKER: json.dumps({"computed": True}) + "\n"})

@@ -9,6 +9,8 @@ are visited grouped by caption, so the images of one caption share a batch and B
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -16,7 +18,7 @@ from datasets import Dataset
 from torch.utils.data import DataLoader, Subset
 
 from .data import Collator, schema
-from .model import decide
+from .model import Loaded, decide
 from .runtime import autocast, device
 
 
@@ -27,22 +29,34 @@ def caption_order(dataset: Dataset) -> np.ndarray:
     return np.argsort(np.asarray(dataset["caption_id"]), kind="stable")
 
 
-def _run(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int, precision: str, step,
-         perturb=None, progress: bool = False) -> list[np.ndarray]:
+@dataclass(frozen=True)
+class RunOptions:
+    """How a batched pass runs: rows per batch, DataLoader worker processes, precision (one of
+    :data:`aigid.config.PRECISIONS`), a progress bar of batches on stderr, and ``perturb``, applied to each
+    decoded image first (see :class:`aigid.evaluate.Perturbation`)."""
+
+    batch_size: int = 64
+    num_workers: int = 0
+    precision: str = "auto"
+    progress: bool = False
+    perturb: Callable | None = None
+
+
+def _run(detector: Loaded, dataset: Dataset, options: RunOptions, step) -> list[np.ndarray]:
     """``step(model, batch)`` -> a tuple of per-row tensors, for every batch in caption order; each output
     concatenated and put back in the dataset's order as float32 numpy."""
     from tqdm import tqdm
 
     dev = device()
-    model = model.to(dev).eval()
+    model = detector.model.to(dev).eval()
     order = caption_order(dataset)
-    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=batch_size, shuffle=False,
-                        num_workers=num_workers, pin_memory=dev.type == "cuda",
-                        collate_fn=Collator(tokenizer, processor, model.config.max_text_length, perturb=perturb))
+    collate = Collator(detector.tokenizer, detector.processor, model.config.max_text_length, perturb=options.perturb)
+    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=options.batch_size, shuffle=False,
+                        num_workers=options.num_workers, pin_memory=dev.type == "cuda", collate_fn=collate)
     outputs = None
-    for batch in tqdm(loader, desc="scoring", unit="batch", file=sys.stderr, disable=not progress):
+    for batch in tqdm(loader, desc="scoring", unit="batch", file=sys.stderr, disable=not options.progress):
         batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
-        with autocast(dev, precision):
+        with autocast(dev, options.precision):
             values = step(model, batch)
         outputs = outputs or [[] for _ in values]
         for chunks, value in zip(outputs, values):
@@ -65,35 +79,27 @@ def _features(model, batch):
 
 
 @torch.inference_mode()
-def predict_logits(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0,
-                   perturb=None, progress: bool = False, precision: str = "auto"):
-    """Head A and head B logits for every row, in the dataset's order, as float32 numpy arrays.
-
-    ``perturb`` transforms each decoded image first (see :class:`aigid.data.Perturbation`); ``progress``
-    shows a bar of batches on stderr; ``precision`` is one of :data:`aigid.config.PRECISIONS`.
-    """
-    return tuple(_run(model, tokenizer, processor, dataset, batch_size, num_workers, precision, _logits, perturb,
-                      progress))
+def predict_logits(detector: Loaded, dataset: Dataset, options: RunOptions = RunOptions()):
+    """Head A and head B logits for every row, in the dataset's order, as float32 numpy arrays."""
+    return tuple(_run(detector, dataset, options, _logits))
 
 
 @torch.inference_mode()
-def encode_features(model, tokenizer, processor, dataset: Dataset, batch_size: int, num_workers: int = 0,
-                    precision: str = "auto"):
+def encode_features(detector: Loaded, dataset: Dataset, options: RunOptions = RunOptions()):
     """The encoders' text and image features for every row, in the dataset's order (float32 numpy)."""
-    return tuple(_run(model, tokenizer, processor, dataset, batch_size, num_workers, precision, _features))
+    return tuple(_run(detector, dataset, options, _features))
 
 
-def score_images(model, tokenizer, processor, images: list[bytes], captions: list[str], threshold: float = 0.5,
-                 batch_size: int = 64, progress: bool = False, precision: str = "auto") -> list[dict]:
+def score_images(detector: Loaded, images: list[bytes], captions: list[str], threshold: float = 0.5,
+                 options: RunOptions = RunOptions()) -> list[dict]:
     """Score encoded images (already known to decode) in batches: one row of scores per image.
 
     Class probabilities are joint: P(real) = 1 - P(AI) and P(generator) = P(AI) * P(generator | AI).
     """
-    names = list(model.config.class_names)
+    names = list(detector.model.config.class_names)
     ds = Dataset.from_dict({"Caption": list(captions), "Image": [{"bytes": b, "path": None} for b in images]},
                            features=schema(columns=("Caption", "Image")))
-    logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, batch_size, progress=progress,
-                                        precision=precision)
+    logits_a, logits_b = predict_logits(detector, ds, options)
     pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b), threshold)
     rows = []
     for i, caption in enumerate(captions):

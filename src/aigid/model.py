@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -140,8 +141,16 @@ def _heads(model: Detector | DetectorHeads, text_features, image_features, label
     return DetectorOutput(loss=loss, logits_a=logits_a, logits_b=logits_b)
 
 
+class Loaded(NamedTuple):
+    """A detector with the tokenizer and image processor that prepare its inputs."""
+
+    model: Detector
+    tokenizer: object
+    processor: object
+
+
 def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_text_length: int,
-                   class_names: tuple[str, ...]):
+                   class_names: tuple[str, ...]) -> Loaded:
     """A fresh detector from two pretrained encoders: hub names or local directories, same code path."""
     text = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
     vision = CLIPVisionModel.from_pretrained(vision_encoder)
@@ -153,7 +162,7 @@ def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_
     model.text_encoder.load_state_dict(text.state_dict())
     model.vision_encoder.load_state_dict(vision.state_dict())
     processor = AutoImageProcessor.from_pretrained(vision_encoder)
-    return model, tokenizer, processor
+    return Loaded(model, tokenizer, processor)
 
 
 def save_detector(model: Detector, tokenizer, processor, path: str | Path) -> None:
@@ -163,13 +172,13 @@ def save_detector(model: Detector, tokenizer, processor, path: str | Path) -> No
     processor.save_pretrained(path)
 
 
-def load_detector(path: str | Path):
+def load_detector(path: str | Path) -> Loaded:
     """Load a directory written by :func:`save_detector`; safetensors only, never remote code."""
     path = Path(path)
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path}: no model.safetensors; not a detector directory written by this tool")
     model = Detector.from_pretrained(path, use_safetensors=True)
-    return model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path)
+    return Loaded(model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
 
 
 @dataclass

@@ -19,7 +19,7 @@ from . import stage
 from .data import COLUMNS, DataError, open_dataset, save_dataset, schema, split_by_caption
 from .features import open_features, predict_from_features
 from .files import write_json
-from .infer import predict_logits
+from .infer import RunOptions, predict_logits
 from .model import decide, load_detector
 from .runtime import configure
 from .tracking import stage_run
@@ -70,12 +70,13 @@ def pseudolabel(params, paths: Paths) -> dict:
         raise DataError(f"{data_dir}: no '{pool}' split to pseudo-label (splits: {', '.join(data)}); "
                         f"set pseudolabel.pool to one of them")
     ds = data[pool]
-    model, tokenizer, processor = load_detector(paths.model)
+    detector = load_detector(paths.model)
+    model = detector.model
     if params.train.freeze_encoders:
         logits_a, logits_b = predict_from_features(model, open_features(paths.features)[pool])
     else:
-        logits_a, logits_b = predict_logits(model, tokenizer, processor, ds, q.batch_size, params.train.num_workers,
-                                            precision=params.inference.precision)
+        logits_a, logits_b = predict_logits(detector, ds, RunOptions(q.batch_size, params.train.num_workers,
+                                                                     params.inference.precision))
     pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
     keep = select_confident(pred.conf_a.numpy(), pred.conf_b.numpy(), threshold)
     if len(keep) == 0:

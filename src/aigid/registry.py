@@ -27,7 +27,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         from .model import load_detector
 
-        self.model, self.tokenizer, self.processor = load_detector(context.artifacts["model_dir"])
+        self.detector = load_detector(context.artifacts["model_dir"])
         self.threshold = float((context.model_config or {}).get("threshold", 0.5))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
@@ -35,7 +35,7 @@ class DetectorModel(mlflow.pyfunc.PythonModel):
 
         images = [image_bytes(v, i) for i, v in enumerate(model_input["image"])]
         captions = [c or "" for c in model_input["caption"]] if "caption" in model_input else [""] * len(images)
-        rows = score_images(self.model, self.tokenizer, self.processor, images, captions, self.threshold)
+        rows = score_images(self.detector, images, captions, self.threshold)
         return pd.DataFrame(rows)
 
 
@@ -58,8 +58,7 @@ def log_detector(model_dir: Path, registered_name: str, threshold: float, exampl
     from .model import load_detector
 
     example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()], "caption": [example_caption]})
-    model, tokenizer, processor = load_detector(model_dir)
-    output = pd.DataFrame(score_images(model, tokenizer, processor, [example_image], [example_caption], threshold))
+    output = pd.DataFrame(score_images(load_detector(model_dir), [example_image], [example_caption], threshold))
     return mlflow.pyfunc.log_model(
         name="model", python_model=DetectorModel(), artifacts={"model_dir": str(model_dir)},
         code_paths=[str(Path(__file__).parent)], model_config={"threshold": threshold},
