@@ -117,6 +117,8 @@ def test_unknown_model_directory_or_registered_model_is_a_clear_error(tmp_path, 
     assert result.exit_code != 0 and "no/such/dir: no such model directory" in result.output
     result = CliRunner().invoke(main, ["detect", "a.png", "--model", "models:/aigid-detector/7"])
     assert result.exit_code != 0 and "models:/aigid-detector/7: cannot download the model" in result.output
+    result = CliRunner().invoke(main, ["detect", "a.png", "--model", "models:/aigid-detector@candidate"])
+    assert result.exit_code != 0 and "`aigid register` registers models/retrained" in result.output
 
 
 def test_precision_bf16_runs_the_model_in_bf16_on_the_cpu_and_auto_keeps_float32(tmp_path):

@@ -14,18 +14,33 @@ import numpy as np
 import pytest
 import yaml
 
+from aigid.data import open_dataset
+
 from conftest import REPO, tiny_params_dict
 
 pytestmark = pytest.mark.slow
 STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate")
 
 
-def sh(*cmd: str, cwd: Path) -> str:
+def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True)
+    return env
+
+
+def _run(cmd, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+def sh(*cmd: str, cwd: Path) -> str:
+    proc = _run(cmd, cwd)
     return proc.stdout + proc.stderr
+
+
+def _stdout(cmd, cwd: Path) -> str:
+    return _run(cmd, cwd).stdout
 
 
 @pytest.fixture(scope="module")
@@ -47,6 +62,13 @@ def project(tmp_path_factory) -> Path:
     sh("git", "commit", "-qm", "tiny pipeline", cwd=root)
     sh("dvc", "repro", cwd=root)
     return root
+
+
+def versions(root: Path | None = None, name: str = "aigid-detector") -> list:
+    """The registered versions of ``name`` in the store of ``root`` (default: the store MLflow points at)."""
+    if root is not None:
+        mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return sorted(mlflow.MlflowClient().search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
 
 
 def runs(root: Path):
@@ -122,7 +144,10 @@ def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(proje
 
     runs(project)  # points MLflow at the project's store
     assert any((project / "mlartifacts").rglob("model.safetensors"))   # not in a working-directory ./mlruns
-    model = mlflow.pyfunc.load_model("models:/aigid-detector/latest")
+    (version,) = versions()
+    assert mlflow.MlflowClient().get_model_version_by_alias("aigid-detector", "candidate").version == version.version
+    assert len(version.tags["model_hash"]) == 64 and version.tags["git_commit"] != ""
+    model = mlflow.pyfunc.load_model("models:/aigid-detector@candidate")
     image = next((project / "mlartifacts").rglob("input_example.json"))   # the logged example: a test image
     example = json.loads(image.read_text())
     frame = pd.DataFrame(example["data"], columns=example["columns"])
@@ -132,7 +157,7 @@ def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(proje
     assert list(out.columns[:4]) == ["prob_ai", "label", "generator", "threshold"] and out["threshold"][0] == threshold
     png = tmp_path / "x.png"
     png.write_bytes(base64.b64decode(frame["image"][0]))
-    sh("aigid", "detect", str(png), "--model", "models:/aigid-detector/latest", "--format", "json",
+    sh("aigid", "detect", str(png), "--model", "models:/aigid-detector@candidate", "--format", "json",
        "--caption", frame["caption"][0], "--threshold-from", "metrics/evaluate.json", "-q", "--out", str(tmp_path / "rows.json"), cwd=project)
     row = json.loads((tmp_path / "rows.json").read_text())[0]
     assert abs(row["prob_ai"] - out["prob_ai"][0]) < 1e-6 and row["threshold"] == threshold
@@ -173,6 +198,9 @@ def test_threshold_experiment_reruns_only_downstream_stages(project):
     assert after["threshold"] == 0.4 and after["kept"] < before["kept"]
     tagged = [r for r in runs(project) if r.data.tags.get("dvc_exp_name")]
     assert {r.data.tags["stage"] for r in tagged} == {"pseudolabel", "retrain", "evaluate"}
+    first, second = versions(project)                     # another model: a new version, and it is the candidate
+    assert mlflow.MlflowClient().get_model_version_by_alias("aigid-detector", "candidate").version == second.version
+    assert second.tags["dvc_exp_name"] and first.tags["model_hash"] != second.tags["model_hash"]
 
 
 def test_pseudo_labelling_the_test_split_flags_evaluate_as_contaminated(project, tmp_path):
@@ -186,11 +214,12 @@ def test_pseudo_labelling_the_test_split_flags_evaluate_as_contaminated(project,
 
 def test_forced_rerun_gives_identical_metrics_files(project):
     files = lambda: [*(project / "metrics").rglob("*.json"), *(project / "reports").rglob("*")]  # noqa: E731
-    before = {p: p.read_bytes() for p in files()}
+    before, registered = {p: p.read_bytes() for p in files()}, len(versions(project))
     sh("dvc", "repro", "--force", cwd=project)
     after = {p: p.read_bytes() for p in files()}
     assert before.keys() == after.keys()
     assert [p.name for p in before if before[p] != after[p]] == []
+    assert len(versions(project)) == registered           # the same model is not registered twice
 
 
 def test_push_then_pull_into_a_fresh_clone_reruns_nothing(project, tmp_path):
@@ -207,6 +236,19 @@ def test_push_then_pull_into_a_fresh_clone_reruns_nothing(project, tmp_path):
     assert "up to date" in status, status
     out = sh("dvc", "repro", cwd=clone)
     assert "Running stage" not in out
+
+    # evaluate did not run here, so the clone's own MLflow store has no registered model: one command fixes it.
+    png = clone / "x.png"
+    png.write_bytes(open_dataset(clone / "data/prepared")["test"][0]["Image"]["bytes"])
+    detect = ["aigid", "detect", str(png), "--model", "models:/aigid-detector@candidate", "-q", "--format", "json"]
+    failed = subprocess.run(detect, cwd=clone, env=_env(), capture_output=True, text=True)
+    assert failed.returncode != 0 and "`aigid register`" in failed.stderr and "Traceback" not in failed.stderr
+    assert "registered" in sh("aigid", "register", cwd=clone)
+    sh("aigid", "register", cwd=clone)                     # a second time: nothing new
+    (version,) = versions(clone)
+    assert mlflow.MlflowClient().get_model_version_by_alias("aigid-detector", "candidate").version == version.version
+    rows = json.loads(_stdout(detect, clone))
+    assert len(rows) == 1 and rows[0]["error"] == "" and 0.0 <= rows[0]["prob_ai"] <= 1.0
 
 
 def _changed(root: Path) -> set[str]:

@@ -85,7 +85,8 @@ def threshold_from(spec: str) -> float:
 
 
 def resolve_model(spec: str) -> Path:
-    """A model directory, or ``models:/<name>/<version|latest>`` from the MLflow registry, downloaded."""
+    """A model directory, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` from the MLflow registry,
+    downloaded."""
     if not spec.startswith("models:/"):
         path = Path(spec)
         if not path.is_dir():
@@ -101,7 +102,8 @@ def resolve_model(spec: str) -> Path:
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
     except Exception as err:  # the registry raises several types; all mean "cannot get this model"
-        raise DataError(f"{spec}: cannot download the model from {uri} ({type(err).__name__}: {err})") from None
+        raise DataError(f"{spec}: cannot download the model from {uri} ({type(err).__name__}: {err}); "
+                        f"`aigid register` registers models/retrained in this store") from None
     found = [p.parent for p in local.rglob("model.safetensors")]
     if len(found) != 1:
         raise DataError(f"{spec}: expected one detector directory in the model's artifacts, found {len(found)}")
@@ -130,8 +132,8 @@ def render(rows: list[dict], fmt: str) -> str:
 @click.command(name="detect")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "model_spec", default="models/retrained", show_default=True,
-              help="Model directory written by train or retrain, or a registered model: "
-                   "models:/<name>/<version|latest> (e.g. models:/aigid-detector/latest), from the MLflow store.")
+              help="Model directory written by train or retrain, or a registered model from the MLflow store: "
+                   "models:/<name>@<alias> (e.g. models:/aigid-detector@candidate) or models:/<name>/<version>.")
 @click.option("--caption", default="", help="One caption for every image (default: none).")
 @click.option("--captions", "captions_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with columns path,caption (path as given or a bare file name).")

@@ -13,7 +13,6 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import torch
 from PIL import Image as PILImage
@@ -25,7 +24,7 @@ from .files import write_json
 from .infer import RunOptions, predict_logits
 from .metrics import confusion_rows, curve_rows, ranking_scores, rates_at, score, threshold_at_fpr
 from .model import decide, load_detector
-from .registry import log_detector
+from .registry import log_report, register
 from .runtime import configure
 from .tracking import stage_run
 
@@ -55,20 +54,17 @@ def run(params, paths: Paths) -> dict:
     ROC/PR, the operating point at evaluate.target_fpr, without captions, under the robustness grid.
 
     The retrained model is then logged to this stage's MLflow run (with its test metrics) and registered as
-    a new version of mlflow.registered_model, labelling at its operating-point threshold.
+    a version of mlflow.registered_model with the alias @candidate (unless that very model is registered
+    already), labelling at its operating-point threshold.
     """
     configure()
     models = {"base": paths.base, "retrained": paths.retrained}
     with stage_run("evaluate", params):
         report, plots = evaluate(models, paths.data, params.evaluate, contaminated=params.pseudolabel.pool == "test",
                                  num_workers=params.train.num_workers, precision=params.inference.precision)
-        for model in models:
-            mlflow.log_metrics({f"{model}_{k.replace('.', '_')}": v for k, v in flatten(report[model]).items()
-                                if isinstance(v, (int, float)) and not isinstance(v, bool)})
-        mlflow.set_tag("contaminated", str(report["contaminated"]).lower())
-        test = open_dataset(paths.data)["test"]
-        log_detector(paths.retrained, params.mlflow.registered_model,
-                     report["retrained"]["operating_point"]["threshold"], test[0]["Image"]["bytes"], test[0]["Caption"])
+        log_report(report)
+        register(paths.retrained, params.mlflow.registered_model,
+                 report["retrained"]["operating_point"]["threshold"], open_dataset(paths.data)["test"])
     for name, rows in plots.items():
         write_json(paths.plots / f"{name}.json", rows)
     write_json(paths.report, report)

@@ -1,6 +1,15 @@
 """The retrained detector as an MLflow model: logged with a signature and an input example, registered by name.
 
-``mlflow.pyfunc.load_model("models:/aigid-detector/latest").predict(df)`` takes a DataFrame with columns
+Registration is idempotent and keyed by the model's content: :func:`register` adds a version only when no
+version of the name carries the same ``model_hash`` tag (SHA-256 of the model directory's files and the
+threshold it labels at), tags it
+with that hash, the git commit and the DVC experiment, and points the alias ``@candidate`` at it. `evaluate`
+calls it when it runs; ``aigid register`` calls it for the current ``models/retrained`` whenever a store lacks
+it (a fresh clone whose evaluate DVC skipped, a second machine after ``dvc pull``, a shared server). An
+existing version is never registered twice and never moves the alias: clones sharing one server do not
+move each other's ``@candidate`` back to an older model.
+
+``mlflow.pyfunc.load_model("models:/aigid-detector@candidate").predict(df)`` takes a DataFrame with columns
 ``image`` (the encoded image file, base64) and ``caption`` (may be empty) and returns one row per image:
 ``prob_ai``, ``label`` (at the operating-point threshold evaluate chose), ``generator``, ``threshold``,
 ``caption`` and ``p_<class>`` for every class. The model directory travels as an artifact and is loaded
@@ -11,16 +20,111 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
 import mlflow
 import pandas as pd
 
-from .data import DataError, decode_rgb
+from . import stage
+from .config import flatten
+from .data import DataError, decode_rgb, open_dataset
+from .tracking import open_store, stage_run
+
+log = logging.getLogger(__name__)
+PARAMS = ("mlflow",)
+ALIAS = "candidate"
+HASH_TAG = "model_hash"
+
+
+@dataclass(frozen=True)
+class Paths:
+    model: Path = stage.path("models/retrained", "Model directory to register.", exists=True)
+    report: Path = stage.path("reports/evaluate.json", "Evaluate's report: the test metrics logged with the model "
+                              "and the operating-point threshold it labels at.", exists=True)
+    data: Path = stage.path("data/prepared", "Prepared dataset: its first test image is the input example.",
+                            exists=True)
+
+
+def run(params, paths: Paths) -> dict:
+    """Register MODEL as a version of mlflow.registered_model with the alias @candidate, unless a version
+    with the same content is registered already (then nothing changes). Safe to run any number of times."""
+    name = params.mlflow.registered_model
+    open_store(params.mlflow.experiment)
+    report = json.loads(paths.report.read_text())
+    threshold = report["retrained"]["operating_point"]["threshold"]
+    existing = find_version(name, content_hash(paths.model, threshold))
+    if existing is not None:
+        log.info("%s is registered already: %s version %s", paths.model, name, existing)
+        return {"version": existing, "created": False}
+    with stage_run("register", params):
+        log_report(report)
+        version_, created = register(paths.model, name, threshold, open_dataset(paths.data)["test"])
+    return {"version": version_, "created": created}
+
+
+command = stage.command("register", run, Paths, PARAMS)
+
+
+def content_hash(model_dir: Path, threshold: float) -> str:
+    """SHA-256 over the model directory's files (relative paths and bytes) and the threshold the registered
+    model labels at: the same model at the same operating point, the same hash."""
+    h = hashlib.sha256(repr(float(threshold)).encode())
+    for file in sorted(f for f in Path(model_dir).rglob("*") if f.is_file()):
+        h.update(file.relative_to(model_dir).as_posix().encode() + b"\0")
+        with file.open("rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()
+
+
+def find_version(name: str, model_hash: str) -> str | None:
+    """The oldest version of ``name`` holding a model with this content, if any."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = mlflow.MlflowClient().search_model_versions(f"name='{name}' and tags.{HASH_TAG}='{model_hash}'")
+    except MlflowException:  # no such registered model yet
+        return None
+    return min((str(v.version) for v in found), key=int, default=None)
+
+
+def log_report(report: dict) -> None:
+    """Every number of an evaluate report, as metrics of the active run (``retrained_task_a_f1_weighted``)."""
+    for model in ("base", "retrained"):
+        mlflow.log_metrics({f"{model}_{k.replace('.', '_')}": v for k, v in flatten(report[model]).items()
+                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
+    mlflow.set_tag("contaminated", str(report["contaminated"]).lower())
+
+
+def register(model_dir: Path, name: str, threshold: float, test) -> tuple[str, bool]:
+    """Log ``model_dir`` to the active run and register it under ``name`` with the alias @candidate, unless a
+    version with the same content exists. Returns the version and whether this call created it."""
+    model_hash = content_hash(model_dir, threshold)
+    existing = find_version(name, model_hash)
+    if existing is not None:
+        return existing, False
+    info = log_detector(model_dir, name, threshold, test[0]["Image"]["bytes"], test[0]["Caption"])
+    client, created = mlflow.MlflowClient(), str(info.registered_model_version)
+    tags = mlflow.active_run().data.tags
+    for key, value in ((HASH_TAG, model_hash), ("git_commit", tags.get("git_commit", "")),
+                       ("dvc_exp_name", tags.get("dvc_exp_name", ""))):
+        client.set_model_version_tag(name, created, key, value)
+    # Two clones registering the same model at once: the oldest version stays, the other is removed.
+    oldest = find_version(name, model_hash)
+    if oldest != created:
+        client.delete_model_version(name, created)
+        return oldest, False
+    client.set_registered_model_alias(name, ALIAS, created)
+    log.info("registered %s as %s version %s (@%s)", model_dir, name, created, ALIAS)
+    return created, True
 
 REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "datasets", "pillow", "numpy",
-                "pandas", "scikit-learn", "pyyaml")
+                "pandas", "scikit-learn", "pyyaml", "pydantic", "click")
 
 
 class DetectorModel(mlflow.pyfunc.PythonModel):

@@ -96,6 +96,13 @@ def pipeline_id(commit: str, params_file: Path) -> str:
     return h.hexdigest()[:12]
 
 
+def open_store(experiment: str) -> str:
+    """Point MLflow at the project's store (see :func:`tracking_uri`) and ``experiment``; return the URI."""
+    uri = tracking_uri()
+    _open_store(uri, experiment)
+    return uri
+
+
 def _open_store(uri: str, experiment: str) -> None:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)

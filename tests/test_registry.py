@@ -1,0 +1,104 @@
+"""Registration keyed by content: idempotent, the alias moves only to a new model, a duplicate from a race
+is removed. A real sqlite MLflow store and a tiny detector."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import mlflow
+import pytest
+import yaml
+from click.testing import CliRunner
+from datasets import Dataset, DatasetDict
+from PIL import Image
+
+from aigid.cli import main
+from aigid.registry import ALIAS, HASH_TAG, content_hash, register
+from conftest import REPO
+from test_detect import save_tiny_model
+
+NAME = "aigid-detector"
+
+
+def _png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("aigid")
+    save_tiny_model(tmp_path / "model")
+    return tmp_path
+
+
+def _versions():
+    return sorted(mlflow.MlflowClient().search_model_versions(f"name='{NAME}'"), key=lambda v: int(v.version))
+
+
+def _candidate() -> str:
+    return str(mlflow.MlflowClient().get_model_version_by_alias(NAME, ALIAS).version)
+
+
+def test_the_same_model_is_registered_once_and_a_new_one_takes_the_alias(store):
+    test = [{"Image": {"bytes": _png()}, "Caption": "a red circle"}]
+    with mlflow.start_run(tags={"git_commit": "abc", "dvc_exp_name": ""}):
+        first, created = register(store / "model", NAME, 0.5, test)
+    assert created and _candidate() == first
+    with mlflow.start_run():
+        assert register(store / "model", NAME, 0.5, test) == (first, False)
+    with mlflow.start_run():                              # another operating point: another registered model
+        second, created = register(store / "model", NAME, 0.7, test)
+    assert created and second != first and _candidate() == second
+    with mlflow.start_run():                              # the older model again: nothing moves
+        assert register(store / "model", NAME, 0.5, test) == (first, False)
+    assert _candidate() == second and len(_versions()) == 2
+    tags = _versions()[0].tags
+    assert tags[HASH_TAG] == content_hash(store / "model", 0.5) and tags["git_commit"] == "abc"
+
+
+def test_a_version_registered_meanwhile_by_another_clone_wins(store, monkeypatch):
+    """Two clones registering one model at once: the older version stays, the later one is deleted."""
+    import aigid.registry as registry
+
+    test = [{"Image": {"bytes": _png()}, "Caption": ""}]
+    with mlflow.start_run():
+        first, _ = register(store / "model", NAME, 0.5, test)
+    seen = iter([None])                                   # the second clone's first look finds nothing
+    real = registry.find_version
+    monkeypatch.setattr(registry, "find_version", lambda *a: _race(seen, real, a))
+    with mlflow.start_run():
+        assert register(store / "model", NAME, 0.5, test) == (first, False)
+    assert [str(v.version) for v in _versions()] == [first] and _candidate() == first
+
+
+def _race(seen, real, args):
+    try:
+        return next(seen)
+    except StopIteration:
+        return real(*args)
+
+
+def test_register_command_is_idempotent(store):
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    (store / "params.yaml").write_text(yaml.safe_dump(params))
+    (store / "report.json").write_text(json.dumps({"contaminated": False, "base": {"roc_auc": 0.5},
+                                                   "retrained": {"roc_auc": 0.6, "operating_point": {"threshold": 0.4}}}))
+    DatasetDict(test=Dataset.from_dict({"Image": [{"bytes": _png(), "path": None}], "Caption": ["x"]})).save_to_disk(
+        str(store / "prepared"))
+    args = ["register", "--model", str(store / "model"), "--report", str(store / "report.json"), "--data",
+            str(store / "prepared")]
+    for _ in range(2):
+        result = CliRunner().invoke(main, args)
+        assert result.exit_code == 0, result.output
+    (version,) = _versions()
+    assert _candidate() == str(version.version)
+    run = mlflow.get_run(version.run_id)
+    assert run.data.tags["stage"] == "register" and run.data.metrics["retrained_roc_auc"] == 0.6
+    assert mlflow.pyfunc.load_model(f"models:/{NAME}@{ALIAS}").metadata.get_model_info() is not None
