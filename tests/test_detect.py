@@ -40,8 +40,9 @@ def test_detect_folder_with_a_corrupt_file(tmp_path):
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
     result = CliRunner().invoke(main, ["detect", str(folder), "--model", str(tmp_path / "model"),
                                        "--caption", "a red circle", "--batch-size", "2"])
-    assert result.exit_code == 0, result.output
-    rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(io.StringIO(result.output))}
+    assert result.exit_code == 3, result.output          # some inputs could not be read
+    assert result.stderr.strip() == "1 of 9 input(s) could not be read (the error column says why)"
+    rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(io.StringIO(result.stdout))}
     assert set(rows) == set(modes) | {"broken.png"}
     assert "not a recognised image format" in rows["broken.png"]["error"] and rows["broken.png"]["prob_ai"] == ""
 
@@ -76,7 +77,7 @@ def test_detect_json_with_per_file_captions(tmp_path):
     (tmp_path / "bad.csv").write_text("file,text\na.png,x\n")
     result = CliRunner().invoke(main, ["detect", str(tmp_path / "a.png"), "--model", str(tmp_path / "model"),
                                        "--captions", str(tmp_path / "bad.csv")])
-    assert result.exit_code != 0 and "needs columns path,caption" in result.output
+    assert result.exit_code == 1 and "missing column(s) path" in result.output
 
 
 def test_threshold_from_the_operating_point_and_progress_only_on_stderr(tmp_path, capsys):

@@ -1,4 +1,9 @@
-"""Score your own images: files, folders or globs, with or without captions, in batches."""
+"""Score your own images: files, folders or globs, with or without captions, in batches.
+
+Exit status of `aigid detect`: 0 every input was scored; 1 nothing was scored (a bad --model, --out,
+--captions or --threshold-from, no image found, or no input readable); 2 a command-line usage error; 3 some
+inputs could not be read (their rows carry the reason in ``error``, the others are scored).
+"""
 
 from __future__ import annotations
 
@@ -17,8 +22,16 @@ from .infer import RunOptions, score_images
 from .model import load_detector
 from .runtime import configure
 from .stage import clean_errors
+from .tables import duplicates, read_table
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+SOME_FAILED = 3  # exit status when some inputs could not be read
+
+
+def columns(class_names) -> list[str]:
+    """The output columns, the same whatever happened to the inputs."""
+    return ["path", "error", "prob_ai", "label", "generator", "threshold", "caption",
+            *(f"p_{name}" for name in class_names)]
 
 
 def expand(inputs: list[str]) -> list[Path]:
@@ -91,6 +104,9 @@ def resolve_model(spec: str) -> Path:
         path = Path(spec)
         if not path.is_dir():
             raise DataError(f"{spec}: no such model directory")
+        if not (path / "model.safetensors").is_file():
+            raise DataError(f"{spec}: no model.safetensors; not a model directory written by `aigid train` or "
+                            f"`aigid retrain` (e.g. models/retrained)")
         return path
     import mlflow
 
@@ -111,19 +127,21 @@ def resolve_model(spec: str) -> Path:
 
 
 def read_captions(path: Path) -> dict[str, str]:
-    """A ``path,caption`` CSV as {path: caption}; paths as given on the command line or bare file names."""
-    with open(path, newline="") as f:
-        table = list(csv.DictReader(f))
-    if table and not {"path", "caption"} <= set(table[0]):
-        raise DataError(f"{path}: needs columns path,caption (found: {', '.join(table[0])})")
-    return {r["path"]: r["caption"] for r in table}
+    """A ``path,caption`` table (CSV or .xlsx) as {path: caption}; paths as given on the command line or bare
+    file names. A path listed twice is an error naming both rows."""
+    frame = read_table(path, ("path", "caption"))
+    keys = list(frame["path"])
+    if found := duplicates(keys, path, "path"):
+        raise DataError(next(iter(found.values())))
+    return dict(zip(keys, frame["caption"]))
 
 
-def render(rows: list[dict], fmt: str) -> str:
+def render(rows: list[dict], fmt: str, fields: list[str]) -> str:
+    """CSV or JSON with ``fields`` in every row (empty, or null in JSON, where an input was not scored)."""
     if fmt == "json":
-        return json.dumps(rows, indent=2) + "\n"
+        return json.dumps([{k: r.get(k) for k in fields} for r in rows], indent=2) + "\n"
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=list(dict.fromkeys(k for r in rows for k in r)))
+    writer = csv.DictWriter(buf, fieldnames=fields)
     writer.writeheader()
     writer.writerows(rows)
     return buf.getvalue()
@@ -156,19 +174,33 @@ def command(ctx, inputs, model_spec, caption, captions_file, threshold, threshol
             out, quiet) -> None:
     """Score image files, folders or globs: P(AI), the generator and every class probability.
 
-    Unreadable files get a row with the reason in `error`; the others are still scored.
+    Unreadable files get a row with the reason in `error`; the others are still scored. Exit status: 0 every
+    input scored; 1 nothing scored (bad --model, --out, --captions or --threshold-from, no image found, no
+    input readable); 2 a usage error; 3 some inputs could not be read.
     """
+    if out is not None and not out.parent.is_dir():
+        raise click.ClickException(f"--out {out}: the folder {out.parent} does not exist")
     if threshold_spec:
         if ctx.get_parameter_source("threshold") == click.core.ParameterSource.COMMANDLINE:
             raise click.UsageError("give --threshold or --threshold-from, not both")
         threshold = threshold_from(threshold_spec)
-    configure()
     captions = read_captions(captions_file) if captions_file else None
-    progress = not quiet and sys.stderr.isatty()
-    rows = detect(expand(list(inputs)), resolve_model(model_spec), captions, caption=caption, threshold=threshold,
-                  batch_size=batch_size, progress=progress, precision=precision)
-    text = render(rows, fmt)
+    model_dir = resolve_model(model_spec)
+    paths = expand(list(inputs))
+    if not paths:
+        raise click.ClickException(f"no image files in {', '.join(inputs)} "
+                                   f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
+    configure()
+    rows = detect(paths, model_dir, captions, caption=caption, threshold=threshold, batch_size=batch_size,
+                  progress=not quiet and sys.stderr.isatty(), precision=precision)
+    text = render(rows, fmt, columns(json.loads((model_dir / "config.json").read_text())["class_names"]))
     if out:
         out.write_text(text)
     else:
         click.echo(text, nl=False)
+    failed = sum(bool(r["error"]) for r in rows)
+    if failed == len(rows):
+        raise click.ClickException(f"none of the {len(rows)} input(s) could be scored (the error column says why)")
+    if failed:
+        click.echo(f"{failed} of {len(rows)} input(s) could not be read (the error column says why)", err=True)
+        ctx.exit(SOME_FAILED)

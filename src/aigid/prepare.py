@@ -21,10 +21,9 @@ from datasets import Dataset, DatasetDict, Image, Value
 from PIL import Image as PILImage
 
 from . import stage
-from .data import (RAW_COLUMNS, DataError, open_dataset, open_image, save_dataset, schema, split_by_caption,
-                   to_rgb)
+from .data import RAW_COLUMNS, DataError, open_dataset, open_image, save_dataset, schema, split_by_caption, to_rgb
 from .files import atomic_path, write_json
-from .sources import load_source
+from .sources import Rejected, inside, load_source
 
 log = logging.getLogger(__name__)
 PARAMS = ("seed", "prepare")
@@ -49,14 +48,7 @@ class CheckOptions:
     on_bad: str = "error"          # "error": stop at the first bad row; "skip": leave it out, report it
     max_pixels: int = 89_478_485   # larger images are refused (decompression-bomb guard)
     max_side: int = 0              # > 0: store images larger than this resized (shortest side), as PNG
-
-
-@dataclass
-class Rejected:
-    split: str
-    row: int
-    file: str
-    reason: str
+    root: Path | None = None       # image paths in rows are resolved against it and must stay inside it
 
 
 def run(params, paths: Paths) -> dict:
@@ -84,6 +76,7 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     started = time.perf_counter()
     class_names = tuple(params.class_names)
     origin: dict = {"source": params.source}
+    rejected: list[Rejected] = []
     if params.source == "demo":
         from .demo import SOURCES, generate_demo
 
@@ -92,12 +85,12 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
                             f"prepare.class_names has {len(class_names)}")
         raw_splits = generate_demo(params.demo.captions, image_size=params.demo.image_size, seed=seed)
     else:
-        raw_splits, origin = load_source(params.source, params.layout, class_names, params.class_aliases,
-                                         params.revision, raw)
+        raw_splits, origin = load_source(params, raw, rejected)
     if "train" not in raw_splits:
         raise DataError(f"{params.source}: no train split (splits: {', '.join(raw_splits) or 'none'})")
-    opts = CheckOptions(class_names, params.on_bad, params.max_pixels, params.max_side)
-    rejected: list[Rejected] = []
+    # Image paths inside arrow/parquet rows are relative to the dataset and may not leave it.
+    root = Path(params.source) if origin.get("layout") in ("arrow", "parquet") else None
+    opts = CheckOptions(class_names, params.on_bad, params.max_pixels, params.max_side, root)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out_dir.parent) as cache:
         splits = {name: check_split(ds, name, cache, opts, rejected) for name, ds in raw_splits.items()}
@@ -148,6 +141,8 @@ def checked_image(image: dict, opts: CheckOptions) -> bytes:
 
     Alpha, grayscale, palette and CMYK images are kept as they are; they are converted to RGB when decoded.
     """
+    if opts.root is not None and image.get("bytes") is None and image.get("path"):
+        image = {"bytes": None, "path": str(inside(opts.root, image["path"], "Image path"))}
     data, img = open_image(image, opts.max_pixels)
     rgb = to_rgb(img)  # fails here, not in training, if the mode cannot be converted
     if opts.max_side and min(img.size) > opts.max_side:
@@ -260,7 +255,7 @@ def write_quarantine(path: Path, rejected: list[Rejected], duplicates: dict[str,
         w = csv.writer(f)
         w.writerow(["split", "row", "file", "action", "reason"])
         for r in rejected:
-            w.writerow([r.split, r.row, r.file, "skipped", r.reason])
+            w.writerow([r.split, "" if r.row < 0 else r.row, r.file, "skipped", r.reason])
         for kind, items in sorted(duplicates.items()):
             for split, row, file, (first_split, first_row) in items:
                 w.writerow([split, row, file, "kept", f"duplicate ({kind}): same bytes as {first_split} row {first_row}"])

@@ -22,23 +22,52 @@ from __future__ import annotations
 from pathlib import Path
 
 import re
+from dataclasses import dataclass, field
 
-import pandas as pd
 from datasets import Dataset, DatasetDict
 
 from .data import RAW_COLUMNS, DataError, open_dataset, schema
+from .tables import FIRST_ROW, duplicates, integers, read_table
 
 SPLITS = ("train", "validation", "test", "unlabeled")
 SOURCE_SUFFIX = "_image"  # competition source folders: coco_image, sd21_image, ...
 
 
-def load_source(source: str, layout: str, class_names: tuple[str, ...], aliases: dict[str, str],
-                revision: str, raw: Path | None = None) -> tuple[DatasetDict, dict]:
-    """Read ``source`` in ``layout`` (hub, arrow, parquet, competition, folders; auto detects it) and say
-    where it came from: ``{"source", "layout"}`` plus, for the hub, the ``revision`` asked for and the commit
-    it resolved to. A local source must lie inside ``raw`` (the DVC-tracked raw data folder), when given."""
-    from datasets import load_dataset
+@dataclass
+class Rejected:
+    """A row left out by prepare (``on_bad: skip``): its split, row (-1: a table row, named in ``reason``),
+    file and reason; listed in the quarantine report."""
 
+    split: str
+    row: int
+    file: str
+    reason: str
+
+
+@dataclass
+class Reader:
+    """What the readers need besides the files: the classes, and where skipped table rows go."""
+
+    class_names: tuple[str, ...]
+    aliases: dict[str, str]
+    on_bad: str = "error"
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def bad_keys(self, messages: dict, split: str, path: Path) -> set:
+        """Duplicated keys of a table: an error, or with on_bad: skip every row holding them quarantined."""
+        if messages and self.on_bad != "skip":
+            raise DataError(next(iter(messages.values())))
+        for key, message in messages.items():
+            self.rejected.append(Rejected(split, -1, str(path), message))
+        return set(messages)
+
+
+def load_source(params, raw: Path | None = None, rejected: list[Rejected] | None = None) -> tuple[DatasetDict, dict]:
+    """Read ``params.source`` (the prepare params) in ``params.layout`` (hub, arrow, parquet, competition,
+    folders; auto detects it) and say where it came from: ``{"source", "layout"}`` plus, for the hub, the
+    ``revision`` asked for and the commit it resolved to. A local source must lie inside ``raw`` (the
+    DVC-tracked raw data folder), when given. Table rows skipped under ``on_bad: skip`` go to ``rejected``."""
+    source, layout = params.source, params.layout
     path = Path(source)
     if layout == "auto":
         if path.is_dir():
@@ -49,8 +78,8 @@ def load_source(source: str, layout: str, class_names: tuple[str, ...], aliases:
             layout = "hub"
     origin = {"source": source, "layout": layout}
     if layout == "hub":
-        dsd, resolved = _from_hub(source, revision)
-        return dsd, {**origin, "revision": revision, "resolved_revision": resolved}
+        dsd, resolved = _from_hub(source, params.revision)
+        return dsd, {**origin, "revision": params.revision, "resolved_revision": resolved}
     if not path.is_dir():
         raise DataError(f"prepare.source={source}: no such directory (prepare.layout={layout})")
     if raw is not None and not path.resolve().is_relative_to(raw.resolve()):
@@ -60,10 +89,41 @@ def load_source(source: str, layout: str, class_names: tuple[str, ...], aliases:
     if layout == "arrow":
         return open_dataset(path), origin  # never write cache files into the user's dataset
     if layout == "parquet":
-        return load_dataset("parquet", data_dir=str(path)), origin
+        return read_parquet(path), origin
+    reader = Reader(tuple(params.class_names), dict(params.class_aliases), params.on_bad,
+                    rejected if rejected is not None else [])
     if layout == "competition":
-        return read_competition(path, class_names, aliases), origin
-    return read_folders(path, class_names, aliases), origin
+        return read_competition(path, reader), origin
+    return read_folders(path, reader), origin
+
+
+def read_parquet(root: Path) -> DatasetDict:
+    """``<split>.parquet``, ``<split>-*.parquet`` or ``<split>/*.parquet`` files as splits. A file whose split
+    cannot be told, a file without rows, and files whose columns differ are errors naming the files."""
+    import pyarrow.parquet as pq
+    from datasets import load_dataset
+
+    files: dict[str, list[str]] = {}
+    columns: dict[Path, list[str]] = {}
+    for file in sorted(root.rglob("*.parquet")):
+        rel = file.relative_to(root)
+        split = rel.parts[0] if len(rel.parts) > 1 else file.stem.split("-")[0]
+        if split not in SPLITS:
+            raise DataError(f"{file}: cannot tell which split it holds (name it <split>.parquet or "
+                            f"<split>-*.parquet, or put it in a <split>/ folder; splits: {', '.join(SPLITS)})")
+        try:
+            meta = pq.read_metadata(file)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError...: not a parquet file
+            raise DataError(f"{file}: not a readable parquet file ({err})") from None
+        if meta.num_rows == 0:
+            raise DataError(f"{file}: no rows (remove the file, or write the split's rows into it)")
+        columns[file] = meta.schema.to_arrow_schema().names
+        files.setdefault(split, []).append(str(file))
+    if len({tuple(sorted(c)) for c in columns.values()}) > 1:
+        listed = "; ".join(f"{f.relative_to(root)}: {', '.join(c)}" for f, c in columns.items())
+        raise DataError(f"{root}: the parquet files have different columns ({listed}); every file needs the same "
+                        f"columns ({', '.join(RAW_COLUMNS)})")
+    return load_dataset("parquet", data_files=files)
 
 
 def _from_hub(source: str, revision: str) -> tuple[DatasetDict, str | None]:
@@ -101,15 +161,12 @@ def class_index(name: str, class_names: tuple[str, ...], aliases: dict[str, str]
     return class_names.index(name)
 
 
-def _table(directory: Path, stem: str, columns: tuple[str, ...], required: bool = True) -> pd.DataFrame | None:
+def _table(directory: Path, stem: str, columns: tuple[str, ...], required: bool = True) -> tuple | None:
+    """(frame, path) of ``<stem>.xlsx`` or ``<stem>.csv`` in ``directory``."""
     for suffix in (".xlsx", ".csv"):
         path = directory / f"{stem}{suffix}"
         if path.is_file():
-            frame = pd.read_excel(path) if suffix == ".xlsx" else pd.read_csv(path, keep_default_na=False)
-            missing = [c for c in columns if c not in frame.columns]
-            if missing:
-                raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(map(str, frame.columns))})")
-            return frame
+            return read_table(path, columns), path
     if required:
         raise DataError(f"{directory}: no {stem}.xlsx or {stem}.csv")
     return None
@@ -128,39 +185,47 @@ def source_dirs(directory: Path, class_names, aliases) -> list[tuple[int, Path]]
                   key=lambda kd: (kd[0], kd[1].name))
 
 
-def _competition_split(directory: Path, class_names, aliases) -> Dataset:
-    captions = _table(directory, "captions", ("Index", "Caption"))
-    text = dict(zip(captions["Index"], captions["Caption"].fillna("").astype(str)))
-    sources = source_dirs(directory, class_names, aliases)
+def _competition_split(directory: Path, split: str, reader: Reader) -> Dataset:
+    frame, path = _table(directory, "captions", ("Index", "Caption"))
+    index = integers(frame, "Index", path)
+    bad = reader.bad_keys(duplicates(index, path, "Index"), split, path)
+    text = {i: c for i, c in zip(index, frame["Caption"]) if i not in bad}
+    sources = source_dirs(directory, reader.class_names, reader.aliases)
     rows: tuple[list, list, list, list] = ([], [], [], [])
     if sources:
         for label_b, source in sources:
-            for index, caption in text.items():
-                for part, value in zip(rows, (caption, source / f"image_{index}.jpg",
-                                               int(label_b != 0), label_b)):
+            for i, caption in text.items():
+                for part, value in zip(rows, (caption, source / f"image_{i}.jpg", int(label_b != 0), label_b)):
                     part.append(value)
         return _rows(*rows)
-    labels = _table(directory, "labels", ("Index", "Label_A", "Label_B"), required=False)
-    images = directory / "images" if (directory / "images").is_dir() else directory
-    if labels is None:
+    found = _table(directory, "labels", ("Index", "Label_A", "Label_B"), required=False)
+    if found is None:
         raise DataError(f"{directory}: neither source folders (*{SOURCE_SUFFIX}) nor a labels table")
-    for index, a, b in zip(labels["Index"], labels["Label_A"], labels["Label_B"]):
-        if index not in text:
-            raise DataError(f"{directory}: labels table row Index={index} has no caption in the captions table")
-        for part, value in zip(rows, (text[index], images / f"image_{index}.jpg", a, b)):
+    labels, path = found
+    images = directory / "images" if (directory / "images").is_dir() else directory
+    index = integers(labels, "Index", path)
+    label_a = integers(labels, "Label_A", path, range(2))
+    label_b = integers(labels, "Label_B", path, range(len(reader.class_names)))
+    bad = reader.bad_keys(duplicates(index, path, "Index"), split, path)
+    for row, (i, a, b) in enumerate(zip(index, label_a, label_b)):
+        if i in bad:
+            continue
+        if i not in text:
+            raise DataError(f"{path} row {row + FIRST_ROW}: Index={i} has no caption in the captions table")
+        for part, value in zip(rows, (text[i], images / f"image_{i}.jpg", a, b)):
             part.append(value)
     return _rows(*rows)
 
 
-def read_competition(root: Path, class_names, aliases) -> DatasetDict:
+def read_competition(root: Path, reader: Reader) -> DatasetDict:
     splits = {s: root / s for s in SPLITS if (root / s).is_dir()} or {"train": root}
-    return DatasetDict({s: _competition_split(d, class_names, aliases) for s, d in splits.items()})
+    return DatasetDict({s: _competition_split(d, s, reader) for s, d in splits.items()})
 
 
-def _folder_split(root: Path, split_dir: Path, captions: dict[str, str], class_names, aliases) -> Dataset:
+def _folder_split(root: Path, split_dir: Path, captions: dict[str, str], reader: Reader) -> Dataset:
     rows: tuple[list, list, list, list] = ([], [], [], [])
     for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
-        label_b = class_index(class_dir.name, class_names, aliases, str(class_dir))
+        label_b = class_index(class_dir.name, reader.class_names, reader.aliases, str(class_dir))
         for file in sorted(f for f in class_dir.rglob("*") if f.is_file() and not f.name.startswith(".")):
             inside(root, str(file.relative_to(root)), str(class_dir))  # a symlink out of the root is refused
             rel = file.relative_to(root).as_posix()
@@ -172,19 +237,18 @@ def _folder_split(root: Path, split_dir: Path, captions: dict[str, str], class_n
     return _rows(*rows)
 
 
-def read_folders(root: Path, class_names, aliases) -> DatasetDict:
+def read_folders(root: Path, reader: Reader) -> DatasetDict:
     captions: dict[str, str] = {}
     table = root / "captions.csv"
     if table.is_file():
-        frame = pd.read_csv(table, keep_default_na=False)
-        missing = [c for c in ("file", "caption") if c not in frame.columns]
-        if missing:
-            raise DataError(f"{table}: missing column(s) {', '.join(missing)}")
+        frame = read_table(table, ("file", "caption"))
+        bad = reader.bad_keys(duplicates(list(frame["file"]), table, "file"), "all", table)
         for row, (file, caption) in enumerate(zip(frame["file"], frame["caption"])):
-            inside(root, str(file), f"{table} row {row}")
-            captions[str(file)] = str(caption)
+            inside(root, file, f"{table} row {row + FIRST_ROW}")
+            if file not in bad:
+                captions[file] = caption
     splits = {s: root / s for s in SPLITS if (root / s).is_dir()} or {"train": root}
-    return DatasetDict({s: _folder_split(root, d, captions, class_names, aliases) for s, d in splits.items()})
+    return DatasetDict({s: _folder_split(root, d, captions, reader) for s, d in splits.items()})
 
 
 def detect_layout(root: Path) -> str:
