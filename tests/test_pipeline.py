@@ -274,6 +274,20 @@ def test_a_code_edit_reruns_exactly_the_stages_that_import_it(project):
     assert _changed(project) == set()
 
 
+def test_a_prepare_edit_that_leaves_the_data_alone_stops_at_prepare(project):
+    """The prepared dataset's fingerprint comes from its rows, not from the code that wrote them."""
+    original = (project / "src/aigid/prepare.py").read_text()
+    (project / "src/aigid/prepare.py").write_text(original + "# a comment\n")
+    try:
+        assert _changed(project) == {"prepare"}
+        out = sh("dvc", "repro", cwd=project)
+        assert [s for s in STAGES if f"Running stage '{s}'" in out] == ["prepare"], out
+    finally:
+        (project / "src/aigid/prepare.py").write_text(original)
+        sh("dvc", "commit", "-f", "prepare", cwd=project)
+    assert _changed(project) == set()
+
+
 def test_a_local_dataset_under_dvc_reruns_prepare_when_a_file_changes(project):
     """The README's workflow: copy a dataset under data/raw, `dvc add` it, point prepare.source at it."""
     from PIL import Image

@@ -191,6 +191,8 @@ def check_split(ds: Dataset, split: str, cache_dir: str, opts: CheckOptions,
     rejected = rejected if rejected is not None else []
     skipped_before = len(rejected)
 
+    content: list[bytes] = []  # one digest per stored row (a list: `datasets` pickles the generator to hash it)
+
     def rows():
         ids: dict[str, int] = {}
         for start in range(0, len(ds), 256):
@@ -210,8 +212,10 @@ def check_split(ds: Dataset, split: str, cache_dir: str, opts: CheckOptions,
                 cid = batch["caption_id"][i] if has_ids else ids.setdefault(caption or f"\0{row}", len(ids))
                 # The bytes are the sample; where they came from is kept apart (an Image path that exists
                 # on disk would be preferred to the bytes by `datasets`).
+                source_file = (image or {}).get("path") or f"{split} row {row}"
+                content.append(hashlib.sha256(repr((caption, a, b, cid, source_file)).encode() + data).digest())
                 yield {"Caption": caption, "Image": {"bytes": data, "path": None}, "Label_A": a, "Label_B": b,
-                       "caption_id": cid, "source_file": (image or {}).get("path") or f"{split} row {row}"}
+                       "caption_id": cid, "source_file": source_file}
 
     try:
         out = Dataset.from_generator(rows, features=schema(opts.class_names), cache_dir=cache_dir)
@@ -221,7 +225,10 @@ def check_split(ds: Dataset, split: str, cache_dir: str, opts: CheckOptions,
         raise
     if len(out) == 0:
         raise DataError(f"split {split}: no samples left after skipping {len(rejected) - skipped_before} bad row(s)")
-    return out
+    # The stored dataset's fingerprint comes from its rows only. `datasets` would derive it from the generator's
+    # code, so that any edit of this module changed data/prepared and reran the whole pipeline.
+    fingerprint = hashlib.sha256(repr((split, opts.class_names)).encode() + b"".join(content)).hexdigest()[:16]
+    return out.select(range(len(out)), new_fingerprint=fingerprint)
 
 
 def scan_stored(data_dir: Path) -> tuple[dict[str, list[tuple]], int, str]:
