@@ -119,7 +119,6 @@ class Perturbation:
         raise ValueError(f"unknown perturbation {self.kind!r} (jpeg, blur or resize)")
 
 
-
 def perturbations(params) -> list[Perturbation]:
     """The robustness grid, in params order: JPEG qualities, blur sigmas, resize factors."""
     return ([Perturbation("jpeg", q) for q in params.jpeg_quality]

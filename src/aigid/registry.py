@@ -2,8 +2,8 @@
 
 Registration is idempotent and keyed by the model's content: :func:`register` adds a version only when no
 version of the name carries the same ``model_hash`` tag (SHA-256 of the model directory's files and the
-threshold it labels at), tags it
-with that hash, the git commit and the DVC experiment, and points the alias ``@candidate`` at it. `evaluate`
+threshold it labels at), tags it with that hash, the git commit and the DVC experiment, and points the alias
+``@candidate`` at it. `evaluate`
 calls it when it runs; ``aigid register`` calls it for the current ``models/retrained`` whenever a store lacks
 it (a fresh clone whose evaluate DVC skipped, a second machine after ``dvc pull``, a shared server). An
 existing version is never registered twice and never moves the alias: clones sharing one server do not
@@ -57,13 +57,14 @@ def run(params, paths: Paths) -> dict:
     open_store(params.mlflow.experiment)
     report = json.loads(paths.report.read_text())
     threshold = report["retrained"]["operating_point"]["threshold"]
-    existing = find_version(name, content_hash(paths.model, threshold))
-    if existing is not None:
+    model_hash = content_hash(paths.model, threshold)
+    existing = find_version(name, model_hash)
+    if existing is not None:  # checked before a run is opened: registering nothing leaves no empty run
         log.info("%s is registered already: %s version %s", paths.model, name, existing)
         return {"version": existing, "created": False}
     with stage_run("register", params):
         log_report(report)
-        version_, created = register(paths.model, name, threshold, open_dataset(paths.data)["test"])
+        version_, created = _register_new(paths.model, name, threshold, open_dataset(paths.data)["test"], model_hash)
     return {"version": version_, "created": created}
 
 
@@ -108,6 +109,11 @@ def register(model_dir: Path, name: str, threshold: float, test) -> tuple[str, b
     existing = find_version(name, model_hash)
     if existing is not None:
         return existing, False
+    return _register_new(model_dir, name, threshold, test, model_hash)
+
+
+def _register_new(model_dir: Path, name: str, threshold: float, test, model_hash: str) -> tuple[str, bool]:
+    """Log and register a model no version holds yet (``model_hash``), tag it and give it @candidate."""
     info = log_detector(model_dir, name, threshold, test[0]["Image"]["bytes"], test[0]["Caption"])
     client, created = mlflow.MlflowClient(), str(info.registered_model_version)
     tags = mlflow.active_run().data.tags
@@ -122,6 +128,7 @@ def register(model_dir: Path, name: str, threshold: float, test) -> tuple[str, b
     client.set_registered_model_alias(name, ALIAS, created)
     log.info("registered %s as %s version %s (@%s)", model_dir, name, created, ALIAS)
     return created, True
+
 
 REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "datasets", "pillow", "numpy",
                 "pandas", "scikit-learn", "pyyaml", "pydantic", "click")
