@@ -135,7 +135,7 @@ def test_training_logs_to_a_real_mlflow_server(inputs, tmp_path):
                      cwd=inputs, MLFLOW_TRACKING_URI=uri))
         mlflow.set_tracking_uri(uri)
         (run,) = mlflow.search_runs(experiment_names=["aigid"], output_format="list")
-        assert run.data.tags["stage"] == "train" and run.data.params["params.train.epochs"] == "4"
+        assert run.data.tags["stage"] == "train" and run.data.params["train.epochs"] == "4"
         assert {"eval_f1_weighted_a", "eval_f1_weighted_b"} <= set(run.data.metrics)
     finally:
         server.terminate()

@@ -154,7 +154,8 @@ def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(proje
     out = model.predict(frame)
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     threshold = evaluation["retrained"]["operating_point"]["threshold"]
-    assert list(out.columns[:4]) == ["prob_ai", "label", "generator", "threshold"] and out["threshold"][0] == threshold
+    assert list(out.columns[:5]) == ["error", "prob_ai", "label", "generator", "threshold"]
+    assert out["error"][0] == "" and out["threshold"][0] == threshold
     png = tmp_path / "x.png"
     png.write_bytes(base64.b64decode(frame["image"][0]))
     sh("aigid", "detect", str(png), "--model", "models:/aigid-detector@candidate", "--format", "json",
@@ -163,22 +164,66 @@ def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(proje
     assert abs(row["prob_ai"] - out["prob_ai"][0]) < 1e-6 and row["threshold"] == threshold
 
 
-def test_mlflow_runs_hold_params_and_both_weighted_f1(project):
-    by_stage = {r.data.tags["stage"]: r for r in runs(project)}
-    assert {"train", "pseudolabel", "retrain", "evaluate"} <= set(by_stage)
+def _lock_md5(root: Path, path: str) -> str:
+    """DVC's hash of ``path`` as dvc.lock records it (an output of some stage)."""
+    lock = yaml.safe_load((root / "dvc.lock").read_text())
+    return next(o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", []) if o["path"] == path)
+
+
+def _inputs(run) -> dict[str, tuple[str, str]]:
+    """A run's logged datasets: name -> (context, digest)."""
+    return {d.dataset.name: (next(t.value for t in d.tags if t.key == "mlflow.data.context"), d.dataset.digest)
+            for d in run.inputs.dataset_inputs}
+
+
+def test_mlflow_one_parent_run_per_execution_with_stage_runs_datasets_and_dvc_keys(project):
+    all_runs = runs(project)
+    (parent,) = [r for r in all_runs if r.data.tags.get("aigid.role") == "pipeline"]
+    commit = sh("git", "rev-parse", "--short=7", "HEAD", cwd=project).strip()
+    assert parent.info.run_name == f"repro-{commit}"
+    children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+    by_stage = {r.data.tags["stage"]: r for r in children}
+    assert sorted(by_stage) == ["evaluate", "pseudolabel", "retrain", "train"] and len(children) == 4
+    assert {r.data.tags["pipeline_id"] for r in children} == {parent.data.tags["pipeline_id"]}
+    experiment = mlflow.get_experiment_by_name("aigid")
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"   # the UI's training view
+
+    # Params under their params.yaml keys, plus a few Trainer settings; not the Trainer's whole argument list.
+    train = by_stage["train"]
+    assert train.data.params["train.epochs"] == "2" and train.data.params["trainer.optim"].startswith("adamw")
+    assert len(train.data.params) < 60 and not any(k.startswith("params.") for k in train.data.params)
+    assert by_stage["pseudolabel"].data.params["threshold"] == "0.2" == parent.data.params["threshold"]
+    # Metrics under the DVC keys, the per-epoch curves beside them.
+    for stage, file in (("train", "train"), ("retrain", "retrain"), ("pseudolabel", "pseudolabel"),
+                        ("evaluate", "evaluate")):
+        dvc_metrics = json.loads((project / f"metrics/{file}.json").read_text())
+        logged = {k: v for k, v in by_stage[stage].data.metrics.items() if not k.startswith("history/")}
+        expected = {k: float(v) for k, v in _flat(dvc_metrics).items() if v is not None}
+        assert logged == pytest.approx(expected), stage
+    assert parent.data.metrics["retrained.task_a.f1_weighted"] == by_stage["evaluate"].data.metrics[
+        "retrained.task_a.f1_weighted"]
     for stage in ("train", "retrain"):
-        run = by_stage[stage]
-        assert run.data.params["params.train.epochs"] == "2"
-        assert {"eval_f1_weighted_a", "eval_f1_weighted_b"} <= set(run.data.metrics)
-        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "eval_f1_weighted_a")
-        assert len(history) >= 2                      # one point per epoch (and the final evaluation)
-    assert {"base_task_a_f1_weighted", "retrained_task_b_f1_weighted"} <= set(by_stage["evaluate"].data.metrics)
-    assert by_stage["pseudolabel"].data.params["params.threshold"] == "0.2"
-    for stage in ("pseudolabel", "evaluate"):   # the precision their inference ran at
-        assert by_stage[stage].data.params["params.inference.precision"] == "auto"
-    ids = {r.data.tags["pipeline_id"] for r in by_stage.values()}
-    assert len(ids) == 1                              # one `dvc repro`, one pipeline id
-    assert all(r.data.tags["git_commit"] != "unknown" for r in by_stage.values())
+        for name in ("history/f1_weighted_a", "history/f1_weighted_b"):
+            steps = [m.step for m in mlflow.MlflowClient().get_metric_history(by_stage[stage].info.run_id, name)]
+            assert steps == [1, 2], (stage, name)          # one point per epoch
+    # Dataset lineage: the splits each stage read, with DVC's hash of the directory as digest.
+    prepared, pseudo = _lock_md5(project, "data/prepared"), _lock_md5(project, "data/pseudolabel")
+    assert _inputs(train) == {"data/prepared:train": ("training", prepared),
+                              "data/prepared:validation": ("validation", prepared)}
+    assert _inputs(by_stage["retrain"])["data/pseudolabel:train"] == ("training", pseudo)
+    assert _inputs(by_stage["pseudolabel"]) == {"data/prepared:unlabeled": ("pool", prepared)}
+    assert _inputs(by_stage["evaluate"])["data/prepared:test"] == ("test", prepared)
+    assert all(r.data.tags["git_commit"] != "unknown" for r in children)
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in d.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def test_second_repro_does_nothing(project):
@@ -196,11 +241,25 @@ def test_threshold_experiment_reruns_only_downstream_stages(project):
     assert ran == {"pseudolabel", "retrain", "evaluate"}, out
     after = json.loads((project / "reports/pseudolabel.json").read_text())
     assert after["threshold"] == 0.4 and after["kept"] < before["kept"]
-    tagged = [r for r in runs(project) if r.data.tags.get("dvc_exp_name")]
+    tagged = [r for r in runs(project) if r.data.tags.get("dvc_exp_name") and "stage" in r.data.tags]
     assert {r.data.tags["stage"] for r in tagged} == {"pseudolabel", "retrain", "evaluate"}
     first, second = versions(project)                     # another model: a new version, and it is the candidate
-    assert mlflow.MlflowClient().get_model_version_by_alias("aigid-detector", "candidate").version == second.version
+    client = mlflow.MlflowClient()
+    assert client.get_model_version_by_alias("aigid-detector", "candidate").version == second.version
     assert second.tags["dvc_exp_name"] and first.tags["model_hash"] != second.tags["model_hash"]
+    # The experiment is a parent run of its own, named after it, holding the three stages it ran.
+    parents = {r.info.run_name: r for r in runs(project) if r.data.tags.get("aigid.role") == "pipeline"}
+    exp_name = second.tags["dvc_exp_name"]
+    assert len(parents) == 2 and exp_name in parents
+    nested = [r for r in runs(project) if r.data.tags.get("mlflow.parentRunId") == parents[exp_name].info.run_id]
+    assert sorted(r.data.tags["stage"] for r in nested) == ["evaluate", "pseudolabel", "retrain"]
+    # Promotion: @champion moves to the experiment's model only if it scores higher on the same test data.
+    metric = "retrained.task_a.balanced_accuracy"
+    score = {v.version: client.get_run(v.run_id).data.metrics[metric] for v in (first, second)}
+    client.set_registered_model_alias("aigid-detector", "champion", first.version)
+    out = sh("aigid", "promote", cwd=project)
+    champion = client.get_model_version_by_alias("aigid-detector", "champion").version
+    assert champion == (second.version if score[second.version] > score[first.version] else first.version), out
 
 
 def test_pseudo_labelling_the_test_split_flags_evaluate_as_contaminated(project, tmp_path):

@@ -8,7 +8,6 @@ import json
 
 import mlflow
 import pytest
-import yaml
 from click.testing import CliRunner
 from datasets import Dataset, DatasetDict
 from PIL import Image
@@ -35,6 +34,7 @@ def store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("aigid")
     save_tiny_model(tmp_path / "model")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     return tmp_path
 
 
@@ -85,20 +85,59 @@ def _race(seen, real, args):
         return real(*args)
 
 
-def test_register_command_is_idempotent(store):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    (store / "params.yaml").write_text(yaml.safe_dump(params))
-    (store / "report.json").write_text(json.dumps({"contaminated": False, "base": {"roc_auc": 0.5},
-                                                   "retrained": {"roc_auc": 0.6, "operating_point": {"threshold": 0.4}}}))
-    DatasetDict(test=Dataset.from_dict({"Image": [{"bytes": _png(), "path": None}], "Caption": ["x"]})).save_to_disk(
+def _report(threshold: float, balanced_accuracy: float = 0.8) -> dict:
+    """An evaluate report holding the numbers registration logs (every headline key)."""
+    scores = {"task_a": {"f1_weighted": 0.9, "balanced_accuracy": balanced_accuracy},
+              "task_b": {"f1_weighted": 0.7, "f1_macro": 0.6}, "roc_auc": 0.95,
+              "operating_point": {"threshold": threshold, "test_tpr": 0.9}}
+    return {"contaminated": False, "base": scores, "retrained": scores}
+
+
+def _register(store, threshold: float, balanced_accuracy: float = 0.8, caption: str = "x"):
+    """`aigid register` of the tiny model at ``threshold`` (a new version per threshold) with a report scoring
+    it ``balanced_accuracy`` on a one-row test split whose caption is ``caption``."""
+    (store / "report.json").write_text(json.dumps(_report(threshold, balanced_accuracy)))
+    DatasetDict(test=Dataset.from_dict({"Image": [{"bytes": _png(), "path": None}], "Caption": [caption]})).save_to_disk(
         str(store / "prepared"))
     args = ["register", "--model", str(store / "model"), "--report", str(store / "report.json"), "--data",
             str(store / "prepared")]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code == 0, result.output
+
+
+def test_register_command_is_idempotent(store):
     for _ in range(2):
-        result = CliRunner().invoke(main, args)
-        assert result.exit_code == 0, result.output
+        _register(store, 0.4)
     (version,) = _versions()
     assert _candidate() == str(version.version)
     run = mlflow.get_run(version.run_id)
-    assert run.data.tags["stage"] == "register" and run.data.metrics["retrained_roc_auc"] == 0.6
+    assert run.data.tags["stage"] == "register" and run.data.metrics["retrained.roc_auc"] == 0.95
+    (test,) = run.inputs.dataset_inputs                   # the test split it was scored on, as a dataset
+    assert test.dataset.name.endswith("prepared:test") and len(test.dataset.digest) == 36
     assert mlflow.pyfunc.load_model(f"models:/{NAME}@{ALIAS}").metadata.get_model_info() is not None
+
+
+def _promote(*extra) -> str:
+    result = CliRunner().invoke(main, ["promote", *extra])
+    assert result.exit_code == 0, result.output
+    return result.output
+
+
+def _champion() -> str:
+    return str(mlflow.MlflowClient().get_model_version_by_alias(NAME, "champion").version)
+
+
+def test_promote_moves_champion_only_to_a_better_candidate_on_the_same_test_data(store):
+    assert CliRunner().invoke(main, ["promote"]).output.startswith("Error: aigid-detector has no @candidate")
+    _register(store, 0.4, balanced_accuracy=0.80)
+    assert "version 1 promoted to @champion: first @champion" in _promote() and _champion() == "1"
+    assert "already" in _promote()
+    _register(store, 0.5, balanced_accuracy=0.78)         # worse: the champion stays
+    assert "version 2 not promoted" in _promote() and _champion() == "1"
+    v2 = mlflow.MlflowClient().get_model_version(NAME, "2")
+    assert v2.tags["promotion"] == "rejected" and "0.7800 does not beat @champion version 1 (0.8000)" in v2.description
+    _register(store, 0.6, balanced_accuracy=0.82)         # better on the same test rows: promoted
+    assert "version 3 promoted" in _promote() and _champion() == "3"
+    assert mlflow.MlflowClient().get_model_version(NAME, "3").tags["promotion"] == "champion"
+    _register(store, 0.7, balanced_accuracy=0.99, caption="other rows")   # better, but on other test data
+    assert "not compared: scored on other test data" in _promote() and _champion() == "3"

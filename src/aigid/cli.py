@@ -14,7 +14,7 @@ import click
 
 # command name -> module defining `command`; the pipeline stages in dvc.yaml's order, then the tools.
 COMMANDS = {name: f"aigid.{name}" for name in ("prepare", "encoders", "features", "train", "pseudolabel", "retrain",
-                                               "evaluate", "detect")} | {"register": "aigid.registry"}
+                                               "evaluate", "detect", "promote")} | {"register": "aigid.registry"}
 
 
 class LazyGroup(click.Group):

@@ -18,7 +18,7 @@ import click
 
 from .config import PRECISIONS
 from .data import DataError, decode_rgb
-from .infer import RunOptions, score_images
+from .infer import RunOptions, output_columns, score_images
 from .model import load_detector
 from .runtime import configure
 from .stage import clean_errors
@@ -30,8 +30,7 @@ SOME_FAILED = 3  # exit status when some inputs could not be read
 
 def columns(class_names) -> list[str]:
     """The output columns, the same whatever happened to the inputs."""
-    return ["path", "error", "prob_ai", "label", "generator", "threshold", "caption",
-            *(f"p_{name}" for name in class_names)]
+    return ["path", *output_columns(class_names)]
 
 
 def expand(inputs: list[str]) -> list[Path]:

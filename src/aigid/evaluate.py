@@ -18,21 +18,16 @@ import torch
 from PIL import Image as PILImage
 
 from . import stage
-from .config import flatten
 from .data import open_dataset
 from .files import write_json
 from .infer import RunOptions, predict_logits
-from .metrics import confusion_rows, curve_rows, ranking_scores, rates_at, score, threshold_at_fpr
+from .metrics import confusion_rows, curve_rows, headline, ranking_scores, rates_at, score, threshold_at_fpr
 from .model import decide, load_detector
 from .registry import log_report, register
 from .runtime import configure
-from .tracking import stage_run
+from .tracking import log_data, stage_run
 
 PARAMS = ("evaluate", "pseudolabel.pool", "train.num_workers", "inference", "mlflow")
-# The DVC metrics, per model; everything else (per class, captions, robustness) goes to the report.
-HEADLINE = ("task_a.f1_weighted", "task_a.balanced_accuracy", "task_b.f1_weighted", "task_b.f1_macro", "roc_auc",
-            "operating_point.threshold", "operating_point.test_tpr")
-MODELS = ("base", "retrained")
 
 
 @dataclass(frozen=True)
@@ -59,12 +54,14 @@ def run(params, paths: Paths) -> dict:
     """
     configure()
     models = {"base": paths.base, "retrained": paths.retrained}
+    data = open_dataset(paths.data)
     with stage_run("evaluate", params):
-        report, plots = evaluate(models, paths.data, params.evaluate, contaminated=params.pseudolabel.pool == "test",
+        log_data(paths.data, data, {"test": "test", "validation": "validation"})
+        report, plots = evaluate(models, data, params.evaluate, contaminated=params.pseudolabel.pool == "test",
                                  num_workers=params.train.num_workers, precision=params.inference.precision)
-        log_report(report)
+        log_report(report, parent=True)
         register(paths.retrained, params.mlflow.registered_model,
-                 report["retrained"]["operating_point"]["threshold"], open_dataset(paths.data)["test"])
+                 report["retrained"]["operating_point"]["threshold"], data["test"])
     for name, rows in plots.items():
         write_json(paths.plots / f"{name}.json", rows)
     write_json(paths.report, report)
@@ -73,18 +70,6 @@ def run(params, paths: Paths) -> dict:
 
 
 command = stage.command("evaluate", run, Paths, PARAMS)
-
-
-def headline(report: dict) -> dict:
-    """The few numbers compared across experiments (``dvc exp show``), nested per model as in the report."""
-    out: dict = {"contaminated": report["contaminated"]}
-    for model in MODELS:
-        flat = flatten(report[model])
-        out[model] = {}
-        for key in HEADLINE:
-            group, _, name = key.rpartition(".")
-            (out[model].setdefault(group, {}) if group else out[model])[name] = flat[key]
-    return out
 
 
 @dataclass(frozen=True)
@@ -193,10 +178,10 @@ def _condition(s: dict) -> dict:
             "per_class": {name: c["task_a_recall"] for name, c in s["per_class"].items()}}
 
 
-def evaluate(models: dict[str, Path], data_dir: Path, params, contaminated: bool,
+def evaluate(models: dict[str, Path], data, params, contaminated: bool,
              num_workers: int = 0, precision: str = "auto") -> tuple[dict, dict]:
-    """Scores of each named model on the test split, and rows for the plots (confusion, ROC, PR, robustness)."""
-    data = open_dataset(data_dir)
+    """Scores of each named model on the test split of ``data`` (the prepared DatasetDict), and rows for the
+    plots (confusion, ROC, PR, robustness)."""
     metrics: dict = {"test_rows": len(data["test"]), "contaminated": contaminated}
     plots = {}
     for name, path in models.items():

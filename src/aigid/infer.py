@@ -90,6 +90,12 @@ def encode_features(detector: Loaded, dataset: Dataset, options: RunOptions = Ru
     return tuple(_run(detector, dataset, options, _features))
 
 
+def output_columns(class_names) -> list[str]:
+    """The columns of a scored row (:func:`score_images`, the registered model, `aigid detect` after its
+    ``path``), the same whatever happened to the input: ``error`` is empty when the image was scored."""
+    return ["error", "prob_ai", "label", "generator", "threshold", "caption", *(f"p_{name}" for name in class_names)]
+
+
 def score_images(detector: Loaded, images: list[bytes], captions: list[str], threshold: float = 0.5,
                  options: RunOptions = RunOptions()) -> list[dict]:
     """Score encoded images (already known to decode) in batches: one row of scores per image.

@@ -14,6 +14,14 @@ from sklearn.metrics import (
     roc_curve,
 )
 
+from .config import flatten
+
+# An evaluate report's DVC metrics, per model; everything else (per class, captions, robustness) stays in the
+# report.
+HEADLINE = ("task_a.f1_weighted", "task_a.balanced_accuracy", "task_b.f1_weighted", "task_b.f1_macro", "roc_auc",
+            "operating_point.threshold", "operating_point.test_tpr")
+MODELS = ("base", "retrained")
+
 
 def task_scores(y_true, y_pred, labels) -> dict[str, float]:
     """Weighted F1/precision/recall, accuracy, balanced accuracy and macro F1 over ``labels``."""
@@ -89,3 +97,16 @@ def rates_at(labels_a, prob_ai, threshold: float) -> dict[str, float]:
     """Task A true- and false-positive rates when P(AI) >= ``threshold`` is called AI."""
     labels_a, called = np.asarray(labels_a), np.asarray(prob_ai) >= threshold
     return {"tpr": float(called[labels_a == 1].mean()), "fpr": float(called[labels_a == 0].mean())}
+
+
+def headline(report: dict) -> dict:
+    """The few numbers of an evaluate report compared across experiments (``dvc exp show``), nested per model
+    as in the report."""
+    out: dict = {"contaminated": report["contaminated"]}
+    for model in MODELS:
+        flat = flatten(report[model])
+        out[model] = {}
+        for key in HEADLINE:
+            group, _, name = key.rpartition(".")
+            (out[model].setdefault(group, {}) if group else out[model])[name] = flat[key]
+    return out

@@ -22,7 +22,7 @@ from .files import write_json
 from .infer import RunOptions, predict_logits
 from .model import decide, load_detector
 from .runtime import configure
-from .tracking import stage_run
+from .tracking import log_data, log_results, stage_run
 
 log = logging.getLogger(__name__)
 PARAMS = ("threshold", "seed", "pseudolabel", "train.num_workers", "train.freeze_encoders", "inference", "mlflow")
@@ -46,7 +46,8 @@ def run(params, paths: Paths) -> dict:
     configure()
     with stage_run("pseudolabel", params):
         report = pseudolabel(params, paths)
-        mlflow.log_metrics({k: v for k, v in report.items() if isinstance(v, (int, float)) and k != "threshold"})
+        log_results({k: report[k] for k in HEADLINE})
+        mlflow.log_dict(report, "report.json")
     write_json(paths.metrics, {k: report[k] for k in HEADLINE})
     write_json(paths.report, report)
     return report
@@ -70,6 +71,7 @@ def pseudolabel(params, paths: Paths) -> dict:
         raise DataError(f"{data_dir}: no '{pool}' split to pseudo-label (splits: {', '.join(data)}); "
                         f"set pseudolabel.pool to one of them")
     ds = data[pool]
+    log_data(data_dir, data, {pool: "pool"})
     detector = load_detector(paths.model)
     model = detector.model
     if params.train.freeze_encoders:

@@ -3,23 +3,20 @@
 Registration is idempotent and keyed by the model's content: :func:`register` adds a version only when no
 version of the name carries the same ``model_hash`` tag (SHA-256 of the model directory's files and the
 threshold it labels at), tags it with that hash, the git commit and the DVC experiment, and points the alias
-``@candidate`` at it. `evaluate`
-calls it when it runs; ``aigid register`` calls it for the current ``models/retrained`` whenever a store lacks
-it (a fresh clone whose evaluate DVC skipped, a second machine after ``dvc pull``, a shared server). An
-existing version is never registered twice and never moves the alias: clones sharing one server do not
-move each other's ``@candidate`` back to an older model.
+``@candidate`` at it. `evaluate` calls it when it runs; ``aigid register`` calls it for the current
+``models/retrained`` whenever a store lacks it (a fresh clone whose evaluate DVC skipped, a second machine
+after ``dvc pull``, a shared server). An existing version is never registered twice and never moves the
+alias: clones sharing one server do not move each other's ``@candidate`` back to an older model. The run that
+registers a version holds its test metrics (DVC keys) and its test split as a dataset: what `aigid promote`
+(:mod:`aigid.promote`) compares before moving ``@champion``.
 
-``mlflow.pyfunc.load_model("models:/aigid-detector@candidate").predict(df)`` takes a DataFrame with columns
-``image`` (the encoded image file, base64) and ``caption`` (may be empty) and returns one row per image:
-``prob_ai``, ``label`` (at the operating-point threshold evaluate chose), ``generator``, ``threshold``,
-``caption`` and ``p_<class>`` for every class. The model directory travels as an artifact and is loaded
-with :func:`aigid.model.load_detector` (safetensors only); the aigid package travels as code.
+The model is logged from code (:mod:`aigid.pyfunc`, which documents its input and output); the model
+directory travels as an artifact, the aigid package as code, the operating-point threshold as model config.
 """
 
 from __future__ import annotations
 
 import base64
-import binascii
 import hashlib
 import json
 import logging
@@ -31,9 +28,9 @@ import mlflow
 import pandas as pd
 
 from . import stage
-from .config import flatten
-from .data import DataError, decode_rgb, open_dataset
-from .tracking import open_store, stage_run
+from .data import open_dataset
+from .metrics import headline
+from .tracking import log_data, log_results, open_store, stage_run
 
 log = logging.getLogger(__name__)
 PARAMS = ("mlflow",)
@@ -62,9 +59,11 @@ def run(params, paths: Paths) -> dict:
     if existing is not None:  # checked before a run is opened: registering nothing leaves no empty run
         log.info("%s is registered already: %s version %s", paths.model, name, existing)
         return {"version": existing, "created": False}
+    data = open_dataset(paths.data)
     with stage_run("register", params):
         log_report(report)
-        version_, created = _register_new(paths.model, name, threshold, open_dataset(paths.data)["test"], model_hash)
+        log_data(paths.data, data, {"test": "test"})
+        version_, created = _register_new(paths.model, name, threshold, data["test"], model_hash)
     return {"version": version_, "created": created}
 
 
@@ -94,12 +93,11 @@ def find_version(name: str, model_hash: str) -> str | None:
     return min((str(v.version) for v in found), key=int, default=None)
 
 
-def log_report(report: dict) -> None:
-    """Every number of an evaluate report, as metrics of the active run (``retrained_task_a_f1_weighted``)."""
-    for model in ("base", "retrained"):
-        mlflow.log_metrics({f"{model}_{k.replace('.', '_')}": v for k, v in flatten(report[model]).items()
-                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
-    mlflow.set_tag("contaminated", str(report["contaminated"]).lower())
+def log_report(report: dict, parent: bool = False) -> None:
+    """An evaluate report in the active run: its DVC metrics (``retrained.task_a.f1_weighted``, also on the
+    pipeline's parent run with ``parent``) and the whole report as the artifact ``report.json``."""
+    log_results(headline(report), parent=parent)
+    mlflow.log_dict(report, "report.json")
 
 
 def register(model_dir: Path, name: str, threshold: float, test) -> tuple[str, bool]:
@@ -134,44 +132,21 @@ REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", 
                 "pandas", "scikit-learn", "pyyaml", "pydantic", "click")
 
 
-class DetectorModel(mlflow.pyfunc.PythonModel):
-    def load_context(self, context):
-        from .model import load_detector
-
-        self.detector = load_detector(context.artifacts["model_dir"])
-        self.threshold = float((context.model_config or {}).get("threshold", 0.5))
-
-    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from .infer import score_images
-
-        images = [image_bytes(v, i) for i, v in enumerate(model_input["image"])]
-        captions = [c or "" for c in model_input["caption"]] if "caption" in model_input else [""] * len(images)
-        rows = score_images(self.detector, images, captions, self.threshold)
-        return pd.DataFrame(rows)
-
-
-def image_bytes(value, row: int) -> bytes:
-    """Raw bytes or a base64 string, checked to decode as an image (the error names the row)."""
-    try:
-        data = value if isinstance(value, bytes) else base64.b64decode(value, validate=True)
-    except (binascii.Error, TypeError, ValueError):
-        raise DataError(f"row {row}: image is neither bytes nor a base64 string") from None
-    decode_rgb({"bytes": data}, f"row {row}")
-    return data
-
-
 def log_detector(model_dir: Path, registered_name: str, threshold: float, example_image: bytes,
                  example_caption: str = ""):
-    """Log ``model_dir`` to the active run as a pyfunc model and register it as a new version of the name."""
+    """Log ``model_dir`` to the active run as a pyfunc model (the code in :mod:`aigid.pyfunc`) and register it
+    as a new version of the name."""
     from mlflow.models import infer_signature
 
-    from .infer import score_images
+    from . import pyfunc
     from .model import load_detector
 
     example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()], "caption": [example_caption]})
-    output = pd.DataFrame(score_images(load_detector(model_dir), [example_image], [example_caption], threshold))
+    model = pyfunc.DetectorModel()
+    model.detector, model.threshold = load_detector(model_dir), threshold
+    output = model.predict(None, example)
     return mlflow.pyfunc.log_model(
-        name="model", python_model=DetectorModel(), artifacts={"model_dir": str(model_dir)},
+        name="model", python_model=pyfunc.__file__, artifacts={"model_dir": str(model_dir)},
         code_paths=[str(Path(__file__).parent)], model_config={"threshold": threshold},
         signature=infer_signature(example, output), input_example=example, registered_model_name=registered_name,
         # Explicit pins: inferring requirements would load and run the model once more, slowly.

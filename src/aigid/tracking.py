@@ -1,4 +1,11 @@
-"""MLflow: where runs go, and the tags that tie the runs of one pipeline execution together.
+"""MLflow: where runs go, one parent run per pipeline execution, what each stage logs.
+
+Every `dvc repro` or `dvc exp run` is one parent run, named after the DVC experiment (or
+``repro-<short commit>``), with each stage's run nested under it. Stages run as separate processes; they find
+their parent by the execution's id (:func:`pipeline_id`), tagged ``pipeline_id`` on the parent and its stage
+runs. A stage run outside DVC stands alone. A stage run logs the params it reads under their params.yaml keys,
+its DVC metrics under their DVC keys (:func:`log_results`), and the data it read as MLflow datasets whose
+digest is DVC's hash of the directory (:func:`log_data`).
 
 Default store: ``sqlite:///<repository root>/mlflow.db``. The root comes from ``DVC_ROOT`` (set by DVC for
 every stage); experiments that DVC runs in a temporary copy (``dvc exp run --temp``, queued runs) live under
@@ -13,13 +20,17 @@ import contextlib
 import hashlib
 import os
 import subprocess
+import time
 from pathlib import Path
 
 import mlflow
 
 from .errors import TrackingError
 
-STAGE_TAG, PIPELINE_TAG = "stage", "pipeline_id"
+STAGE_TAG, PIPELINE_TAG, ROLE_TAG = "stage", "pipeline_id", "aigid.role"
+FINGERPRINT_TAG = "fingerprint"  # a logged split's content fingerprint (datasets' fingerprint of its rows)
+# The MLflow UI opens an experiment of this kind in its model-training view (runs, metrics, models).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
@@ -68,15 +79,20 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
 
 
-def ensure_experiment(name: str, uri: str) -> None:
+def ensure_experiment(name: str, uri: str) -> str:
     """Make ``name`` the active experiment; with a sqlite store (the default), create it with its artifacts
     under ``<project root>/mlartifacts``. MLflow's default (./mlruns relative to the working directory) would
     put logged models inside the temporary copy that `dvc exp run --temp` deletes. A server keeps its own
     artifact store. An experiment that already exists keeps the location it was created with.
+    Returns the experiment's id.
     """
-    if uri.startswith("sqlite:") and mlflow.get_experiment_by_name(name) is None:
-        mlflow.create_experiment(name, artifact_location=(project_root() / "mlartifacts").as_uri())
-    mlflow.set_experiment(name)
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        location = (project_root() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        mlflow.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+    elif EXPERIMENT_KIND[0] not in experiment.tags:  # one created before the kind was set; a user's choice stays
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return mlflow.set_experiment(name).experiment_id
 
 
 def _git_commit(cwd: Path) -> str:
@@ -87,13 +103,53 @@ def _git_commit(cwd: Path) -> str:
         return "unknown"
 
 
-def pipeline_id(commit: str, params_file: Path) -> str:
-    """Stages run by one `dvc repro` share code and params, hence this id; an experiment adds its name."""
-    h = hashlib.sha1(commit.encode())
-    if params_file.is_file():
-        h.update(params_file.read_bytes())
-    h.update(os.environ.get("DVC_EXP_NAME", "").encode())
-    return h.hexdigest()[:12]
+def _runs_dvc(cmdline: list[str]) -> bool:
+    """A `dvc` command line: ``dvc ...``, ``python /path/dvc ...`` or ``python -m dvc ...``."""
+    head = cmdline[:3]
+    return any(Path(arg).name in ("dvc", "dvc.exe") for arg in head) or "-m dvc" in " ".join(head)
+
+
+def pipeline_id() -> str | None:
+    """The id of the pipeline execution this process is a stage of: the nearest ancestor process running DVC
+    (`dvc repro`, `dvc exp run`, a queued experiment's runner), by pid and start time, and the DVC experiment
+    name. None outside DVC."""
+    if "DVC_ROOT" not in os.environ:
+        return None
+    import psutil
+
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None and not _runs_dvc(proc.cmdline()):
+            proc = proc.parent()
+        if proc is None:
+            return None
+        execution = f"{proc.pid}:{proc.create_time():.3f}:{os.environ.get('DVC_EXP_NAME', '')}"
+    except psutil.Error:
+        return None
+    return hashlib.sha1(execution.encode()).hexdigest()[:12]
+
+
+def parent_run(experiment_id: str, pipeline: str, name: str, tags: dict) -> str:
+    """The id of the parent run of execution ``pipeline`` in the experiment, created on first use.
+
+    Stages of different executions may run at once (`dvc queue start -j 2`); were two processes of one
+    execution ever to create its parent together, the oldest parent is kept and the other deleted.
+    """
+    client = mlflow.MlflowClient()
+    query = f"tags.{PIPELINE_TAG} = '{pipeline}' and tags.`{ROLE_TAG}` = 'pipeline'"
+
+    def oldest():
+        found = client.search_runs([experiment_id], query)
+        return min(found, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+
+    if (found := oldest()) is not None:
+        return found.info.run_id
+    created = client.create_run(experiment_id, run_name=name, tags={**tags, PIPELINE_TAG: pipeline,
+                                                                     ROLE_TAG: "pipeline"}).info.run_id
+    winner = oldest().info.run_id
+    if winner != created:
+        client.delete_run(created)
+    return winner
 
 
 def open_store(experiment: str) -> str:
@@ -103,26 +159,27 @@ def open_store(experiment: str) -> str:
     return uri
 
 
-def _open_store(uri: str, experiment: str) -> None:
+def _open_store(uri: str, experiment: str) -> str:
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
-        ensure_experiment(experiment, uri)
+        return ensure_experiment(experiment, uri)
     except Exception as err:
         raise TrackingError(f"MLflow tracking store {uri} is not usable: {err}") from err
 
 
 @contextlib.contextmanager
-def stage_run(stage: str, params, params_file: str | Path = "params.yaml", extra_tags: dict | None = None):
-    """An active MLflow run named after the stage, with the params it reads logged (``params`` is the
-    stage's view, :class:`aigid.config.Scoped`: exactly its declared keys).
+def stage_run(stage: str, params):
+    """An active MLflow run named after the stage, nested under its pipeline execution's parent run, with the
+    params it reads logged under their params.yaml keys (``params`` is the stage's view,
+    :class:`aigid.config.Scoped`: exactly its declared keys; the parent gets them too).
 
-    Holding our own active run makes the Trainer's MLflow callback log into it, and keeps
-    ``trainer.evaluate()`` after ``train()`` from opening a second run. The store is contacted here, before any
-    work starts, so an unreachable store fails fast with its URI in the message.
+    Holding our own active run keeps ``trainer.evaluate()`` after ``train()`` from opening a second run. The
+    store is contacted here, before any work starts, so an unreachable store fails fast with its URI in the
+    message.
 
-    On the other ranks of a multi-process launch it yields None and leaves MLflow alone: the Trainer's MLflow
-    callback logs from rank 0 only, and one stage is one run.
+    On the other ranks of a multi-process launch it yields None and leaves MLflow alone: one stage is one run,
+    logged by rank 0.
     """
     if not is_main_process():
         if error := _from_rank_zero(None):  # rank 0 could not use the store: stop here too, before any work
@@ -130,15 +187,72 @@ def stage_run(stage: str, params, params_file: str | Path = "params.yaml", extra
         yield None
         return
     try:
-        _open_store(tracking_uri(), params.mlflow.experiment)
+        experiment_id = _open_store(tracking_uri(), params.mlflow.experiment)
     except TrackingError as err:
         _from_rank_zero(str(err))
         raise
     _from_rank_zero(None)
-    cwd = Path.cwd()
-    commit = _git_commit(cwd)
-    tags = {STAGE_TAG: stage, "git_commit": commit, PIPELINE_TAG: pipeline_id(commit, Path(params_file)),
-            "dvc_exp_name": os.environ.get("DVC_EXP_NAME", ""), **(extra_tags or {})}
-    with mlflow.start_run(run_name=stage, tags=tags) as run:
-        mlflow.log_params({f"params.{k}": v for k, v in params.declared().items()})
+    commit = _git_commit(Path.cwd())
+    experiment_name = os.environ.get("DVC_EXP_NAME", "")
+    tags = {"git_commit": commit, "dvc_exp_name": experiment_name}
+    declared = params.declared()
+    with contextlib.ExitStack() as stack:
+        pipeline = pipeline_id()
+        if pipeline is not None:
+            tags[PIPELINE_TAG] = pipeline
+            name = experiment_name or f"repro-{commit[:7]}"
+            parent = stack.enter_context(mlflow.start_run(parent_run(experiment_id, pipeline, name, tags)))
+            _log_params_once(parent.info.run_id, declared)
+        run = stack.enter_context(mlflow.start_run(run_name=stage, nested=pipeline is not None,
+                                                   tags={**tags, STAGE_TAG: stage, ROLE_TAG: "stage"}))
+        mlflow.log_params(declared)
         yield run
+
+
+def _log_params_once(run_id: str, params: dict) -> None:
+    """Add the params the parent run lacks (the stages of one execution read one params.yaml)."""
+    have = mlflow.get_run(run_id).data.params
+    missing = {k: v for k, v in params.items() if k not in have}
+    if missing:
+        mlflow.MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in missing.items()])
+
+
+def log_results(metrics: dict, parent: bool = False) -> None:
+    """A stage's DVC metrics as metrics of its run, under the keys `dvc metrics show` prints
+    (``retrained.task_a.f1_weighted``); booleans as 0/1. ``parent``: the pipeline's parent run gets them too."""
+    from .config import flatten
+
+    values = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
+    mlflow.log_metrics(values)
+    parent_id = mlflow.active_run().data.tags.get("mlflow.parentRunId")
+    if parent and parent_id:
+        mlflow.MlflowClient().log_batch(parent_id, metrics=[
+            mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in values.items()])
+
+
+def dvc_hash(path: Path) -> str:
+    """DVC's hash of a file or directory (``<md5>.dir`` for a directory), as dvc.lock records it."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+    from dvc_objects.fs.memory import MemoryFileSystem
+
+    staging = HashFileDB(MemoryFileSystem(), "/staging")  # the tree object stays in memory
+    _, _, obj = build(staging, str(Path(path).resolve()), LocalFileSystem(), "md5", dry_run=True)
+    return obj.hash_info.value
+
+
+def log_data(path: Path, data, splits: dict[str, str]) -> None:
+    """Log splits of ``data`` (the DatasetDict at ``path``) as inputs of the active run: ``splits`` maps a split to its
+    context (training, validation, test, pool). Each is an MLflow dataset named ``<path>:<split>`` with its
+    rows, its source (the path) and, as digest, DVC's hash of ``path`` (:func:`dvc_hash`); the input is tagged
+    with the split's own fingerprint (``fingerprint``: of its rows, as prepare computes it), which tells whether
+    two runs saw the same rows of one split."""
+    from mlflow.data.huggingface_dataset import from_huggingface
+
+    digest, name = dvc_hash(path), Path(path).as_posix()
+    for split, context in splits.items():
+        ds = data[split]
+        ds = ds.select_columns([c for c in ds.column_names if c != "Image"])  # the schema without the pixels
+        dataset = from_huggingface(ds, path=name, name=f"{name}:{split}", digest=digest)
+        mlflow.log_input(dataset, context=context, tags={FINGERPRINT_TAG: data[split]._fingerprint})

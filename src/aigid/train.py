@@ -25,7 +25,7 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list
 from datasets import concatenate_datasets
-from transformers import Trainer, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
 from . import stage
 from .data import Collator, DataError, class_names_of, concat, open_dataset
@@ -35,7 +35,7 @@ from .files import atomic_path, write_json
 from .metrics import score
 from .model import DetectorHeads, build_detector, decide, save_detector
 from .runtime import configure
-from .tracking import is_main_process, stage_run
+from .tracking import is_main_process, log_data, log_results, stage_run
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "f1_weighted_a"
@@ -132,10 +132,8 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
             collator = Collator(tokenizer, processor, params.model.max_text_length)
             train_collator = Collator(tokenizer, processor, params.model.max_text_length,
                                       caption_dropout=t.caption_dropout)
-        if run is not None:
-            mlflow.log_params({"data.train_rows": len(train_ds), "data.validation_rows": len(val_ds)})
         args = TrainingArguments(
-            output_dir=str(checkpoint_dir), run_name=stage, report_to=["mlflow"], seed=params.seed,
+            output_dir=str(checkpoint_dir), run_name=stage, report_to="none", seed=params.seed,
             learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
             per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
             num_train_epochs=t.epochs, eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
@@ -145,17 +143,28 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
             dataloader_pin_memory=torch.cuda.is_available(),
             bf16=torch.cuda.is_available(), use_cpu=cpu, ddp_find_unused_parameters=False, disable_tqdm=True,
         )
+        curves = EpochCurves()
         trainer = DetectorTrainer(model=trained, args=args, train_dataset=train_ds, eval_dataset=val_ds,
                                   data_collator=collator, train_collator=train_collator,
                                   compute_metrics=functools.partial(compute_metrics, class_names=class_names),
-                                  processing_class=tokenizer)
+                                  processing_class=tokenizer, callbacks=[curves] if run is not None else None)
+        if run is not None:
+            log_inputs(data, paths, pseudo_dir)
+            mlflow.log_params(trainer_settings(args, launch.num_processes))
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        curves.active = False  # the evaluation below repeats the best epoch
         best = trainer.evaluate()  # the best checkpoint is loaded at this point; every rank takes part
         # Timings are left out so that the same params on the same machine give identical files.
         history = [{"epoch": h["epoch"], **{k[5:]: v for k, v in h.items() if k.startswith("eval_")
                                             and not k.endswith(("runtime", "per_second"))}}
                    for h in trainer.state.log_history if "eval_loss" in h]
         history = history[:-1]  # the final evaluate() above repeats the best epoch
+        metrics = {"best_epoch": _best_epoch(history), "train_rows": len(train_ds), "validation_rows": len(val_ds),
+                   **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in
+                      ("f1", "accuracy", "precision", "recall", "balanced")}}
+        if run is not None:
+            log_results({k: metrics[k] for k in HEADLINE})
+            mlflow.log_dict(metrics, "report.json")
         trainer.accelerator.wait_for_everyone()  # no rank still reads a checkpoint when rank 0 deletes them
         if trainer.is_world_process_zero():
             model.config.holdout = t.holdout  # evaluate reads it to report the unseen generator
@@ -164,9 +173,6 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
             shutil.rmtree(stage_dir, ignore_errors=True)
             with contextlib.suppress(OSError):
                 stage_dir.parent.rmdir()  # only if no other stage's checkpoints are there
-    metrics = {"best_epoch": _best_epoch(history), "train_rows": len(train_ds), "validation_rows": len(val_ds),
-               **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in
-                  ("f1", "accuracy", "precision", "recall", "balanced")}}
     return {"metrics": metrics, "history": history, "run_id": run.info.run_id if run is not None else None}
 
 
@@ -195,6 +201,42 @@ def _feature_splits(params, features_dir: Path | None, pseudo_dir: Path | None):
                          .cast(train_ds.features))
         train_ds, val_ds = concatenate_datasets([train_ds, added[0]]), concatenate_datasets([val_ds, added[1]])
     return train_ds, val_ds
+
+
+class EpochCurves(TrainerCallback):
+    """Per-epoch curves in the stage's MLflow run, ``history/<name>`` at step = epoch: every validation score
+    (``history/f1_weighted_a``, ``history/f1_weighted_b``, ...) and the training loss, as train_history.json
+    holds them. Logs only while ``active`` and only on rank 0 (its run is the active one)."""
+
+    def __init__(self):
+        self.active = True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not (self.active and state.is_world_process_zero and logs):
+            return
+        values = {f"history/{k.removeprefix('eval_')}": float(v) for k, v in logs.items()
+                  if isinstance(v, (int, float)) and (k in ("loss", "grad_norm", "learning_rate") or
+                                                      k.startswith("eval_") and not k.endswith(("runtime", "per_second")))}
+        if values:
+            mlflow.log_metrics(values, step=round(state.epoch or 0))
+
+
+def trainer_settings(args: TrainingArguments, processes: int) -> dict:
+    """The Trainer's settings that params.yaml does not set, as params of the run (the rest of its arguments
+    follow from params.yaml or do not change the model)."""
+    return {"trainer.optim": args.optim.value, "trainer.lr_scheduler_type": args.lr_scheduler_type.value,
+            "trainer.adam_beta1": args.adam_beta1, "trainer.adam_beta2": args.adam_beta2,
+            "trainer.adam_epsilon": args.adam_epsilon, "trainer.max_grad_norm": args.max_grad_norm,
+            "trainer.per_device_batch_size": args.per_device_train_batch_size, "trainer.processes": processes,
+            "trainer.bf16": args.bf16}
+
+
+def log_inputs(data, paths: Paths, pseudo_dir: Path | None) -> None:
+    """The data the model learns from, as MLflow datasets of the run: the prepared train and validation splits
+    and, for retrain, the pseudo-labelled additions."""
+    log_data(paths.data, data, {"train": "training", "validation": "validation"})
+    if pseudo_dir is not None:
+        log_data(pseudo_dir, open_dataset(pseudo_dir), {"train": "training", "validation": "validation"})
 
 
 class DetectorTrainer(Trainer):
