@@ -36,3 +36,21 @@ def tiny_params_file(tmp_path: Path) -> Path:
     path = tmp_path / "params.yaml"
     path.write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
     return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    """A working directory with a sqlite MLflow store (experiment aigid), the committed params.yaml and a tiny
+    detector in ``model``."""
+    import mlflow
+
+    from test_detect import save_tiny_model
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    monkeypatch.delenv("DVC_ROOT", raising=False)
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("aigid")
+    save_tiny_model(tmp_path / "model")
+    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
+    return tmp_path

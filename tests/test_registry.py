@@ -7,15 +7,12 @@ import io
 import json
 
 import mlflow
-import pytest
 from click.testing import CliRunner
 from datasets import Dataset, DatasetDict
 from PIL import Image
 
 from aigid.cli import main
 from aigid.registry import ALIAS, HASH_TAG, content_hash, register
-from conftest import REPO
-from test_detect import save_tiny_model
 
 NAME = "aigid-detector"
 
@@ -24,18 +21,6 @@ def _png() -> bytes:
     buf = io.BytesIO()
     Image.new("RGB", (20, 20), (200, 30, 30)).save(buf, format="PNG")
     return buf.getvalue()
-
-
-@pytest.fixture
-def store(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    monkeypatch.delenv("DVC_ROOT", raising=False)
-    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
-    mlflow.set_experiment("aigid")
-    save_tiny_model(tmp_path / "model")
-    (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
-    return tmp_path
 
 
 def _versions():

@@ -136,7 +136,8 @@ def log_detector(model_dir: Path, registered_name: str, threshold: float, exampl
                  example_caption: str = ""):
     """Log ``model_dir`` to the active run as a pyfunc model (the code in :mod:`aigid.pyfunc`) and register it
     as a new version of the name."""
-    from mlflow.models import infer_signature
+    from mlflow.models import ModelSignature, infer_signature
+    from mlflow.types import ColSpec, Schema
 
     from . import pyfunc
     from .model import load_detector
@@ -145,9 +146,12 @@ def log_detector(model_dir: Path, registered_name: str, threshold: float, exampl
     model = pyfunc.DetectorModel()
     model.detector, model.threshold = load_detector(model_dir), threshold
     output = model.predict(None, example)
+    # A request may leave the caption out: the input example has one, the signature does not require it.
+    inputs = Schema([ColSpec("string", "image"), ColSpec("string", "caption", required=False)])
+    signature = ModelSignature(inputs=inputs, outputs=infer_signature(example, output).outputs)
     return mlflow.pyfunc.log_model(
         name="model", python_model=pyfunc.__file__, artifacts={"model_dir": str(model_dir)},
         code_paths=[str(Path(__file__).parent)], model_config={"threshold": threshold},
-        signature=infer_signature(example, output), input_example=example, registered_model_name=registered_name,
+        signature=signature, input_example=example, registered_model_name=registered_name,
         # Explicit pins: inferring requirements would load and run the model once more, slowly.
         pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS])
