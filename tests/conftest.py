@@ -2,6 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -54,3 +61,32 @@ def store(tmp_path, monkeypatch):
     save_tiny_model(tmp_path / "model")
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     return tmp_path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def local_server(cmd: list[str], ready_url: str, **popen):
+    """Run a server process until the block ends: ready once ``ready_url`` answers (within 3 minutes); stopped
+    with its children (the process group) afterwards."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            try:
+                urllib.request.urlopen(ready_url, timeout=2).close()
+                break
+            except OSError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                    raise AssertionError(f"{' '.join(cmd[:3])} did not start:\n{proc.communicate()[0].decode()}")
+                time.sleep(0.5)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)

@@ -6,12 +6,7 @@ from __future__ import annotations
 import base64
 import io
 import json
-import os
-import signal
-import socket
-import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -21,15 +16,10 @@ from click.testing import CliRunner
 from PIL import Image
 
 from aigid.cli import main
+from conftest import free_port, local_server
 from test_registry import _register
 
 pytestmark = pytest.mark.slow
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _post(url: str, body: dict) -> tuple[int, dict]:
@@ -44,26 +34,12 @@ def _post(url: str, body: dict) -> tuple[int, dict]:
 @pytest.fixture
 def server(store):
     _register(store, 0.5)
-    port = _free_port()
+    port = free_port()
     mlflow_cli = Path(sys.executable).parent / "mlflow"
-    proc = subprocess.Popen([str(mlflow_cli), "models", "serve", "-m", "models:/aigid-detector@candidate",
-                             "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=store, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(f"{url}/ping", timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    raise AssertionError(f"mlflow models serve did not start:\n{proc.stdout.read().decode()}")
-                time.sleep(0.5)
+    with local_server([str(mlflow_cli), "models", "serve", "-m", "models:/aigid-detector@candidate", "--env-manager",
+                       "local", "-h", "127.0.0.1", "-p", str(port)], f"{url}/ping", cwd=store):
         yield url
-    finally:
-        os.killpg(proc.pid, signal.SIGTERM)
-        proc.wait(timeout=30)
 
 
 def _image(fmt: str, color) -> bytes:
