@@ -21,6 +21,7 @@ import hashlib
 import os
 import subprocess
 import time
+import warnings
 from pathlib import Path
 
 import mlflow
@@ -254,5 +255,7 @@ def log_data(path: Path, data, splits: dict[str, str]) -> None:
     for split, context in splits.items():
         ds = data[split]
         ds = ds.select_columns([c for c in ds.column_names if c != "Image"])  # the schema without the pixels
-        dataset = from_huggingface(ds, path=name, name=f"{name}:{split}", digest=digest)
-        mlflow.log_input(dataset, context=context, tags={FINGERPRINT_TAG: data[split]._fingerprint})
+        with warnings.catch_warnings():  # a hint for model signatures; a dataset's schema is only described
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+            dataset = from_huggingface(ds, path=name, name=f"{name}:{split}", digest=digest)
+            mlflow.log_input(dataset, context=context, tags={FINGERPRINT_TAG: data[split]._fingerprint})
