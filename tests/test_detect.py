@@ -147,3 +147,15 @@ def test_precision_bf16_runs_the_model_in_bf16_on_the_cpu_and_auto_keeps_float32
     assert 0 < np.abs(prob["bf16"] - prob["fp32"]).max() < 0.05   # bf16 ran, and stays close
     bad = CliRunner().invoke(main, args + ["--precision", "fp16"])
     assert bad.exit_code != 0 and "fp16" in bad.output
+
+
+def test_detect_imports_no_dataset_table_or_tracking_library():
+    """Scoring one image needs torch, transformers and PIL: `datasets`, pandas, MLflow and scikit-learn cost a
+    one-image `aigid detect` seconds of importing, so its module must not pull them in."""
+    import subprocess
+    import sys
+
+    heavy = ("datasets", "pyarrow", "pandas", "mlflow", "sklearn")
+    code = f"import sys, aigid.cli, aigid.detect; print([m for m in {heavy!r} if m in sys.modules])"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

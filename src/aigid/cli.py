@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import importlib
 import logging
+import os
+import sys
 
 import click
 
@@ -35,11 +37,13 @@ def main(verbose: bool) -> None:
     """Detect AI-generated images and name the generator (BERT caption + CLIP image, two heads)."""
     logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # Per-shard and per-weight progress bars drown the stage logs in DVC's output.
-    import datasets
+    # Per-shard and per-weight progress bars drown the stage logs in DVC's output. `datasets` reads its switch
+    # when a stage imports it; detect never does (importing it costs a one-image run half a second).
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    if "datasets" in sys.modules:
+        sys.modules["datasets"].disable_progress_bars()
     import transformers
 
-    datasets.disable_progress_bars()
     transformers.utils.logging.disable_progress_bar()
     transformers.utils.logging.disable_default_handler()  # one handler (ours) prints each message once
     transformers.utils.logging.enable_propagation()

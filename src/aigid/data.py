@@ -12,14 +12,20 @@ from __future__ import annotations
 import io
 import warnings
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from datasets import ClassLabel, Dataset, DatasetDict, Features, Image, Value, concatenate_datasets
 from PIL import Image as PILImage
 
 from .errors import DataError
 from .files import atomic_path
+
+if TYPE_CHECKING:
+    from datasets import Dataset, DatasetDict, Features
+
+# `datasets` (and pyarrow) is imported by the functions that need it, not here: `aigid detect` decodes and
+# collates through this module and never opens an Arrow dataset.
 
 # The one column schema. Prepared rows have every column; sources deliver the first four (RAW_COLUMNS).
 COLUMNS = ("Caption", "Image", "Label_A", "Label_B", "caption_id", "source_file")
@@ -29,6 +35,8 @@ RAW_COLUMNS = COLUMNS[:4]
 def schema(class_names: tuple[str, ...] | None = None, columns: tuple[str, ...] = COLUMNS) -> Features:
     """Features of ``columns``. With ``class_names``, Label_B is a ClassLabel carrying them (prepared data);
     without, a plain integer (raw rows, pseudo-labels). Images stay encoded bytes."""
+    from datasets import ClassLabel, Features, Image, Value
+
     types = {"Caption": Value("string"), "Image": Image(decode=False), "Label_A": Value("int64"),
              "Label_B": ClassLabel(names=list(class_names)) if class_names else Value("int64"),
              "caption_id": Value("int64"), "source_file": Value("string")}
@@ -37,6 +45,8 @@ def schema(class_names: tuple[str, ...] | None = None, columns: tuple[str, ...] 
 
 def class_names_of(ds: Dataset) -> tuple[str, ...]:
     """The class names a prepared split carries (Label_B is a ClassLabel written by prepare)."""
+    from datasets import ClassLabel
+
     label_b = ds.features["Label_B"]
     if not isinstance(label_b, ClassLabel):
         raise DataError("Label_B carries no class names: not a dataset written by `aigid prepare`")
@@ -127,6 +137,8 @@ def save_dataset(dsd: DatasetDict, out: Path, extra_files: dict[str, str] | None
 
 def concat(*parts: Dataset) -> Dataset:
     """Rows of all parts in the schema of the first (extra columns such as confidences dropped)."""
+    from datasets import concatenate_datasets
+
     features = schema(class_names_of(parts[0]))
     return concatenate_datasets([p.select_columns(list(COLUMNS)).cast(features) for p in parts if len(p)])
 
@@ -144,17 +156,21 @@ class Collator:
         self.tokenizer, self.processor, self.max_length = tokenizer, processor, max_length
         self.perturb, self.caption_dropout = perturb, caption_dropout
 
-    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+    def images(self, rows: list[dict]) -> torch.Tensor:
+        """The rows' images decoded, perturbed and put through the image processor: ``pixel_values``."""
         images = [decode_rgb(r["Image"], r.get("source_file") or "image") for r in rows]
         if self.perturb is not None:
             images = [self.perturb(img) for img in images]
+        return self.processor(images=images, return_tensors="pt")["pixel_values"]
+
+    def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
         captions = [r["Caption"] or "" for r in rows]
         if self.caption_dropout > 0:
             drop = (torch.rand(len(rows)) < self.caption_dropout).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop)]
         batch = dict(self.tokenizer(captions, padding=True, truncation=True,
                                     max_length=self.max_length, return_tensors="pt"))
-        batch["pixel_values"] = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        batch["pixel_values"] = self.images(rows)
         if "Label_A" in rows[0]:
             batch["labels_a"] = torch.tensor([r["Label_A"] for r in rows], dtype=torch.long)
             batch["labels_b"] = torch.tensor([r["Label_B"] for r in rows], dtype=torch.long)

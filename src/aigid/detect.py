@@ -22,7 +22,6 @@ from .infer import RunOptions, output_columns, score_images
 from .model import load_detector
 from .runtime import configure
 from .stage import clean_errors
-from .tables import duplicates, read_table
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SOME_FAILED = 3  # exit status when some inputs could not be read
@@ -128,6 +127,8 @@ def resolve_model(spec: str) -> Path:
 def read_captions(path: Path) -> dict[str, str]:
     """A ``path,caption`` table (CSV or .xlsx) as {path: caption}; paths as given on the command line or bare
     file names. A path listed twice is an error naming both rows."""
+    from .tables import duplicates, read_table  # pandas: imported only when there is a table to read
+
     frame = read_table(path, ("path", "caption"))
     keys = list(frame["path"])
     if found := duplicates(keys, path, "path"):

@@ -21,7 +21,7 @@ from transformers import (
     BertConfig,
     BertModel,
     BertTokenizerFast,
-    CLIPImageProcessor,
+    CLIPImageProcessorPil,
     CLIPVisionConfig,
     CLIPVisionModel,
 )
@@ -98,8 +98,9 @@ def build_demo_encoders(captions: Iterable[str], params, out_dir: Path, seed: in
                                               num_attention_heads=d.heads, intermediate_size=4 * d.hidden_size,
                                               image_size=d.image_size, patch_size=d.patch_size,
                                               projection_dim=d.hidden_size))
-    processor = CLIPImageProcessor(size={"shortest_edge": d.image_size},
-                                   crop_size={"height": d.image_size, "width": d.image_size})
+    # Only its settings are saved (as a CLIPImageProcessor); aigid.model.load_processor picks the fast variant.
+    processor = CLIPImageProcessorPil(size={"shortest_edge": d.image_size},
+                                      crop_size={"height": d.image_size, "width": d.image_size})
     text.save_pretrained(out_dir / "text")
     tokenizer.save_pretrained(out_dir / "text")
     vision.save_pretrained(out_dir / "vision")
@@ -113,7 +114,7 @@ def snapshot_encoders(params, out_dir: Path) -> None:
             if kind == "text":
                 model, pre = AutoModel.from_pretrained(name, add_pooling_layer=False), AutoTokenizer.from_pretrained(name)
             else:
-                model, pre = CLIPVisionModel.from_pretrained(name), AutoImageProcessor.from_pretrained(name)
+                model, pre = CLIPVisionModel.from_pretrained(name), AutoImageProcessor.from_pretrained(name)  # settings only
         except OSError as err:
             raise DataError(
                 f"encoders.{kind}={name!r} could not be loaded: it is neither a local directory nor a model in the "

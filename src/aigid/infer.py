@@ -9,22 +9,25 @@ are visited grouped by caption, so the images of one caption share a batch and B
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from datasets import Dataset
 from torch.utils.data import DataLoader, Subset
 
-from .data import Collator, schema
+from .data import Collator
 from .model import Loaded, decide
 from .runtime import autocast, device
 
+# The rows scored: a `datasets.Dataset` (memory-mapped Arrow, the stages) or a list of row dicts with the same
+# columns (detect, which so never imports `datasets`).
+Rows = Sequence[dict]
 
-def caption_order(dataset: Dataset) -> np.ndarray:
+
+def caption_order(dataset: Rows) -> np.ndarray:
     """Row indices grouped by caption (stable), or the identity where captions carry no id."""
-    if "caption_id" not in dataset.column_names:
+    if "caption_id" not in getattr(dataset, "column_names", ()):
         return np.arange(len(dataset))
     return np.argsort(np.asarray(dataset["caption_id"]), kind="stable")
 
@@ -42,7 +45,7 @@ class RunOptions:
     perturb: Callable | None = None
 
 
-def _run(detector: Loaded, dataset: Dataset, options: RunOptions, step) -> list[np.ndarray]:
+def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list[np.ndarray]:
     """``step(model, batch)`` -> a tuple of per-row tensors, for every batch in caption order; each output
     concatenated and put back in the dataset's order as float32 numpy."""
     from tqdm import tqdm
@@ -79,13 +82,13 @@ def _features(model, batch):
 
 
 @torch.inference_mode()
-def predict_logits(detector: Loaded, dataset: Dataset, options: RunOptions = RunOptions()):
+def predict_logits(detector: Loaded, dataset: Rows, options: RunOptions = RunOptions()):
     """Head A and head B logits for every row, in the dataset's order, as float32 numpy arrays."""
     return tuple(_run(detector, dataset, options, _logits))
 
 
 @torch.inference_mode()
-def encode_features(detector: Loaded, dataset: Dataset, options: RunOptions = RunOptions()):
+def encode_features(detector: Loaded, dataset: Rows, options: RunOptions = RunOptions()):
     """The encoders' text and image features for every row, in the dataset's order (float32 numpy)."""
     return tuple(_run(detector, dataset, options, _features))
 
@@ -103,9 +106,8 @@ def score_images(detector: Loaded, images: list[bytes], captions: list[str], thr
     Class probabilities are joint: P(real) = 1 - P(AI) and P(generator) = P(AI) * P(generator | AI).
     """
     names = list(detector.model.config.class_names)
-    ds = Dataset.from_dict({"Caption": list(captions), "Image": [{"bytes": b, "path": None} for b in images]},
-                           features=schema(columns=("Caption", "Image")))
-    logits_a, logits_b = predict_logits(detector, ds, options)
+    inputs = [{"Caption": c, "Image": {"bytes": b, "path": None}} for b, c in zip(images, captions)]
+    logits_a, logits_b = predict_logits(detector, inputs, options)
     pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b), threshold)
     rows = []
     for i, caption in enumerate(captions):

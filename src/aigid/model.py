@@ -161,8 +161,14 @@ def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_
     model = Detector(config)
     model.text_encoder.load_state_dict(text.state_dict())
     model.vision_encoder.load_state_dict(vision.state_dict())
-    processor = AutoImageProcessor.from_pretrained(vision_encoder)
-    return Loaded(model, tokenizer, processor)
+    return Loaded(model, tokenizer, load_processor(vision_encoder))
+
+
+def load_processor(path: str | Path):
+    """The image processor saved at ``path`` (or a hub name). transformers picks its fast (torchvision) variant
+    where torchvision can be imported, else the PIL one, without a warning; the two agree within transformers'
+    own tolerance (tests/test_model.py). Every processor the pipeline runs comes from here."""
+    return AutoImageProcessor.from_pretrained(path)
 
 
 def save_detector(model: Detector, tokenizer, processor, path: str | Path) -> None:
@@ -178,7 +184,7 @@ def load_detector(path: str | Path) -> Loaded:
     if not (path / "model.safetensors").is_file():
         raise FileNotFoundError(f"{path}: no model.safetensors; not a detector directory written by this tool")
     model = Detector.from_pretrained(path, use_safetensors=True)
-    return Loaded(model, AutoTokenizer.from_pretrained(path), AutoImageProcessor.from_pretrained(path))
+    return Loaded(model, AutoTokenizer.from_pretrained(path), load_processor(path))
 
 
 @dataclass
