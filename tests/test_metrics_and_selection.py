@@ -45,3 +45,36 @@ def test_selection_keeps_only_samples_strictly_above_the_threshold_on_both_tasks
     assert select_confident(conf_a, conf_b, 0.8).tolist() == [1, 3]
     assert select_confident(conf_a, conf_b, 0.79).tolist() == [0, 1, 2, 3, 4]
     assert select_confident(conf_a, conf_b, 0.99).tolist() == []
+
+
+def test_binary_f1_is_the_ai_class_f1():
+    # 4 real, 6 AI; AI: precision 5/6, recall 5/6. An all-AI model has a high binary F1 and a low macro one.
+    labels_a = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    pred_a = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 0])
+    s = score(labels_a, labels_a, pred_a, pred_a, ("real", "ai"))
+    assert s["task_a"]["f1_binary"] == pytest.approx(5 / 6)
+    all_ai = score(labels_a, labels_a, np.ones(10, int), np.ones(10, int), ("real", "ai"))["task_a"]
+    assert all_ai["f1_binary"] == pytest.approx(2 * 0.6 / 1.6) and all_ai["f1_macro"] < all_ai["f1_binary"]
+
+
+def test_calibration_error_by_hand_and_bins_as_scikit_learn_cuts_them():
+    from sklearn.calibration import calibration_curve
+
+    from aigid.metrics import calibration
+
+    # Two occupied bins of 15: [0, 1/15) holds 0.0 and 0.05 (no AI), [14/15, 1] holds 0.95 and 1.0 (one AI).
+    labels, prob = np.array([0, 0, 1, 0]), np.array([0.0, 0.05, 0.95, 1.0])
+    summary, rows = calibration(labels, prob)
+    assert summary["bins"] == 15
+    assert [r["count"] for r in rows] == [2, 2] and rows[1]["fraction_ai"] == pytest.approx(0.5)
+    assert summary["ece"] == pytest.approx(0.5 * 0.025 + 0.5 * abs(0.975 - 0.5))
+    rng = np.random.default_rng(0)
+    prob = np.concatenate([rng.random(500), np.arange(16) / 15])        # bin edges included
+    labels = (rng.random(len(prob)) < prob).astype(int)
+    summary, rows = calibration(labels, prob)
+    true, predicted = calibration_curve(labels, prob, n_bins=15, strategy="uniform")
+    assert np.allclose([r["fraction_ai"] for r in rows], true)
+    assert np.allclose([r["mean_prob_ai"] for r in rows], predicted)
+    assert sum(r["count"] for r in rows) == len(prob) and summary["ece"] < 0.1   # drawn calibrated
+    assert calibration([1, 1, 0, 0], [1.0, 1.0, 0.0, 0.0])[0]["ece"] == 0.0
+

@@ -139,6 +139,9 @@ class Evaluate(Group):
     jpeg_quality: list[int] = Field(description="robustness grid: JPEG re-encoding qualities")
     blur_sigma: list[float] = Field(description="robustness grid: Gaussian blur standard deviations, pixels")
     resize_scale: list[float] = Field(description="robustness grid: resize factors")
+    format_control_quality: int = Field(ge=1, le=100, description="format-controlled test: every test image "
+                                        "re-encoded as JPEG at this quality, so the file format says nothing "
+                                        "about the label")
 
     @model_validator(mode="after")
     def _grid(self):
