@@ -78,3 +78,26 @@ def test_calibration_error_by_hand_and_bins_as_scikit_learn_cuts_them():
     assert sum(r["count"] for r in rows) == len(prob) and summary["ece"] < 0.1   # drawn calibrated
     assert calibration([1, 1, 0, 0], [1.0, 1.0, 0.0, 0.0])[0]["ece"] == 0.0
 
+
+def test_class_quotas_keep_the_mix_and_never_exceed_what_is_available():
+    from aigid.pseudolabel import class_quotas
+
+    mix = np.array([1, 1, 1, 1, 1, 1]) / 6                      # CT2's train split: one image per source
+    assert class_quotas(np.array([65, 97, 102, 37, 63, 78]), mix).tolist() == [37] * 6
+    assert class_quotas(np.array([10, 100, 100]), np.array([0.5, 0.25, 0.25])).tolist() == [10, 5, 5]
+    assert class_quotas(np.array([0, 50, 50]), np.array([0.2, 0.4, 0.4])).tolist() == [0, 0, 0]   # no real: none
+    assert class_quotas(np.array([7, 50, 0]), np.array([0.5, 0.5, 0.0])).tolist() == [7, 7, 0]    # no share: none
+
+
+def test_class_balanced_selection_keeps_the_most_confident_of_each_predicted_class():
+    from aigid.pseudolabel import select_class_balanced
+
+    conf_a = np.array([0.99, 0.95, 0.90, 0.85, 0.97, 0.70, 0.99, 0.91])
+    conf_b = np.array([0.99, 0.95, 0.90, 0.85, 0.93, 0.99, 0.81, 0.99])
+    label_b = np.array([1, 1, 1, 1, 0, 0, 1, 0])
+    # Above 0.8: class 1 has rows 0, 1, 2, 3, 6; class 0 has rows 4, 7 (row 5 fails on Task A).
+    keep, quotas = select_class_balanced(conf_a, conf_b, label_b, 0.8, np.array([0.5, 0.5]))
+    assert quotas.tolist() == [2, 2]
+    assert keep.tolist() == [0, 1, 4, 7]                       # class 1: rows 0 (0.99) and 1 (0.95)
+    keep, quotas = select_class_balanced(conf_a, conf_b, label_b, 0.8, np.array([0.2, 0.8]))
+    assert quotas.tolist() == [1, 5] and keep.tolist() == [0, 1, 2, 3, 4, 6]   # row 4 (0.93) beats row 7 (0.91)

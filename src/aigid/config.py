@@ -128,6 +128,10 @@ class Features(Group):
 
 class Pseudolabel(Group):
     pool: Literal["unlabeled", "test"] = Field(description="the split that is pseudo-labelled")
+    selection: Literal["threshold", "class_balanced"] = Field(
+        description="threshold: every sample whose confidences exceed `threshold` (the paper) | class_balanced: "
+                    "of those, per predicted class the most confident up to a quota, so that the kept samples "
+                    "have the class mix of the labelled train split")
     validation_fraction: float = Field(gt=0, lt=1, description="share of kept captions that go to validation")
     batch_size: int = Field(ge=1)
 
