@@ -106,7 +106,10 @@ class Encoders(Group):
 
 
 class Model(Group):
-    fusion_dim: int = Field(ge=1, description="width of the shared space after concatenation")
+    fusion: Literal["concat", "cross_attention"] = Field(
+        description="concat: [CLS] and image features concatenated (the paper) | cross_attention: the image "
+                    "feature attends over the caption's token features (aigid.model.FUSIONS)")
+    fusion_dim: int = Field(ge=1, description="width of the shared space after the fusion")
     max_text_length: int = Field(ge=4, description="captions longer than this are truncated (padding is per batch)")
 
 
@@ -181,6 +184,13 @@ class Params(Group):
     evaluate: Evaluate
     inference: Inference
     mlflow: Mlflow
+
+    @model_validator(mode="after")
+    def _fusion(self):
+        if self.model.fusion == "cross_attention" and self.train.freeze_encoders:
+            raise ValueError("model.fusion: cross_attention reads the caption's token features, which the "
+                             "features stage does not cache; use it with train.freeze_encoders: false")
+        return self
 
     @model_validator(mode="after")
     def _holdout(self):
