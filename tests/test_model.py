@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -76,6 +77,11 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
         a = model(**tokenizer(["a red circle", "blue"], padding=True, return_tensors="pt"), pixel_values=pixels)
         b = loaded.eval()(**enc, pixel_values=pixels)
     assert torch.equal(a.logits_a, b.logits_a) and torch.equal(a.logits_b, b.logits_b)
+    config = tmp_path / "m" / "config.json"                 # a model saved before fusion was a choice
+    saved = json.loads(config.read_text())
+    del saved["fusion"]
+    config.write_text(json.dumps(saved))
+    assert load_detector(tmp_path / "m").model.config.fusion == "concat"
 
 
 def test_load_refuses_a_directory_without_safetensors(tmp_path):
