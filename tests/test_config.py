@@ -75,4 +75,4 @@ def test_a_stage_reads_only_its_declared_keys():
     with pytest.raises(ParamsError, match=r"threshold"):
         view.threshold
     assert view.declared() == {"seed": 42, "train.num_workers": 0, "inference.precision": "auto"}
-    assert declared(p, ("model",)) == {"model.fusion_dim": 512, "model.max_text_length": 64}
+    assert declared(p, ("model",)) == {"model.fusion": "concat", "model.fusion_dim": 512, "model.max_text_length": 64}

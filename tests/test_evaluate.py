@@ -145,3 +145,36 @@ def test_only_the_training_loader_drops_captions_and_holdout_drops_its_class(tmp
     assert drop_class(ds, names, "sd3")["Caption"] == ["a", "c"]
     with pytest.raises(ValueError, match="train.holdout='flux'"):
         drop_class(ds, names, "flux")
+
+
+def test_format_control_reports_task_a_per_original_format():
+    import io
+
+    from datasets import Dataset
+
+    from aigid.evaluate import format_control
+    from aigid.model import decide
+
+    def encoded(fmt):
+        buf = io.BytesIO()
+        Image.new("RGB", (8, 8), (10, 20, 30)).save(buf, format=fmt)
+        return {"bytes": buf.getvalue(), "path": None}
+
+    # A "JPEG = real" detector: real JPEGs and AI PNGs are right; once all are JPEG, every image is called real.
+    formats = ["JPEG", "JPEG", "PNG", "PNG", "GIF"]
+    labels_a = [0, 1, 0, 1, 1]
+    test = Dataset.from_dict({"Image": [encoded(f) for f in formats], "Label_A": labels_a,
+                              "Label_B": [0, 2, 0, 1, 1]})
+    logits_b = torch.zeros(5, 3)
+    clean = decide(torch.tensor([-5.0, -5.0, 5.0, 5.0, 5.0]), logits_b)
+    controlled = decide(torch.full((5,), -5.0), logits_b)
+    out = format_control(test, clean, controlled, 90, ("real", "sd21", "sdxl"))
+    assert out["jpeg_quality"] == 90
+    assert out["by_original_format"] == {
+        "JPEG": {"real": {"n": 1, "clean_recall": 1.0, "controlled_recall": 1.0},
+                 "ai": {"n": 1, "clean_recall": 0.0, "controlled_recall": 0.0}},
+        "PNG": {"real": {"n": 1, "clean_recall": 0.0, "controlled_recall": 1.0},
+                "ai": {"n": 1, "clean_recall": 1.0, "controlled_recall": 0.0}},
+        "other": {"ai": {"n": 1, "clean_recall": 1.0, "controlled_recall": 0.0}}}
+    assert out["task_a"]["balanced_accuracy"] == 0.5 and out["task_a"]["f1_binary"] == 0.0
+    assert out["per_class"] == {"real": 1.0, "sd21": 0.0, "sdxl": 0.0}

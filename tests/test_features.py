@@ -165,3 +165,21 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
         assert epoch_resumed == pytest.approx(epoch_unbroken)
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("killed", "unbroken"))
     assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)   # the complete detector
+
+
+def test_class_balanced_pseudo_labels_have_the_train_mix(frozen, tmp_path):
+    params = yaml.safe_load((frozen / "params.yaml").read_text())
+    params["pseudolabel"]["selection"] = "class_balanced"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    finish(aigid("pseudolabel", "--model", str(frozen / "models/base"), "--data", str(frozen / "data/prepared"),
+                 "--features", str(frozen / "data/features"), "--out", str(tmp_path / "pseudo"), "--metrics",
+                 str(tmp_path / "m.json"), "--report", str(tmp_path / "r.json"), cwd=tmp_path))
+    report = json.loads((tmp_path / "r.json").read_text())
+    default = json.loads((frozen / "reports/pseudolabel.json").read_text())
+    assert report["selection"] == "class_balanced" and default["selection"] == "threshold"
+    assert report["passed_threshold"] == default["kept"] >= report["kept"]
+    per_class = report["per_class"].values()
+    assert [c["kept"] for c in per_class] == [c["quota"] for c in per_class]
+    assert len({c["quota"] for c in per_class}) == 1       # the tiny train split has one image per source
+    assert min(c["passed_threshold"] for c in per_class) == next(iter(per_class))["quota"]
+    assert report["kept"] == report["train_rows"] + report["validation_rows"] == sum(c["kept"] for c in per_class)

@@ -45,3 +45,59 @@ def test_selection_keeps_only_samples_strictly_above_the_threshold_on_both_tasks
     assert select_confident(conf_a, conf_b, 0.8).tolist() == [1, 3]
     assert select_confident(conf_a, conf_b, 0.79).tolist() == [0, 1, 2, 3, 4]
     assert select_confident(conf_a, conf_b, 0.99).tolist() == []
+
+
+def test_binary_f1_is_the_ai_class_f1():
+    # 4 real, 6 AI; AI: precision 5/6, recall 5/6. An all-AI model has a high binary F1 and a low macro one.
+    labels_a = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
+    pred_a = np.array([0, 0, 0, 1, 1, 1, 1, 1, 1, 0])
+    s = score(labels_a, labels_a, pred_a, pred_a, ("real", "ai"))
+    assert s["task_a"]["f1_binary"] == pytest.approx(5 / 6)
+    all_ai = score(labels_a, labels_a, np.ones(10, int), np.ones(10, int), ("real", "ai"))["task_a"]
+    assert all_ai["f1_binary"] == pytest.approx(2 * 0.6 / 1.6) and all_ai["f1_macro"] < all_ai["f1_binary"]
+
+
+def test_calibration_error_by_hand_and_bins_as_scikit_learn_cuts_them():
+    from sklearn.calibration import calibration_curve
+
+    from aigid.metrics import calibration
+
+    # Two occupied bins of 15: [0, 1/15) holds 0.0 and 0.05 (no AI), [14/15, 1] holds 0.95 and 1.0 (one AI).
+    labels, prob = np.array([0, 0, 1, 0]), np.array([0.0, 0.05, 0.95, 1.0])
+    summary, rows = calibration(labels, prob)
+    assert summary["bins"] == 15
+    assert [r["count"] for r in rows] == [2, 2] and rows[1]["fraction_ai"] == pytest.approx(0.5)
+    assert summary["ece"] == pytest.approx(0.5 * 0.025 + 0.5 * abs(0.975 - 0.5))
+    rng = np.random.default_rng(0)
+    prob = np.concatenate([rng.random(500), np.arange(16) / 15])        # bin edges included
+    labels = (rng.random(len(prob)) < prob).astype(int)
+    summary, rows = calibration(labels, prob)
+    true, predicted = calibration_curve(labels, prob, n_bins=15, strategy="uniform")
+    assert np.allclose([r["fraction_ai"] for r in rows], true)
+    assert np.allclose([r["mean_prob_ai"] for r in rows], predicted)
+    assert sum(r["count"] for r in rows) == len(prob) and summary["ece"] < 0.1   # drawn calibrated
+    assert calibration([1, 1, 0, 0], [1.0, 1.0, 0.0, 0.0])[0]["ece"] == 0.0
+
+
+def test_class_quotas_keep_the_mix_and_never_exceed_what_is_available():
+    from aigid.pseudolabel import class_quotas
+
+    mix = np.array([1, 1, 1, 1, 1, 1]) / 6                      # CT2's train split: one image per source
+    assert class_quotas(np.array([65, 97, 102, 37, 63, 78]), mix).tolist() == [37] * 6
+    assert class_quotas(np.array([10, 100, 100]), np.array([0.5, 0.25, 0.25])).tolist() == [10, 5, 5]
+    assert class_quotas(np.array([0, 50, 50]), np.array([0.2, 0.4, 0.4])).tolist() == [0, 0, 0]   # no real: none
+    assert class_quotas(np.array([7, 50, 0]), np.array([0.5, 0.5, 0.0])).tolist() == [7, 7, 0]    # no share: none
+
+
+def test_class_balanced_selection_keeps_the_most_confident_of_each_predicted_class():
+    from aigid.pseudolabel import select_class_balanced
+
+    conf_a = np.array([0.99, 0.95, 0.90, 0.85, 0.97, 0.70, 0.99, 0.91])
+    conf_b = np.array([0.99, 0.95, 0.90, 0.85, 0.93, 0.99, 0.81, 0.99])
+    label_b = np.array([1, 1, 1, 1, 0, 0, 1, 0])
+    # Above 0.8: class 1 has rows 0, 1, 2, 3, 6; class 0 has rows 4, 7 (row 5 fails on Task A).
+    keep, quotas = select_class_balanced(conf_a, conf_b, label_b, 0.8, np.array([0.5, 0.5]))
+    assert quotas.tolist() == [2, 2]
+    assert keep.tolist() == [0, 1, 4, 7]                       # class 1: rows 0 (0.99) and 1 (0.95)
+    keep, quotas = select_class_balanced(conf_a, conf_b, label_b, 0.8, np.array([0.2, 0.8]))
+    assert quotas.tolist() == [1, 5] and keep.tolist() == [0, 1, 2, 3, 4, 6]   # row 4 (0.93) beats row 7 (0.91)

@@ -1,3 +1,4 @@
+import json
 import math
 
 import pytest
@@ -49,13 +50,13 @@ def test_label_b_is_real_exactly_when_label_a_is_real():
 CT2 = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")
 
 
-def _tiny_detector():
+def _tiny_detector(fusion="concat"):
     text = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                 intermediate_size=32), add_pooling_layer=False)
     vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
                                               intermediate_size=32, image_size=16, patch_size=8))
     return Detector(DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config,
-                                   fusion_dim=8, class_names=CT2))
+                                   fusion_dim=8, class_names=CT2, fusion=fusion))
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
@@ -76,6 +77,11 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
         a = model(**tokenizer(["a red circle", "blue"], padding=True, return_tensors="pt"), pixel_values=pixels)
         b = loaded.eval()(**enc, pixel_values=pixels)
     assert torch.equal(a.logits_a, b.logits_a) and torch.equal(a.logits_b, b.logits_b)
+    config = tmp_path / "m" / "config.json"                 # a model saved before fusion was a choice
+    saved = json.loads(config.read_text())
+    del saved["fusion"]
+    config.write_text(json.dumps(saved))
+    assert load_detector(tmp_path / "m").model.config.fusion == "concat"
 
 
 def test_load_refuses_a_directory_without_safetensors(tmp_path):
@@ -238,3 +244,42 @@ def test_processor_loads_without_the_fallback_warning(tmp_path):
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() in ("torchvision", "pil")
     assert "requires torchvision" not in proc.stderr
+
+
+def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_without_padding(tmp_path):
+    from aigid.encoders import train_wordpiece
+    from transformers import CLIPImageProcessor
+
+    assert {k for k in _tiny_detector().state_dict() if k.startswith("fusion.")} == {"fusion.0.weight", "fusion.0.bias"}
+    torch.manual_seed(0)
+    model = _tiny_detector("cross_attention").eval()
+    ids = torch.tensor([[2, 7, 9, 3], [2, 8, 3, 0]])
+    pixels = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        tokens, _ = model.encode(ids, (ids != 0).long(), pixels, tokens=True)
+        out = model(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=pixels)
+        padded = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], dim=1)   # more padding: same answer
+        again = model(input_ids=padded, attention_mask=(padded != 0).long(), pixel_values=pixels)
+        other = model(input_ids=ids[[1, 0]], attention_mask=(ids[[1, 0]] != 0).long(), pixel_values=pixels)
+    assert tokens.shape == (2, 4, 16) and out.logits_b.shape == (2, 6)
+    assert torch.allclose(out.logits_a, again.logits_a, atol=1e-5)
+    assert not torch.allclose(out.logits_a, other.logits_a)                     # the caption matters
+    tokenizer = train_wordpiece(["a red circle", "two blue squares"], vocab_size=50)
+    processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
+    save_detector(model, tokenizer, processor, tmp_path / "m")
+    loaded = load_detector(tmp_path / "m").model.eval()                         # nothing but the directory
+    assert loaded.config.fusion == "cross_attention"
+    with torch.no_grad():
+        b = loaded(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=pixels)
+    assert torch.equal(out.logits_a, b.logits_a) and torch.equal(out.logits_b, b.logits_b)
+
+
+def test_cross_attention_with_frozen_encoders_is_refused_naming_the_key(tmp_path):
+    from aigid.config import ParamsError, load_params
+    from test_config import write
+
+    with pytest.raises(ParamsError, match=r"model\.fusion: cross_attention .* train\.freeze_encoders: false"):
+        load_params(write(tmp_path, {"model": {"fusion": "cross_attention"}, "train": {"freeze_encoders": True}}))
+    with pytest.raises(ParamsError, match=r"model\.fusion"):
+        load_params(write(tmp_path, {"model": {"fusion": "attention"}}))
+    assert load_params(write(tmp_path, {"model": {"fusion": "cross_attention"}})).model.fusion == "cross_attention"

@@ -91,6 +91,7 @@ def test_repro_writes_models_metrics_and_plots(project):
     assert pseudo["kept"] == pseudo["train_rows"] + pseudo["validation_rows"]
     prepared = json.loads((project / "reports/prepare.json").read_text())
     assert prepared["shared_captions_train_validation"] == 0 and len(prepared["fingerprint"]) == 64
+    assert set(prepared["formats"]["test"]) == set(prepared["splits"]["test"]["per_class"])
 
 
 def test_metrics_files_hold_the_headline_numbers_of_the_reports(project):
@@ -132,9 +133,16 @@ def test_evaluate_reports_curves_operating_point_captions_robustness_and_the_uns
         assert (project / f"metrics/plots/pr_{model}.json").is_file()
         rows = json.loads((project / f"metrics/plots/robustness_{model}.json").read_text())
         assert {r["condition"] for r in rows} == conditions
+        assert 0.0 <= result["task_a"]["f1_binary"] <= 1.0 and 0.0 <= result["calibration"]["ece"] <= 1.0
+        reliability = json.loads((project / f"metrics/plots/reliability_{model}.json").read_text())
+        assert sum(r["count"] for r in reliability) == evaluation["test_rows"]
+        control = result["format_control"]
+        assert control["jpeg_quality"] == 90 and set(control["per_class"]) == set(result["per_class"])
+        assert sum(c["n"] for f in control["by_original_format"].values() for c in f.values()) == evaluation["test_rows"]
     assert json.loads((project / "models/retrained/config.json").read_text())["holdout"] == "sd3"
     html = sh("dvc", "plots", "show", "--json", cwd=project)
     assert "Robustness, detection rate per class (retrained)" in html and "Task A ROC on the test split" in html
+    assert "Task A reliability of P(AI)" in html
 
 
 def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(project, tmp_path):

@@ -75,6 +75,11 @@ def test_good_source_is_stored_with_a_validation_split_made_by_caption(tmp_path,
     metrics = json.loads((tmp_path / "prepare.json").read_text())
     assert metrics["shared_captions_train_validation"] == 0
     assert metrics["splits_made_by_caption"] == ["validation"]
+    # Every image is a 20x20 PNG but one CMYK JPEG (train row 9: Label_B 3, sd3).
+    formats = [(split, name, f) for split, per in metrics["formats"].items() for name, f in per.items()]
+    assert sum(f["n"] for _, _, f in formats) == 72 and sum(f["other"] for _, _, f in formats) == 0
+    assert [(name, f["JPEG"]) for _, name, f in formats if f["JPEG"]] == [("sd3", 1)]
+    assert all(f["JPEG"] + f["PNG"] == f["n"] and f["median_shorter_side"] == 20 for _, _, f in formats)
 
 
 def _cmyk_jpeg() -> bytes:

@@ -106,7 +106,10 @@ class Encoders(Group):
 
 
 class Model(Group):
-    fusion_dim: int = Field(ge=1, description="width of the shared space after concatenation")
+    fusion: Literal["concat", "cross_attention"] = Field(
+        description="concat: [CLS] and image features concatenated (the paper) | cross_attention: the image "
+                    "feature attends over the caption's token features (aigid.model.FUSIONS)")
+    fusion_dim: int = Field(ge=1, description="width of the shared space after the fusion")
     max_text_length: int = Field(ge=4, description="captions longer than this are truncated (padding is per batch)")
 
 
@@ -128,6 +131,10 @@ class Features(Group):
 
 class Pseudolabel(Group):
     pool: Literal["unlabeled", "test"] = Field(description="the split that is pseudo-labelled")
+    selection: Literal["threshold", "class_balanced"] = Field(
+        description="threshold: every sample whose confidences exceed `threshold` (the paper) | class_balanced: "
+                    "of those, per predicted class the most confident up to a quota, so that the kept samples "
+                    "have the class mix of the labelled train split")
     validation_fraction: float = Field(gt=0, lt=1, description="share of kept captions that go to validation")
     batch_size: int = Field(ge=1)
 
@@ -139,6 +146,9 @@ class Evaluate(Group):
     jpeg_quality: list[int] = Field(description="robustness grid: JPEG re-encoding qualities")
     blur_sigma: list[float] = Field(description="robustness grid: Gaussian blur standard deviations, pixels")
     resize_scale: list[float] = Field(description="robustness grid: resize factors")
+    format_control_quality: int = Field(ge=1, le=100, description="format-controlled test: every test image "
+                                        "re-encoded as JPEG at this quality, so the file format says nothing "
+                                        "about the label")
 
     @model_validator(mode="after")
     def _grid(self):
@@ -174,6 +184,13 @@ class Params(Group):
     evaluate: Evaluate
     inference: Inference
     mlflow: Mlflow
+
+    @model_validator(mode="after")
+    def _fusion(self):
+        if self.model.fusion == "cross_attention" and self.train.freeze_encoders:
+            raise ValueError("model.fusion: cross_attention reads the caption's token features, which the "
+                             "features stage does not cache; use it with train.freeze_encoders: false")
+        return self
 
     @model_validator(mode="after")
     def _holdout(self):

@@ -93,6 +93,19 @@ def to_rgb(img: PILImage.Image) -> PILImage.Image:
     return img.convert("RGB")
 
 
+FILE_FORMATS = ("JPEG", "PNG", "other")
+
+
+def file_format(data: bytes) -> str:
+    """The file format of encoded image bytes as reports count it: JPEG, PNG or other (header only)."""
+    try:
+        with PILImage.open(io.BytesIO(data)) as img:
+            kind = img.format
+    except (PILImage.UnidentifiedImageError, OSError):
+        kind = None
+    return kind if kind in FILE_FORMATS else "other"
+
+
 def decode_rgb(image: dict, origin: str = "", max_pixels: int = MAX_PIXELS) -> PILImage.Image:
     """Decode one stored image to RGB. Raises DataError naming ``origin``; never substitutes a blank image."""
     try:

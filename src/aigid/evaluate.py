@@ -3,7 +3,8 @@
 For each model: both tasks' scores (balanced ones too), Task A ROC AUC and average precision with their
 curves, the operating point (the threshold with at most ``evaluate.target_fpr`` false positives on the
 validation split's real images, and the test split's rates there), scores with every caption blanked, a
-robustness grid (JPEG, blur, resize) and, for a model trained with ``train.holdout``, the detection rate of
+robustness grid (JPEG, blur, resize), Task A on a format-controlled copy of the test split (every image re-encoded
+as the same JPEG, per original file format) and, for a model trained with ``train.holdout``, the detection rate of
 the generator it never saw.
 """
 
@@ -18,10 +19,19 @@ import torch
 from PIL import Image as PILImage
 
 from . import stage
-from .data import open_dataset
+from .data import FILE_FORMATS, file_format, open_dataset
 from .files import write_json
 from .infer import RunOptions, predict_logits
-from .metrics import confusion_rows, curve_rows, headline, ranking_scores, rates_at, score, threshold_at_fpr
+from .metrics import (
+    calibration,
+    confusion_rows,
+    curve_rows,
+    headline,
+    ranking_scores,
+    rates_at,
+    score,
+    threshold_at_fpr,
+)
 from .model import decide, load_detector
 from .registry import log_report, register
 from .runtime import configure
@@ -134,8 +144,10 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0,
     pred = predict(test)
     prob_ai = pred.prob_ai.numpy()
     result = {**scores(pred), **ranking_scores(labels_a, prob_ai)}
+    result["calibration"], reliability = calibration(labels_a, prob_ai)
     plots = {"confusion_a": confusion_rows(labels_a, pred.label_a.numpy(), ("real", "ai")),
-             "confusion_b": confusion_rows(labels_b, pred.label_b.numpy(), names), **curve_rows(labels_a, prob_ai)}
+             "confusion_b": confusion_rows(labels_b, pred.label_b.numpy(), names), **curve_rows(labels_a, prob_ai),
+             "reliability": reliability}
 
     # The operating point is chosen on validation and only measured on test.
     val_labels_a, val_prob = np.asarray(validation["Label_A"]), predict(validation).prob_ai.numpy()
@@ -149,6 +161,9 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0,
     result["captions"] = {"with": _summary(result), "without": {**_summary(scores(blank)),
                                                                 **ranking_scores(labels_a, blank.prob_ai.numpy())}}
     result["captions"]["with"].update(roc_auc=result["roc_auc"], average_precision=result["average_precision"])
+
+    quality = params.format_control_quality
+    result["format_control"] = format_control(test, pred, predict(test, Perturbation("jpeg", quality)), quality, names)
 
     robustness = {"clean": _condition(result)}
     for perturb in perturbations(params):
@@ -164,6 +179,29 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0,
         seen = result["per_class"].get(holdout, {"n": 0, "task_a_recall": None})
         result["unseen_generator"] = {"name": holdout, "n": seen["n"], "detection_rate": seen["task_a_recall"]}
     return result, plots
+
+
+def format_control(test, clean, controlled, quality: int, names: tuple[str, ...]) -> dict:
+    """Task A on the test split as stored (``clean``) and with every image re-encoded as JPEG at ``quality``
+    (``controlled``), overall and per original file format: a detector that learned the file format (say,
+    "JPEG = real") calls originally-PNG real images AI, or originally-JPEG AI images real, and loses that once
+    every image is a JPEG of the same quality."""
+    labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
+    formats = np.array([file_format(row["bytes"]) for start in range(0, len(test), 512)
+                        for row in test[start:start + 512]["Image"]])
+    s = score(labels_a, labels_b, controlled.label_a.numpy(), controlled.label_b.numpy(), names)
+    out = {"jpeg_quality": quality,
+           "task_a": {k: s["task_a"][k] for k in ("f1_weighted", "balanced_accuracy", "f1_binary")},
+           "per_class": {name: c["task_a_recall"] for name, c in s["per_class"].items()},
+           "by_original_format": {}}
+    for kind in FILE_FORMATS:
+        for label, name in ((0, "real"), (1, "ai")):
+            rows = (formats == kind) & (labels_a == label)
+            if rows.any():  # share of these images called what they are (Task A recall), before and after
+                out["by_original_format"].setdefault(kind, {})[name] = {
+                    "n": int(rows.sum()), "clean_recall": float((clean.label_a.numpy()[rows] == label).mean()),
+                    "controlled_recall": float((controlled.label_a.numpy()[rows] == label).mean())}
+    return out
 
 
 def _summary(s: dict) -> dict:

@@ -38,10 +38,15 @@ def task_scores(y_true, y_pred, labels) -> dict[str, float]:
 
 
 def score(labels_a, labels_b, pred_a, pred_b, class_names: tuple[str, ...]) -> dict:
-    """Both tasks, plus per-class results for Task B (detection rate of each generator, F1 of attribution)."""
+    """Both tasks, plus per-class results for Task B (detection rate of each generator, F1 of attribution).
+
+    Task A also has ``f1_binary``, the F1 of the AI class alone: the reference code's selection metric, for
+    comparison with CT2 results reported that way.
+    """
     labels_b, pred_b, pred_a = np.asarray(labels_b), np.asarray(pred_b), np.asarray(pred_a)
     out = {"task_a": task_scores(labels_a, pred_a, [0, 1]),
            "task_b": task_scores(labels_b, pred_b, list(range(len(class_names))))}
+    out["task_a"]["f1_binary"] = float(f1_score(labels_a, pred_a, pos_label=1, average="binary", zero_division=0))
     f1_b = f1_score(labels_b, pred_b, labels=list(range(len(class_names))), average=None, zero_division=0)
     per_class = {}
     for k, name in enumerate(class_names):
@@ -76,6 +81,31 @@ def curve_rows(labels_a, prob_ai) -> dict[str, list[dict[str, float]]]:
     precision, recall, _ = precision_recall_curve(labels_a, prob_ai)
     return {"roc": [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr)],
             "pr": [{"recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)]}
+
+
+CALIBRATION_BINS = 15
+
+
+def calibration(labels_a, prob_ai, bins: int = CALIBRATION_BINS) -> tuple[dict, list[dict]]:
+    """Calibration of P(AI): the expected calibration error and the rows of a reliability plot.
+
+    P(AI) is cut into ``bins`` equal-width bins on [0, 1], a value on an edge going to the lower bin (the bins of
+    scikit-learn's ``calibration_curve(strategy="uniform")``, whose points are the plot's). ECE = sum over bins of (images in the bin / all
+    images) * |mean P(AI) in the bin - share of AI images in the bin|; 0 is perfectly calibrated. Empty
+    bins have no row.
+    """
+    labels_a, prob_ai = np.asarray(labels_a, dtype=float), np.asarray(prob_ai, dtype=float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.searchsorted(edges[1:-1], prob_ai)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        if not inside.any():
+            continue
+        mean_p, share_ai = float(prob_ai[inside].mean()), float(labels_a[inside].mean())
+        ece += inside.mean() * abs(mean_p - share_ai)
+        rows.append({"bin": b, "mean_prob_ai": mean_p, "fraction_ai": share_ai, "count": int(inside.sum())})
+    return {"ece": float(ece), "bins": bins, "binning": "equal-width on [0, 1]"}, rows
 
 
 def threshold_at_fpr(prob_real_images, target_fpr: float) -> float:

@@ -1,7 +1,9 @@
 """The NAU-QMUL detector: BERT reads the caption, a CLIP vision encoder reads the image.
 
-Their features are concatenated, projected by one fully connected layer into a shared space and fed to two
-heads: Task A (real vs AI, one logit) and Task B (which of six classes made the image).
+Their features are fused into a shared space and fed to two heads: Task A (real vs AI, one logit) and Task B
+(which of six classes made the image). The fusion is ``config.fusion``, one of :data:`FUSIONS`: ``concat``
+(the paper: concatenated and projected by one fully connected layer) or ``cross_attention`` (the image
+attends over the caption's tokens). A new fusion is one class in :data:`FUSIONS`.
 
 A trained detector is one self-contained directory written by :func:`save_detector`: safetensors weights,
 the detector config (which embeds both encoder configs), the tokenizer and the image processor.
@@ -34,12 +36,14 @@ class DetectorConfig(PretrainedConfig):
 
     # The encoder configs are plain dicts under their own names (not `text_config`/`vision_config`, which
     # transformers treats as nested config objects of a composite model).
+    # A model saved before `fusion` existed has no such key and was trained with concat, the default.
     def __init__(self, text_encoder_config=None, vision_encoder_config=None, fusion_dim=512,
-                 class_names=(), max_text_length=64, **kwargs):
+                 class_names=(), max_text_length=64, fusion="concat", **kwargs):
         super().__init__(**kwargs)
         self.text_encoder_config = _as_dict(text_encoder_config)
         self.vision_encoder_config = _as_dict(vision_encoder_config)
         self.fusion_dim = fusion_dim
+        self.fusion = fusion
         self.class_names = list(class_names)  # Label_B index -> name; index 0 is the real class
         self.max_text_length = max_text_length
 
@@ -68,6 +72,43 @@ def multitask_loss(logits_a, logits_b, labels_a, labels_b):
     return loss_a + loss_b
 
 
+class ConcatFusion(nn.Sequential):
+    """The paper's fusion: [text [CLS]; image pooled] -> Linear -> ReLU (weights named fusion.0.*)."""
+
+    tokens = False  # reads the caption's [CLS] feature only
+
+    def __init__(self, text_dim: int, image_dim: int, out_dim: int, heads: int):
+        super().__init__(nn.Linear(text_dim + image_dim, out_dim), nn.ReLU())
+
+    def forward(self, text, image, text_mask=None):
+        return super().forward(torch.cat([text, image], dim=-1))
+
+
+class CrossAttentionFusion(nn.Module):
+    """The image's pooled feature, projected into the text space, attends over the caption's token features
+    (one multi-head attention layer, with the text encoder's number of heads; padding masked), residual and
+    layer norm; then [attended; image pooled] -> Linear -> ReLU."""
+
+    tokens = True  # reads every token feature of the caption and its attention mask
+
+    def __init__(self, text_dim: int, image_dim: int, out_dim: int, heads: int):
+        super().__init__()
+        self.query = nn.Linear(image_dim, text_dim)
+        self.attention = nn.MultiheadAttention(text_dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(text_dim)
+        self.out = nn.Sequential(nn.Linear(text_dim + image_dim, out_dim), nn.ReLU())
+
+    def forward(self, text, image, text_mask):
+        query = self.query(image).unsqueeze(1)                                    # (batch, 1, text_dim)
+        attended, _ = self.attention(query, text, text, key_padding_mask=text_mask == 0, need_weights=False)
+        return self.out(torch.cat([self.norm(query + attended).squeeze(1), image], dim=-1))
+
+
+# model.fusion -> the module; a new fusion is a class with the same constructor and forward and its name here
+# (and in aigid.config.Model.fusion).
+FUSIONS = {"concat": ConcatFusion, "cross_attention": CrossAttentionFusion}
+
+
 class Detector(PreTrainedModel):
     config_class = DetectorConfig
     base_model_prefix = "detector"
@@ -79,35 +120,44 @@ class Detector(PreTrainedModel):
         self.text_encoder = AutoModel.from_config(AutoConfig.for_model(text_cfg.pop("model_type"), **text_cfg),
                                                   add_pooling_layer=False)
         self.vision_encoder = CLIPVisionModel(CLIPVisionConfig(**config.vision_encoder_config))
-        in_dim = self.text_encoder.config.hidden_size + self.vision_encoder.config.hidden_size
-        self.fusion = nn.Sequential(nn.Linear(in_dim, config.fusion_dim), nn.ReLU())
+        if config.fusion not in FUSIONS:
+            raise ValueError(f"fusion {config.fusion!r} is not one of {', '.join(FUSIONS)}")
+        self.fusion = FUSIONS[config.fusion](self.text_encoder.config.hidden_size,
+                                             self.vision_encoder.config.hidden_size, config.fusion_dim,
+                                             self.text_encoder.config.num_attention_heads)
         self.head_a = nn.Linear(config.fusion_dim, 1)
         self.head_b = nn.Linear(config.fusion_dim, len(config.class_names))
         self.post_init()
 
     def _init_weights(self, module):
-        # Encoders come initialised (or loaded); only the fusion layer and heads are ours.
-        if module in (self.fusion[0], self.head_a, self.head_b):
+        # Encoders come initialised (or loaded); only the fusion layers and heads are ours.
+        ours = [m for m in self.fusion.modules() if hasattr(m, "reset_parameters")] + [self.head_a, self.head_b]
+        if any(module is m for m in ours):
             module.reset_parameters()
 
-    def encode(self, input_ids, attention_mask, pixel_values, token_type_ids=None):
-        """Text ([CLS]) and image (pooled) features, the encoders' whole contribution."""
+    def encode(self, input_ids, attention_mask, pixel_values, token_type_ids=None, tokens=False):
+        """Text ([CLS], or with ``tokens`` every token's feature) and image (pooled) features, the encoders'
+        whole contribution."""
         # The six images of a caption share it: BERT reads each distinct caption of the batch once.
         unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
         first = torch.full((len(unique),), len(input_ids), device=input_ids.device).scatter_reduce(
             0, inverse, torch.arange(len(input_ids), device=input_ids.device), reduce="amin")
         text = self.text_encoder(input_ids=unique, attention_mask=attention_mask[first],
                                  token_type_ids=None if token_type_ids is None else token_type_ids[first],
-                                 ).last_hidden_state[:, 0]  # [CLS]
+                                 ).last_hidden_state
         image = self.vision_encoder(pixel_values=pixel_values).pooler_output
-        return text[inverse], image
+        return (text if tokens else text[:, 0])[inverse], image  # [:, 0]: [CLS]
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, token_type_ids=None,
                 text_features=None, image_features=None, labels_a=None, labels_b=None, **_):
-        """From raw inputs, or from features cached by :meth:`encode` (frozen-encoder training)."""
+        """From raw inputs, or from features cached by :meth:`encode` (frozen-encoder training, concat only)."""
+        text_mask = None
         if text_features is None:
-            text_features, image_features = self.encode(input_ids, attention_mask, pixel_values, token_type_ids)
-        return _heads(self, text_features, image_features, labels_a, labels_b)
+            tokens = self.fusion.tokens
+            text_features, image_features = self.encode(input_ids, attention_mask, pixel_values, token_type_ids,
+                                                        tokens=tokens)
+            text_mask = attention_mask if tokens else None
+        return _heads(self, text_features, image_features, labels_a, labels_b, text_mask)
 
     def freeze_encoders(self) -> None:
         """Train only the fusion layer and the heads (the Trainer optimises parameters that require grad)."""
@@ -132,9 +182,10 @@ class DetectorHeads(nn.Module):
         return _heads(self, text_features, image_features, labels_a, labels_b)
 
 
-def _heads(model: Detector | DetectorHeads, text_features, image_features, labels_a, labels_b) -> DetectorOutput:
+def _heads(model: Detector | DetectorHeads, text_features, image_features, labels_a, labels_b,
+           text_mask=None) -> DetectorOutput:
     """Fusion, both heads and the loss: the part of the forward pass shared by both modules."""
-    shared = model.fusion(torch.cat([text_features, image_features], dim=-1))
+    shared = model.fusion(text_features, image_features, text_mask)
     logits_a = model.head_a(shared).squeeze(-1)
     logits_b = model.head_b(shared)
     loss = None if labels_a is None else multitask_loss(logits_a, logits_b, labels_a, labels_b)
@@ -150,14 +201,14 @@ class Loaded(NamedTuple):
 
 
 def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_text_length: int,
-                   class_names: tuple[str, ...]) -> Loaded:
+                   class_names: tuple[str, ...], fusion: str = "concat") -> Loaded:
     """A fresh detector from two pretrained encoders: hub names or local directories, same code path."""
     text = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
     vision = CLIPVisionModel.from_pretrained(vision_encoder)
     tokenizer = AutoTokenizer.from_pretrained(text_encoder)
     config = DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config,
                             fusion_dim=fusion_dim, max_text_length=max_text_length,
-                            pad_token_id=tokenizer.pad_token_id, class_names=class_names)
+                            pad_token_id=tokenizer.pad_token_id, class_names=class_names, fusion=fusion)
     model = Detector(config)
     model.text_encoder.load_state_dict(text.state_dict())
     model.vision_encoder.load_state_dict(vision.state_dict())

@@ -17,11 +17,23 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset, DatasetDict, Image, Value
 from PIL import Image as PILImage
 
 from . import stage
-from .data import RAW_COLUMNS, DataError, open_dataset, open_image, save_dataset, schema, split_by_caption, to_rgb
+from .data import (
+    FILE_FORMATS,
+    RAW_COLUMNS,
+    DataError,
+    file_format,
+    open_dataset,
+    open_image,
+    save_dataset,
+    schema,
+    split_by_caption,
+    to_rgb,
+)
 from .files import atomic_path, write_json
 from .sources import Rejected, inside, load_source
 
@@ -104,7 +116,7 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
         save_dataset(dsd, out_dir)
     elapsed = time.perf_counter() - started
 
-    duplicates, tensor_bytes, fingerprint = scan_stored(out_dir)
+    duplicates, tensor_bytes, fingerprint, formats = scan_stored(out_dir, class_names)
     if quarantine is not None:
         write_quarantine(quarantine, rejected, duplicates)
     report: dict = {**origin, "fingerprint": fingerprint, "splits_made_by_caption": made, "splits": {},
@@ -123,6 +135,7 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
         report["duplicates"][kind] = len(pairs)
     stored = sum(f.stat().st_size for f in out_dir.rglob("*.arrow"))
     rows = sum(len(ds) for ds in dsd.values())
+    report["formats"] = formats
     report["bytes_per_sample"] = stored / rows
     # The reference implementation stored every image as a float32 3xHxW tensor.
     report["float32_tensor_bytes_per_sample"] = tensor_bytes / rows
@@ -231,20 +244,25 @@ def check_split(ds: Dataset, split: str, cache_dir: str, opts: CheckOptions,
     return out.select(range(len(out)), new_fingerprint=fingerprint)
 
 
-def scan_stored(data_dir: Path) -> tuple[dict[str, list[tuple]], int, str]:
+def scan_stored(data_dir: Path, class_names: tuple[str, ...]) -> tuple[dict[str, list[tuple]], int, str, dict]:
     """Images with identical bytes (within one split, and across two: a leak worth knowing about), the bytes
-    the same images would take as float32 3xHxW tensors, and a fingerprint of the stored rows (split, caption,
-    labels and image bytes, in order): the same data gives the same fingerprint on any machine."""
+    the same images would take as float32 3xHxW tensors, a fingerprint of the stored rows (split, caption,
+    labels and image bytes, in order): the same data gives the same fingerprint on any machine, and the file
+    formats per split and class (:func:`format_summary`)."""
     seen: dict[str, tuple[str, int]] = {}
     found: dict[str, list[tuple]] = defaultdict(list)
     tensor_bytes = 0
     fingerprint = hashlib.sha256()
+    formats: dict = {}
     for split, ds in open_dataset(data_dir).items():
+        files: dict[int, list[tuple]] = defaultdict(list)  # Label_B -> (format, bytes, shorter side) per image
         for start in range(0, len(ds), 512):
             batch = ds[start:start + 512]
             for i, (image, file) in enumerate(zip(batch["Image"], batch["source_file"])):
                 with PILImage.open(io.BytesIO(image["bytes"])) as img:  # reads the header only
                     tensor_bytes += 3 * img.width * img.height * 4
+                    kind = file_format(image["bytes"])
+                    files[batch["Label_B"][i]].append((kind, len(image["bytes"]), min(img.size)))
                 digest = hashlib.sha256(image["bytes"]).hexdigest()
                 fingerprint.update(repr((split, batch["Caption"][i], batch["Label_A"][i], batch["Label_B"][i],
                                          digest)).encode())
@@ -254,7 +272,19 @@ def scan_stored(data_dir: Path) -> tuple[dict[str, list[tuple]], int, str]:
                     found[kind].append((split, start + i, file, first))
                 else:
                     seen[digest] = (split, start + i)
-    return dict(found), tensor_bytes, fingerprint.hexdigest()
+        formats[split] = {class_names[k]: format_summary(files[k]) for k in sorted(files)}
+    return dict(found), tensor_bytes, fingerprint.hexdigest(), formats
+
+
+def format_summary(files: list[tuple[str, int, int]]) -> dict:
+    """What the images of one class look like as files: how many are JPEG, PNG or another format, and the
+    median file size (bytes) and shorter side (pixels). A class whose format or size differs from the others
+    lets a detector learn the file instead of the image (e.g. "JPEG = real"); evaluate's format-controlled
+    test measures whether it did."""
+    kinds = [f for f, _, _ in files]
+    return {"n": len(files), **{kind: kinds.count(kind) for kind in FILE_FORMATS},
+            "median_bytes": float(np.median([b for _, b, _ in files])),
+            "median_shorter_side": float(np.median([s for _, _, s in files]))}
 
 
 def write_quarantine(path: Path, rejected: list[Rejected], duplicates: dict[str, list[tuple]]) -> None:

@@ -1,7 +1,11 @@
 """The `pseudolabel` stage: label an unlabeled pool with the trained model and keep the confident samples.
 
-A sample is kept when its Task A confidence max(p, 1 - p) AND its Task B confidence both exceed ``threshold``
-(strictly). The kept samples are split 8:2 (by caption) into train/validation additions for `retrain`.
+A sample passes when its Task A confidence max(p, 1 - p) AND its Task B confidence both exceed ``threshold``
+(strictly). ``pseudolabel.selection`` says which of those are kept: ``threshold`` keeps them all (the paper);
+``class_balanced`` keeps, per predicted class, the most confident up to a quota, so that the kept samples have
+the class mix of the labelled train split (a model confident on some generators and not on real images would
+otherwise add mostly the former). The kept samples are split 8:2 (by caption) into train/validation additions
+for `retrain`.
 """
 
 from __future__ import annotations
@@ -42,7 +46,8 @@ class Paths:
 
 
 def run(params, paths: Paths) -> dict:
-    """Label pseudolabel.pool with MODEL; keep samples whose Task A and Task B confidences exceed `threshold`."""
+    """Label pseudolabel.pool with MODEL; keep samples whose Task A and Task B confidences exceed `threshold`
+    (all of them, or per predicted class up to the train split's class mix: pseudolabel.selection)."""
     configure()
     with stage_run("pseudolabel", params):
         report = pseudolabel(params, paths)
@@ -59,6 +64,33 @@ command = stage.command("pseudolabel", run, Paths, PARAMS)
 def select_confident(conf_a: np.ndarray, conf_b: np.ndarray, threshold: float) -> np.ndarray:
     """Indices of the samples whose confidences on both tasks exceed ``threshold``."""
     return np.flatnonzero((np.asarray(conf_a) > threshold) & (np.asarray(conf_b) > threshold))
+
+
+def class_quotas(available: np.ndarray, mix: np.ndarray) -> np.ndarray:
+    """Per class, how many samples to keep so that the kept samples have the class ``mix`` (shares summing to
+    1): the largest total N that every class can fill at its share from its ``available`` samples, N =
+    min over classes with a share of available_k / mix_k, and class k keeps floor(N * mix_k). A class with a
+    share and nothing available makes N = 0: nothing is kept rather than a shifted mix."""
+    available, mix = np.asarray(available), np.asarray(mix, dtype=float)
+    present = mix > 0
+    total = float(np.min(available[present] / mix[present])) if present.any() else 0.0
+    return np.minimum(np.floor(total * mix + 1e-9).astype(int), available)
+
+
+def select_class_balanced(conf_a: np.ndarray, conf_b: np.ndarray, label_b: np.ndarray, threshold: float,
+                          mix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted) of the samples above ``threshold`` that keep, per predicted class k (``label_b``), the
+    :func:`class_quotas` most confident ones (by the smaller of the two confidences, the quantity the
+    threshold tests; ties in pool order); and the quotas."""
+    conf_a, conf_b, label_b = np.asarray(conf_a), np.asarray(conf_b), np.asarray(label_b)
+    candidates = select_confident(conf_a, conf_b, threshold)
+    quotas = class_quotas(np.bincount(label_b[candidates], minlength=len(mix)), mix)
+    confidence = np.minimum(conf_a, conf_b)
+    keep = []
+    for k, quota in enumerate(quotas):
+        of_k = candidates[label_b[candidates] == k]
+        keep.append(of_k[np.argsort(-confidence[of_k], kind="stable")[:quota]])
+    return np.sort(np.concatenate(keep)) if keep else candidates[:0], quotas
 
 
 def pseudolabel(params, paths: Paths) -> dict:
@@ -80,9 +112,18 @@ def pseudolabel(params, paths: Paths) -> dict:
         logits_a, logits_b = predict_logits(detector, ds, RunOptions(q.batch_size, params.train.num_workers,
                                                                      params.inference.precision))
     pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
-    keep = select_confident(pred.conf_a.numpy(), pred.conf_b.numpy(), threshold)
+    names = model.config.class_names
+    passed = select_confident(pred.conf_a.numpy(), pred.conf_b.numpy(), threshold)
+    quotas = None
+    if q.selection == "class_balanced":
+        mix = np.bincount(np.asarray(data["train"]["Label_B"]), minlength=len(names)) / len(data["train"])
+        keep, quotas = select_class_balanced(pred.conf_a.numpy(), pred.conf_b.numpy(), pred.label_b.numpy(),
+                                             threshold, mix)
+    else:
+        keep = passed
     if len(keep) == 0:
-        log.warning("no '%s' sample passes threshold=%s: retrain will see the original data only", pool, threshold)
+        log.warning("no '%s' sample kept (threshold=%s, selection=%s): retrain will see the original data only",
+                    pool, threshold, q.selection)
     label_a, label_b = pred.label_a.numpy()[keep], pred.label_b.numpy()[keep]
     true_a, true_b = np.asarray(ds["Label_A"])[keep], np.asarray(ds["Label_B"])[keep]
     kept = ds.select(keep).remove_columns(["Label_A", "Label_B"])
@@ -97,7 +138,8 @@ def pseudolabel(params, paths: Paths) -> dict:
         train_part, val_part = kept, kept.select([])
     save_dataset(DatasetDict(train=train_part, validation=val_part), paths.out)
 
-    metrics = {"pool": pool, "threshold": threshold, "pool_rows": len(ds), "kept": int(len(keep)),
+    metrics = {"pool": pool, "threshold": threshold, "selection": q.selection, "pool_rows": len(ds),
+               "passed_threshold": int(len(passed)), "kept": int(len(keep)),
                "kept_fraction": len(keep) / len(ds), "train_rows": len(train_part),
                "validation_rows": len(val_part),
                # The pool's true labels, where known (the demo's, the test split's), say how good they are.
@@ -105,8 +147,14 @@ def pseudolabel(params, paths: Paths) -> dict:
                "precision_a": float((label_a == true_a).mean()) if len(keep) else None,
                "precision_b": float((label_b == true_b).mean()) if len(keep) else None,
                "per_class": {}}
-    for k, name in enumerate(model.config.class_names):
+    passed_b = pred.label_b.numpy()[passed]
+    for k, name in enumerate(names):
         as_k = label_b == k
-        metrics["per_class"][name] = {"kept": int(as_k.sum()), "correct": int((true_b[as_k] == k).sum())}
-    log.info("kept %d of %d pool samples at threshold %s", len(keep), len(ds), threshold)
+        correct = int((true_b[as_k] == k).sum())
+        metrics["per_class"][name] = {"passed_threshold": int((passed_b == k).sum()), "kept": int(as_k.sum()),
+                                      "correct": correct, "precision": float(correct / as_k.sum()) if as_k.any() else None}
+        if quotas is not None:
+            metrics["per_class"][name]["quota"] = int(quotas[k])
+    log.info("kept %d of %d pool samples (%d above threshold %s, selection %s)", len(keep), len(ds), len(passed),
+             threshold, q.selection)
     return metrics

@@ -121,7 +121,7 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
         set_seed(params.seed)  # before the fusion layer and heads are initialised
         model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
                                                      params.model.fusion_dim, params.model.max_text_length,
-                                                     class_names)
+                                                     class_names, params.model.fusion)
         if t.freeze_encoders:
             # The Trainer sees only the fusion layer and heads (the detector's own modules, updated in place),
             # on cached features: captions were encoded once, so there is nothing to drop either.
