@@ -74,8 +74,9 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
     (ddp_run,) = runs_in(tmp_path / "ddp.db")                  # rank 1 opened no run of its own
     assert ddp_run.data.tags["stage"] == "train" and ddp_run.info.status == "FINISHED"
     assert ddp_run.data.params["train.batch_size"] == str(params["train"]["batch_size"])
-    assert ddp_run.data.params["per_device_train_batch_size"] == str(params["train"]["batch_size"] // 2)
-    assert {"eval_f1_weighted_a", "eval_f1_weighted_b"} <= set(ddp_run.data.metrics)
+    assert ddp_run.data.params["trainer.per_device_batch_size"] == str(params["train"]["batch_size"] // 2)
+    assert {"f1_weighted_a", "f1_weighted_b", "history/f1_weighted_a"} <= set(ddp_run.data.metrics)
+    assert ddp_run.data.params["trainer.processes"] == "2"
     assert (tmp_path / "models/ddp/model.safetensors").is_file() and not (tmp_path / "checkpoints").exists()
     assert not list(tmp_path.glob("models/.*.tmp"))
 
