@@ -44,12 +44,12 @@ def evidence(client, name: str, version, metric: str) -> tuple[float, str]:
     except mlflow.exceptions.MlflowException:
         raise TrackingError(f"{label}: its run {version.run_id} is not in this store") from None
     if metric not in run.data.metrics:
-        raise TrackingError(f"{label}: its run has no metric {metric}; register it again with `aigid register`")
+        raise TrackingError(f"{label}: its run logged no {metric} (registered before test metrics were logged under "
+                            f"their DVC keys), so it cannot be compared")
     tests = {t.value for d in run.inputs.dataset_inputs for t in d.tags if t.key == FINGERPRINT_TAG
              if any(c.key == "mlflow.data.context" and c.value == "test" for c in d.tags)}
     if len(tests) != 1:
-        raise TrackingError(f"{label}: its run logged {len(tests)} test datasets, not one; register it again "
-                            f"with `aigid register`")
+        raise TrackingError(f"{label}: its run logged {len(tests)} test datasets, not one, so it cannot be compared")
     return run.data.metrics[metric], tests.pop()
 
 
