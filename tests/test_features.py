@@ -183,3 +183,40 @@ def test_class_balanced_pseudo_labels_have_the_train_mix(frozen, tmp_path):
     assert len({c["quota"] for c in per_class}) == 1       # the tiny train split has one image per source
     assert min(c["passed_threshold"] for c in per_class) == next(iter(per_class))["quota"]
     assert report["kept"] == report["train_rows"] + report["validation_rows"] == sum(c["kept"] for c in per_class)
+
+
+def test_cross_attention_trains_on_cached_token_features(frozen, tmp_path):
+    """With a fusion that reads every token, the features stage caches each caption's token features (padding
+    dropped); the heads train on them, pseudolabel reads them, and a cache of [CLS] features is refused."""
+    from aigid.data import open_dataset
+    from aigid.features import open_features, predict_from_features
+    from aigid.infer import RunOptions, encode_features, predict_logits
+    from aigid.model import load_detector
+
+    params = yaml.safe_load((frozen / "params.yaml").read_text())
+    params["model"]["fusion"] = "cross_attention"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    shared = ["--data", str(frozen / "data/prepared"), "--encoders", str(frozen / "models/encoders")]
+    proc = subprocess.run(["aigid", "train", *shared, "--features", str(frozen / "data/features"), "--out",
+                           str(tmp_path / "m")], cwd=tmp_path, env=environment(), capture_output=True, text=True)
+    assert proc.returncode != 0 and "not what model.fusion: cross_attention reads" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    finish(aigid("features", *shared, "--out", str(tmp_path / "features"), cwd=tmp_path))
+    finish(aigid("train", *shared, "--features", str(tmp_path / "features"), "--out", str(tmp_path / "base"),
+                 "--metrics", "m.json", "--report", "r.json", "--history", "h.json", cwd=tmp_path))
+
+    feats = open_features(tmp_path / "features", "cross_attention")["test"]
+    test = open_dataset(frozen / "data/prepared")["test"]
+    detector = load_detector(tmp_path / "base")
+    assert detector.model.config.fusion == "cross_attention"
+    tokens, _ = encode_features(detector, test, RunOptions(batch_size=16), tokens=True)   # the starting encoders
+    cached = feats["text_features"]
+    assert [len(t) for t in cached] == [len(t) for t in tokens] and len({len(t) for t in tokens}) > 1
+    assert all(np.allclose(np.stack(c), t, atol=1e-4) for c, t in zip(cached, tokens))
+    a1, b1 = predict_logits(detector, test, RunOptions(batch_size=8))
+    a2, b2 = predict_from_features(detector.model, feats)
+    assert np.allclose(a1, a2, atol=1e-4) and np.allclose(b1, b2, atol=1e-4)
+    finish(aigid("pseudolabel", "--model", str(tmp_path / "base"), "--data", str(frozen / "data/prepared"),
+                 "--features", str(tmp_path / "features"), "--out", str(tmp_path / "pseudo"), "--metrics", "p.json",
+                 "--report", "pr.json", cwd=tmp_path))
+    assert json.loads((tmp_path / "pr.json").read_text())["pool_rows"] == len(open_dataset(frozen / "data/prepared")["unlabeled"])

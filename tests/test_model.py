@@ -274,12 +274,11 @@ def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_wi
     assert torch.equal(out.logits_a, b.logits_a) and torch.equal(out.logits_b, b.logits_b)
 
 
-def test_cross_attention_with_frozen_encoders_is_refused_naming_the_key(tmp_path):
+def test_fusion_is_a_checked_choice(tmp_path):
     from aigid.config import ParamsError, load_params
     from test_config import write
 
-    with pytest.raises(ParamsError, match=r"model\.fusion: cross_attention .* train\.freeze_encoders: false"):
-        load_params(write(tmp_path, {"model": {"fusion": "cross_attention"}, "train": {"freeze_encoders": True}}))
     with pytest.raises(ParamsError, match=r"model\.fusion"):
         load_params(write(tmp_path, {"model": {"fusion": "attention"}}))
-    assert load_params(write(tmp_path, {"model": {"fusion": "cross_attention"}})).model.fusion == "cross_attention"
+    frozen = load_params(write(tmp_path, {"model": {"fusion": "cross_attention"}, "train": {"freeze_encoders": True}}))
+    assert frozen.model.fusion == "cross_attention" and frozen.train.freeze_encoders

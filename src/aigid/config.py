@@ -186,13 +186,6 @@ class Params(Group):
     mlflow: Mlflow
 
     @model_validator(mode="after")
-    def _fusion(self):
-        if self.model.fusion == "cross_attention" and self.train.freeze_encoders:
-            raise ValueError("model.fusion: cross_attention reads the caption's token features, which the "
-                             "features stage does not cache; use it with train.freeze_encoders: false")
-        return self
-
-    @model_validator(mode="after")
     def _holdout(self):
         if self.train.holdout != "none" and self.train.holdout not in self.prepare.class_names[1:]:
             raise ValueError(f"train.holdout must be 'none' or a generator of prepare.class_names, "

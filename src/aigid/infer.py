@@ -45,9 +45,11 @@ class RunOptions:
     perturb: Callable | None = None
 
 
-def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list[np.ndarray]:
+def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list:
     """``step(model, batch)`` -> a tuple of per-row tensors, for every batch in caption order; each output
-    concatenated and put back in the dataset's order as float32 numpy."""
+    concatenated and put back in the dataset's order as float32 numpy. An output may also be a list of one
+    tensor per row (rows of different lengths): it comes back as a list of float32 arrays, in the dataset's
+    order."""
     from tqdm import tqdm
 
     dev = device()
@@ -63,9 +65,18 @@ def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list[np.
             values = step(model, batch)
         outputs = outputs or [[] for _ in values]
         for chunks, value in zip(outputs, values):
-            chunks.append(value.float().cpu())
+            if isinstance(value, list):
+                chunks.extend(row.float().cpu().numpy() for row in value)
+            else:
+                chunks.append(value.float().cpu())
     restored = []
     for chunks in outputs or []:
+        if chunks and isinstance(chunks[0], np.ndarray):  # one array per row
+            rows = [None] * len(chunks)
+            for visited, row in zip(order, chunks):
+                rows[visited] = row
+            restored.append(rows)
+            continue
         values = torch.cat(chunks).numpy()
         restored.append(np.empty_like(values))
         restored[-1][order] = values
@@ -81,6 +92,14 @@ def _features(model, batch):
     return model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch.get("token_type_ids"))
 
 
+def _token_features(model, batch):
+    """Every token's feature of each row's caption, padding dropped (a list: one (tokens, dim) tensor per row),
+    and the image features."""
+    text, image = model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
+                               batch.get("token_type_ids"), tokens=True)
+    return [row[:n] for row, n in zip(text, batch["attention_mask"].sum(dim=1).tolist())], image
+
+
 @torch.inference_mode()
 def predict_logits(detector: Loaded, dataset: Rows, options: RunOptions = RunOptions()):
     """Head A and head B logits for every row, in the dataset's order, as float32 numpy arrays."""
@@ -88,9 +107,11 @@ def predict_logits(detector: Loaded, dataset: Rows, options: RunOptions = RunOpt
 
 
 @torch.inference_mode()
-def encode_features(detector: Loaded, dataset: Rows, options: RunOptions = RunOptions()):
-    """The encoders' text and image features for every row, in the dataset's order (float32 numpy)."""
-    return tuple(_run(detector, dataset, options, _features))
+def encode_features(detector: Loaded, dataset: Rows, options: RunOptions = RunOptions(), tokens: bool = False):
+    """The encoders' text and image features for every row, in the dataset's order (float32 numpy). The text
+    features are the caption's [CLS] feature, or with ``tokens`` a list holding, per row, the feature of each of
+    its caption's tokens (padding dropped) as a (tokens, dim) array."""
+    return tuple(_run(detector, dataset, options, _token_features if tokens else _features))
 
 
 def output_columns(class_names) -> list[str]:

@@ -149,9 +149,9 @@ class Detector(PreTrainedModel):
         return (text if tokens else text[:, 0])[inverse], image  # [:, 0]: [CLS]
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, token_type_ids=None,
-                text_features=None, image_features=None, labels_a=None, labels_b=None, **_):
-        """From raw inputs, or from features cached by :meth:`encode` (frozen-encoder training, concat only)."""
-        text_mask = None
+                text_features=None, image_features=None, text_mask=None, labels_a=None, labels_b=None, **_):
+        """From raw inputs, or from features cached by :meth:`encode` (frozen-encoder training; with a fusion
+        that reads tokens, ``text_features`` are padded token features and ``text_mask`` marks the real ones)."""
         if text_features is None:
             tokens = self.fusion.tokens
             text_features, image_features = self.encode(input_ids, attention_mask, pixel_values, token_type_ids,
@@ -178,8 +178,8 @@ class DetectorHeads(nn.Module):
         super().__init__()
         self.fusion, self.head_a, self.head_b = detector.fusion, detector.head_a, detector.head_b
 
-    def forward(self, text_features, image_features, labels_a=None, labels_b=None, **_):
-        return _heads(self, text_features, image_features, labels_a, labels_b)
+    def forward(self, text_features, image_features, labels_a=None, labels_b=None, text_mask=None, **_):
+        return _heads(self, text_features, image_features, labels_a, labels_b, text_mask)
 
 
 def _heads(model: Detector | DetectorHeads, text_features, image_features, labels_a, labels_b,

@@ -107,7 +107,7 @@ def pseudolabel(params, paths: Paths) -> dict:
     detector = load_detector(paths.model)
     model = detector.model
     if params.train.freeze_encoders:
-        logits_a, logits_b = predict_from_features(model, open_features(paths.features)[pool])
+        logits_a, logits_b = predict_from_features(model, open_features(paths.features, model.config.fusion)[pool])
     else:
         logits_a, logits_b = predict_logits(detector, ds, RunOptions(q.batch_size, params.train.num_workers,
                                                                      params.inference.precision))

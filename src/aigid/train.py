@@ -190,7 +190,7 @@ def _feature_splits(params, features_dir: Path | None, pseudo_dir: Path | None):
     by their ``pool_row`` and carry their predicted labels."""
     if features_dir is None:
         raise DataError("train.freeze_encoders is true: pass the features stage output (--features)")
-    feats = open_features(features_dir)
+    feats = open_features(features_dir, params.model.fusion)
     train_ds, val_ds = feats["train"], feats["validation"]
     if pseudo_dir is not None:
         pseudo, pool = open_dataset(pseudo_dir), feats[params.pseudolabel.pool]
