@@ -159,3 +159,20 @@ def test_detect_imports_no_dataset_table_or_tracking_library():
     code = f"import sys, aigid.cli, aigid.detect; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_commands_import_without_collection_and_run_with_it():
+    """`aigid` imports a command with garbage collection off and freezes what the import made; the command itself
+    runs with collection on (a stage that ran with it off would never free reference cycles)."""
+    import gc
+
+    import click
+
+    before = gc.get_freeze_count()
+    ctx = click.Context(main)
+    try:
+        assert main.get_command(ctx, "promote") is not None
+        assert gc.isenabled()
+        assert gc.get_freeze_count() > before
+    finally:
+        gc.unfreeze()
