@@ -59,16 +59,18 @@ def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list:
     loader = DataLoader(Subset(dataset, order.tolist()), batch_size=options.batch_size, shuffle=False,
                         num_workers=options.num_workers, pin_memory=dev.type == "cuda", collate_fn=collate)
     outputs = None
-    for batch in tqdm(loader, desc="scoring", unit="batch", file=sys.stderr, disable=not options.progress):
-        batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
-        with autocast(dev, options.precision):
+    # One autocast region for the whole pass: within it, autocast casts each weight to bf16 once and reuses the
+    # cast; a region per batch would cast every weight again for every batch.
+    with autocast(dev, options.precision):
+        for batch in tqdm(loader, desc="scoring", unit="batch", file=sys.stderr, disable=not options.progress):
+            batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
             values = step(model, batch)
-        outputs = outputs or [[] for _ in values]
-        for chunks, value in zip(outputs, values):
-            if isinstance(value, list):
-                chunks.extend(row.float().cpu().numpy() for row in value)
-            else:
-                chunks.append(value.float().cpu())
+            outputs = outputs or [[] for _ in values]
+            for chunks, value in zip(outputs, values):
+                if isinstance(value, list):
+                    chunks.extend(row.float().cpu().numpy() for row in value)
+                else:
+                    chunks.append(value.float().cpu())
     restored = []
     for chunks in outputs or []:
         if chunks and isinstance(chunks[0], np.ndarray):  # one array per row

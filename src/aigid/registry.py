@@ -128,8 +128,8 @@ def _register_new(model_dir: Path, name: str, threshold: float, test, model_hash
     return created, True
 
 
-REQUIREMENTS = ("mlflow", "torch", "transformers", "tokenizers", "safetensors", "datasets", "pillow", "numpy",
-                "pandas", "scikit-learn", "pyyaml", "pydantic", "click")
+REQUIREMENTS = ("mlflow", "torch", "torchvision", "transformers", "tokenizers", "safetensors", "datasets", "pillow",
+                "numpy", "pandas", "scikit-learn", "pyyaml", "pydantic", "click")
 
 
 def log_detector(model_dir: Path, registered_name: str, threshold: float, example_image: bytes,
