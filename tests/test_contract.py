@@ -4,7 +4,8 @@
 - params: each stage's `params:` equal the PARAMS its module declares (and reads: see aigid.config.Scoped);
 - paths: each stage's command passes its paths as the defaults of its options, and every input it reads or
   output it writes is a declared dep or out;
-- configs: every shipped config file is a complete, valid params file.
+- configs: every shipped config file is a complete, valid params file;
+- installs: every install line takes torch and torchvision at the versions requirements.lock pins.
 """
 
 from __future__ import annotations
@@ -136,3 +137,21 @@ def test_every_shipped_config_is_complete_and_valid(config):
     params = load_params(REPO / config)
     assert isinstance(params, Params)
     assert _keys(yaml.safe_load((REPO / config).read_text())) == _keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+
+
+def test_every_install_line_takes_torch_and_torchvision_at_the_lock_pins():
+    """torch and torchvision are installed first, by hand, before the lock (an unpinned torch pulls the newest
+    CUDA build): the README's two commands, .ci/run and the GitHub workflow must install the versions
+    requirements.lock pins, and the lock must pin both."""
+    import re
+
+    pins = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().split()
+                if line.split("==")[0] in ("torch", "torchvision"))
+    assert set(pins) == {"torch", "torchvision"}
+    expected = f"pip install torch=={pins['torch']} torchvision=={pins['torchvision']}"
+    places = {"README.md": 2, ".ci/run": 1, ".github/workflows/ci.yml": 1}
+    for name, count in places.items():
+        text = (REPO / name).read_text()
+        lines = [m.group(0) for m in re.finditer(r"pip install (-q )?torch\S*( torchvision\S*)?", text)]
+        assert len(lines) == count, f"{name}: {lines}"
+        assert all(line.replace("-q ", "") == expected for line in lines), f"{name}: {lines}, expected {expected}"
