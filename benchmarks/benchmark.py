@@ -286,16 +286,16 @@ def child_infer(work: Path, config: str, workers: int, rounds: int = 5) -> dict:
             result["peak_mb_infer"] = peak_mb()
 
     # The reference: one image at a time, captions padded to 128 tokens, preprocessing on the main thread.
-    rows = pool.select(range(min(cfg["baseline_images"], len(pool))))
+    baseline = pool.select(range(min(cfg["baseline_images"], len(pool))))
     with torch.inference_mode():
         started = time.perf_counter()
-        for row in rows:
-            pixels = processor(images=[decode_rgb(row["Image"])], return_tensors="pt")["pixel_values"]
+        for row in baseline:
+            image = processor(images=[decode_rgb(row["Image"])], return_tensors="pt")["pixel_values"]
             text = tokenizer([row["Caption"]], padding="max_length", truncation=True, max_length=BASELINE_TOKENS,
                              return_tensors="pt")
-            out = model(pixel_values=pixels, **text)
+            out = model(pixel_values=image, **text)
             out.logits_a.cpu(), out.logits_b.cpu()
-        result["infer_images_s_baseline"] = len(rows) / (time.perf_counter() - started)
+        result["infer_images_s_baseline"] = len(baseline) / (time.perf_counter() - started)
     return result
 
 
