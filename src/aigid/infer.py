@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from .data import Collator
 from .model import Loaded, decide
-from .runtime import autocast, device
+from .runtime import autocast, device, lower_weights
 
 # The rows scored: a `datasets.Dataset` (memory-mapped Arrow, the stages) or a list of row dicts with the same
 # columns (detect, which so never imports `datasets`).
@@ -54,13 +54,13 @@ def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list:
 
     dev = device()
     model = detector.model.to(dev).eval()
+    lower_weights(model, dev, options.precision)
     order = caption_order(dataset)
     collate = Collator(detector.tokenizer, detector.processor, model.config.max_text_length, perturb=options.perturb)
     loader = DataLoader(Subset(dataset, order.tolist()), batch_size=options.batch_size, shuffle=False,
                         num_workers=options.num_workers, pin_memory=dev.type == "cuda", collate_fn=collate)
     outputs = None
-    # One autocast region for the whole pass: within it, autocast casts each weight to bf16 once and reuses the
-    # cast; a region per batch would cast every weight again for every batch.
+    # One autocast region for the whole pass; the weights it would cast are already bf16 (lower_weights).
     with autocast(dev, options.precision):
         for batch in tqdm(loader, desc="scoring", unit="batch", file=sys.stderr, disable=not options.progress):
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
