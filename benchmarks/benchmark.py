@@ -231,12 +231,15 @@ def _epochs(work: Path, train, batch: int) -> dict:
             "epoch_wall_s_frozen": frozen_wall, "feature_extraction_s": extract}
 
 
-def child_infer(work: Path, config: str, workers: int, rounds: int = 5) -> dict:
+def child_infer(work: Path, config: str, workers: int, min_rounds: int = 5, max_rounds: int = 25,
+                seconds: float = 40.0) -> dict:
     """Inference images/s of the pipeline (`predict_logits`) and of its ceiling, the vision encoder alone on the
     same rows' ready pixel tensors (no decoding, no text, no heads), at both precisions; the ceiling runs the
     encoder as the pipeline holds it (at bf16, with the weights the pipeline's first pass stored in bf16). The
-    two alternate, ``rounds`` times, so that each pair runs under the same conditions on a shared machine;
-    rates are the medians of the rounds and the ratio is the median of the rounds' ratios."""
+    two alternate, so that each pair runs under the same conditions on a shared machine: at least
+    ``min_rounds`` pairs and until the pairs took ``seconds`` (a small N gets more pairs, as its short passes
+    are the noisier), at most ``max_rounds``. Rates are the medians of the rounds and the ratio is the median
+    of the rounds' ratios."""
     import statistics
 
     import torch
@@ -281,7 +284,8 @@ def child_infer(work: Path, config: str, workers: int, rounds: int = 5) -> dict:
         predict_logits(detector, pool.select(range(min(batch, len(pool)))), RunOptions(batch, 0, precision))  # warm-up
         ceiling(precision)
         pipeline_s, ceiling_s = [], []
-        for _ in range(rounds):
+        while len(pipeline_s) < max_rounds and (len(pipeline_s) < min_rounds
+                                                or sum(pipeline_s) + sum(ceiling_s) < seconds):
             started = time.perf_counter()
             predict_logits(detector, pool, RunOptions(batch, workers, precision))
             pipeline_s.append(time.perf_counter() - started)
@@ -295,6 +299,7 @@ def child_infer(work: Path, config: str, workers: int, rounds: int = 5) -> dict:
         share_key = key.replace("infer_images_s", "infer_of_ceiling")
         result[share_key] = statistics.median(ratios)
         result[share_key + "_range"] = [min(ratios), max(ratios)]
+        result[share_key + "_rounds"] = len(ratios)
         if precision == "auto":
             result["peak_mb_infer"] = peak_mb()
     return result
@@ -428,7 +433,8 @@ def table(results: list[dict]) -> str:
                 share = r[f"infer_of_ceiling{suffix}"]
                 low, high = r[f"infer_of_ceiling{suffix}_range"]
                 lines.append(f"| inference >= 90% of the vision encoder alone (paper, x{scale}, precision {precision}) "
-                             f"| {100 * share:.1f}% (median of paired rounds, range {100 * low:.0f}-{100 * high:.0f}%; "
+                             f"| {100 * share:.1f}% (median of {r[f'infer_of_ceiling{suffix}_rounds']} paired rounds, "
+                             f"range {100 * low:.0f}-{100 * high:.0f}%; "
                              f"medians {r[f'infer_images_s{suffix}']:.1f} "
                              f"and {r[f'vision_only_images_s{suffix}']:.1f} img/s; "
                              f"{r[f'infer_images_s{suffix}'] / r['infer_images_s_baseline']:.1f}x batch-1) "
