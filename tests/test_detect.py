@@ -187,6 +187,9 @@ def test_a_bf16_pass_keeps_the_weights_autocast_casts_in_bf16_and_scores_as_auto
     assert dtypes["vision_encoder.post_layernorm.weight"] == torch.float32
     with pytest.raises(ValueError, match="stored in bf16 by a bf16 pass; load it again"):
         predict_logits(detector, rows, RunOptions(batch_size=6, precision="fp32"))
+    with pytest.raises(ValueError, match="cannot save a detector with torch.bfloat16 weights"):
+        save_detector(detector.model, detector.tokenizer, detector.processor, tmp_path / "saved")
+    assert not (tmp_path / "saved").exists()
     assert all(p.dtype == torch.float32 for p in reference.model.parameters())   # an fp32 pass stores nothing
     predict_logits(reference, rows, RunOptions(batch_size=6, precision="auto"))
     assert all(p.dtype == torch.float32 for p in reference.model.parameters())

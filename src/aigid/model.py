@@ -223,6 +223,12 @@ def load_processor(path: str | Path):
 
 
 def save_detector(model: Detector, tokenizer, processor, path: str | Path) -> None:
+    """Write a detector directory. Its weights are float32: a model a bf16 pass lowered
+    (:func:`aigid.runtime.lower_weights`) is refused, so that no detector is saved with rounded weights."""
+    lowered = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if lowered:
+        raise ValueError(f"cannot save a detector with {', '.join(lowered)} weights (a bf16 scoring pass stored "
+                         "them so); save the model before scoring it in bf16, or load it again")
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
