@@ -49,15 +49,23 @@ def cpu_has_bf16() -> bool:
         return False
 
 
-def autocast(dev: torch.device, precision: str = "auto"):
-    """The context the model runs in for ``precision`` (one of :data:`PRECISIONS`) on ``dev``."""
+def _lower_dtype(dev: torch.device, precision: str) -> torch.dtype | None:
+    """The dtype autocast runs in for ``precision`` (one of :data:`PRECISIONS`) on ``dev``; None: float32."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if precision == "fp32" or (precision == "auto" and dev.type != "cuda"):
+        return None
+    return torch.bfloat16
+
+
+def autocast(dev: torch.device, precision: str = "auto"):
+    """The context the model runs in for ``precision`` (one of :data:`PRECISIONS`) on ``dev``."""
+    dtype = _lower_dtype(dev, precision)
+    if dtype is None:
         return contextlib.nullcontext()
     if dev.type == "cpu" and not cpu_has_bf16():
         _warn_emulated()
-    return torch.autocast(dev.type, dtype=torch.bfloat16)
+    return torch.autocast(dev.type, dtype=dtype)
 
 
 # The layers whose weights autocast casts to its lower precision (torch's lists for CPU and CUDA hold linear and
@@ -72,11 +80,12 @@ def lower_weights(model: torch.nn.Module, dev: torch.device, precision: str = "a
     cores). Outputs do not change: autocast leaves a bf16 weight as it is and rounds a float32 one to the same
     bf16 value. The model then serves bf16 passes only; a float32 pass on it is refused (ValueError), as its
     float32 weights are gone: load the detector again for that."""
+    dtype = _lower_dtype(dev, precision)
     lowered = [m for m in model.modules() if isinstance(m, _AUTOCAST_LOWERED)]
-    if isinstance(autocast(dev, precision), torch.autocast):
+    if dtype is not None:
         for module in lowered:
-            module.to(torch.bfloat16)
-    elif any(p.dtype == torch.bfloat16 for m in lowered for p in m.parameters(recurse=False)):
+            module.to(dtype)
+    elif any(p.dtype != torch.float32 for m in lowered for p in m.parameters(recurse=False)):
         raise ValueError(f"precision {precision}: this detector's weights were stored in bf16 by a bf16 pass; "
                          "load it again to score in float32")
 
