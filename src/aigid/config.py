@@ -17,14 +17,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from .errors import ParamsError
+from .precision import Precision
 
-# Inference precision (inference.precision, `aigid detect --precision`), applied by aigid.runtime.autocast:
-#   auto: bf16 autocast on CUDA, float32 on the CPU (the numbers CPU training produced)
-#   bf16: bf16 autocast on any device; on a CPU with bf16 instructions (AVX512-BF16, AMX) about twice the
-#         float32 speed of the paper-size encoders
-#   fp32: float32 everywhere
-Precision = Literal["auto", "bf16", "fp32"]
-PRECISIONS: tuple[str, ...] = Precision.__args__
 Layout = Literal["auto", "hub", "arrow", "parquet", "competition", "folders"]
 
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import click
 
-from .config import PRECISIONS
+from .precision import PRECISIONS
 from .data import DataError, decode_rgb
 from .infer import RunOptions, output_columns, score_images
 from .model import load_detector

@@ -35,7 +35,7 @@ def caption_order(dataset: Rows) -> np.ndarray:
 @dataclass(frozen=True)
 class RunOptions:
     """How a batched pass runs: rows per batch, DataLoader worker processes, precision (one of
-    :data:`aigid.config.PRECISIONS`), a progress bar of batches on stderr, and ``perturb``, applied to each
+    :data:`aigid.precision.PRECISIONS`), a progress bar of batches on stderr, and ``perturb``, applied to each
     decoded image first (see :class:`aigid.evaluate.Perturbation`)."""
 
     batch_size: int = 64

@@ -16,7 +16,7 @@ import os
 
 import torch
 
-from .config import PRECISIONS
+from .precision import PRECISIONS
 
 log = logging.getLogger(__name__)
 

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import click
 
-from .config import load_params, scoped
 from .errors import DataError, ParamsError, TrackingError
 
 
@@ -24,6 +23,8 @@ def path(default: str, help: str, exists: bool = False):
 
 def load(params_file: Path, keys: tuple[str, ...]):
     """The params of ``params_file``, readable only at ``keys``; a bad file is one clean line."""
+    from .config import load_params, scoped  # here: detect uses this module's clean_errors, not the params
+
     try:
         return scoped(load_params(params_file), keys)
     except ParamsError as err:
