@@ -195,13 +195,14 @@ def test_a_bf16_pass_keeps_the_weights_autocast_casts_in_bf16_and_scores_as_auto
     assert all(p.dtype == torch.float32 for p in reference.model.parameters())
 
 
-def test_detect_imports_no_dataset_table_or_tracking_library():
-    """Scoring one image needs torch, transformers and PIL: `datasets`, pandas, MLflow and scikit-learn cost a
-    one-image `aigid detect` seconds of importing, so its module must not pull them in."""
+def test_detect_imports_no_dataset_table_tracking_or_params_library():
+    """Scoring one image needs torch, transformers and PIL: `datasets`, pandas, MLflow, scikit-learn and the
+    params models (pydantic) cost a one-image `aigid detect` seconds of importing, so its module must not pull
+    them in."""
     import subprocess
     import sys
 
-    heavy = ("datasets", "pyarrow", "pandas", "mlflow", "sklearn")
+    heavy = ("datasets", "pyarrow", "pandas", "mlflow", "sklearn", "pydantic", "aigid.config")
     code = f"import sys, aigid.cli, aigid.detect; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
@@ -222,3 +223,37 @@ def test_commands_import_without_collection_and_run_with_it():
         assert gc.get_freeze_count() > before
     finally:
         gc.unfreeze()
+
+
+def test_detect_exits_without_teardown_after_the_exit_handlers_and_other_commands_tear_down(tmp_path):
+    """The `aigid` executable ends `detect` with its output flushed, its exit status and the exit handlers run,
+    but without the interpreter's teardown (a finaliser the teardown would call is not called); any other
+    command exits normally."""
+    import subprocess
+    import sys
+
+    save_tiny_model(tmp_path / "model")
+    Image.new("RGB", (20, 20), "red").save(tmp_path / "red.png")
+    code = """if True:
+        import atexit, os, sys
+        class Witness:
+            def __del__(self, write=os.write):  # the module's globals are gone by the time the teardown calls it
+                write(2, b"teardown\\n")
+        witness = Witness()
+        atexit.register(lambda: sys.stderr.write("exit handlers\\n"))
+        sys.argv = ["aigid", *sys.argv[1:]]
+        from aigid.cli import run
+        run()
+    """
+
+    def aigid(*args):
+        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
+
+    scored = aigid("detect", "--model", "model", "red.png", "missing.png")
+    assert scored.returncode == 3, scored.stderr                     # some inputs could not be read
+    assert [r["path"] for r in csv.DictReader(io.StringIO(scored.stdout))] == ["red.png", "missing.png"]
+    assert scored.stderr.splitlines()[-1] == "exit handlers"
+    assert "teardown" not in scored.stderr
+    listed = aigid("--help")
+    assert listed.returncode == 0 and "detect" in listed.stdout
+    assert listed.stderr.splitlines() == ["exit handlers", "teardown"]
