@@ -195,14 +195,14 @@ def test_a_bf16_pass_keeps_the_weights_autocast_casts_in_bf16_and_scores_as_auto
     assert all(p.dtype == torch.float32 for p in reference.model.parameters())
 
 
-def test_detect_imports_no_dataset_table_tracking_or_params_library():
-    """Scoring one image needs torch, transformers and PIL: `datasets`, pandas, MLflow, scikit-learn and the
-    params models (pydantic) cost a one-image `aigid detect` seconds of importing, so its module must not pull
-    them in."""
+def test_detect_imports_no_dataset_table_tracking_params_or_model_library():
+    """`datasets`, pandas, MLflow, scikit-learn and the params models (pydantic) cost a one-image `aigid detect`
+    seconds of importing, so its module must not pull them in; nor torch and transformers, which it imports only
+    to score with a torch model (a portable one needs neither: tests/test_portable.py)."""
     import subprocess
     import sys
 
-    heavy = ("datasets", "pyarrow", "pandas", "mlflow", "sklearn", "pydantic", "aigid.config")
+    heavy = ("datasets", "pyarrow", "pandas", "mlflow", "sklearn", "pydantic", "aigid.config", "torch", "transformers")
     code = f"import sys, aigid.cli, aigid.detect; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"

@@ -14,10 +14,9 @@ import yaml
 from aigid.config import load_params
 from conftest import REPO
 from standins import bert_base, clip_vit_b32, defactify_parquet
-from test_pipeline import sh
+from test_pipeline import STAGES, sh
 
 pytestmark = pytest.mark.slow
-STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate")
 
 
 def test_the_paper_configuration_runs_every_stage(tmp_path):
@@ -57,4 +56,7 @@ def test_the_paper_configuration_runs_every_stage(tmp_path):
     assert pseudo["pool"] == "test" and pseudo["threshold"] == 0.8
     evaluation = json.loads((root / "metrics/evaluate.json").read_text())
     assert evaluation["contaminated"] is True               # the paper pseudo-labels the test split
+    exported = json.loads((root / "reports/export.json").read_text())  # BERT-base + ViT-B/32 as ONNX
+    assert exported["rows"] == 12 and exported["graph_max_logit_difference"] < 1e-3
+    assert exported["weights_bytes"] > 4 * 190e6                     # every float32 weight of both encoders
     assert "Running stage" not in sh("dvc", "repro", cwd=root)

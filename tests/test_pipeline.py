@@ -19,7 +19,7 @@ from aigid.data import open_dataset
 from conftest import REPO, tiny_params_dict
 
 pytestmark = pytest.mark.slow
-STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate")
+STAGES = tuple(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])  # in dvc.yaml's order
 
 
 def _env() -> dict[str, str]:
@@ -92,6 +92,9 @@ def test_repro_writes_models_metrics_and_plots(project):
     prepared = json.loads((project / "reports/prepare.json").read_text())
     assert prepared["shared_captions_train_validation"] == 0 and len(prepared["fingerprint"]) == 64
     assert set(prepared["formats"]["test"]) == set(prepared["splits"]["test"]["per_class"])
+    exported = json.loads((project / "reports/export.json").read_text())   # models/portable, checked
+    assert exported["rows"] > 2 and exported["graph_max_logit_difference"] < 1e-3
+    assert exported["max_prob_ai_difference"] < 0.02 and exported["label_agreement"] >= 0.99
 
 
 def test_metrics_files_hold_the_headline_numbers_of_the_reports(project):
@@ -246,7 +249,7 @@ def test_threshold_experiment_reruns_only_downstream_stages(project):
     before = json.loads((project / "reports/pseudolabel.json").read_text())
     out = sh("dvc", "exp", "run", "-S", "threshold=0.4", cwd=project)
     ran = {s for s in STAGES if f"Running stage '{s}'" in out}
-    assert ran == {"pseudolabel", "retrain", "evaluate"}, out
+    assert ran == {"pseudolabel", "retrain", "evaluate", "export"}, out
     after = json.loads((project / "reports/pseudolabel.json").read_text())
     assert after["threshold"] == 0.4 and after["kept"] < before["kept"]
     tagged = [r for r in runs(project) if r.data.tags.get("dvc_exp_name") and "stage" in r.data.tags]

@@ -8,7 +8,6 @@ the commands quick to start and each stage's code dependencies in dvc.yaml exact
 from __future__ import annotations
 
 import atexit
-import gc
 import importlib
 import logging
 import os
@@ -17,20 +16,25 @@ import threading
 
 import click
 
+from .stage import quiet_transformers, uncollected
+
 # command name -> module defining `command`; the pipeline stages in dvc.yaml's order, then the tools.
 COMMANDS = {name: f"aigid.{name}" for name in ("prepare", "encoders", "features", "train", "pseudolabel", "retrain",
-                                               "evaluate", "detect", "promote")} | {"register": "aigid.registry"}
+                                               "evaluate", "export", "detect", "promote")} | {"register": "aigid.registry"}
 # Commands after which the executable exits without tearing the interpreter down (see run).
 QUICK_EXIT = frozenset({"detect"})
+# Commands that import transformers only where they need it (detect on a portable model never does), and call
+# quiet_transformers there; for every other command the group does it.
+OWN_IMPORTS = frozenset({"detect"})
 
 
 class LazyGroup(click.Group):
     """A group whose commands are imported on first use (click's documented lazy-loading pattern)."""
 
+    invoked: str | None = None  # the command this process ran
+
     def list_commands(self, ctx):
         return list(COMMANDS)
-
-    invoked: str | None = None  # the command this process ran
 
     def resolve_command(self, ctx, args):
         name, command, rest = super().resolve_command(ctx, args)
@@ -40,17 +44,8 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        # What a command imports (torch, transformers, their modules, classes and functions) lives as long as
-        # the process. Collecting while importing walks those objects again and again, and so does the last
-        # collection at exit: seconds of every command's start and end (`aigid detect one.jpg`: about 2.5 of
-        # 6 s). So collection is off while the command imports, and what the import made is frozen out of
-        # later collections (gc.freeze); collection is on again for the command's own work.
-        gc.disable()
-        try:
+        with uncollected():  # what the command imports lives as long as the process
             return importlib.import_module(COMMANDS[name]).command
-        finally:
-            gc.freeze()
-            gc.enable()
 
 
 @click.group(cls=LazyGroup)
@@ -64,13 +59,8 @@ def main(verbose: bool) -> None:
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()
-    import transformers
-
-    transformers.utils.logging.disable_progress_bar()
-    transformers.utils.logging.disable_default_handler()  # one handler (ours) prints each message once
-    transformers.utils.logging.enable_propagation()
-    if not verbose:
-        transformers.utils.logging.set_verbosity_warning()
+    if main.invoked not in OWN_IMPORTS:
+        quiet_transformers()
 
 
 def run() -> None:

@@ -15,17 +15,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image as PILImage
 
 from .errors import DataError
 from .files import atomic_path
 
 if TYPE_CHECKING:
+    import torch
     from datasets import Dataset, DatasetDict, Features
 
-# `datasets` (and pyarrow) is imported by the functions that need it, not here: `aigid detect` decodes and
-# collates through this module and never opens an Arrow dataset.
+# `datasets` (and pyarrow) and torch are imported by the functions that need them, not here: `aigid detect`
+# decodes through this module and never opens an Arrow dataset, and on a portable detector never imports torch.
 
 # The one column schema. Prepared rows have every column; sources deliver the first four (RAW_COLUMNS).
 COLUMNS = ("Caption", "Image", "Label_A", "Label_B", "caption_id", "source_file")
@@ -177,6 +177,8 @@ class Collator:
         return self.processor(images=images, return_tensors="pt")["pixel_values"]
 
     def __call__(self, rows: list[dict]) -> dict[str, torch.Tensor]:
+        import torch
+
         captions = [r["Caption"] or "" for r in rows]
         if self.caption_dropout > 0:
             drop = (torch.rand(len(rows)) < self.caption_dropout).tolist()

@@ -16,12 +16,11 @@ from pathlib import Path
 
 import click
 
-from .precision import PRECISIONS
 from .data import DataError, decode_rgb
-from .infer import RunOptions, output_columns, score_images
-from .model import load_detector
-from .runtime import configure
-from .stage import clean_errors
+from .portable import PortableDetector, is_portable
+from .precision import PRECISIONS
+from .scores import output_columns, score_rows
+from .stage import clean_errors, quiet_transformers, uncollected
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 SOME_FAILED = 3  # exit status when some inputs could not be read
@@ -53,11 +52,12 @@ def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None =
     """One row per path: P(AI), the decision at ``threshold``, the generator and every class probability.
 
     A file that cannot be read gets a row with its ``error`` and no scores; the rest are still scored.
-    ``progress`` shows bars (files checked, batches scored) on stderr.
+    ``progress`` shows bars (files checked, batches scored) on stderr. A portable detector directory
+    (:mod:`aigid.portable`) is scored by onnxruntime, in float32, without importing torch; any other by torch.
     """
     from tqdm import tqdm
 
-    detector = load_detector(model_dir)
+    score = scorer(model_dir, batch_size, progress, precision)
     captions = captions or {}
     rows, images, texts = [], [], []
     for path in tqdm(paths, desc="reading", unit="file", file=sys.stderr, disable=not progress):
@@ -73,10 +73,30 @@ def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None =
         rows.append(row)
     if images:
         good = [r for r in rows if not r["error"]]
-        options = RunOptions(batch_size, precision=precision, progress=progress)
-        for row, scores in zip(good, score_images(detector, images, texts, threshold, options)):
+        for row, scores in zip(good, score(images, texts, threshold)):
             row.update(scores)
     return rows
+
+
+def scorer(model_dir: Path, batch_size: int, progress: bool, precision: str):
+    """``score(images, captions, threshold) -> rows`` for the detector in ``model_dir``, loaded."""
+    if is_portable(model_dir):
+        if precision == "bf16":
+            raise DataError(f"{model_dir}: a portable detector runs in float32; --precision bf16 needs a model "
+                            f"directory written by train or retrain")
+        with uncollected():
+            portable = PortableDetector(model_dir)
+        return lambda images, texts, threshold: score_rows(*portable.logits(images, texts, batch_size, progress),
+                                                           portable.class_names, threshold, texts)
+    with uncollected():
+        from .infer import RunOptions, score_images
+        from .model import load_detector
+        from .runtime import configure
+    quiet_transformers()
+    configure()
+    detector = load_detector(model_dir)
+    options = RunOptions(batch_size, precision=precision, progress=progress)
+    return lambda images, texts, threshold: score_images(detector, images, texts, threshold, options)
 
 
 def threshold_from(spec: str) -> float:
@@ -102,9 +122,9 @@ def resolve_model(spec: str) -> Path:
         path = Path(spec)
         if not path.is_dir():
             raise DataError(f"{spec}: no such model directory")
-        if not (path / "model.safetensors").is_file():
-            raise DataError(f"{spec}: no model.safetensors; not a model directory written by `aigid train` or "
-                            f"`aigid retrain` (e.g. models/retrained)")
+        if not (path / "model.safetensors").is_file() and not is_portable(path):
+            raise DataError(f"{spec}: no model.safetensors or model.onnx; not a model directory written by "
+                            f"`aigid train`, `aigid retrain` or `aigid export` (e.g. models/retrained)")
         return path
     import mlflow
 
@@ -150,8 +170,9 @@ def render(rows: list[dict], fmt: str, fields: list[str]) -> str:
 @click.command(name="detect")
 @click.argument("inputs", nargs=-1, required=True)
 @click.option("--model", "model_spec", default="models/retrained", show_default=True,
-              help="Model directory written by train or retrain, or a registered model from the MLflow store: "
-                   "models:/<name>@<alias> (e.g. models:/aigid-detector@candidate) or models:/<name>/<version>.")
+              help="Model directory written by train or retrain, a portable one written by export (e.g. "
+                   "models/portable: scored without torch, starts in about a second), or a registered model from "
+                   "the MLflow store: models:/<name>@<alias> (e.g. models:/aigid-detector@candidate) or models:/<name>/<version>.")
 @click.option("--caption", default="", help="One caption for every image (default: none).")
 @click.option("--captions", "captions_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with columns path,caption (path as given or a bare file name).")
@@ -164,7 +185,8 @@ def render(rows: list[dict], fmt: str, fields: list[str]) -> str:
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="auto: bf16 on a GPU, float32 on the CPU; bf16: also on the CPU (about 2x faster on CPUs with "
-                   "bf16 instructions, scores within a few hundredths); fp32: float32 everywhere.")
+                   "bf16 instructions, scores within a few hundredths); fp32: float32 everywhere. A portable model "
+                   "runs in float32.")
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: standard output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (it is shown on stderr only when it is a terminal).")
@@ -190,7 +212,6 @@ def command(ctx, inputs, model_spec, caption, captions_file, threshold, threshol
     if not paths:
         raise click.ClickException(f"no image files in {', '.join(inputs)} "
                                    f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    configure()
     rows = detect(paths, model_dir, captions, caption=caption, threshold=threshold, batch_size=batch_size,
                   progress=not quiet and sys.stderr.isatty(), precision=precision)
     text = render(rows, fmt, columns(json.loads((model_dir / "config.json").read_text())["class_names"]))

@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import DataLoader, Subset
 
 from .data import Collator
-from .model import Loaded, decide
+from .model import Loaded
 from .runtime import autocast, device, lower_weights
+from .scores import score_rows
 
 # The rows scored: a `datasets.Dataset` (memory-mapped Arrow, the stages) or a list of row dicts with the same
 # columns (detect, which so never imports `datasets`).
@@ -116,27 +117,10 @@ def encode_features(detector: Loaded, dataset: Rows, options: RunOptions = RunOp
     return tuple(_run(detector, dataset, options, _token_features if tokens else _features))
 
 
-def output_columns(class_names) -> list[str]:
-    """The columns of a scored row (:func:`score_images`, the registered model, `aigid detect` after its
-    ``path``), the same whatever happened to the input: ``error`` is empty when the image was scored."""
-    return ["error", "prob_ai", "label", "generator", "threshold", "caption", *(f"p_{name}" for name in class_names)]
-
-
 def score_images(detector: Loaded, images: list[bytes], captions: list[str], threshold: float = 0.5,
                  options: RunOptions = RunOptions()) -> list[dict]:
-    """Score encoded images (already known to decode) in batches: one row of scores per image.
-
-    Class probabilities are joint: P(real) = 1 - P(AI) and P(generator) = P(AI) * P(generator | AI).
-    """
-    names = list(detector.model.config.class_names)
+    """Score encoded images (already known to decode) in batches: one row of scores per image
+    (:func:`aigid.scores.score_rows`)."""
     inputs = [{"Caption": c, "Image": {"bytes": b, "path": None}} for b, c in zip(images, captions)]
     logits_a, logits_b = predict_logits(detector, inputs, options)
-    pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b), threshold)
-    rows = []
-    for i, caption in enumerate(captions):
-        p_ai = float(pred.prob_ai[i])
-        row = {"prob_ai": p_ai, "label": "ai" if pred.label_a[i] else "real",
-               "generator": names[int(pred.label_b[i])], "threshold": threshold, "caption": caption}
-        row.update({f"p_{n}": (1 - p_ai) if k == 0 else p_ai * float(pred.probs_b[i, k]) for k, n in enumerate(names)})
-        rows.append(row)
-    return rows
+    return score_rows(logits_a, logits_b, list(detector.model.config.class_names), threshold, captions)

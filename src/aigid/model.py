@@ -135,9 +135,15 @@ class Detector(PreTrainedModel):
         if any(module is m for m in ours):
             module.reset_parameters()
 
-    def encode(self, input_ids, attention_mask, pixel_values, token_type_ids=None, tokens=False):
+    def encode(self, input_ids, attention_mask, pixel_values, token_type_ids=None, tokens=False,
+               share_captions=True):
         """Text ([CLS], or with ``tokens`` every token's feature) and image (pooled) features, the encoders'
-        whole contribution."""
+        whole contribution. ``share_captions=False`` encodes every row's caption, for a graph without
+        data-dependent shapes (the ONNX export)."""
+        if not share_captions:
+            text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
+                                     token_type_ids=token_type_ids).last_hidden_state
+            return (text if tokens else text[:, 0]), self.vision_encoder(pixel_values=pixel_values).pooler_output
         # The six images of a caption share it: BERT reads each distinct caption of the batch once.
         unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
         first = torch.full((len(unique),), len(input_ids), device=input_ids.device).scatter_reduce(
@@ -149,13 +155,14 @@ class Detector(PreTrainedModel):
         return (text if tokens else text[:, 0])[inverse], image  # [:, 0]: [CLS]
 
     def forward(self, input_ids=None, attention_mask=None, pixel_values=None, token_type_ids=None,
-                text_features=None, image_features=None, text_mask=None, labels_a=None, labels_b=None, **_):
+                text_features=None, image_features=None, text_mask=None, labels_a=None, labels_b=None,
+                share_captions=True, **_):
         """From raw inputs, or from features cached by :meth:`encode` (frozen-encoder training; with a fusion
         that reads tokens, ``text_features`` are padded token features and ``text_mask`` marks the real ones)."""
         if text_features is None:
             tokens = self.fusion.tokens
             text_features, image_features = self.encode(input_ids, attention_mask, pixel_values, token_type_ids,
-                                                        tokens=tokens)
+                                                        tokens=tokens, share_captions=share_captions)
             text_mask = attention_mask if tokens else None
         return _heads(self, text_features, image_features, labels_a, labels_b, text_mask)
 

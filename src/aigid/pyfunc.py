@@ -34,7 +34,8 @@ class DetectorModel(PythonModel):
         self.threshold = float((context.model_config or {}).get("threshold", 0.5))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from aigid.infer import output_columns, score_images
+        from aigid.infer import score_images
+        from aigid.scores import output_columns
 
         captions = (model_input["caption"].fillna("").astype(str).tolist() if "caption" in model_input
                     else [""] * len(model_input))
