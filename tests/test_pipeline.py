@@ -337,7 +337,7 @@ def test_a_code_edit_reruns_exactly_the_stages_that_import_it(project):
         (project / "src/aigid/registry.py").write_text(originals["registry.py"] + edits["registry.py"])
         assert _changed(project) == {"evaluate"}              # only evaluate registers models
         (project / "src/aigid/model.py").write_text(originals["model.py"] + edits["model.py"])
-        assert _changed(project) == {"features", "train", "pseudolabel", "retrain", "evaluate"}
+        assert _changed(project) == {"features", "train", "pseudolabel", "retrain", "evaluate", "export"}
     finally:
         for name, text in originals.items():
             (project / "src/aigid" / name).write_text(text)

@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil
 
 from aigid.cli import main
+from aigid.errors import DataError
 from aigid.export import export_graph
 from aigid.model import decide as torch_decide, load_detector
 from aigid.portable import GRAPH, WEIGHTS, Inputs, PortableDetector, Preprocessor
@@ -43,9 +44,10 @@ def test_image_steps_are_the_pil_processors_to_the_last_bit(tmp_path, settings):
     assert np.array_equal(ours, theirs)
 
 
-def test_an_image_step_it_does_not_implement_is_refused_naming_the_file(tmp_path):
-    CLIPImageProcessorPil(size={"shortest_edge": 224, "longest_edge": 300}).save_pretrained(tmp_path)
-    with pytest.raises(Exception, match="preprocessor_config.json: size .* is not supported"):
+@pytest.mark.parametrize("settings", [{"size": {"shortest_edge": 224, "longest_edge": 300}}, {"do_resize": False}])
+def test_an_image_step_it_does_not_implement_is_refused_naming_the_file(tmp_path, settings):
+    CLIPImageProcessorPil(**settings).save_pretrained(tmp_path)
+    with pytest.raises(DataError, match="preprocessor_config.json: size .* is not supported"):
         Preprocessor(tmp_path / "preprocessor_config.json")
 
 

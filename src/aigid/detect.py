@@ -172,7 +172,8 @@ def render(rows: list[dict], fmt: str, fields: list[str]) -> str:
 @click.option("--model", "model_spec", default="models/retrained", show_default=True,
               help="Model directory written by train or retrain, a portable one written by export (e.g. "
                    "models/portable: scored without torch, starts in about a second), or a registered model from "
-                   "the MLflow store: models:/<name>@<alias> (e.g. models:/aigid-detector@candidate) or models:/<name>/<version>.")
+                   "the MLflow store: models:/<name>@<alias> (e.g. models:/aigid-detector@candidate) or "
+                   "models:/<name>/<version>.")
 @click.option("--caption", default="", help="One caption for every image (default: none).")
 @click.option("--captions", "captions_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
               help="CSV with columns path,caption (path as given or a bare file name).")

@@ -44,14 +44,13 @@ class Preprocessor:
         if cfg.get("do_pad"):
             raise DataError(f"{path}: do_pad is not supported by the portable detector")
         size, crop = cfg.get("size") or {}, cfg.get("crop_size") or {}
-        self.resize = bool(cfg.get("do_resize", True))
-        if self.resize and set(size) not in ({"shortest_edge"}, {"height", "width"}):
-            raise DataError(f"{path}: size {size} is not supported by the portable detector "
-                            "(shortest_edge, or height and width)")
+        if not cfg.get("do_resize", True) or set(size) not in ({"shortest_edge"}, {"height", "width"}):
+            raise DataError(f"{path}: size {size} is not supported by the portable detector (do_resize with "
+                            "shortest_edge, or height and width)")
         self.size, self.resample = size, Image.Resampling(cfg.get("resample", Image.Resampling.BICUBIC))
         self.crop = (crop["height"], crop["width"]) if cfg.get("do_center_crop") else None
-        smallest = size.get("shortest_edge") or min(size.get("height", 0), size.get("width", 0))
-        if self.crop and self.resize and max(self.crop) > smallest:
+        smallest = size.get("shortest_edge") or min(size["height"], size["width"])
+        if self.crop and max(self.crop) > smallest:
             raise DataError(f"{path}: crop_size {crop} is larger than the resized image {size}")
         self.scale = float(cfg["rescale_factor"]) if cfg.get("do_rescale", True) else None
         self.mean, self.std = ((np.asarray(cfg["image_mean"], np.float32), np.asarray(cfg["image_std"], np.float32))
@@ -71,13 +70,13 @@ class Preprocessor:
         """RGB images -> pixel_values, (batch, 3, height, width) float32."""
         out = []
         for img in images:
-            if self.resize:
-                img = img.resize(self.target(*img.size), resample=self.resample)
+            img = img.resize(self.target(*img.size), resample=self.resample)
             pixels = np.asarray(img)
             if self.crop:
                 top, left = (pixels.shape[0] - self.crop[0]) // 2, (pixels.shape[1] - self.crop[1]) // 2
                 pixels = pixels[top:top + self.crop[0], left:left + self.crop[1]]
-            pixels = (pixels.astype(np.float64) * self.scale).astype(np.float32) if self.scale else pixels.astype(np.float32)
+            # rescaled in float64 then cast, as transformers does: the same float32 values to the bit
+            pixels = (pixels.astype(np.float64) * self.scale if self.scale else pixels).astype(np.float32)
             if self.mean is not None:
                 pixels = (pixels - self.mean) / self.std
             out.append(pixels.transpose(2, 0, 1))
