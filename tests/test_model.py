@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
+from aigid.errors import DataError
 from aigid.model import (Detector, DetectorConfig, DetectorHeads, decide, load_detector, multitask_loss,
                          save_detector)
 
@@ -86,7 +87,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
 
 def test_load_refuses_a_directory_without_safetensors(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"not loaded")
-    with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    with pytest.raises(DataError, match="model.safetensors"):
         load_detector(tmp_path)
 
 

@@ -56,8 +56,8 @@ def test_captions_are_tokenised_as_the_detectors_tokenizer_does(tmp_path):
     detector = load_detector(tmp_path / "model")
     captions = ["a red circle", "", "A RED circle, unseen words: zebra!", " ".join(["red circle"] * 80)]
     ours = Inputs(tmp_path / "model")([Image.new("RGB", (16, 16))] * len(captions), captions)
-    theirs = detector.tokenizer(captions, padding=True, truncation=True, max_length=detector.model.config.max_text_length,
-                                return_tensors="np")
+    theirs = detector.tokenizer(captions, padding=True, truncation=True,
+                                max_length=detector.model.config.max_text_length, return_tensors="np")
     assert ours["input_ids"].shape[1] == detector.model.config.max_text_length   # the long caption was truncated
     assert np.array_equal(ours["input_ids"], theirs["input_ids"])
     assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
@@ -143,3 +143,13 @@ def test_a_broken_portable_model_or_bf16_on_it_is_one_clear_line(tmp_path):
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
     assert f"{tmp_path / 'portable' / GRAPH}: onnxruntime cannot load it" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_export_of_a_directory_that_is_no_detector_is_one_clear_line(tmp_path):
+    (tmp_path / "data").mkdir()
+    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path), "--data", str(tmp_path / "data"),
+                                       "--out", str(tmp_path / "portable"), "--report", str(tmp_path / "r.json")])
+    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
+    assert result.output.strip() == f"Error: {tmp_path}: no model.safetensors; not a detector directory written by " \
+                                    "train or retrain"
+    assert not (tmp_path / "portable").exists() and not (tmp_path / "r.json").exists()

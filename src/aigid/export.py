@@ -89,7 +89,10 @@ def run(params, paths: Paths) -> dict:
     """Export the detector to ONNX and check it against the torch detector on the test split's first rows."""
     configure()
     detector = load_detector(paths.model)
-    test = open_dataset(paths.data)["test"]
+    splits = open_dataset(paths.data)
+    if "test" not in splits:
+        raise DataError(f"{paths.data}: no test split (splits: {', '.join(splits)}); the export check scores its rows")
+    test = splits["test"]
     rows = [test[i] for i in range(min(CHECK_ROWS, len(test)))]
     if len(rows) < 2:
         raise DataError(f"{paths.data}: the test split has {len(rows)} row(s); the export check needs 2 at least")

@@ -31,6 +31,8 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
+from .errors import DataError
+
 class DetectorConfig(PretrainedConfig):
     model_type = "aigid-detector"
 
@@ -246,7 +248,7 @@ def load_detector(path: str | Path) -> Loaded:
     """Load a directory written by :func:`save_detector`; safetensors only, never remote code."""
     path = Path(path)
     if not (path / "model.safetensors").is_file():
-        raise FileNotFoundError(f"{path}: no model.safetensors; not a detector directory written by this tool")
+        raise DataError(f"{path}: no model.safetensors; not a detector directory written by train or retrain")
     model = Detector.from_pretrained(path, use_safetensors=True)
     return Loaded(model, AutoTokenizer.from_pretrained(path), load_processor(path))
 
