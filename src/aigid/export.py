@@ -7,9 +7,9 @@ tokenizer and image processor files are copied beside them. Two checks on the fi
 
 - the graph: onnxruntime and torch fed the very same inputs give the same logits (within ``GRAPH_TOLERANCE``);
   a graph that does not is an error and nothing is written;
-- the whole path: the portable detector's P(AI), labels and generators against the torch detector's on the
-  same encoded images (the two prepare images with different resizes, see :mod:`aigid.portable`), written to
-  the report.
+- the whole path: the portable detector's P(AI), labels and generators (its own image steps and tokenizer,
+  then the graph) against the torch detector's on the same encoded images (the two prepare images with
+  different resizes, see :mod:`aigid.portable`), written to the report.
 """
 
 from __future__ import annotations
@@ -106,13 +106,12 @@ def run(params, paths: Paths) -> dict:
                 shutil.copy2(file, tmp / file.name)
         inputs = Inputs(paths.model)([decode_rgb({"bytes": b}) for b in images], captions)
         export_graph(detector.model, inputs, tmp)
-        portable = PortableDetector(tmp)
-        graph = _graph_difference(detector.model, portable, inputs)
+        logits = PortableDetector(tmp).session.run(list(OUTPUTS), inputs)  # the portable path on these rows
+        graph = _graph_difference(detector.model, logits, inputs)
         if graph > GRAPH_TOLERANCE:
             raise DataError(f"{paths.model}: the exported graph's logits differ from torch's by {graph:.2e} "
                             f"(more than {GRAPH_TOLERANCE:g}) on the same inputs; nothing written")
-        ours = decide(*portable.logits(images, captions))
-        theirs = decide(reference_a, reference_b)
+        ours, theirs = decide(*logits), decide(reference_a, reference_b)
     report = {"rows": len(rows), "graph_max_logit_difference": graph,
               "max_prob_ai_difference": float(np.abs(ours[0] - theirs[0]).max()),
               "label_agreement": float((ours[1] == theirs[1]).mean()),
@@ -127,10 +126,10 @@ def run(params, paths: Paths) -> dict:
 
 
 @torch.inference_mode()
-def _graph_difference(model: Detector, portable: PortableDetector, inputs: dict[str, np.ndarray]) -> float:
-    ours = portable.session.run(list(OUTPUTS), inputs)
+def _graph_difference(model: Detector, logits: list[np.ndarray], inputs: dict[str, np.ndarray]) -> float:
+    """The largest difference between the graph's ``logits`` and torch's on the same ``inputs``."""
     out = Scoring(model).eval()(*(torch.from_numpy(inputs[name]) for name in INPUTS))
-    return float(max(np.abs(a - b.numpy()).max() for a, b in zip(ours, out)))
+    return float(max(np.abs(a - b.numpy()).max() for a, b in zip(logits, out)))
 
 
 command = stage.command("export", run, Paths, PARAMS)
