@@ -33,6 +33,7 @@ from transformers.utils import ModelOutput
 
 from .errors import DataError
 
+
 class DetectorConfig(PretrainedConfig):
     model_type = "aigid-detector"
 
@@ -142,14 +143,12 @@ class Detector(PreTrainedModel):
         """Text ([CLS], or with ``tokens`` every token's feature) and image (pooled) features, the encoders'
         whole contribution. ``share_captions=False`` encodes every row's caption, for a graph without
         data-dependent shapes (the ONNX export)."""
-        if not share_captions:
-            text = self.text_encoder(input_ids=input_ids, attention_mask=attention_mask,
-                                     token_type_ids=token_type_ids).last_hidden_state
-            return (text if tokens else text[:, 0]), self.vision_encoder(pixel_values=pixel_values).pooler_output
-        # The six images of a caption share it: BERT reads each distinct caption of the batch once.
-        unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
-        first = torch.full((len(unique),), len(input_ids), device=input_ids.device).scatter_reduce(
-            0, inverse, torch.arange(len(input_ids), device=input_ids.device), reduce="amin")
+        if share_captions:  # the six images of a caption share it: BERT reads each distinct caption of the batch once
+            unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+            first = torch.full((len(unique),), len(input_ids), device=input_ids.device).scatter_reduce(
+                0, inverse, torch.arange(len(input_ids), device=input_ids.device), reduce="amin")
+        else:
+            unique, inverse, first = input_ids, slice(None), slice(None)
         text = self.text_encoder(input_ids=unique, attention_mask=attention_mask[first],
                                  token_type_ids=None if token_type_ids is None else token_type_ids[first],
                                  ).last_hidden_state
