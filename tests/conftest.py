@@ -90,3 +90,31 @@ def local_server(cmd: list[str], ready_url: str, **popen):
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
+
+
+# Credentials of the test S3 server (moto accepts any; these are the ones the tests pass and check for).
+S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3_server():
+    """An S3-compatible server (moto's server mode) on 127.0.0.1 and a free port, for this module's tests; yields
+    its endpoint URL. Buckets are made by the tests (``boto3`` against the endpoint, or ``aws s3 mb``-alike)."""
+    import shutil
+    import sys
+
+    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    with local_server([exe, "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/"):
+        yield endpoint
+
+
+def make_bucket(endpoint: str, name: str) -> str:
+    """Create bucket ``name`` on the S3 server at ``endpoint``; returns ``s3://name``."""
+    import boto3
+
+    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+                 aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+                 region_name=S3_KEYS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=name)
+    return f"s3://{name}"
