@@ -16,6 +16,12 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
+# The tests run stages in this process too: params.yaml's compute profile is set before anything imports torch,
+# as the `aigid` command line sets it before a stage's module is imported (aigid.compute).
+from aigid import compute  # noqa: E402
+
+compute.apply(REPO / "params.yaml")
+
 # The committed params.yaml, shrunk: same keys, smaller numbers.
 TINY = {
     "prepare": {"demo": {"captions": {"train": 24, "validation": 6, "test": 8, "unlabeled": 10}, "image_size": 32}},

@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from aigid import cli
 from aigid.cli import COMMANDS
 from aigid.config import Params, load_params
 from conftest import REPO
@@ -73,7 +74,12 @@ def declared_code(stage: str) -> set[str]:
     return {d for d in STAGES[stage].get("deps", []) if d.startswith("src/")}
 
 
+def test_the_command_line_profiles_exactly_the_pipeline_stages():
+    assert cli.STAGES == tuple(STAGES)  # the compute profile is set before each of them imports torch
+
+
 @pytest.mark.parametrize("stage", list(STAGES))
+
 def test_code_deps_are_the_import_closure_of_the_stage(stage):
     expected, listed = stage_code(stage), declared_code(stage)
     assert listed == expected, (f"dvc.yaml stage {stage}: code deps should be exactly\n"

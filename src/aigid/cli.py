@@ -16,11 +16,13 @@ import threading
 
 import click
 
+from . import compute
 from .stage import quiet_transformers, uncollected
 
-# command name -> module defining `command`; the pipeline stages in dvc.yaml's order, then the tools.
-COMMANDS = {name: f"aigid.{name}" for name in ("prepare", "encoders", "features", "train", "pseudolabel", "retrain",
-                                               "evaluate", "export", "detect", "promote")} | {"register": "aigid.registry"}
+# The pipeline stages in dvc.yaml's order; each runs under params.yaml's compute profile (aigid.compute).
+STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate", "export")
+# command name -> module defining `command`: the stages, then the tools.
+COMMANDS = {name: f"aigid.{name}" for name in (*STAGES, "detect", "promote")} | {"register": "aigid.registry"}
 # Commands after which the executable exits without tearing the interpreter down (see run).
 QUICK_EXIT = frozenset({"detect"})
 # Commands that import transformers only where they need it (detect on a portable model never does), and call
@@ -37,6 +39,8 @@ class LazyGroup(click.Group):
         return list(COMMANDS)
 
     def resolve_command(self, ctx, args):
+        if args and args[0] in STAGES:  # before the stage's module imports torch, which reads the profile once
+            compute.apply(compute.params_file(args[1:]))
         name, command, rest = super().resolve_command(ctx, args)
         self.invoked = name
         return name, command, rest

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from .compute import DEVICES
 from .errors import ParamsError
 from .precision import Precision
 
@@ -160,6 +161,14 @@ class Inference(Group):
     precision: Precision = Field(description="features, pseudolabel and evaluate: auto | bf16 | fp32")
 
 
+class Compute(Group):
+    device: Literal[DEVICES] = Field(description="cpu | auto (a GPU when there is one: faster, other numbers)")
+    threads: int = Field(ge=0, description="CPU threads of every stage (the numbers depend on it); 0: one per "
+                                           "core, so the numbers follow the machine's core count")
+    reproducible: bool = Field(description="pin the CPU's instruction sets (AVX2) and MKL's code path, and use "
+                                           "deterministic algorithms: the same numbers on any x86-64 with AVX2")
+
+
 class Mlflow(Group):
     experiment: str = Field(min_length=1)
     registered_model: str = Field(min_length=1, description="evaluate registers the retrained model under this name")
@@ -177,6 +186,7 @@ class Params(Group):
     pseudolabel: Pseudolabel
     evaluate: Evaluate
     inference: Inference
+    compute: Compute
     mlflow: Mlflow
 
     @model_validator(mode="after")

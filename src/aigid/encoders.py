@@ -30,9 +30,10 @@ from . import stage
 from .data import open_dataset
 from .errors import DataError
 from .files import atomic_path
+from .runtime import configure
 
 SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-PARAMS = ("seed", "encoders")
+PARAMS = ("seed", "encoders", "compute")
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ def run(params, paths: Paths) -> dict:
     encoders.text / encoders.vision may be hub names or local directories (loaded with from_pretrained and
     saved again, pinning them), or `demo` (small encoders built from configs, for offline runs).
     """
+    configure(params.compute)
     e = params.encoders
     with atomic_path(paths.out) as tmp:
         if e.text == "demo":  # both or neither (checked with the params)

@@ -37,7 +37,7 @@ from .registry import log_report, register
 from .runtime import configure
 from .tracking import log_data, stage_run
 
-PARAMS = ("evaluate", "pseudolabel.pool", "train.num_workers", "inference", "mlflow")
+PARAMS = ("evaluate", "pseudolabel.pool", "train.num_workers", "inference", "compute", "mlflow")
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ def run(params, paths: Paths) -> dict:
     a version of mlflow.registered_model with the alias @candidate (unless that very model is registered
     already), labelling at its operating-point threshold.
     """
-    configure()
+    configure(params.compute)
     models = {"base": paths.base, "retrained": paths.retrained}
     data = open_dataset(paths.data)
     with stage_run("evaluate", params):

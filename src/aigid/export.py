@@ -36,7 +36,7 @@ from .scores import decide
 
 log = logging.getLogger(__name__)
 
-PARAMS = ()
+PARAMS = ("compute",)
 CHECK_ROWS = 64          # rows of the test split both checks score
 GRAPH_TOLERANCE = 1e-3   # largest logit difference between onnxruntime and torch on the same inputs
 OPSET = 18
@@ -87,7 +87,7 @@ def export_graph(detector: Detector, example: dict[str, np.ndarray], out: Path) 
 
 def run(params, paths: Paths) -> dict:
     """Export the detector to ONNX and check it against the torch detector on the test split's first rows."""
-    configure()
+    configure(params.compute)
     detector = load_detector(paths.model)
     splits = open_dataset(paths.data)
     if "test" not in splits:

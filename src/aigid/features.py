@@ -32,7 +32,7 @@ from .runtime import configure
 log = logging.getLogger(__name__)
 MARKER = "features.json"
 PARAMS = ("seed", "train.freeze_encoders", "train.num_workers", "model.max_text_length", "model.fusion", "features",
-          "inference")
+          "inference", "compute")
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) 
         save_dataset(DatasetDict(), out_dir, {MARKER: json.dumps({"computed": False, "reason":
                                                                   "train.freeze_encoders is false"}) + "\n"})
         return {"computed": False}
-    configure()
+    configure(params.compute)
     data = open_dataset(data_dir)
     torch.manual_seed(params.seed)
     # Only the encoders run here: the fusion layer and heads of this detector are placeholders, never used.

@@ -29,7 +29,8 @@ from .runtime import configure
 from .tracking import log_data, log_results, stage_run
 
 log = logging.getLogger(__name__)
-PARAMS = ("threshold", "seed", "pseudolabel", "train.num_workers", "train.freeze_encoders", "inference", "mlflow")
+PARAMS = ("threshold", "seed", "pseudolabel", "train.num_workers", "train.freeze_encoders", "inference",
+          "compute", "mlflow")
 HEADLINE = ("kept", "kept_fraction", "precision_a", "precision_b")  # the DVC metrics; the rest: the report
 
 
@@ -48,7 +49,7 @@ class Paths:
 def run(params, paths: Paths) -> dict:
     """Label pseudolabel.pool with MODEL; keep samples whose Task A and Task B confidences exceed `threshold`
     (all of them, or per predicted class up to the train split's class mix: pseudolabel.selection)."""
-    configure()
+    configure(params.compute)
     with stage_run("pseudolabel", params):
         report = pseudolabel(params, paths)
         log_results({k: report[k] for k in HEADLINE})

@@ -1,9 +1,14 @@
 """Process-wide compute settings, applied once when a command starts, and the inference precision.
 
-- CPU: one intra-op thread per core this process may run on (cgroup/affinity aware; torch's own default can
-  count the host's cores inside a container). DataLoader workers run with one thread each (torch's default
-  there), so decoding in workers does not fight the model's threads. OMP_NUM_THREADS, when set, wins.
-- CUDA: TF32 matmuls and convolutions (Ampere and later); bf16 autocast in training
+- The stages run under params.yaml's ``compute`` profile (:mod:`aigid.compute`): a fixed CPU thread count, and
+  with ``compute.reproducible`` pinned instruction sets and torch's deterministic algorithms, so that their
+  numbers are the same on every machine. :func:`configure` checks that what must be set before torch is
+  imported is in force.
+- Without a profile (`aigid detect`): one intra-op thread per core this process may run on (cgroup/affinity
+  aware; torch's own default can count the host's cores inside a container); OMP_NUM_THREADS, when set, wins.
+  DataLoader workers run with one thread each (torch's default there), so decoding in workers does not fight
+  the model's threads.
+- CUDA, unless reproducible: TF32 matmuls and convolutions (Ampere and later); bf16 autocast in training
   (``TrainingArguments(bf16=...)``) and, by default, in inference (:func:`autocast`).
 """
 
@@ -16,6 +21,8 @@ import os
 
 import torch
 
+from .compute import PINNED_CAPABILITY, environment
+from .errors import ParamsError
 from .precision import PRECISIONS
 
 log = logging.getLogger(__name__)
@@ -28,9 +35,36 @@ def cpu_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-def configure() -> None:
-    if "OMP_NUM_THREADS" not in os.environ:
-        torch.set_num_threads(cpu_threads())
+def configure(compute=None) -> None:
+    """Set this process's compute settings: those of ``compute`` (params.yaml's group), or the defaults above.
+
+    A profile whose environment is not in force (torch was imported before it was set: see
+    :mod:`aigid.compute`), or one that asks for AVX2 on a processor without it, stops the stage with one line.
+    """
+    if compute is None:
+        if "OMP_NUM_THREADS" not in os.environ:
+            torch.set_num_threads(cpu_threads())
+        _allow_tf32()
+        return
+    wanted = environment(compute.device, compute.threads, compute.reproducible)
+    missing = [f"{k}={v!r}" for k, v in wanted.items() if os.environ.get(k) != v]
+    if missing:
+        raise ParamsError(f"compute: the profile needs {', '.join(missing)} in the environment before torch is "
+                          "imported (`aigid <stage>` sets it from params.yaml; a caller importing torch itself "
+                          "sets it first)")
+    capability = torch.backends.cpu.get_cpu_capability()
+    if compute.reproducible and capability != PINNED_CAPABILITY:
+        raise ParamsError(f"compute.reproducible: torch runs {capability} kernels, not {PINNED_CAPABILITY} "
+                          "(a processor without AVX2, or torch imported before the profile was set); "
+                          "set compute.reproducible: false to run here, with other numbers")
+    torch.set_num_threads(compute.threads or cpu_threads())
+    if compute.reproducible:
+        torch.use_deterministic_algorithms(True)
+    else:
+        _allow_tf32()
+
+
+def _allow_tf32() -> None:
     if torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True

@@ -39,7 +39,7 @@ from .tracking import is_main_process, log_data, log_results, stage_run
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "f1_weighted_a"
-PARAMS = ("seed", "model", "train", "mlflow")
+PARAMS = ("seed", "model", "train", "compute", "mlflow")
 HEADLINE = ("f1_weighted_a", "f1_weighted_b", "best_epoch")  # the DVC metrics; the rest goes to the report
 
 
@@ -58,7 +58,7 @@ class Paths:
 
 def run(params, paths: Paths, stage_name: str = "train") -> dict:
     """Train the detector on the prepared train split (Trainer; best checkpoint by weighted F1 on Task A)."""
-    configure()
+    configure(params.compute)
     result = fit(params, paths, stage_name)
     if is_main_process():  # under torchrun every rank gets here; rank 0 writes
         write_json(paths.metrics, {k: result["metrics"][k] for k in HEADLINE})
