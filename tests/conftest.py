@@ -78,24 +78,30 @@ def free_port() -> int:
 @contextlib.contextmanager
 def local_server(cmd: list[str], ready_url: str, **popen):
     """Run a server process until the block ends: ready once ``ready_url`` answers (within 3 minutes); stopped
-    with its children (the process group) afterwards."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True, **popen)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                urllib.request.urlopen(ready_url, timeout=2).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                    raise AssertionError(f"{' '.join(cmd[:3])} did not start:\n{proc.communicate()[0].decode()}")
-                time.sleep(0.5)
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
+    with its children (the process group) afterwards. Its output goes to a file (a pipe nobody reads would
+    fill up and stall the server), shown when it does not start."""
+    import tempfile
+
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen)
+        try:
+            deadline = time.monotonic() + 180
+            while True:
+                try:
+                    urllib.request.urlopen(ready_url, timeout=2).close()
+                    break
+                except OSError:
+                    if proc.poll() is not None or time.monotonic() > deadline:
+                        os.killpg(proc.pid, signal.SIGKILL)
+                        proc.wait()
+                        log.seek(0)
+                        raise AssertionError(f"{' '.join(cmd[:3])} did not start:\n{log.read().decode()}")
+                    time.sleep(0.5)
+            yield proc
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=30)
 
 
 # Credentials of the test S3 server (moto accepts any; these are the ones the tests pass and check for).

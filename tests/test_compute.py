@@ -88,6 +88,7 @@ def test_this_test_process_runs_the_committed_profile():
     configure(params.compute)   # conftest set the profile before torch was imported
     assert torch.get_num_threads() == params.compute.threads
     assert torch.backends.cpu.get_cpu_capability() == compute.PINNED_CAPABILITY
+    assert torch.are_deterministic_algorithms_enabled() and not torch.backends.mkldnn.enabled
     assert not torch.cuda.is_available()
 
 

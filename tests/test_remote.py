@@ -9,10 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import subprocess
-import sys
-import threading
 import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +18,7 @@ import pytest
 import yaml
 
 from aigid.data import open_dataset
-from conftest import REPO, S3_KEYS, free_port, local_server, make_bucket
+from conftest import REPO, S3_KEYS, free_port, make_bucket
 from test_pipeline import STAGES, _env, project  # noqa: F401  (project: the tiny pipeline, reproduced once)
 
 pytestmark = pytest.mark.slow
@@ -73,21 +70,6 @@ def one_error(out: str) -> str:
     return errors[0]
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory) -> str:
-    """conftest's ``s3_server``, with the server's request log drained to a file: the team's commands make more
-    requests than a pipe that nobody reads holds (64 KiB of log lines), and then the server stops answering."""
-    exe = shutil.which("moto_server", path=str(Path(sys.executable).parent)) or "moto_server"
-    port = free_port()
-    endpoint = f"http://127.0.0.1:{port}"
-    with (tmp_path_factory.mktemp("s3") / "server.log").open("wb") as out:
-        with local_server([exe, "-H", "127.0.0.1", "-p", str(port)], f"{endpoint}/moto-api/") as proc:
-            drain = threading.Thread(target=shutil.copyfileobj, args=(proc.stdout, out), daemon=True)
-            drain.start()
-            yield endpoint
-        drain.join(timeout=30)
-
-
 @dataclass
 class Team:
     first: Path                 # the clone that reproduced the pipeline and pushed
@@ -98,9 +80,10 @@ class Team:
 
 
 @pytest.fixture(scope="module")
-def team(project, s3) -> Team:  # noqa: F811
+def team(project, s3_server) -> Team:  # noqa: F811
     """The reproduced tiny pipeline with a DVC remote on the test server (URL committed, endpoint and keys in
     .dvc/config.local), its outputs committed, pushed with the run cache, and a bare git repository as origin."""
+    s3 = s3_server
     url = make_bucket(s3, "aigid-team") + "/dvc"
     run("dvc", "remote", "add", "-d", "storage", url, cwd=project)
     use_remote(project, s3)

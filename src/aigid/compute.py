@@ -5,11 +5,12 @@ parallel reduction, so a sum is added up in another order) and with the vector i
 (ATen's own kernels, oneDNN's and MKL's each pick the widest the processor has: AVX-512 on one machine, AVX2
 on another). So a stage runs with:
 
-- ``threads`` CPU threads: a fixed number, whatever the machine has (0: one per core, faster on a large
-  machine, numbers that follow its core count);
-- with ``reproducible``: ATen and oneDNN capped at AVX2; MKL on its one code path that is the same on Intel and
-  AMD processors (``MKL_CBWR=COMPATIBLE``: its other reproducible branches are Intel-only); no dynamic thread
-  counts; torch's deterministic algorithms (:func:`aigid.runtime.configure`);
+- ``threads`` CPU threads: a fixed number, whatever the machine has (0: one per core, or OMP_NUM_THREADS where
+  set: faster on a large machine, numbers that follow its core count);
+- with ``reproducible``: ATen capped at AVX2; MKL on its one code path that is the same on Intel and AMD
+  processors, with fixed cache sizes (``MKL_CBWR=COMPATIBLE``: its other reproducible branches are Intel-only);
+  no dynamic thread counts; torch's deterministic algorithms, and oneDNN off (its blocking follows the
+  processor's cache sizes; capped at AVX2 all the same) (:func:`aigid.runtime.configure`);
 - with ``device: cpu``, no GPU: CUDA is hidden from torch.
 
 Each library reads its variable once, when it is first used, so they are set before torch is imported: by the
@@ -30,7 +31,7 @@ DEVICES = ("cpu", "auto")
 # x86-64 processor with AVX2 (Intel or AMD).
 PINNED = {
     "ATEN_CPU_CAPABILITY": "avx2",   # ATen's vectorised kernels (reductions, activations, softmax, ...)
-    "ONEDNN_MAX_CPU_ISA": "AVX2",    # oneDNN (convolutions, some matmuls)
+    "ONEDNN_MAX_CPU_ISA": "AVX2",    # oneDNN, should anything still call it (runtime.configure turns it off)
     "MKL_CBWR": "COMPATIBLE",        # MKL (float32 matmuls)
     "MKL_DYNAMIC": "FALSE",          # exactly the threads asked for, whatever the load
     "OMP_DYNAMIC": "FALSE",

@@ -41,11 +41,23 @@ def configure(compute=None) -> None:
     A profile whose environment is not in force (torch was imported before it was set: see
     :mod:`aigid.compute`), or one that asks for AVX2 on a processor without it, stops the stage with one line.
     """
-    if compute is None:
-        if "OMP_NUM_THREADS" not in os.environ:
-            torch.set_num_threads(cpu_threads())
-        _allow_tf32()
-        return
+    if compute is not None:
+        _check_in_force(compute)
+    if compute is not None and compute.threads:
+        torch.set_num_threads(compute.threads)
+    elif "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(cpu_threads())
+    if compute is not None and compute.reproducible:
+        torch.use_deterministic_algorithms(True)
+        # oneDNN picks its blocking from the processor's cache sizes and has no mode that fixes them (MKL's
+        # does: MKL_CBWR); without it, ATen runs convolutions as matmuls through MKL.
+        torch.backends.mkldnn.enabled = False
+    elif torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def _check_in_force(compute) -> None:
     wanted = environment(compute.device, compute.threads, compute.reproducible)
     missing = [f"{k}={v!r}" for k, v in wanted.items() if os.environ.get(k) != v]
     if missing:
@@ -57,17 +69,6 @@ def configure(compute=None) -> None:
         raise ParamsError(f"compute.reproducible: torch runs {capability} kernels, not {PINNED_CAPABILITY} "
                           "(a processor without AVX2, or torch imported before the profile was set); "
                           "set compute.reproducible: false to run here, with other numbers")
-    torch.set_num_threads(compute.threads or cpu_threads())
-    if compute.reproducible:
-        torch.use_deterministic_algorithms(True)
-    else:
-        _allow_tf32()
-
-
-def _allow_tf32() -> None:
-    if torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
 
 
 def device() -> torch.device:
