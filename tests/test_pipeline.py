@@ -191,7 +191,7 @@ def test_mlflow_one_parent_run_per_execution_with_stage_runs_datasets_and_dvc_ke
     all_runs = runs(project)
     (parent,) = [r for r in all_runs if r.data.tags.get("aigid.role") == "pipeline"]
     commit = sh("git", "rev-parse", "--short=7", "HEAD", cwd=project).strip()
-    assert parent.info.run_name == f"repro-{commit}"
+    assert parent.info.run_name == f"repro-{commit}-{parent.data.tags['pipeline_id'][:8]}"   # one name per execution
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     by_stage = {r.data.tags["stage"]: r for r in children}
     assert sorted(by_stage) == ["evaluate", "pseudolabel", "retrain", "train"] and len(children) == 4
@@ -258,8 +258,9 @@ def test_threshold_experiment_reruns_only_downstream_stages(project):
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias("aigid-detector", "candidate").version == second.version
     assert second.tags["dvc_exp_name"] and first.tags["model_hash"] != second.tags["model_hash"]
-    # The experiment is a parent run of its own, named after it, holding the three stages it ran.
-    parents = {r.info.run_name: r for r in runs(project) if r.data.tags.get("aigid.role") == "pipeline"}
+    # The experiment is a parent run of its own, named after it (and the execution), holding the three stages it ran.
+    parents = {r.info.run_name.removesuffix(f"-{r.data.tags['pipeline_id'][:8]}"): r for r in runs(project)
+               if r.data.tags.get("aigid.role") == "pipeline"}
     exp_name = second.tags["dvc_exp_name"]
     assert len(parents) == 2 and exp_name in parents
     nested = [r for r in runs(project) if r.data.tags.get("mlflow.parentRunId") == parents[exp_name].info.run_id]

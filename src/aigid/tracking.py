@@ -1,17 +1,24 @@
 """MLflow: where runs go, one parent run per pipeline execution, what each stage logs.
 
 Every `dvc repro` or `dvc exp run` is one parent run, named after the DVC experiment (or
-``repro-<short commit>``), with each stage's run nested under it. Stages run as separate processes; they find
-their parent by the execution's id (:func:`pipeline_id`), tagged ``pipeline_id`` on the parent and its stage
-runs. A stage run outside DVC stands alone. A stage run logs the params it reads under their params.yaml keys,
-its DVC metrics under their DVC keys (:func:`log_results`), and the data it read as MLflow datasets whose
-digest is DVC's hash of the directory (:func:`log_data`).
+``repro-<short commit>``) and the execution (``repro-3dfab77-1a2b3c4d``: two clones of one commit, or one
+experiment name run twice, are two parents with two names), with each stage's run nested under it. Stages
+run as separate processes; they find their parent by the execution's id (:func:`pipeline_id`, whose first 8
+characters end the name), tagged ``pipeline_id`` on the parent and its stage runs. A stage run outside DVC
+stands alone. A stage run logs the params it reads under their params.yaml keys, its DVC metrics under their
+DVC keys (:func:`log_results`), and the data it read as MLflow datasets whose digest is DVC's hash of the
+directory (:func:`log_data`).
 
 Default store: ``sqlite:///<repository root>/mlflow.db``. The root comes from ``DVC_ROOT`` (set by DVC for
 every stage); experiments that DVC runs in a temporary copy (``dvc exp run --temp``, queued runs) live under
 ``<root>/.dvc/tmp/exps/``, so the store is placed in the real repository above that copy and every run of the
 project lands in one database; logged models go to ``<root>/mlartifacts``. ``MLFLOW_TRACKING_URI`` overrides
 all of this (a shared server, for example).
+
+A server is asked whether it answers when a stage starts (:func:`check_reachable`). Its HTTP calls are retried
+a bounded time (:data:`HTTP_DEFAULTS`, set unless the environment sets them; MLflow's own defaults retry a
+dead server for about four minutes per call); one that stops answering during a stage ends the stage with one
+line naming it (:class:`~aigid.errors.TrackingError`), without further calls to it.
 """
 
 from __future__ import annotations
@@ -19,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import subprocess
 import time
 import warnings
@@ -32,6 +40,18 @@ STAGE_TAG, PIPELINE_TAG, ROLE_TAG = "stage", "pipeline_id", "aigid.role"
 FINGERPRINT_TAG = "fingerprint"  # a logged split's content fingerprint (datasets' fingerprint of its rows)
 # The MLflow UI opens an experiment of this kind in its model-training view (runs, metrics, models).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# MLflow's HTTP retries against a tracking server. Every call is tried 5 times, waiting 0, 2, 4 and 8 s (plus up
+# to 1 s of jitter) in between: a server restarting within about 15 s is ridden out, a dead one reported about
+# 15 s after the call that found it. An attempt waits up to 60 s for an answer (a large model's upload is
+# answered once the server has stored it). The environment's own values win.
+HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+
+
+def bound_http_retries() -> None:
+    """Set :data:`HTTP_DEFAULTS` where the environment does not (MLflow reads them at every request)."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
 
 
 def check_reachable(uri: str, timeout: float = 10.0) -> None:
@@ -161,6 +181,7 @@ def open_store(experiment: str) -> str:
 
 
 def _open_store(uri: str, experiment: str) -> str:
+    bound_http_retries()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
@@ -187,8 +208,9 @@ def stage_run(stage: str, params):
             raise TrackingError(error)
         yield None
         return
+    uri = tracking_uri()
     try:
-        experiment_id = _open_store(tracking_uri(), params.mlflow.experiment)
+        experiment_id = _open_store(uri, params.mlflow.experiment)
     except TrackingError as err:
         _from_rank_zero(str(err))
         raise
@@ -197,17 +219,58 @@ def stage_run(stage: str, params):
     experiment_name = os.environ.get("DVC_EXP_NAME", "")
     tags = {"git_commit": commit, "dvc_exp_name": experiment_name}
     declared = params.declared()
-    with contextlib.ExitStack() as stack:
+    # A server that stops answering is one line (TrackingError) whether it goes while the runs are opened or
+    # closed (outer block) or during the stage's work (inner: the runs are then dropped without calling it again).
+    with _server_failures(uri, stage), contextlib.ExitStack() as stack:
         pipeline = pipeline_id()
         if pipeline is not None:
             tags[PIPELINE_TAG] = pipeline
-            name = experiment_name or f"repro-{commit[:7]}"
+            name = f"{experiment_name or f'repro-{commit[:7]}'}-{pipeline[:8]}"  # one name per execution
             parent = stack.enter_context(mlflow.start_run(parent_run(experiment_id, pipeline, name, tags)))
             _log_params_once(parent.info.run_id, declared)
         run = stack.enter_context(mlflow.start_run(run_name=stage, nested=pipeline is not None,
                                                    tags={**tags, STAGE_TAG: stage, ROLE_TAG: "stage"}))
         mlflow.log_params(declared)
-        yield run
+        with _server_failures(uri, stage):
+            yield run
+
+
+def _connection_failure(err: BaseException) -> str | None:
+    """What went wrong, in a few words, when ``err`` (or an error it was raised from or while handling) is an
+    HTTP request to the store that failed after its retries (no answer, refused, error responses); else None."""
+    import requests
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, requests.exceptions.RequestException):
+            if isinstance(err, requests.exceptions.Timeout) or "timed out" in str(err):
+                return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s"
+            found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)|ResponseError\('([^']+)'", str(err))
+            return next(g for g in found.groups() if g) if found else type(err).__name__
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _server_failures(uri: str, stage: str):
+    """An MLflow call of the block that found the store gone becomes one line naming it (TrackingError), and
+    the runs this process holds are dropped without contacting the store again (MLflow would end them at exit)."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as err:
+        reason = _connection_failure(err)
+        if reason is None:
+            raise
+        from mlflow.tracking.fluent import _active_run_stack
+
+        _active_run_stack.get().clear()
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")
+        raise TrackingError(f"MLflow tracking server {uri} stopped answering during stage {stage} ({reason}, "
+                            f"after {retries} retries); the stage did not finish: rerun it once the server "
+                            f"answers") from None
 
 
 def _log_params_once(run_id: str, params: dict) -> None:
