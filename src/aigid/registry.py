@@ -1,9 +1,11 @@
 """The retrained detector as an MLflow model: logged with a signature and an input example, registered by name.
 
 Registration is idempotent and keyed by the model's content: :func:`register` adds a version only when no
-version of the name carries the same ``model_hash`` tag (SHA-256 of the model directory's files and the
-threshold it labels at), tags it with that hash, the git commit and the DVC experiment, and points the alias
-``@candidate`` at it. `evaluate` calls it when it runs; ``aigid register`` calls it for the current
+version of the name holds the same model: the same ``model_hash`` tag (SHA-256 of the model directory's files
+and the threshold it labels at), or the same files (``weights_hash``) at a ``threshold`` within a relative
+1e-5 (:data:`THRESHOLD_RTOL`: an evaluation of the same weights elsewhere can end one float32 step away). It
+tags a new version with those, the git commit and the DVC experiment, and points the alias ``@candidate`` at
+it. `evaluate` calls it when it runs; ``aigid register`` calls it for the current
 ``models/retrained`` whenever a store lacks it (a fresh clone whose evaluate DVC skipped, a second machine
 after ``dvc pull``, a shared server). An existing version is never registered twice and never moves the
 alias: clones sharing one server do not move each other's ``@candidate`` back to an older model. The run that
@@ -20,6 +22,7 @@ import base64
 import hashlib
 import json
 import logging
+import math
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -35,7 +38,19 @@ from .tracking import log_data, log_results, open_store, stage_run
 log = logging.getLogger(__name__)
 PARAMS = ("mlflow",)
 ALIAS = "candidate"
-HASH_TAG = "model_hash"
+HASH_TAG, WEIGHTS_TAG, THRESHOLD_TAG = "model_hash", "weights_hash", "threshold"
+# Thresholds this close are one operating point: the threshold is a validation score, and scoring the same weights
+# on other hardware or with other threads can move it by a float32 step (1.2e-7 relative).
+THRESHOLD_RTOL = 1e-5
+
+
+@dataclass(frozen=True)
+class Identity:
+    """What makes two registered models one: see :func:`identity`."""
+
+    model_hash: str
+    weights_hash: str
+    threshold: float
 
 
 @dataclass(frozen=True)
@@ -54,8 +69,8 @@ def run(params, paths: Paths) -> dict:
     open_store(params.mlflow.experiment)
     report = json.loads(paths.report.read_text())
     threshold = report["retrained"]["operating_point"]["threshold"]
-    model_hash = content_hash(paths.model, threshold)
-    existing = find_version(name, model_hash)
+    key = identity(paths.model, threshold)
+    existing = find_version(name, key)
     if existing is not None:  # checked before a run is opened: registering nothing leaves no empty run
         log.info("%s is registered already: %s version %s", paths.model, name, existing)
         return {"version": existing, "created": False}
@@ -63,7 +78,7 @@ def run(params, paths: Paths) -> dict:
     with stage_run("register", params):
         log_report(report)
         log_data(paths.data, data, {"test": "test"})
-        version_, created = _register_new(paths.model, name, threshold, data["test"], model_hash)
+        version_, created = _register_new(paths.model, name, threshold, data["test"], key)
     return {"version": version_, "created": created}
 
 
@@ -71,23 +86,34 @@ command = stage.command("register", run, Paths, PARAMS)
 
 
 def content_hash(model_dir: Path, threshold: float) -> str:
-    """SHA-256 over the model directory's files (relative paths and bytes) and the threshold the registered
-    model labels at: the same model at the same operating point, the same hash."""
-    h = hashlib.sha256(repr(float(threshold)).encode())
+    """SHA-256 over the threshold the registered model labels at and the model directory's files (relative
+    paths and bytes): the same model at the same operating point, the same hash."""
+    return identity(model_dir, threshold).model_hash
+
+
+def identity(model_dir: Path, threshold: float) -> Identity:
+    """The model's hash with its threshold (:func:`content_hash`), the hash of its files alone, the threshold."""
+    with_threshold, files = hashlib.sha256(repr(float(threshold)).encode()), hashlib.sha256()
     for file in sorted(f for f in Path(model_dir).rglob("*") if f.is_file()):
-        h.update(file.relative_to(model_dir).as_posix().encode() + b"\0")
+        for h in (with_threshold, files):
+            h.update(file.relative_to(model_dir).as_posix().encode() + b"\0")
         with file.open("rb") as f:
             for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
+                with_threshold.update(block)
+                files.update(block)
+    return Identity(with_threshold.hexdigest(), files.hexdigest(), float(threshold))
 
 
-def find_version(name: str, model_hash: str) -> str | None:
-    """The oldest version of ``name`` holding a model with this content, if any."""
+def find_version(name: str, key: Identity) -> str | None:
+    """The oldest version of ``name`` holding this model, if any: the same ``model_hash``, or the same files at a
+    threshold within :data:`THRESHOLD_RTOL`."""
     from mlflow.exceptions import MlflowException
 
+    client = mlflow.MlflowClient()
     try:
-        found = mlflow.MlflowClient().search_model_versions(f"name='{name}' and tags.{HASH_TAG}='{model_hash}'")
+        found = client.search_model_versions(f"name='{name}' and tags.{HASH_TAG}='{key.model_hash}'")
+        found += [v for v in client.search_model_versions(f"name='{name}' and tags.{WEIGHTS_TAG}='{key.weights_hash}'")
+                  if math.isclose(float(v.tags.get(THRESHOLD_TAG, "nan")), key.threshold, rel_tol=THRESHOLD_RTOL)]
     except MlflowException:  # no such registered model yet
         return None
     return min((str(v.version) for v in found), key=int, default=None)
@@ -103,23 +129,24 @@ def log_report(report: dict, parent: bool = False) -> None:
 def register(model_dir: Path, name: str, threshold: float, test) -> tuple[str, bool]:
     """Log ``model_dir`` to the active run and register it under ``name`` with the alias @candidate, unless a
     version with the same content exists. Returns the version and whether this call created it."""
-    model_hash = content_hash(model_dir, threshold)
-    existing = find_version(name, model_hash)
+    key = identity(model_dir, threshold)
+    existing = find_version(name, key)
     if existing is not None:
         return existing, False
-    return _register_new(model_dir, name, threshold, test, model_hash)
+    return _register_new(model_dir, name, threshold, test, key)
 
 
-def _register_new(model_dir: Path, name: str, threshold: float, test, model_hash: str) -> tuple[str, bool]:
-    """Log and register a model no version holds yet (``model_hash``), tag it and give it @candidate."""
+def _register_new(model_dir: Path, name: str, threshold: float, test, key: Identity) -> tuple[str, bool]:
+    """Log and register a model no version holds yet (``key``), tag it and give it @candidate."""
     info = log_detector(model_dir, name, threshold, test[0]["Image"]["bytes"], test[0]["Caption"])
     client, created = mlflow.MlflowClient(), str(info.registered_model_version)
     tags = mlflow.active_run().data.tags
-    for key, value in ((HASH_TAG, model_hash), ("git_commit", tags.get("git_commit", "")),
+    for tag, value in ((HASH_TAG, key.model_hash), (THRESHOLD_TAG, repr(key.threshold)),
+                       (WEIGHTS_TAG, key.weights_hash), ("git_commit", tags.get("git_commit", "")),
                        ("dvc_exp_name", tags.get("dvc_exp_name", ""))):
-        client.set_model_version_tag(name, created, key, value)
+        client.set_model_version_tag(name, created, tag, value)
     # Two clones registering the same model at once: the oldest version stays, the other is removed.
-    oldest = find_version(name, model_hash)
+    oldest = find_version(name, key)
     if oldest != created:
         client.delete_model_version(name, created)
         return oldest, False
