@@ -50,10 +50,18 @@ from types import SimpleNamespace
 
 CONFIGS = {
     # captions per split at size N; 4N multiplies every split by 4
-    "demo": {"image_size": 32, "captions": {"train": 200, "validation": 40, "test": 40, "unlabeled": 100},
-             "train_batch": 64, "baseline_images": 256},
-    "paper": {"image_size": 224, "captions": {"train": 16, "validation": 4, "test": 4, "unlabeled": 16},
-              "train_batch": 16, "baseline_images": 16},
+    "demo": {
+        "image_size": 32,
+        "captions": {"train": 200, "validation": 40, "test": 40, "unlabeled": 100},
+        "train_batch": 64,
+        "baseline_images": 256,
+    },
+    "paper": {
+        "image_size": 224,
+        "captions": {"train": 16, "validation": 4, "test": 4, "unlabeled": 16},
+        "train_batch": 16,
+        "baseline_images": 16,
+    },
 }
 BASELINE_TOKENS = 128
 REPO = Path(__file__).resolve().parents[1]
@@ -72,6 +80,7 @@ def peak_mb() -> float:
 
 # ---------------------------------------------------------------- children (one measurement each)
 
+
 def child_source(work: Path, config: str, scale: int, seed: int) -> dict:
     from aigid.demo import generate_demo
 
@@ -85,14 +94,19 @@ def child_prepare(work: Path, config: str, crop: int) -> dict:
     from aigid.config import load_params
     from aigid.prepare import prepare
 
-    params = load_params(REPO / "params.yaml").prepare.model_copy(update={"source": str(work / "source"),
-                                                                          "layout": "arrow"})
+    params = load_params(REPO / "params.yaml").prepare.model_copy(
+        update={"source": str(work / "source"), "layout": "arrow"}
+    )
     started = time.perf_counter()
     metrics = prepare(params, 0, work / "prepared")
     elapsed = time.perf_counter() - started
     rows = sum(s["rows"] for s in metrics["splits"].values())
-    return {"prepare_images_s": rows / elapsed, "bytes_per_sample": metrics["bytes_per_sample"],
-            "float32_bytes_per_sample": 3 * crop * crop * 4, "peak_mb_prepare": peak_mb()}
+    return {
+        "prepare_images_s": rows / elapsed,
+        "bytes_per_sample": metrics["bytes_per_sample"],
+        "float32_bytes_per_sample": 3 * crop * crop * 4,
+        "peak_mb_prepare": peak_mb(),
+    }
 
 
 def build_encoders(out: Path, config: str, captions) -> None:
@@ -108,9 +122,19 @@ def build_encoders(out: Path, config: str, captions) -> None:
     tokenizer = train_wordpiece(captions, 1000)
     BertModel(BertConfig(vocab_size=30522), add_pooling_layer=False).save_pretrained(out / "text")  # BERT-base
     tokenizer.save_pretrained(out / "text")
-    CLIPVisionModel(CLIPVisionConfig(hidden_size=768, intermediate_size=3072, num_attention_heads=12,
-                                     num_hidden_layers=12, image_size=224, patch_size=32)).save_pretrained(out / "vision")
-    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(out / "vision")
+    CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=768,
+            intermediate_size=3072,
+            num_attention_heads=12,
+            num_hidden_layers=12,
+            image_size=224,
+            patch_size=32,
+        )
+    ).save_pretrained(out / "vision")
+    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
+        out / "vision"
+    )
 
 
 def child_encoders(work: Path, config: str) -> dict:
@@ -124,8 +148,13 @@ def _detector(work: Path):
     from aigid.config import load_params
     from aigid.model import build_detector
 
-    return build_detector(str(work / "encoders" / "text"), str(work / "encoders" / "vision"), 512, 64,
-                          load_params(REPO / "params.yaml").prepare.class_names)
+    return build_detector(
+        str(work / "encoders" / "text"),
+        str(work / "encoders" / "vision"),
+        512,
+        64,
+        load_params(REPO / "params.yaml").prepare.class_names,
+    )
 
 
 class PadTo128:
@@ -136,8 +165,13 @@ class PadTo128:
 
     def __call__(self, rows):
         batch = self.inner(rows)
-        text = self.inner.tokenizer([r["Caption"] for r in rows], padding="max_length", truncation=True,
-                                    max_length=BASELINE_TOKENS, return_tensors="pt")
+        text = self.inner.tokenizer(
+            [r["Caption"] for r in rows],
+            padding="max_length",
+            truncation=True,
+            max_length=BASELINE_TOKENS,
+            return_tensors="pt",
+        )
         batch.update(text)
         return batch
 
@@ -156,11 +190,23 @@ def _train(model, dataset, collator, batch: int, out: Path, steps: int = 0, epoc
         def on_step_end(self, args, state, control, **kw):
             marks.append((time.perf_counter(), state.global_step))
 
-    args = TrainingArguments(output_dir=str(out), per_device_train_batch_size=batch, learning_rate=2e-5,
-                             max_steps=steps or -1, num_train_epochs=epochs or 1,
-                             save_strategy="no", eval_strategy="no", logging_strategy="no", report_to=[],
-                             remove_unused_columns=False, label_names=["labels_a", "labels_b"], disable_tqdm=True,
-                             bf16=_cuda(), dataloader_pin_memory=_cuda(), dataloader_num_workers=0)
+    args = TrainingArguments(
+        output_dir=str(out),
+        per_device_train_batch_size=batch,
+        learning_rate=2e-5,
+        max_steps=steps or -1,
+        num_train_epochs=epochs or 1,
+        save_strategy="no",
+        eval_strategy="no",
+        logging_strategy="no",
+        report_to=[],
+        remove_unused_columns=False,
+        label_names=["labels_a", "labels_b"],
+        disable_tqdm=True,
+        bf16=_cuda(),
+        dataloader_pin_memory=_cuda(),
+        dataloader_num_workers=0,
+    )
     Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()]).train()
     return marks
 
@@ -196,8 +242,9 @@ def child_train(work: Path, config: str, steps: int, epoch_compare: bool) -> dic
     result = {"train_samples_s": ours, "peak_mb_train": peak_mb(), "train_rows": len(base)}
     torch.manual_seed(0)
     model, _, _ = _detector(work)
-    result["train_samples_s_baseline"] = _train_rate(model, train, PadTo128(collator), cfg["train_batch"], steps,
-                                                     work / "ckpt")
+    result["train_samples_s_baseline"] = _train_rate(
+        model, train, PadTo128(collator), cfg["train_batch"], steps, work / "ckpt"
+    )
     if epoch_compare:
         result.update(_epochs(work, base, cfg["train_batch"]))
     return result
@@ -233,12 +280,18 @@ def _epochs(work: Path, train, batch: int) -> dict:
     feats = feature_table(text, image, train)
     model.freeze_encoders()
     frozen, frozen_wall = run(DetectorHeads(model), FeatureRows(feats), FeatureCollator())
-    return {"epoch_s_full": full, "epoch_s_frozen": frozen, "epoch_wall_s_full": full_wall,
-            "epoch_wall_s_frozen": frozen_wall, "feature_extraction_s": extract}
+    return {
+        "epoch_s_full": full,
+        "epoch_s_frozen": frozen,
+        "epoch_wall_s_full": full_wall,
+        "epoch_wall_s_frozen": frozen_wall,
+        "feature_extraction_s": extract,
+    }
 
 
-def child_infer(work: Path, config: str, workers: int, min_rounds: int = 5, max_rounds: int = 25,
-                seconds: float = 40.0) -> dict:
+def child_infer(
+    work: Path, config: str, workers: int, min_rounds: int = 5, max_rounds: int = 25, seconds: float = 40.0
+) -> dict:
     """Inference images/s of the pipeline (`predict_logits`) and of its ceiling, the vision encoder alone on the
     same rows' ready pixel tensors (no decoding, no text, no heads), at both precisions; the ceiling runs the
     encoder as the pipeline holds it (at bf16, with the weights the pipeline's first pass stored in bf16). The
@@ -264,7 +317,7 @@ def child_infer(work: Path, config: str, workers: int, min_rounds: int = 5, max_
     model.to(dev).eval()
     rows = [pool[int(i)] for i in caption_order(pool)]
     collate = Collator(tokenizer, processor, model.config.max_text_length)
-    pixels = [collate.images(rows[i:i + batch]).to(dev) for i in range(0, len(rows), batch)]
+    pixels = [collate.images(rows[i : i + batch]).to(dev) for i in range(0, len(rows), batch)]
 
     def ceiling(precision):
         with torch.inference_mode(), autocast(dev, precision):
@@ -279,8 +332,9 @@ def child_infer(work: Path, config: str, workers: int, min_rounds: int = 5, max_
         started = time.perf_counter()
         for row in baseline:
             image = processor(images=[decode_rgb(row["Image"])], return_tensors="pt")["pixel_values"]
-            text = tokenizer([row["Caption"]], padding="max_length", truncation=True, max_length=BASELINE_TOKENS,
-                             return_tensors="pt")
+            text = tokenizer(
+                [row["Caption"]], padding="max_length", truncation=True, max_length=BASELINE_TOKENS, return_tensors="pt"
+            )
             out = model(pixel_values=image.to(dev), **text.to(dev))
             out.logits_a.cpu(), out.logits_b.cpu()
         result["infer_images_s_baseline"] = len(baseline) / (time.perf_counter() - started)
@@ -290,8 +344,9 @@ def child_infer(work: Path, config: str, workers: int, min_rounds: int = 5, max_
         predict_logits(detector, pool.select(range(min(batch, len(pool)))), RunOptions(batch, 0, precision))  # warm-up
         ceiling(precision)
         pipeline_s, ceiling_s = [], []
-        while len(pipeline_s) < max_rounds and (len(pipeline_s) < min_rounds
-                                                or sum(pipeline_s) + sum(ceiling_s) < seconds):
+        while len(pipeline_s) < max_rounds and (
+            len(pipeline_s) < min_rounds or sum(pipeline_s) + sum(ceiling_s) < seconds
+        ):
             started = time.perf_counter()
             predict_logits(detector, pool, RunOptions(batch, workers, precision))
             pipeline_s.append(time.perf_counter() - started)
@@ -362,15 +417,19 @@ def child_detect(work: Path, repeats: int = 5) -> dict:
     model_dir, portable_dir, image = work / "model", work / "portable", work / "one.jpg"
     detector = _detector(work)
     save_detector(detector.model, detector.tokenizer, detector.processor, model_dir)
-    report = export.run(SimpleNamespace(compute=compute_profile()), export.Paths(model=model_dir, data=work / "prepared", out=portable_dir,
-                                           report=work / "export.json"))
+    report = export.run(
+        SimpleNamespace(compute=compute_profile()),
+        export.Paths(model=model_dir, data=work / "prepared", out=portable_dir, report=work / "export.json"),
+    )
     with Image.open(io.BytesIO(_first_image(work))) as img:
         img.convert("RGB").resize((1024, 1024), Image.Resampling.BICUBIC).save(image, "JPEG", quality=90)
     aigid = Path(sys.executable).with_name("aigid")
     result = {"export_" + k: v for k, v in report.items()}
-    for key, cmd in (("detect_s", [str(aigid), "detect", str(image), "--model", str(portable_dir), "-q"]),
-                     ("detect_torch_s", [str(aigid), "detect", str(image), "--model", str(model_dir), "-q"]),
-                     ("detect_import_s", [str(aigid), "detect", "--help"])):
+    for key, cmd in (
+        ("detect_s", [str(aigid), "detect", str(image), "--model", str(portable_dir), "-q"]),
+        ("detect_torch_s", [str(aigid), "detect", str(image), "--model", str(model_dir), "-q"]),
+        ("detect_import_s", [str(aigid), "detect", "--help"]),
+    ):
         runs = []
         for _ in range(repeats):
             proc = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", *cmd], capture_output=True, text=True)
@@ -397,6 +456,7 @@ def _first_image(work: Path) -> bytes:
 
 
 # ---------------------------------------------------------------- parent
+
 
 def run_child(args: list[str]) -> dict:
     proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
@@ -444,13 +504,16 @@ def table(results: list[dict]) -> str:
             f"| {r['infer_images_s']:.1f} ({r['infer_images_s_baseline']:.1f}, "
             f"{r['infer_images_s'] / r['infer_images_s_baseline']:.1f}x) "
             f"| {r['infer_images_s_bf16']:.1f} ({r['infer_images_s_bf16'] / r['infer_images_s_baseline']:.1f}x) "
-            f"| {r['peak_mb_prepare']:.0f} / {r['peak_mb_train']:.0f} / {r['peak_mb_infer']:.0f} |")
+            f"| {r['peak_mb_prepare']:.0f} / {r['peak_mb_train']:.0f} / {r['peak_mb_infer']:.0f} |"
+        )
     by = {(r["config"], r["scale"]): r for r in results}
     for config in CONFIGS:
         small, large = by.get((config, 1)), by.get((config, 4))
         if small and large:
-            growth = ", ".join(f"{k} {100 * (large[f'peak_mb_{k}'] / small[f'peak_mb_{k}'] - 1):+.0f}%"
-                               for k in ("prepare", "train", "infer"))
+            growth = ", ".join(
+                f"{k} {100 * (large[f'peak_mb_{k}'] / small[f'peak_mb_{k}'] - 1):+.0f}%"
+                for k in ("prepare", "train", "infer")
+            )
             lines.append(f"\nPeak memory from N to 4N ({config}): {growth}.")
     lines += ["", "| target | measured | met |", "|---|---|---|"]
     for (config, scale), r in sorted(by.items()):
@@ -459,51 +522,71 @@ def table(results: list[dict]) -> str:
             for precision, suffix in (("auto", ""), ("bf16", "_bf16")):
                 share = r[f"infer_of_ceiling{suffix}"]
                 low, high = r[f"infer_of_ceiling{suffix}_range"]
-                lines.append(f"| inference >= 90% of the vision encoder alone (paper, x{scale}, precision {precision}) "
-                             f"| {percent(share)} (median of {r[f'infer_of_ceiling{suffix}_rounds']} paired rounds, "
-                             f"range {100 * low:.0f}-{100 * high:.0f}%; "
-                             f"medians {r[f'infer_images_s{suffix}']:.1f} "
-                             f"and {r[f'vision_only_images_s{suffix}']:.1f} img/s; "
-                             f"{r[f'infer_images_s{suffix}'] / r['infer_images_s_baseline']:.1f}x batch-1) "
-                             f"| {'yes' if share >= 0.9 else 'no'} |")
-            lines.append(f"| training >= 2x 128-padding (paper, x{scale}) | {train:.1f}x | {'yes' if train >= 2 else 'no'} |")
+                lines.append(
+                    f"| inference >= 90% of the vision encoder alone (paper, x{scale}, precision {precision}) "
+                    f"| {percent(share)} (median of {r[f'infer_of_ceiling{suffix}_rounds']} paired rounds, "
+                    f"range {100 * low:.0f}-{100 * high:.0f}%; "
+                    f"medians {r[f'infer_images_s{suffix}']:.1f} "
+                    f"and {r[f'vision_only_images_s{suffix}']:.1f} img/s; "
+                    f"{r[f'infer_images_s{suffix}'] / r['infer_images_s_baseline']:.1f}x batch-1) "
+                    f"| {'yes' if share >= 0.9 else 'no'} |"
+                )
+            lines.append(
+                f"| training >= 2x 128-padding (paper, x{scale}) | {train:.1f}x | {'yes' if train >= 2 else 'no'} |"
+            )
         if "detect_s" in r:
-            lines.append(f"| `aigid detect one.jpg` <= 3 s, whole process ({config} model, portable) "
-                         f"| {r['detect_s']:.2f} s (torch model: {r['detect_torch_s']:.2f} s; `aigid detect --help`: "
-                         f"{r['detect_import_s']:.2f} s) | {'yes' if r['detect_s'] <= 3 else 'no'} |")
+            lines.append(
+                f"| `aigid detect one.jpg` <= 3 s, whole process ({config} model, portable) "
+                f"| {r['detect_s']:.2f} s (torch model: {r['detect_torch_s']:.2f} s; `aigid detect --help`: "
+                f"{r['detect_import_s']:.2f} s) | {'yes' if r['detect_s'] <= 3 else 'no'} |"
+            )
         ratio = r["float32_bytes_per_sample"] / r["bytes_per_sample"]
-        lines.append(f"| stored bytes <= 1/20 of float32 ({config}, x{scale}) | 1/{ratio:.0f} | {'yes' if ratio >= 20 else 'no'} |")
+        lines.append(
+            f"| stored bytes <= 1/20 of float32 ({config}, x{scale}) | 1/{ratio:.0f} "
+            f"| {'yes' if ratio >= 20 else 'no'} |"
+        )
     for config in CONFIGS:
         small, large = by.get((config, 1)), by.get((config, 4))
         if small and large:
             for k in ("prepare", "train", "infer"):
                 g = 100 * (large[f"peak_mb_{k}"] / small[f"peak_mb_{k}"] - 1)
-                lines.append(f"| peak memory of {k} grows < 20% from N to 4N ({config}) | {g:+.0f}% | {'yes' if g < 20 else 'no'} |")
+                lines.append(
+                    f"| peak memory of {k} grows < 20% from N to 4N ({config}) | {g:+.0f}% "
+                    f"| {'yes' if g < 20 else 'no'} |"
+                )
     demo = by.get(("demo", 1))
     if demo and "epoch_s_full" in demo:
         f = demo["epoch_s_full"] / demo["epoch_s_frozen"]
-        lines.append(f"| frozen-encoder epoch >= 20x faster than full (demo) | {f:.0f}x | {'yes' if f >= 20 else 'no'} |")
-    for (config, scale), r in sorted(by.items()):
+        lines.append(
+            f"| frozen-encoder epoch >= 20x faster than full (demo) | {f:.0f}x | {'yes' if f >= 20 else 'no'} |"
+        )
+    for (config, _scale), r in sorted(by.items()):
         if "preprocess_images_s_stored" in r:
-            lines.append(f"\nImage preprocessing ({config}, {r['preprocess_backend']}), images/s per worker process "
-                         f"(one thread): {r['preprocess_images_s_stored']:.0f} on the stored "
-                         f"{CONFIGS[config]['image_size']} px images, {r['preprocess_images_s_jpeg1024']:.0f} on "
-                         f"1024 px JPEGs; workers to feed 10,000 img/s: "
-                         f"{math.ceil(10_000 / r['preprocess_images_s_stored'])} and "
-                         f"{math.ceil(10_000 / r['preprocess_images_s_jpeg1024'])}.")
-    for (config, scale), r in sorted(by.items()):
+            lines.append(
+                f"\nImage preprocessing ({config}, {r['preprocess_backend']}), images/s per worker process "
+                f"(one thread): {r['preprocess_images_s_stored']:.0f} on the stored "
+                f"{CONFIGS[config]['image_size']} px images, {r['preprocess_images_s_jpeg1024']:.0f} on "
+                f"1024 px JPEGs; workers to feed 10,000 img/s: "
+                f"{math.ceil(10_000 / r['preprocess_images_s_stored'])} and "
+                f"{math.ceil(10_000 / r['preprocess_images_s_jpeg1024'])}."
+            )
+    for (config, _scale), r in sorted(by.items()):
         if "portable_images_s" in r:
-            lines.append(f"\nPortable detector ({config}, onnxruntime, float32, batch 64): {r['portable_images_s']:.1f} "
-                         f"img/s on the pool split (torch float32: {r['infer_images_s']:.1f}); the export's check on "
-                         f"{r['export_rows']} test rows: logits within {r['export_graph_max_logit_difference']:.1e} of "
-                         f"torch's on the same inputs, P(AI) within {r['export_max_prob_ai_difference']:.1e} of the "
-                         f"torch detector's, labels agree on {100 * r['export_label_agreement']:.0f}%.")
+            lines.append(
+                f"\nPortable detector ({config}, onnxruntime, float32, batch 64): {r['portable_images_s']:.1f} "
+                f"img/s on the pool split (torch float32: {r['infer_images_s']:.1f}); the export's check on "
+                f"{r['export_rows']} test rows: logits within {r['export_graph_max_logit_difference']:.1e} of "
+                f"torch's on the same inputs, P(AI) within {r['export_max_prob_ai_difference']:.1e} of the "
+                f"torch detector's, labels agree on {100 * r['export_label_agreement']:.0f}%."
+            )
     if demo and "epoch_s_full" in demo:
-        lines.append(f"\nOne epoch on the demo train split ({demo['train_rows']} rows): full fine-tuning "
-                     f"{demo['epoch_s_full']:.3f} s, frozen encoders {demo['epoch_s_frozen']:.3f} s "
-                     f"({demo['epoch_s_full'] / demo['epoch_s_frozen']:.0f}x faster). With the Trainer's start-up, "
-                     f"the same for both: {demo['epoch_wall_s_full']:.2f} s and {demo['epoch_wall_s_frozen']:.2f} s. "
-                     f"The one-off feature extraction took {demo['feature_extraction_s']:.2f} s.")
+        lines.append(
+            f"\nOne epoch on the demo train split ({demo['train_rows']} rows): full fine-tuning "
+            f"{demo['epoch_s_full']:.3f} s, frozen encoders {demo['epoch_s_frozen']:.3f} s "
+            f"({demo['epoch_s_full'] / demo['epoch_s_frozen']:.0f}x faster). With the Trainer's start-up, "
+            f"the same for both: {demo['epoch_wall_s_full']:.2f} s and {demo['epoch_wall_s_frozen']:.2f} s. "
+            f"The one-off feature extraction took {demo['feature_extraction_s']:.2f} s."
+        )
     return "\n".join(lines)
 
 
@@ -511,14 +594,21 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="demo,paper", help="comma-separated: demo, paper")
     parser.add_argument("--scales", default="1,4", help="dataset sizes as multiples of N")
-    parser.add_argument("--runs", help="comma-separated config:scale pairs instead of --configs x --scales "
-                                       "(e.g. paper:1,paper:4,demo:1)")
+    parser.add_argument(
+        "--runs",
+        help="comma-separated config:scale pairs instead of --configs x --scales (e.g. paper:1,paper:4,demo:1)",
+    )
     parser.add_argument("--steps", type=int, default=3, help="timed training steps (after one warm-up step)")
-    parser.add_argument("--workers", type=int, default=0,
-                        help="DataLoader workers for inference (0, the default of train.num_workers)")
+    parser.add_argument(
+        "--workers", type=int, default=0, help="DataLoader workers for inference (0, the default of train.num_workers)"
+    )
     parser.add_argument("--json", type=Path, help="also write the raw results here")
-    parser.add_argument("--compute", choices=("free", "params"), default="free",
-                        help="free: all cores, the widest vector unit | params: params.yaml's compute profile")
+    parser.add_argument(
+        "--compute",
+        choices=("free", "params"),
+        default="free",
+        help="free: all cores, the widest vector unit | params: params.yaml's compute profile",
+    )
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -530,14 +620,19 @@ def main() -> None:
         os.environ["AIGID_BENCHMARK_COMPUTE"] = "params"
     import torch
 
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
-          f"{len(os.sched_getaffinity(0))} CPU threads, torch {torch.__version__}, "
-          f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, compute {args.compute}",
-          flush=True)
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
+        f"{len(os.sched_getaffinity(0))} CPU threads, torch {torch.__version__}, "
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, compute {args.compute}",
+        flush=True,
+    )
     results = []
     with tempfile.TemporaryDirectory(prefix="aigid-bench-") as root:
-        runs = ([(c, int(k)) for c, k in (run.split(":") for run in args.runs.split(","))] if args.runs else
-                [(c, k) for c in args.configs.split(",") for k in map(int, args.scales.split(","))])
+        runs = (
+            [(c, int(k)) for c, k in (run.split(":") for run in args.runs.split(","))]
+            if args.runs
+            else [(c, k) for c in args.configs.split(",") for k in map(int, args.scales.split(","))]
+        )
         for config, scale in runs:
             started = time.perf_counter()
             results.append(measure(config, scale, args.steps, args.workers, Path(root)))
@@ -578,13 +673,15 @@ def child(argv: list[str]) -> None:
     datasets.disable_progress_bars()
     transformers.utils.logging.set_verbosity_error()
     configure(compute_profile())
-    out = {"source": lambda: child_source(a.work, a.config, a.scale, 0),
-           "prepare": lambda: child_prepare(a.work, a.config, a.crop),
-           "encoders": lambda: child_encoders(a.work, a.config),
-           "train": lambda: child_train(a.work, a.config, a.steps, a.epochs),
-           "infer": lambda: child_infer(a.work, a.config, a.workers),
-           "preprocess": lambda: child_preprocess(a.work),
-           "detect": lambda: child_detect(a.work)}[a.step]()
+    out = {
+        "source": lambda: child_source(a.work, a.config, a.scale, 0),
+        "prepare": lambda: child_prepare(a.work, a.config, a.crop),
+        "encoders": lambda: child_encoders(a.work, a.config),
+        "train": lambda: child_train(a.work, a.config, a.steps, a.epochs),
+        "infer": lambda: child_infer(a.work, a.config, a.workers),
+        "preprocess": lambda: child_preprocess(a.work),
+        "detect": lambda: child_detect(a.work),
+    }[a.step]()
     print(json.dumps(out))
 
 

@@ -44,8 +44,9 @@ def child(work: Path, config: str, steps: int) -> dict:
         train = concatenate_datasets([train, train])
     torch.manual_seed(0)
     model, tokenizer, processor = bench._detector(work)
-    train_rate = bench._train_rate(model, train, Collator(tokenizer, processor, 64), cfg["train_batch"], steps,
-                                   work / "ckpt")
+    train_rate = bench._train_rate(
+        model, train, Collator(tokenizer, processor, 64), cfg["train_batch"], steps, work / "ckpt"
+    )
     detector, pool, batch = bench._detector(work), splits["unlabeled"], bench.infer_batch()
     options = RunOptions(batch, 0, "fp32")
     predict_logits(detector, pool.select(range(min(batch, len(pool)))), options)  # warm-up
@@ -66,8 +67,12 @@ def measure(config: str, rounds: int, steps: int, root: Path) -> dict:
     rates: dict[str, list[dict]] = {mode: [] for mode in MODES}
     for _ in range(rounds):
         for mode, env in (("free", free_env), ("params", params_env)):
-            proc = subprocess.run([sys.executable, __file__, "--child", *common, "--steps", str(steps)], env=env,
-                                  capture_output=True, text=True)
+            proc = subprocess.run(
+                [sys.executable, __file__, "--child", *common, "--steps", str(steps)],
+                env=env,
+                capture_output=True,
+                text=True,
+            )
             if proc.returncode != 0:
                 raise SystemExit(f"{config} {mode} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             rates[mode].append(json.loads(proc.stdout.strip().splitlines()[-1]))
@@ -101,17 +106,24 @@ def main() -> None:
         c = a.parse_args(args.child)
         print(json.dumps(child(c.work, c.config, c.steps)))
         return
-    print(f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {len(os.sched_getaffinity(0))} CPU threads; "
-          f"profile: {profile_environment()}")
-    print("| config | train samples/s free | under the profile | ratio | inference fp32 img/s free | "
-          "under the profile | ratio |")
+    print(
+        f"# {time.strftime('%Y-%m-%d')}, {platform.machine()}, {len(os.sched_getaffinity(0))} CPU threads; "
+        f"profile: {profile_environment()}"
+    )
+    print(
+        "| config | train samples/s free | under the profile | ratio | inference fp32 img/s free | "
+        "under the profile | ratio |"
+    )
     print("|---|---|---|---|---|---|---|")
     with tempfile.TemporaryDirectory(prefix="aigid-profile-") as root:
         for config in args.configs.split(","):
             r = measure(config, args.rounds, args.steps, Path(root))
             t, i = r["train_samples_s"], r["infer_images_s"]
-            print(f"| {config} | {t['free']:.1f} | {t['params']:.1f} | {t['ratio']:.2f} | {i['free']:.1f} | "
-                  f"{i['params']:.1f} | {i['ratio']:.2f} |", flush=True)
+            print(
+                f"| {config} | {t['free']:.1f} | {t['params']:.1f} | {t['ratio']:.2f} | {i['free']:.1f} | "
+                f"{i['params']:.1f} | {i['ratio']:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

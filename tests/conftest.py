@@ -25,8 +25,9 @@ compute.apply(REPO / "params.yaml")
 # The committed params.yaml, shrunk: same keys, smaller numbers.
 TINY = {
     "prepare": {"demo": {"captions": {"train": 24, "validation": 6, "test": 8, "unlabeled": 10}, "image_size": 32}},
-    "encoders": {"demo": {"hidden_size": 32, "layers": 1, "heads": 2, "vocab_size": 300, "image_size": 32,
-                          "patch_size": 8}},
+    "encoders": {
+        "demo": {"hidden_size": 32, "layers": 1, "heads": 2, "vocab_size": 300, "image_size": 32, "patch_size": 8}
+    },
     "model": {"fusion_dim": 32},
     "train": {"epochs": 2, "batch_size": 32, "learning_rate": 0.002},
     "threshold": 0.2,  # a barely trained tiny model is never confident; keep some samples anyway
@@ -95,7 +96,7 @@ def local_server(cmd: list[str], ready_url: str, **popen):
                         os.killpg(proc.pid, signal.SIGKILL)
                         proc.wait()
                         log.seek(0)
-                        raise AssertionError(f"{' '.join(cmd[:3])} did not start:\n{log.read().decode()}")
+                        raise AssertionError(f"{' '.join(cmd[:3])} did not start:\n{log.read().decode()}") from None
                     time.sleep(0.5)
             yield proc
         finally:
@@ -126,7 +127,11 @@ def make_bucket(endpoint: str, name: str) -> str:
     """Create bucket ``name`` on the S3 server at ``endpoint``; returns ``s3://name``."""
     import boto3
 
-    boto3.client("s3", endpoint_url=endpoint, aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
-                 aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
-                 region_name=S3_KEYS["AWS_DEFAULT_REGION"]).create_bucket(Bucket=name)
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_KEYS["AWS_DEFAULT_REGION"],
+    ).create_bucket(Bucket=name)
     return f"s3://{name}"

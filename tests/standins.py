@@ -69,8 +69,9 @@ def defactify_parquet(out_dir: Path, captions: dict[str, int], seed: int = 0, si
         raise ValueError(f"split(s) {sorted(unknown)} would be ignored by load_dataset; use {SPLITS}")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    features = Features({"Caption": Value("string"), "Image": Image(), "Label_A": Value("int64"),
-                         "Label_B": Value("int64")})
+    features = Features(
+        {"Caption": Value("string"), "Image": Image(), "Label_A": Value("int64"), "Label_B": Value("int64")}
+    )
     rng = np.random.default_rng(seed)
     for split, n in captions.items():
         rows: dict[str, list] = {"Caption": [], "Image": [], "Label_A": [], "Label_B": []}

@@ -44,10 +44,13 @@ def failed_prepare(tmp_path, source, **prepare) -> str:
 # ------------------------------------------------------------------------------------------- tables
 
 
-@pytest.mark.parametrize("damage, says", [
-    (lambda path: path.write_bytes(bytes(range(256)) * 4), "not an .xlsx workbook (re-save it as .xlsx or .csv)"),
-    (lambda path: _zip(path), "not a readable .xlsx workbook"),
-])
+@pytest.mark.parametrize(
+    "damage, says",
+    [
+        (lambda path: path.write_bytes(bytes(range(256)) * 4), "not an .xlsx workbook (re-save it as .xlsx or .csv)"),
+        (lambda path: _zip(path), "not a readable .xlsx workbook"),
+    ],
+)
 def test_a_corrupt_xlsx_is_named(tmp_path, damage, says):
     competition(tmp_path / "ct2")
     damage(tmp_path / "ct2/train/captions.xlsx")
@@ -84,11 +87,20 @@ def test_utf8_with_a_byte_order_mark_is_read(tmp_path):
     table.write_bytes(b"\xef\xbb\xbf" + table.read_bytes())
     result, out = run(tmp_path, tmp_path / "ct2")
     assert result.exit_code == 0, result.output
-    assert "scene 0: a dog on a sofa" in set(open_dataset(out)["train"]["Caption"]) | set(open_dataset(out)["test"]["Caption"])
+    assert "scene 0: a dog on a sofa" in set(open_dataset(out)["train"]["Caption"]) | set(
+        open_dataset(out)["test"]["Caption"]
+    )
 
 
-@pytest.mark.parametrize("cell, says", [("sdxl", "is 'sdxl', not an integer"), ("", "is blank"),
-                                        ("9", "9 is not one of 0..5"), ("2.5", "is '2.5', not an integer")])
+@pytest.mark.parametrize(
+    "cell, says",
+    [
+        ("sdxl", "is 'sdxl', not an integer"),
+        ("", "is blank"),
+        ("9", "9 is not one of 0..5"),
+        ("2.5", "is '2.5', not an integer"),
+    ],
+)
 def test_a_label_that_is_not_a_class_index_names_row_and_column(tmp_path, cell, says):
     competition(tmp_path / "ct2")
     labels = pd.DataFrame({"Index": [0, 1, 2, 3], "Label_A": [0, 1, 1, 1], "Label_B": ["0", "3", cell, "1"]})
@@ -102,7 +114,7 @@ def test_a_duplicated_index_stops_prepare_naming_both_rows(tmp_path):
     competition(tmp_path / "ct2", table="csv")
     table = tmp_path / "ct2/train/captions.csv"
     frame = pd.read_csv(table)
-    frame.loc[5, "Index"] = 2                                # row 7 repeats the Index of row 4
+    frame.loc[5, "Index"] = 2  # row 7 repeats the Index of row 4
     frame.to_csv(table, index=False)
     line = failed_prepare(tmp_path, tmp_path / "ct2")
     assert "train/captions.csv: Index=2 appears in rows 4, 7 (each Index must be unique)" in line
@@ -118,10 +130,11 @@ def test_with_on_bad_skip_duplicated_rows_are_quarantined_never_merged(tmp_path)
     assert result.exit_code == 0, result.output
     report = list(csv.DictReader(open(tmp_path / "quarantine.csv")))
     assert [r["reason"] for r in report if r["action"] == "skipped"] == [
-        f"{table}: Index=2 appears in rows 4, 7 (each Index must be unique)"]
+        f"{table}: Index=2 appears in rows 4, 7 (each Index must be unique)"
+    ]
     captions = [c for split in ("train", "test") for c in open_dataset(out)[split]["Caption"]]
-    assert not any(c.startswith(("scene 2:", "scene 5:")) for c in captions)   # neither caption of Index 2
-    assert len(captions) == 6 * 6                            # 8 captions, 2 rows left out, 6 images each
+    assert not any(c.startswith(("scene 2:", "scene 5:")) for c in captions)  # neither caption of Index 2
+    assert len(captions) == 6 * 6  # 8 captions, 2 rows left out, 6 images each
 
 
 def test_a_table_with_a_missing_header_is_named(tmp_path):
@@ -184,10 +197,17 @@ def _path_rows(src, paths: list[str]) -> None:
     import pyarrow.parquet as pq
 
     n = len(paths)
-    pq.write_table(pa.Table.from_pydict({"Caption": [f"c{i // 6}" for i in range(n)],
-                                         "Image": [{"bytes": None, "path": p} for p in paths],
-                                         "Label_A": [int(i % 6 > 0) for i in range(n)],
-                                         "Label_B": [i % 6 for i in range(n)]}), src / "train.parquet")
+    pq.write_table(
+        pa.Table.from_pydict(
+            {
+                "Caption": [f"c{i // 6}" for i in range(n)],
+                "Image": [{"bytes": None, "path": p} for p in paths],
+                "Label_A": [int(i % 6 > 0) for i in range(n)],
+                "Label_B": [i % 6 for i in range(n)],
+            }
+        ),
+        src / "train.parquet",
+    )
 
 
 def test_image_paths_in_rows_resolve_against_the_dataset_and_cannot_leave_it(tmp_path):
@@ -199,7 +219,7 @@ def test_image_paths_in_rows_resolve_against_the_dataset_and_cannot_leave_it(tmp
     assert result.exit_code == 0, result.output
     assert sum(len(ds) for ds in open_dataset(out).values()) == 18
 
-    shutil.rmtree(out)                                       # a failed run keeps the previous output; start clean
+    shutil.rmtree(out)  # a failed run keeps the previous output; start clean
     (tmp_path / "prepare.json").unlink()
     save_image(tmp_path / "secret.png", 99)
     _path_rows(src, [f"images/{i}.png" for i in range(17)] + ["../secret.png"])
@@ -222,14 +242,34 @@ def test_a_row_with_neither_bytes_nor_a_readable_path_is_a_bad_row(tmp_path):
 
 def test_an_empty_or_partial_params_file_is_refused_naming_the_missing_keys(tmp_path):
     (tmp_path / "params.yaml").write_text("")
-    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path),
-                                       "--out", str(tmp_path / "prepared")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "prepare",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--raw",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "prepared"),
+        ],
+    )
     assert "must set every key" in one_line_error(result) and not (tmp_path / "prepared").exists()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     del params["prepare"]["on_bad"], params["seed"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path),
-                                       "--out", str(tmp_path / "prepared")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "prepare",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--raw",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "prepared"),
+        ],
+    )
     line = one_line_error(result)
     assert "missing key(s) seed, prepare.on_bad" in line
 
@@ -257,8 +297,10 @@ def test_detect_refuses_a_model_folder_without_safetensors_before_any_work(tmp_p
 
 def test_detect_refuses_an_out_file_in_a_missing_folder_before_scoring(tmp_path, model):
     save_image(tmp_path / "a.png", 0)
-    result = CliRunner().invoke(main, ["detect", str(tmp_path / "a.png"), "--model", str(model), "--out",
-                                       str(tmp_path / "nowhere" / "scores.csv")])
+    result = CliRunner().invoke(
+        main,
+        ["detect", str(tmp_path / "a.png"), "--model", str(model), "--out", str(tmp_path / "nowhere" / "scores.csv")],
+    )
     assert "the folder" in one_line_error(result) and not (tmp_path / "nowhere").exists()
 
 
@@ -294,19 +336,24 @@ def test_detect_accepts_unusual_but_valid_images_and_captions(tmp_path, model):
     frames[0].save(folder / "photo.webp")
     PILImage.new("RGB", (1, 300), (10, 20, 30)).save(folder / "one_pixel_wide.png")
     long_caption = " ".join(["a very long caption about a dog on a sofa"] * 60)
-    result = CliRunner().invoke(main, ["detect", str(folder), "--model", str(model), "--caption", long_caption,
-                                       "--format", "json", "-q"])
+    result = CliRunner().invoke(
+        main, ["detect", str(folder), "--model", str(model), "--caption", long_caption, "--format", "json", "-q"]
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
     assert sorted(r["path"].rsplit("/", 1)[-1] for r in rows) == [
-        "animated.gif", "one_pixel_wide.png", "pages.tiff", "photo.webp"]
+        "animated.gif",
+        "one_pixel_wide.png",
+        "pages.tiff",
+        "photo.webp",
+    ]
     assert all(r["error"] == "" and 0 <= r["prob_ai"] <= 1 and r["caption"] == long_caption for r in rows)
 
 
 def test_prepare_accepts_unusual_but_valid_images(tmp_path):
     rng = np.random.default_rng(1)
     root = tmp_path / "odd"
-    for k, name in enumerate(("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")):
+    for name in ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6"):
         frames = [PILImage.fromarray(rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for _ in range(2)]
         (root / name).mkdir(parents=True)
         frames[0].save(root / name / "a.gif", save_all=True, append_images=frames[1:])

@@ -44,11 +44,30 @@ def inputs(tmp_path_factory) -> Path:
 def train(root: Path, name: str, params: str = "params.yaml", cores: str | None = None, **env: str) -> dict:
     """`aigid train` into ``name``/ (on ``cores`` only, with ``env`` added); the digests of what it wrote."""
     out = root / name
-    args = ["train", "--params", params, "--out", f"{name}/model", "--metrics", f"{name}/metrics.json",
-            "--report", f"{name}/report.json", "--history", f"{name}/history.json"]
+    args = [
+        "train",
+        "--params",
+        params,
+        "--out",
+        f"{name}/model",
+        "--metrics",
+        f"{name}/metrics.json",
+        "--report",
+        f"{name}/report.json",
+        "--history",
+        f"{name}/history.json",
+    ]
     taskset = ["taskset", "-c", cores] if cores is not None else []
-    finish(subprocess.Popen([*taskset, "aigid", *args], cwd=root, env=environment(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True))
+    finish(
+        subprocess.Popen(
+            [*taskset, "aigid", *args],
+            cwd=root,
+            env=environment(**env),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+    )
     files = [out / "model/model.safetensors", out / "metrics.json", out / "report.json", out / "history.json"]
     return {f.relative_to(out).as_posix(): hashlib.md5(f.read_bytes()).hexdigest() for f in files}
 
@@ -58,7 +77,7 @@ def test_training_writes_the_same_bytes_on_one_core_or_two_and_whatever_the_vect
     if len(os.sched_getaffinity(0)) < 2:
         pytest.skip("needs two cores to compare one with two")
     one_core = train(inputs, "one-core", cores="0")
-    assert train(inputs, "two-cores-unpinned-env", **UNPINNED) == one_core   # the profile wins over the environment
+    assert train(inputs, "two-cores-unpinned-env", **UNPINNED) == one_core  # the profile wins over the environment
     assert train(inputs, "avx2-machine", **AVX2_MACHINE) == one_core
 
     # Without the profile the same run follows the machine: the check above can fail.
@@ -74,7 +93,7 @@ def test_the_environment_of_a_profile():
     env = compute.environment("cpu", 2, True)
     assert env["OMP_NUM_THREADS"] == env["MKL_NUM_THREADS"] == "2" and env["CUDA_VISIBLE_DEVICES"] == ""
     assert env["ATEN_CPU_CAPABILITY"] == "avx2" and env["MKL_CBWR"] == "COMPATIBLE"
-    assert compute.environment("auto", 0, False) == {}       # the paper's choice: nothing pinned
+    assert compute.environment("auto", 0, False) == {}  # the paper's choice: nothing pinned
 
 
 def test_the_params_file_is_read_from_the_command_line():
@@ -85,7 +104,7 @@ def test_the_params_file_is_read_from_the_command_line():
 
 def test_this_test_process_runs_the_committed_profile():
     params = load_params(REPO / "params.yaml")
-    configure(params.compute)   # conftest set the profile before torch was imported
+    configure(params.compute)  # conftest set the profile before torch was imported
     assert torch.get_num_threads() == params.compute.threads
     assert torch.backends.cpu.get_cpu_capability() == compute.PINNED_CAPABILITY
     assert torch.are_deterministic_algorithms_enabled() and not torch.backends.mkldnn.enabled

@@ -24,22 +24,25 @@ def test_committed_params_load_and_flatten():
 
 
 def test_numbers_in_any_yaml_spelling_are_accepted(tmp_path):
-    p = load_params(write(tmp_path, {"train": {"learning_rate": "2e-5"}}))   # a string to a YAML 1.1 reader
+    p = load_params(write(tmp_path, {"train": {"learning_rate": "2e-5"}}))  # a string to a YAML 1.1 reader
     assert p.train.learning_rate == pytest.approx(2e-5)
 
 
-@pytest.mark.parametrize("over, key", [
-    ({"threshold": 1.5}, "threshold"),
-    ({"threshold": "high"}, "threshold"),
-    ({"train": {"epochs": 2.5}}, "train.epochs"),
-    ({"train": {"batch_size": 0}}, "train.batch_size"),
-    ({"pseudolabel": {"pool": "validation"}}, "pseudolabel.pool"),
-    ({"inference": {"precision": "fp16"}}, "inference.precision"),
-    ({"encoders": {"demo": {"hidden_size": 30, "heads": 4}}}, "encoders.demo"),
-    ({"evaluate": {"jpeg_quality": [95, 0]}}, "evaluate"),
-    ({"prepare": {"class_aliases": {"x_image": "sd4"}}}, "prepare"),
-    ({"train": {"holdout": "sd4"}}, "train.holdout"),
-])
+@pytest.mark.parametrize(
+    "over, key",
+    [
+        ({"threshold": 1.5}, "threshold"),
+        ({"threshold": "high"}, "threshold"),
+        ({"train": {"epochs": 2.5}}, "train.epochs"),
+        ({"train": {"batch_size": 0}}, "train.batch_size"),
+        ({"pseudolabel": {"pool": "validation"}}, "pseudolabel.pool"),
+        ({"inference": {"precision": "fp16"}}, "inference.precision"),
+        ({"encoders": {"demo": {"hidden_size": 30, "heads": 4}}}, "encoders.demo"),
+        ({"evaluate": {"jpeg_quality": [95, 0]}}, "evaluate"),
+        ({"prepare": {"class_aliases": {"x_image": "sd4"}}}, "prepare"),
+        ({"train": {"holdout": "sd4"}}, "train.holdout"),
+    ],
+)
 def test_bad_values_name_their_key(tmp_path, over, key):
     with pytest.raises(ParamsError, match=key.replace(".", r"\.")):
         load_params(write(tmp_path, over))

@@ -79,22 +79,27 @@ def test_the_command_line_profiles_exactly_the_pipeline_stages():
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
-
 def test_code_deps_are_the_import_closure_of_the_stage(stage):
     expected, listed = stage_code(stage), declared_code(stage)
-    assert listed == expected, (f"dvc.yaml stage {stage}: code deps should be exactly\n"
-                                + "\n".join(f"      - {d}" for d in sorted(expected)))
+    assert listed == expected, f"dvc.yaml stage {stage}: code deps should be exactly\n" + "\n".join(
+        f"      - {d}" for d in sorted(expected)
+    )
 
 
 def test_the_closure_follows_imports_inside_functions_and_relative_imports():
-    assert "src/aigid/demo.py" in stage_code("prepare")          # imported inside prepare()
+    assert "src/aigid/demo.py" in stage_code("prepare")  # imported inside prepare()
     assert "src/aigid/registry.py" in stage_code("evaluate")
     for stage in ("prepare", "encoders", "features", "train", "pseudolabel", "retrain"):
         assert "src/aigid/detect.py" not in stage_code(stage)
     train = stage_code("train")
     assert {"src/aigid/model.py", "src/aigid/data.py"} <= train
-    assert not train & {"src/aigid/registry.py", "src/aigid/evaluate.py", "src/aigid/sources.py",
-                        "src/aigid/demo.py", "src/aigid/prepare.py"}
+    assert not train & {
+        "src/aigid/registry.py",
+        "src/aigid/evaluate.py",
+        "src/aigid/sources.py",
+        "src/aigid/demo.py",
+        "src/aigid/prepare.py",
+    }
 
 
 @pytest.mark.parametrize("stage", list(STAGES))
@@ -137,12 +142,15 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
     return out
 
 
-@pytest.mark.parametrize("config", ["params.yaml", *sorted(p.relative_to(REPO).as_posix()
-                                                          for p in (REPO / "configs").glob("*.yaml"))])
+@pytest.mark.parametrize(
+    "config", ["params.yaml", *sorted(p.relative_to(REPO).as_posix() for p in (REPO / "configs").glob("*.yaml"))]
+)
 def test_every_shipped_config_is_complete_and_valid(config):
     params = load_params(REPO / config)
     assert isinstance(params, Params)
-    assert _keys(yaml.safe_load((REPO / config).read_text())) == _keys(yaml.safe_load((REPO / "params.yaml").read_text()))
+    assert _keys(yaml.safe_load((REPO / config).read_text())) == _keys(
+        yaml.safe_load((REPO / "params.yaml").read_text())
+    )
 
 
 def test_every_install_line_takes_torch_and_torchvision_at_the_lock_pins():
@@ -151,8 +159,11 @@ def test_every_install_line_takes_torch_and_torchvision_at_the_lock_pins():
     requirements.lock pins, and the lock must pin both."""
     import re
 
-    pins = dict(line.split("==") for line in (REPO / "requirements.lock").read_text().split()
-                if line.split("==")[0] in ("torch", "torchvision"))
+    pins = dict(
+        line.split("==")
+        for line in (REPO / "requirements.lock").read_text().split()
+        if line.split("==")[0] in ("torch", "torchvision")
+    )
     assert set(pins) == {"torch", "torchvision"}
     expected = f"pip install torch=={pins['torch']} torchvision=={pins['torchvision']}"
     places = {"README.md": 2, ".ci/run": 1, ".github/workflows/ci.yml": 1}

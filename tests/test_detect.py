@@ -19,8 +19,12 @@ from test_model import _tiny_detector
 
 def save_tiny_model(path):
     torch.manual_seed(0)
-    save_detector(_tiny_detector().eval(), train_wordpiece(["a red circle"], 50),
-                  CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}), path)
+    save_detector(
+        _tiny_detector().eval(),
+        train_wordpiece(["a red circle"], 50),
+        CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        path,
+    )
 
 
 def test_detect_folder_with_a_corrupt_file(tmp_path):
@@ -28,8 +32,15 @@ def test_detect_folder_with_a_corrupt_file(tmp_path):
     folder = tmp_path / "images"
     folder.mkdir()
     rng = np.random.default_rng(0)
-    modes = {"rgb.png": "RGB", "rgba.png": "RGBA", "gray.jpg": "L", "cmyk.jpg": "CMYK", "big.png": "RGB",
-             "tiny.png": "RGB", "palette.gif": "P"}
+    modes = {
+        "rgb.png": "RGB",
+        "rgba.png": "RGBA",
+        "gray.jpg": "L",
+        "cmyk.jpg": "CMYK",
+        "big.png": "RGB",
+        "tiny.png": "RGB",
+        "palette.gif": "P",
+    }
     sizes = {"big.png": (2400, 1600), "tiny.png": (1, 1)}
     for name, mode in modes.items():
         w, h = sizes.get(name, (20, 20))
@@ -39,20 +50,24 @@ def test_detect_folder_with_a_corrupt_file(tmp_path):
     Image.fromarray((rng.integers(0, 65535, (24, 24))).astype(np.uint16)).save(folder / "gray16.png")
     modes["gray16.png"] = "I;16"
     (folder / "broken.png").write_bytes(b"\x89PNG not really")
-    result = CliRunner().invoke(main, ["detect", str(folder), "--model", str(tmp_path / "model"),
-                                       "--caption", "a red circle", "--batch-size", "2"])
-    assert result.exit_code == 3, result.output          # some inputs could not be read
+    result = CliRunner().invoke(
+        main,
+        ["detect", str(folder), "--model", str(tmp_path / "model"), "--caption", "a red circle", "--batch-size", "2"],
+    )
+    assert result.exit_code == 3, result.output  # some inputs could not be read
     assert result.stderr.strip() == "1 of 9 input(s) could not be read (the error column says why)"
     rows = {r["path"].rsplit("/", 1)[-1]: r for r in csv.DictReader(io.StringIO(result.stdout))}
     assert set(rows) == set(modes) | {"broken.png"}
     assert "not a recognised image format" in rows["broken.png"]["error"] and rows["broken.png"]["prob_ai"] == ""
 
     model, tokenizer, processor = load_detector(tmp_path / "model")
-    names = sorted(modes)                                    # detect walks a folder in sorted order
+    names = sorted(modes)  # detect walks a folder in sorted order
     images = [to_rgb(Image.open(folder / n)) for n in names]
     with torch.no_grad():
-        out = model(**tokenizer(["a red circle"] * len(names), return_tensors="pt", padding=True),
-                    pixel_values=processor(images=images, return_tensors="pt")["pixel_values"])
+        out = model(
+            **tokenizer(["a red circle"] * len(names), return_tensors="pt", padding=True),
+            pixel_values=processor(images=images, return_tensors="pt")["pixel_values"],
+        )
     expected = decide(out.logits_a, out.logits_b)
     for i, name in enumerate(names):
         row = rows[name]
@@ -69,15 +84,36 @@ def test_detect_json_with_per_file_captions(tmp_path):
     for name in ("a.png", "b.png"):
         Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / name)
     (tmp_path / "captions.csv").write_text("path,caption\na.png,a red circle\n")
-    result = CliRunner().invoke(main, ["detect", str(tmp_path / "*.png"), "--model", str(tmp_path / "model"),
-                                       "--captions", str(tmp_path / "captions.csv"), "--format", "json",
-                                       "--threshold", "0.9"])
+    result = CliRunner().invoke(
+        main,
+        [
+            "detect",
+            str(tmp_path / "*.png"),
+            "--model",
+            str(tmp_path / "model"),
+            "--captions",
+            str(tmp_path / "captions.csv"),
+            "--format",
+            "json",
+            "--threshold",
+            "0.9",
+        ],
+    )
     assert result.exit_code == 0, result.output
     rows = json.loads(result.output)
     assert [r["caption"] for r in rows] == ["a red circle", ""] and all(r["threshold"] == 0.9 for r in rows)
     (tmp_path / "bad.csv").write_text("file,text\na.png,x\n")
-    result = CliRunner().invoke(main, ["detect", str(tmp_path / "a.png"), "--model", str(tmp_path / "model"),
-                                       "--captions", str(tmp_path / "bad.csv")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "detect",
+            str(tmp_path / "a.png"),
+            "--model",
+            str(tmp_path / "model"),
+            "--captions",
+            str(tmp_path / "bad.csv"),
+        ],
+    )
     assert result.exit_code == 1 and "missing column(s) path" in result.output
 
 
@@ -89,8 +125,11 @@ def test_threshold_from_the_operating_point_and_progress_only_on_stderr(tmp_path
     save_tiny_model(tmp_path / "model")
     for i in range(3):
         Image.new("RGB", (20, 20), (200, 30 * i, 30)).save(tmp_path / f"{i}.png")
-    (tmp_path / "evaluate.json").write_text(json.dumps({"base": {"operating_point": {"threshold": 0.25}},
-                                                        "retrained": {"operating_point": {"threshold": 0.75}}}))
+    (tmp_path / "evaluate.json").write_text(
+        json.dumps(
+            {"base": {"operating_point": {"threshold": 0.25}}, "retrained": {"operating_point": {"threshold": 0.75}}}
+        )
+    )
     args = ["detect", str(tmp_path / "*.png"), "--model", str(tmp_path / "model"), "--format", "json"]
     runner = CliRunner()
     rows = json.loads(runner.invoke(main, args + ["--threshold-from", str(tmp_path / "evaluate.json")]).output)
@@ -140,12 +179,22 @@ def test_precision_bf16_runs_the_model_in_bf16_on_the_cpu_and_auto_keeps_float32
     rng = np.random.default_rng(1)
     for i in range(6):
         Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
-    args = ["detect", str(tmp_path / "*.png"), "--model", str(tmp_path / "model"), "--format", "json",
-            "--caption", "a red circle"]
-    prob = {p: np.array([r["prob_ai"] for r in json.loads(CliRunner().invoke(main, args + ["--precision", p]).output)])
-            for p in ("auto", "fp32", "bf16")}
+    args = [
+        "detect",
+        str(tmp_path / "*.png"),
+        "--model",
+        str(tmp_path / "model"),
+        "--format",
+        "json",
+        "--caption",
+        "a red circle",
+    ]
+    prob = {
+        p: np.array([r["prob_ai"] for r in json.loads(CliRunner().invoke(main, args + ["--precision", p]).output)])
+        for p in ("auto", "fp32", "bf16")
+    }
     assert np.array_equal(prob["auto"], prob["fp32"])
-    assert 0 < np.abs(prob["bf16"] - prob["fp32"]).max() < 0.05   # bf16 ran, and stays close
+    assert 0 < np.abs(prob["bf16"] - prob["fp32"]).max() < 0.05  # bf16 ran, and stays close
     bad = CliRunner().invoke(main, args + ["--precision", "fp16"])
     assert bad.exit_code != 0 and "fp16" in bad.output
 
@@ -157,9 +206,12 @@ def test_a_bf16_pass_keeps_the_weights_autocast_casts_in_bf16_and_scores_as_auto
     from aigid.runtime import autocast
 
     torch.manual_seed(0)
-    save_detector(_tiny_detector(fusion).eval(), train_wordpiece(["a red circle", "a blue square"], 50),
-                  CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-                  tmp_path / "model")
+    save_detector(
+        _tiny_detector(fusion).eval(),
+        train_wordpiece(["a red circle", "a blue square"], 50),
+        CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
+        tmp_path / "model",
+    )
     rng = np.random.default_rng(2)
     rows = []
     for i in range(6):
@@ -176,7 +228,7 @@ def test_a_bf16_pass_keeps_the_weights_autocast_casts_in_bf16_and_scores_as_auto
 
     detector = load_detector(tmp_path / "model")
     bf16 = RunOptions(batch_size=6, precision="bf16")
-    for _ in range(2):   # the second pass runs on the weights the first one stored
+    for _ in range(2):  # the second pass runs on the weights the first one stored
         got = predict_logits(detector, rows, bf16)
         assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
     dtypes = {name: p.dtype for name, p in detector.model.named_parameters()}
@@ -190,7 +242,7 @@ def test_a_bf16_pass_keeps_the_weights_autocast_casts_in_bf16_and_scores_as_auto
     with pytest.raises(ValueError, match="cannot save a detector with torch.bfloat16 weights"):
         save_detector(detector.model, detector.tokenizer, detector.processor, tmp_path / "saved")
     assert not (tmp_path / "saved").exists()
-    assert all(p.dtype == torch.float32 for p in reference.model.parameters())   # an fp32 pass stores nothing
+    assert all(p.dtype == torch.float32 for p in reference.model.parameters())  # an fp32 pass stores nothing
     predict_logits(reference, rows, RunOptions(batch_size=6, precision="auto"))
     assert all(p.dtype == torch.float32 for p in reference.model.parameters())
 
@@ -250,7 +302,7 @@ def test_detect_exits_without_teardown_after_the_exit_handlers_and_other_command
         return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
 
     scored = aigid("detect", "--model", "model", "red.png", "missing.png")
-    assert scored.returncode == 3, scored.stderr                     # some inputs could not be read
+    assert scored.returncode == 3, scored.stderr  # some inputs could not be read
     assert [r["path"] for r in csv.DictReader(io.StringIO(scored.stdout))] == ["red.png", "missing.png"]
     assert scored.stderr.splitlines()[-1] == "exit handlers"
     assert "teardown" not in scored.stderr

@@ -23,15 +23,25 @@ BIN = Path(sys.executable).parent
 def run(command: list[str], cwd: Path, store: Path) -> str:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
     env.update(PATH=f"{BIN}{os.pathsep}{env['PATH']}", MLFLOW_TRACKING_URI=f"sqlite:///{store}")
-    proc = subprocess.run(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                          timeout=600)
+    proc = subprocess.run(
+        command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=600
+    )
     assert proc.returncode == 0, proc.stdout
     return proc.stdout
 
 
 def train_args(name: str) -> list[str]:
-    return ["train", "--out", f"models/{name}", "--metrics", f"{name}.json", "--report", f"{name}_report.json",
-            "--history", f"{name}_history.json"]
+    return [
+        "train",
+        "--out",
+        f"models/{name}",
+        "--metrics",
+        f"{name}.json",
+        "--report",
+        f"{name}_report.json",
+        "--history",
+        f"{name}_history.json",
+    ]
 
 
 def runs_in(store: Path) -> list:
@@ -54,7 +64,7 @@ def test_a_complete_checkpoint_holds_every_rank_rng_state(tmp_path):
             (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"")
     assert last_complete_checkpoint(tmp_path, 2) == tmp_path / "checkpoint-5"
     assert not (tmp_path / "checkpoint-10").exists()
-    assert last_complete_checkpoint(tmp_path, 1) is None                 # single-process files are not there
+    assert last_complete_checkpoint(tmp_path, 1) is None  # single-process files are not there
 
 
 @pytest.mark.slow
@@ -68,10 +78,13 @@ def test_torchrun_two_processes_match_one_process(tmp_path):
 
     run([str(BIN / "aigid"), *train_args("single")], tmp_path, tmp_path / "single.db")
     # --standalone: a rendezvous on localhost with a free port; every rank runs the `aigid` console script.
-    run([str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "aigid"), *train_args("ddp")],
-        tmp_path, tmp_path / "ddp.db")
+    run(
+        [str(BIN / "torchrun"), "--standalone", "--nproc_per_node=2", str(BIN / "aigid"), *train_args("ddp")],
+        tmp_path,
+        tmp_path / "ddp.db",
+    )
 
-    (ddp_run,) = runs_in(tmp_path / "ddp.db")                  # rank 1 opened no run of its own
+    (ddp_run,) = runs_in(tmp_path / "ddp.db")  # rank 1 opened no run of its own
     assert ddp_run.data.tags["stage"] == "train" and ddp_run.info.status == "FINISHED"
     assert ddp_run.data.params["train.batch_size"] == str(params["train"]["batch_size"])
     assert ddp_run.data.params["trainer.per_device_batch_size"] == str(params["train"]["batch_size"] // 2)

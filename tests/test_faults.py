@@ -26,8 +26,9 @@ def environment(**extra: str) -> dict[str, str]:
 
 
 def aigid(*args: str, cwd: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(["aigid", *args], cwd=cwd, env=environment(**env), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        ["aigid", *args], cwd=cwd, env=environment(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -58,9 +59,8 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def test_sigkill_mid_training_then_rerun_resumes_and_matches_an_unbroken_run(inputs, tmp_path):
-    finish(aigid("train", "--out", "models/unbroken", "--metrics", "unbroken.json", "--history", "h1.json",
-                 cwd=inputs))
-    assert not (inputs / "checkpoints").exists()          # cleaned when the stage completes
+    finish(aigid("train", "--out", "models/unbroken", "--metrics", "unbroken.json", "--history", "h1.json", cwd=inputs))
+    assert not (inputs / "checkpoints").exists()  # cleaned when the stage completes
 
     proc = aigid("train", "--out", "models/killed", "--metrics", "killed.json", "--history", "h2.json", cwd=inputs)
     deadline = time.time() + 300
@@ -71,8 +71,9 @@ def test_sigkill_mid_training_then_rerun_resumes_and_matches_an_unbroken_run(inp
     proc.wait()
     assert not (inputs / "models/killed").exists() and not (inputs / "killed.json").exists()
 
-    out = finish(aigid("train", "--out", "models/killed", "--metrics", "killed.json", "--history", "h2.json",
-                       cwd=inputs))
+    out = finish(
+        aigid("train", "--out", "models/killed", "--metrics", "killed.json", "--history", "h2.json", cwd=inputs)
+    )
     assert "resuming train from the last checkpoint" in out
     unbroken = json.loads((inputs / "unbroken.json").read_text())
     resumed = json.loads((inputs / "killed.json").read_text())
@@ -84,7 +85,7 @@ def test_sigkill_mid_training_then_rerun_resumes_and_matches_an_unbroken_run(inp
 
 
 def test_unreachable_tracking_server_fails_before_any_training(inputs):
-    uri = f"http://127.0.0.1:{free_port()}"                       # nothing listens there
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     started = time.time()
     proc = aigid("train", "--out", "models/never", "--metrics", "never.json", cwd=inputs, MLFLOW_TRACKING_URI=uri)
     out, _ = proc.communicate(timeout=120)
@@ -109,11 +110,39 @@ def test_training_logs_to_a_real_mlflow_server(inputs, tmp_path):
 
     port = free_port()
     uri = f"http://127.0.0.1:{port}"
-    with local_server([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers",
-                       "1", "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-                       str(tmp_path / "artifacts")], f"{uri}/health", env=environment()):
-        finish(aigid("train", "--out", "models/served", "--metrics", "served.json", "--history", "h3.json",
-                     cwd=inputs, MLFLOW_TRACKING_URI=uri))
+    with local_server(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "artifacts"),
+        ],
+        f"{uri}/health",
+        env=environment(),
+    ):
+        finish(
+            aigid(
+                "train",
+                "--out",
+                "models/served",
+                "--metrics",
+                "served.json",
+                "--history",
+                "h3.json",
+                cwd=inputs,
+                MLFLOW_TRACKING_URI=uri,
+            )
+        )
         mlflow.set_tracking_uri(uri)
         (run,) = mlflow.search_runs(experiment_names=["aigid"], output_format="list")
         assert run.data.tags["stage"] == "train" and run.data.params["train.epochs"] == "4"

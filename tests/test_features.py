@@ -41,8 +41,8 @@ def test_features_match_the_encoders_and_the_trained_model_keeps_them(frozen):
     assert all(len(feats[s]) == len(prepared[s]) for s in feats)
     detector = load_detector(frozen / "models/base")
     test = prepared["test"]
-    text, image = encode_features(detector, test, RunOptions(batch_size=16))   # the saved model's encoders
-    assert np.allclose(text, feats["test"]["text_features"], atol=1e-4)   # are the starting ones, unchanged
+    text, image = encode_features(detector, test, RunOptions(batch_size=16))  # the saved model's encoders
+    assert np.allclose(text, feats["test"]["text_features"], atol=1e-4)  # are the starting ones, unchanged
     assert np.allclose(image, feats["test"]["image_features"], atol=1e-4)
     assert list(feats["test"]["Label_B"]) == list(test["Label_B"])
 
@@ -63,13 +63,39 @@ def test_heads_learn_on_cached_features_and_pseudo_rows_point_into_the_pool(froz
 def test_full_fine_tuning_leaves_features_uncomputed_and_frozen_mode_refuses_them(frozen, tmp_path):
     params = tiny_params_dict()
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    finish(aigid("features", "--data", str(frozen / "data/prepared"), "--encoders", str(frozen / "models/encoders"),
-                 "--out", str(tmp_path / "features"), cwd=tmp_path))
+    finish(
+        aigid(
+            "features",
+            "--data",
+            str(frozen / "data/prepared"),
+            "--encoders",
+            str(frozen / "models/encoders"),
+            "--out",
+            str(tmp_path / "features"),
+            cwd=tmp_path,
+        )
+    )
     assert json.loads((tmp_path / "features/features.json").read_text())["computed"] is False
-    proc = subprocess.run(["aigid", "train", "--data", str(frozen / "data/prepared"), "--encoders",
-                           str(frozen / "models/encoders"), "--features", str(tmp_path / "features"),
-                           "--out", str(tmp_path / "m"), "--params", str(frozen / "params.yaml")],
-                          cwd=tmp_path, env=environment(), capture_output=True, text=True)
+    proc = subprocess.run(
+        [
+            "aigid",
+            "train",
+            "--data",
+            str(frozen / "data/prepared"),
+            "--encoders",
+            str(frozen / "models/encoders"),
+            "--features",
+            str(tmp_path / "features"),
+            "--out",
+            str(tmp_path / "m"),
+            "--params",
+            str(frozen / "params.yaml"),
+        ],
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "no cached features" in proc.stderr + proc.stdout
     assert "Traceback" not in proc.stderr
 
@@ -101,7 +127,7 @@ def test_batches_of_cached_features_are_the_rows_pseudo_labelled_ones_included(f
     pool = open_features(frozen / "data/features")[params.pseudolabel.pool]
     assert len(pseudo) > 0
     rows = FeatureRows(train)
-    indices = [len(train) - 1, 0, 5, len(train) - len(pseudo)]   # pseudo-labelled rows come last
+    indices = [len(train) - 1, 0, 5, len(train) - len(pseudo)]  # pseudo-labelled rows come last
     batch = FeatureCollator()(rows.__getitems__(indices))
     assert batch["text_features"].dtype == torch.float32 and batch["labels_a"].dtype == torch.int64
     listed = FeatureCollator()(train.with_format("numpy").__getitems__(indices))  # rows of a plain dataset
@@ -137,8 +163,12 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     params = scoped(load_params(frozen / "params.yaml"), train.PARAMS)
 
     def run(out: str, checkpoints: str):
-        paths = train.Paths(data=frozen / "data/prepared", encoders=frozen / "models/encoders",
-                            features=frozen / "data/features", out=tmp_path / out)
+        paths = train.Paths(
+            data=frozen / "data/prepared",
+            encoders=frozen / "models/encoders",
+            features=frozen / "data/features",
+            out=tmp_path / out,
+        )
         return fit(params, paths, checkpoint_dir=tmp_path / checkpoints)
 
     save = Trainer._save_checkpoint
@@ -164,23 +194,38 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     for epoch_resumed, epoch_unbroken in zip(resumed["history"], unbroken["history"]):
         assert epoch_resumed == pytest.approx(epoch_unbroken)
     a, b = (load_file(tmp_path / name / "model.safetensors") for name in ("killed", "unbroken"))
-    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)   # the complete detector
+    assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k]) for k in a)  # the complete detector
 
 
 def test_class_balanced_pseudo_labels_have_the_train_mix(frozen, tmp_path):
     params = yaml.safe_load((frozen / "params.yaml").read_text())
     params["pseudolabel"]["selection"] = "class_balanced"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    finish(aigid("pseudolabel", "--model", str(frozen / "models/base"), "--data", str(frozen / "data/prepared"),
-                 "--features", str(frozen / "data/features"), "--out", str(tmp_path / "pseudo"), "--metrics",
-                 str(tmp_path / "m.json"), "--report", str(tmp_path / "r.json"), cwd=tmp_path))
+    finish(
+        aigid(
+            "pseudolabel",
+            "--model",
+            str(frozen / "models/base"),
+            "--data",
+            str(frozen / "data/prepared"),
+            "--features",
+            str(frozen / "data/features"),
+            "--out",
+            str(tmp_path / "pseudo"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--report",
+            str(tmp_path / "r.json"),
+            cwd=tmp_path,
+        )
+    )
     report = json.loads((tmp_path / "r.json").read_text())
     default = json.loads((frozen / "reports/pseudolabel.json").read_text())
     assert report["selection"] == "class_balanced" and default["selection"] == "threshold"
     assert report["passed_threshold"] == default["kept"] >= report["kept"]
     per_class = report["per_class"].values()
     assert [c["kept"] for c in per_class] == [c["quota"] for c in per_class]
-    assert len({c["quota"] for c in per_class}) == 1       # the tiny train split has one image per source
+    assert len({c["quota"] for c in per_class}) == 1  # the tiny train split has one image per source
     assert min(c["passed_threshold"] for c in per_class) == next(iter(per_class))["quota"]
     assert report["kept"] == report["train_rows"] + report["validation_rows"] == sum(c["kept"] for c in per_class)
 
@@ -197,26 +242,63 @@ def test_cross_attention_trains_on_cached_token_features(frozen, tmp_path):
     params["model"]["fusion"] = "cross_attention"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     shared = ["--data", str(frozen / "data/prepared"), "--encoders", str(frozen / "models/encoders")]
-    proc = subprocess.run(["aigid", "train", *shared, "--features", str(frozen / "data/features"), "--out",
-                           str(tmp_path / "m")], cwd=tmp_path, env=environment(), capture_output=True, text=True)
+    proc = subprocess.run(
+        ["aigid", "train", *shared, "--features", str(frozen / "data/features"), "--out", str(tmp_path / "m")],
+        cwd=tmp_path,
+        env=environment(),
+        capture_output=True,
+        text=True,
+    )
     assert proc.returncode != 0 and "not what model.fusion: cross_attention reads" in proc.stderr
     assert "Traceback" not in proc.stderr
     finish(aigid("features", *shared, "--out", str(tmp_path / "features"), cwd=tmp_path))
-    finish(aigid("train", *shared, "--features", str(tmp_path / "features"), "--out", str(tmp_path / "base"),
-                 "--metrics", "m.json", "--report", "r.json", "--history", "h.json", cwd=tmp_path))
+    finish(
+        aigid(
+            "train",
+            *shared,
+            "--features",
+            str(tmp_path / "features"),
+            "--out",
+            str(tmp_path / "base"),
+            "--metrics",
+            "m.json",
+            "--report",
+            "r.json",
+            "--history",
+            "h.json",
+            cwd=tmp_path,
+        )
+    )
 
     feats = open_features(tmp_path / "features", "cross_attention")["test"]
     test = open_dataset(frozen / "data/prepared")["test"]
     detector = load_detector(tmp_path / "base")
     assert detector.model.config.fusion == "cross_attention"
-    tokens, _ = encode_features(detector, test, RunOptions(batch_size=16), tokens=True)   # the starting encoders
+    tokens, _ = encode_features(detector, test, RunOptions(batch_size=16), tokens=True)  # the starting encoders
     cached = feats["text_features"]
     assert [len(t) for t in cached] == [len(t) for t in tokens] and len({len(t) for t in tokens}) > 1
     assert all(np.allclose(np.stack(c), t, atol=1e-4) for c, t in zip(cached, tokens))
     a1, b1 = predict_logits(detector, test, RunOptions(batch_size=8))
     a2, b2 = predict_from_features(detector.model, feats)
     assert np.allclose(a1, a2, atol=1e-4) and np.allclose(b1, b2, atol=1e-4)
-    finish(aigid("pseudolabel", "--model", str(tmp_path / "base"), "--data", str(frozen / "data/prepared"),
-                 "--features", str(tmp_path / "features"), "--out", str(tmp_path / "pseudo"), "--metrics", "p.json",
-                 "--report", "pr.json", cwd=tmp_path))
-    assert json.loads((tmp_path / "pr.json").read_text())["pool_rows"] == len(open_dataset(frozen / "data/prepared")["unlabeled"])
+    finish(
+        aigid(
+            "pseudolabel",
+            "--model",
+            str(tmp_path / "base"),
+            "--data",
+            str(frozen / "data/prepared"),
+            "--features",
+            str(tmp_path / "features"),
+            "--out",
+            str(tmp_path / "pseudo"),
+            "--metrics",
+            "p.json",
+            "--report",
+            "pr.json",
+            cwd=tmp_path,
+        )
+    )
+    assert json.loads((tmp_path / "pr.json").read_text())["pool_rows"] == len(
+        open_dataset(frozen / "data/prepared")["unlabeled"]
+    )

@@ -10,8 +10,8 @@ def test_task_scores_match_hand_computed_values():
     y_true = [0, 0, 0, 0, 1, 1, 1, 1, 1, 1]
     y_pred = [0, 0, 0, 1, 1, 1, 1, 1, 1, 0]
     s = task_scores(y_true, y_pred, [0, 1])
-    f1_real = 2 * (3 / 4) * (3 / 4) / (3 / 4 + 3 / 4)          # precision 3/4, recall 3/4
-    f1_ai = 2 * (5 / 6) * (5 / 6) / (5 / 6 + 5 / 6)            # precision 5/6, recall 5/6
+    f1_real = 2 * (3 / 4) * (3 / 4) / (3 / 4 + 3 / 4)  # precision 3/4, recall 3/4
+    f1_ai = 2 * (5 / 6) * (5 / 6) / (5 / 6 + 5 / 6)  # precision 5/6, recall 5/6
     assert s["f1_weighted"] == pytest.approx(0.4 * f1_real + 0.6 * f1_ai)
     assert s["f1_macro"] == pytest.approx((f1_real + f1_ai) / 2)
     assert s["accuracy"] == pytest.approx(0.8)
@@ -36,7 +36,7 @@ def test_per_class_detection_rates():
     assert s["per_class"]["sd21"]["task_a_recall"] == pytest.approx(0.5)
     assert s["per_class"]["sdxl"]["task_a_recall"] == pytest.approx(1.0)
     assert s["per_class"]["sdxl"]["task_b_recall"] == pytest.approx(0.5)
-    assert "sd3" not in s["per_class"]          # no such images: no made-up row
+    assert "sd3" not in s["per_class"]  # no such images: no made-up row
 
 
 def test_selection_keeps_only_samples_strictly_above_the_threshold_on_both_tasks():
@@ -69,24 +69,24 @@ def test_calibration_error_by_hand_and_bins_as_scikit_learn_cuts_them():
     assert [r["count"] for r in rows] == [2, 2] and rows[1]["fraction_ai"] == pytest.approx(0.5)
     assert summary["ece"] == pytest.approx(0.5 * 0.025 + 0.5 * abs(0.975 - 0.5))
     rng = np.random.default_rng(0)
-    prob = np.concatenate([rng.random(500), np.arange(16) / 15])        # bin edges included
+    prob = np.concatenate([rng.random(500), np.arange(16) / 15])  # bin edges included
     labels = (rng.random(len(prob)) < prob).astype(int)
     summary, rows = calibration(labels, prob)
     true, predicted = calibration_curve(labels, prob, n_bins=15, strategy="uniform")
     assert np.allclose([r["fraction_ai"] for r in rows], true)
     assert np.allclose([r["mean_prob_ai"] for r in rows], predicted)
-    assert sum(r["count"] for r in rows) == len(prob) and summary["ece"] < 0.1   # drawn calibrated
+    assert sum(r["count"] for r in rows) == len(prob) and summary["ece"] < 0.1  # drawn calibrated
     assert calibration([1, 1, 0, 0], [1.0, 1.0, 0.0, 0.0])[0]["ece"] == 0.0
 
 
 def test_class_quotas_keep_the_mix_and_never_exceed_what_is_available():
     from aigid.pseudolabel import class_quotas
 
-    mix = np.array([1, 1, 1, 1, 1, 1]) / 6                      # CT2's train split: one image per source
+    mix = np.array([1, 1, 1, 1, 1, 1]) / 6  # CT2's train split: one image per source
     assert class_quotas(np.array([65, 97, 102, 37, 63, 78]), mix).tolist() == [37] * 6
     assert class_quotas(np.array([10, 100, 100]), np.array([0.5, 0.25, 0.25])).tolist() == [10, 5, 5]
-    assert class_quotas(np.array([0, 50, 50]), np.array([0.2, 0.4, 0.4])).tolist() == [0, 0, 0]   # no real: none
-    assert class_quotas(np.array([7, 50, 0]), np.array([0.5, 0.5, 0.0])).tolist() == [7, 7, 0]    # no share: none
+    assert class_quotas(np.array([0, 50, 50]), np.array([0.2, 0.4, 0.4])).tolist() == [0, 0, 0]  # no real: none
+    assert class_quotas(np.array([7, 50, 0]), np.array([0.5, 0.5, 0.0])).tolist() == [7, 7, 0]  # no share: none
 
 
 def test_class_balanced_selection_keeps_the_most_confident_of_each_predicted_class():
@@ -98,6 +98,6 @@ def test_class_balanced_selection_keeps_the_most_confident_of_each_predicted_cla
     # Above 0.8: class 1 has rows 0, 1, 2, 3, 6; class 0 has rows 4, 7 (row 5 fails on Task A).
     keep, quotas = select_class_balanced(conf_a, conf_b, label_b, 0.8, np.array([0.5, 0.5]))
     assert quotas.tolist() == [2, 2]
-    assert keep.tolist() == [0, 1, 4, 7]                       # class 1: rows 0 (0.99) and 1 (0.95)
+    assert keep.tolist() == [0, 1, 4, 7]  # class 1: rows 0 (0.99) and 1 (0.95)
     keep, quotas = select_class_balanced(conf_a, conf_b, label_b, 0.8, np.array([0.2, 0.8]))
-    assert quotas.tolist() == [1, 5] and keep.tolist() == [0, 1, 2, 3, 4, 6]   # row 4 (0.93) beats row 7 (0.91)
+    assert quotas.tolist() == [1, 5] and keep.tolist() == [0, 1, 2, 3, 4, 6]  # row 4 (0.93) beats row 7 (0.91)

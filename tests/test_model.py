@@ -7,20 +7,29 @@ import torch.nn.functional as F
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
 from aigid.errors import DataError
-from aigid.model import (Detector, DetectorConfig, DetectorHeads, decide, load_detector, multitask_loss,
-                         save_detector)
+from aigid.model import Detector, DetectorConfig, DetectorHeads, decide, load_detector, multitask_loss, save_detector
 
 
 def test_loss_is_bce_plus_ce_over_ai_images_only():
     logits_a = torch.tensor([0.3, -1.2, 2.0])
-    logits_b = torch.tensor([[5.0, 0.0, 0.0, 0.0, 0.0, 0.0],      # real image: head B must be ignored
-                             [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
-                             [0.0, 0.0, 0.0, 3.0, 0.0, 0.0]])
+    logits_b = torch.tensor(
+        [
+            [5.0, 0.0, 0.0, 0.0, 0.0, 0.0],  # real image: head B must be ignored
+            [0.0, 1.0, 0.0, 0.0, 0.0, 0.0],
+            [0.0, 0.0, 0.0, 3.0, 0.0, 0.0],
+        ]
+    )
     labels_a, labels_b = torch.tensor([0, 1, 1]), torch.tensor([0, 2, 3])
-    bce = -(math.log(1 - 1 / (1 + math.exp(-0.3))) + math.log(1 / (1 + math.exp(1.2)))
-            + math.log(1 / (1 + math.exp(-2.0)))) / 3
-    ce_row1 = -(0.0 - math.log(5 + math.e))             # target 2, logits (0,1,0,0,0,0)
-    ce_row2 = -(3.0 - math.log(5 + math.exp(3.0)))       # target 3
+    bce = (
+        -(
+            math.log(1 - 1 / (1 + math.exp(-0.3)))
+            + math.log(1 / (1 + math.exp(1.2)))
+            + math.log(1 / (1 + math.exp(-2.0)))
+        )
+        / 3
+    )
+    ce_row1 = -(0.0 - math.log(5 + math.e))  # target 2, logits (0,1,0,0,0,0)
+    ce_row2 = -(3.0 - math.log(5 + math.exp(3.0)))  # target 3
     expected = bce + (ce_row1 + ce_row2) / 2
     assert multitask_loss(logits_a, logits_b, labels_a, labels_b).item() == pytest.approx(expected, rel=1e-6)
 
@@ -44,7 +53,7 @@ def test_label_b_is_real_exactly_when_label_a_is_real():
     assert p.label_b.tolist() == [0, 5, 4, 0]
     assert ((p.label_a == 0) == (p.label_b == 0)).all()
     assert p.conf_a[0].item() == pytest.approx(1 - 1 / (1 + math.exp(3.0)))
-    assert p.conf_b[0] == p.conf_a[0]                       # real: B follows from A
+    assert p.conf_b[0] == p.conf_a[0]  # real: B follows from A
     assert p.probs_b[:, 0].eq(0).all() and p.probs_b.sum(-1).allclose(torch.ones(4))
 
 
@@ -52,17 +61,35 @@ CT2 = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")
 
 
 def _tiny_detector(fusion="concat"):
-    text = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32), add_pooling_layer=False)
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                              intermediate_size=32, image_size=16, patch_size=8))
-    return Detector(DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config,
-                                   fusion_dim=8, class_names=CT2, fusion=fusion))
+    text = BertModel(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+        add_pooling_layer=False,
+    )
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=16,
+            patch_size=8,
+        )
+    )
+    return Detector(
+        DetectorConfig(
+            text_encoder_config=text.config,
+            vision_encoder_config=vision.config,
+            fusion_dim=8,
+            class_names=CT2,
+            fusion=fusion,
+        )
+    )
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
-    from aigid.encoders import train_wordpiece
     from transformers import CLIPImageProcessor
+
+    from aigid.encoders import train_wordpiece
 
     torch.manual_seed(0)
     model = _tiny_detector().eval()
@@ -78,7 +105,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
         a = model(**tokenizer(["a red circle", "blue"], padding=True, return_tensors="pt"), pixel_values=pixels)
         b = loaded.eval()(**enc, pixel_values=pixels)
     assert torch.equal(a.logits_a, b.logits_a) and torch.equal(a.logits_b, b.logits_b)
-    config = tmp_path / "m" / "config.json"                 # a model saved before fusion was a choice
+    config = tmp_path / "m" / "config.json"  # a model saved before fusion was a choice
     saved = json.loads(config.read_text())
     del saved["fusion"]
     config.write_text(json.dumps(saved))
@@ -106,12 +133,23 @@ def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
     train_wordpiece(["a red circle"], vocab_size=50).save_pretrained(tmp_path / "bert")
     model.vision_encoder.save_pretrained(tmp_path / "clip")
     CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
-        tmp_path / "clip")
+        tmp_path / "clip"
+    )
     params = yaml.safe_load(open("params.yaml"))
     params["encoders"].update(text=str(tmp_path / "bert"), vision=str(tmp_path / "clip"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(main, ["encoders", "--params", str(tmp_path / "params.yaml"), "--data",
-                                       str(tmp_path), "--out", str(tmp_path / "enc")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "encoders",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "enc"),
+        ],
+    )
     assert result.exit_code == 0, result.output
     detector, _, _ = build_detector(str(tmp_path / "enc/text"), str(tmp_path / "enc/vision"), 8, 16, ("real", "ai"))
     for name, tensor in model.text_encoder.state_dict().items():
@@ -119,8 +157,18 @@ def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
 
     params["encoders"]["text"] = str(tmp_path / "missing")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(main, ["encoders", "--params", str(tmp_path / "params.yaml"), "--data",
-                                       str(tmp_path), "--out", str(tmp_path / "enc2")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "encoders",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--data",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "enc2"),
+        ],
+    )
     assert result.exit_code != 0 and "encoders.text=" in result.output
     assert not (tmp_path / "enc2").exists()
 
@@ -128,13 +176,26 @@ def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
 def test_a_class_added_in_params_gives_head_b_one_more_output():
     from aigid.metrics import score
 
-    text = BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                intermediate_size=32), add_pooling_layer=False)
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                              intermediate_size=32, image_size=16, patch_size=8))
+    text = BertModel(
+        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+        add_pooling_layer=False,
+    )
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=16,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            intermediate_size=32,
+            image_size=16,
+            patch_size=8,
+        )
+    )
     names = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6", "flux")
-    model = Detector(DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config,
-                                    fusion_dim=8, class_names=names))
+    model = Detector(
+        DetectorConfig(
+            text_encoder_config=text.config, vision_encoder_config=vision.config, fusion_dim=8, class_names=names
+        )
+    )
     assert model.head_b.out_features == 7
     logits_b = torch.zeros(2, 7)
     logits_b[:, 6] = 5.0
@@ -150,8 +211,8 @@ def test_demo_tokenizer_vocabulary_is_deterministic_and_covers_unseen_words():
     captions = ["two red circles and a blue square on a green background", "a yellow triangle on a grey background"]
     a, b = train_wordpiece(captions, 80), train_wordpiece(list(reversed(captions)) * 3, 80)
     assert a.get_vocab() == train_wordpiece(captions, 80).get_vocab()
-    assert set(a.get_vocab()) == set(b.get_vocab())          # frequency ties are broken alphabetically
-    assert "[UNK]" not in a.tokenize("a green triangles")      # unseen words fall back to characters
+    assert set(a.get_vocab()) == set(b.get_vocab())  # frequency ties are broken alphabetically
+    assert "[UNK]" not in a.tokenize("a green triangles")  # unseen words fall back to characters
 
 
 def test_each_distinct_caption_is_encoded_once_with_the_same_result():
@@ -161,13 +222,16 @@ def test_each_distinct_caption_is_encoded_once_with_the_same_result():
     mask = (ids != 0).long()
     pixels = torch.randn(4, 3, 16, 16)
     seen = []
-    model.text_encoder.register_forward_hook(lambda m, args, kwargs, out: seen.append(len(kwargs["input_ids"])),
-                                             with_kwargs=True)
+    model.text_encoder.register_forward_hook(
+        lambda m, args, kwargs, out: seen.append(len(kwargs["input_ids"])), with_kwargs=True
+    )
     with torch.no_grad():
         text, image = model.encode(ids, mask, pixels)
-        alone = [model.text_encoder(input_ids=ids[i:i + 1], attention_mask=mask[i:i + 1]).last_hidden_state[:, 0]
-                 for i in range(4)]
-    assert seen[0] == 3                                   # rows 0 and 2 share a caption
+        alone = [
+            model.text_encoder(input_ids=ids[i : i + 1], attention_mask=mask[i : i + 1]).last_hidden_state[:, 0]
+            for i in range(4)
+        ]
+    assert seen[0] == 3  # rows 0 and 2 share a caption
     assert torch.allclose(text, torch.cat(alone), atol=1e-5)
     out = model(input_ids=ids, attention_mask=mask, pixel_values=pixels)
     from_features = model(text_features=text, image_features=image)
@@ -190,11 +254,13 @@ def test_training_the_heads_module_trains_the_detector_and_it_holds_nothing_else
     before = model(text_features=text, image_features=image, labels_a=labels_a, labels_b=labels_b)
     out = heads(text_features=text, image_features=image, labels_a=labels_a, labels_b=labels_b)
     assert torch.equal(out.logits_a, before.logits_a) and torch.equal(out.loss, before.loss)
-    assert set(heads.state_dict()) == {k for k in model.state_dict() if k.split(".")[0] in ("fusion", "head_a", "head_b")}
+    assert set(heads.state_dict()) == {
+        k for k in model.state_dict() if k.split(".")[0] in ("fusion", "head_a", "head_b")
+    }
     out.loss.backward()
     torch.optim.SGD(heads.parameters(), lr=0.5).step()
     after = model(text_features=text, image_features=image, labels_a=labels_a, labels_b=labels_b)
-    assert after.loss < before.loss                       # the step on the heads module moved the detector
+    assert after.loss < before.loss  # the step on the heads module moved the detector
     heads.load_state_dict({k: torch.zeros_like(v) for k, v in heads.state_dict().items()})
     assert torch.count_nonzero(model.head_b.weight) == 0  # loading a checkpoint into it loads the detector
 
@@ -239,17 +305,20 @@ def test_processor_loads_without_the_fallback_warning(tmp_path):
     import subprocess
     import sys
 
-    code = ("import sys; from transformers import CLIPImageProcessorPil; import aigid.encoders; "
-            "from aigid.model import load_processor; CLIPImageProcessorPil().save_pretrained(sys.argv[1]); "
-            "print(load_processor(sys.argv[1]).backend)")
+    code = (
+        "import sys; from transformers import CLIPImageProcessorPil; import aigid.encoders; "
+        "from aigid.model import load_processor; CLIPImageProcessorPil().save_pretrained(sys.argv[1]); "
+        "print(load_processor(sys.argv[1]).backend)"
+    )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
     assert proc.stdout.strip() in ("torchvision", "pil")
     assert "requires torchvision" not in proc.stderr
 
 
 def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_without_padding(tmp_path):
-    from aigid.encoders import train_wordpiece
     from transformers import CLIPImageProcessor
+
+    from aigid.encoders import train_wordpiece
 
     assert {k for k in _tiny_detector().state_dict() if k.startswith("fusion.")} == {"fusion.0.weight", "fusion.0.bias"}
     torch.manual_seed(0)
@@ -259,16 +328,16 @@ def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_wi
     with torch.no_grad():
         tokens, _ = model.encode(ids, (ids != 0).long(), pixels, tokens=True)
         out = model(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=pixels)
-        padded = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], dim=1)   # more padding: same answer
+        padded = torch.cat([ids, torch.zeros(2, 3, dtype=torch.long)], dim=1)  # more padding: same answer
         again = model(input_ids=padded, attention_mask=(padded != 0).long(), pixel_values=pixels)
         other = model(input_ids=ids[[1, 0]], attention_mask=(ids[[1, 0]] != 0).long(), pixel_values=pixels)
     assert tokens.shape == (2, 4, 16) and out.logits_b.shape == (2, 6)
     assert torch.allclose(out.logits_a, again.logits_a, atol=1e-5)
-    assert not torch.allclose(out.logits_a, other.logits_a)                     # the caption matters
+    assert not torch.allclose(out.logits_a, other.logits_a)  # the caption matters
     tokenizer = train_wordpiece(["a red circle", "two blue squares"], vocab_size=50)
     processor = CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16})
     save_detector(model, tokenizer, processor, tmp_path / "m")
-    loaded = load_detector(tmp_path / "m").model.eval()                         # nothing but the directory
+    loaded = load_detector(tmp_path / "m").model.eval()  # nothing but the directory
     assert loaded.config.fusion == "cross_attention"
     with torch.no_grad():
         b = loaded(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=pixels)

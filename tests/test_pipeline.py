@@ -15,7 +15,6 @@ import pytest
 import yaml
 
 from aigid.data import open_dataset
-
 from conftest import REPO, tiny_params_dict
 
 pytestmark = pytest.mark.slow
@@ -77,9 +76,14 @@ def runs(root: Path):
 
 
 def test_repro_writes_models_metrics_and_plots(project):
-    for path in ("models/base/model.safetensors", "models/retrained/model.safetensors",
-                 "data/prepared/dataset_dict.json", "data/pseudolabel/dataset_dict.json",
-                 "metrics/plots/confusion_b_retrained.json", "metrics/train_history.json"):
+    for path in (
+        "models/base/model.safetensors",
+        "models/retrained/model.safetensors",
+        "data/prepared/dataset_dict.json",
+        "data/pseudolabel/dataset_dict.json",
+        "metrics/plots/confusion_b_retrained.json",
+        "metrics/train_history.json",
+    ):
         assert (project / path).exists(), path
     evaluation = json.loads((project / "reports/evaluate.json").read_text())
     for model in ("base", "retrained"):
@@ -92,7 +96,7 @@ def test_repro_writes_models_metrics_and_plots(project):
     prepared = json.loads((project / "reports/prepare.json").read_text())
     assert prepared["shared_captions_train_validation"] == 0 and len(prepared["fingerprint"]) == 64
     assert set(prepared["formats"]["test"]) == set(prepared["splits"]["test"]["per_class"])
-    exported = json.loads((project / "reports/export.json").read_text())   # models/portable, checked
+    exported = json.loads((project / "reports/export.json").read_text())  # models/portable, checked
     assert exported["rows"] > 2 and exported["graph_max_logit_difference"] < 1e-3
     assert exported["max_prob_ai_difference"] < 0.02 and exported["label_agreement"] >= 0.99
 
@@ -105,7 +109,8 @@ def test_metrics_files_hold_the_headline_numbers_of_the_reports(project):
         assert headline[model]["operating_point"]["test_tpr"] == report[model]["operating_point"]["test_tpr"]
     pseudo = json.loads((project / "reports/pseudolabel.json").read_text())
     assert json.loads((project / "metrics/pseudolabel.json").read_text()) == {
-        k: pseudo[k] for k in ("kept", "kept_fraction", "precision_a", "precision_b")}
+        k: pseudo[k] for k in ("kept", "kept_fraction", "precision_a", "precision_b")
+    }
     assert pseudo["precision_a"] == pseudo["correct_a"] / pseudo["kept"]
     shown = json.loads(sh("dvc", "metrics", "show", "--json", cwd=project))
     keys = [k for files in shown.values() for m in files["data"].values() for k in _leaves(m["data"])]
@@ -113,8 +118,9 @@ def test_metrics_files_hold_the_headline_numbers_of_the_reports(project):
 
 
 def _leaves(d: dict, prefix: str = "") -> list[str]:
-    return [k for key, v in d.items() for k in (_leaves(v, f"{prefix}{key}.") if isinstance(v, dict)
-                                               else [prefix + key])]
+    return [
+        k for key, v in d.items() for k in (_leaves(v, f"{prefix}{key}.") if isinstance(v, dict) else [prefix + key])
+    ]
 
 
 def test_evaluate_reports_curves_operating_point_captions_robustness_and_the_unseen_generator(project):
@@ -129,8 +135,11 @@ def test_evaluate_reports_curves_operating_point_captions_robustness_and_the_uns
         assert result["captions"]["with"]["task_a_f1_weighted"] == result["task_a"]["f1_weighted"]
         assert set(result["robustness"]) == conditions
         assert set(result["robustness"]["jpeg_50"]["per_class"]) == set(result["per_class"])
-        assert result["unseen_generator"] == {"name": "sd3", "n": result["per_class"]["sd3"]["n"],
-                                              "detection_rate": result["per_class"]["sd3"]["task_a_recall"]}
+        assert result["unseen_generator"] == {
+            "name": "sd3",
+            "n": result["per_class"]["sd3"]["n"],
+            "detection_rate": result["per_class"]["sd3"]["task_a_recall"],
+        }
         roc = json.loads((project / f"metrics/plots/roc_{model}.json").read_text())
         assert roc[0] == {"fpr": 0.0, "tpr": 0.0} and roc[-1] == {"fpr": 1.0, "tpr": 1.0}
         assert (project / f"metrics/plots/pr_{model}.json").is_file()
@@ -141,7 +150,9 @@ def test_evaluate_reports_curves_operating_point_captions_robustness_and_the_uns
         assert sum(r["count"] for r in reliability) == evaluation["test_rows"]
         control = result["format_control"]
         assert control["jpeg_quality"] == 90 and set(control["per_class"]) == set(result["per_class"])
-        assert sum(c["n"] for f in control["by_original_format"].values() for c in f.values()) == evaluation["test_rows"]
+        assert (
+            sum(c["n"] for f in control["by_original_format"].values() for c in f.values()) == evaluation["test_rows"]
+        )
     assert json.loads((project / "models/retrained/config.json").read_text())["holdout"] == "sd3"
     html = sh("dvc", "plots", "show", "--json", cwd=project)
     assert "Robustness, detection rate per class (retrained)" in html and "Task A ROC on the test split" in html
@@ -154,12 +165,12 @@ def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(proje
     import pandas as pd
 
     runs(project)  # points MLflow at the project's store
-    assert any((project / "mlartifacts").rglob("model.safetensors"))   # not in a working-directory ./mlruns
+    assert any((project / "mlartifacts").rglob("model.safetensors"))  # not in a working-directory ./mlruns
     (version,) = versions()
     assert mlflow.MlflowClient().get_model_version_by_alias("aigid-detector", "candidate").version == version.version
     assert len(version.tags["model_hash"]) == 64 and version.tags["git_commit"] != ""
     model = mlflow.pyfunc.load_model("models:/aigid-detector@candidate")
-    image = next((project / "mlartifacts").rglob("input_example.json"))   # the logged example: a test image
+    image = next((project / "mlartifacts").rglob("input_example.json"))  # the logged example: a test image
     example = json.loads(image.read_text())
     frame = pd.DataFrame(example["data"], columns=example["columns"])
     out = model.predict(frame)
@@ -169,8 +180,23 @@ def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(proje
     assert out["error"][0] == "" and out["threshold"][0] == threshold
     png = tmp_path / "x.png"
     png.write_bytes(base64.b64decode(frame["image"][0]))
-    sh("aigid", "detect", str(png), "--model", "models:/aigid-detector@candidate", "--format", "json",
-       "--caption", frame["caption"][0], "--threshold-from", "metrics/evaluate.json", "-q", "--out", str(tmp_path / "rows.json"), cwd=project)
+    sh(
+        "aigid",
+        "detect",
+        str(png),
+        "--model",
+        "models:/aigid-detector@candidate",
+        "--format",
+        "json",
+        "--caption",
+        frame["caption"][0],
+        "--threshold-from",
+        "metrics/evaluate.json",
+        "-q",
+        "--out",
+        str(tmp_path / "rows.json"),
+        cwd=project,
+    )
     row = json.loads((tmp_path / "rows.json").read_text())[0]
     assert abs(row["prob_ai"] - out["prob_ai"][0]) < 1e-6 and row["threshold"] == threshold
 
@@ -183,21 +209,23 @@ def _lock_md5(root: Path, path: str) -> str:
 
 def _inputs(run) -> dict[str, tuple[str, str]]:
     """A run's logged datasets: name -> (context, digest)."""
-    return {d.dataset.name: (next(t.value for t in d.tags if t.key == "mlflow.data.context"), d.dataset.digest)
-            for d in run.inputs.dataset_inputs}
+    return {
+        d.dataset.name: (next(t.value for t in d.tags if t.key == "mlflow.data.context"), d.dataset.digest)
+        for d in run.inputs.dataset_inputs
+    }
 
 
 def test_mlflow_one_parent_run_per_execution_with_stage_runs_datasets_and_dvc_keys(project):
     all_runs = runs(project)
     (parent,) = [r for r in all_runs if r.data.tags.get("aigid.role") == "pipeline"]
     commit = sh("git", "rev-parse", "--short=7", "HEAD", cwd=project).strip()
-    assert parent.info.run_name == f"repro-{commit}-{parent.data.tags['pipeline_id'][:8]}"   # one name per execution
+    assert parent.info.run_name == f"repro-{commit}-{parent.data.tags['pipeline_id'][:8]}"  # one name per execution
     children = [r for r in all_runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
     by_stage = {r.data.tags["stage"]: r for r in children}
     assert sorted(by_stage) == ["evaluate", "pseudolabel", "retrain", "train"] and len(children) == 4
     assert {r.data.tags["pipeline_id"] for r in children} == {parent.data.tags["pipeline_id"]}
     experiment = mlflow.get_experiment_by_name("aigid")
-    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"   # the UI's training view
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's training view
 
     # Params under their params.yaml keys, plus a few Trainer settings; not the Trainer's whole argument list.
     train = by_stage["train"]
@@ -205,22 +233,30 @@ def test_mlflow_one_parent_run_per_execution_with_stage_runs_datasets_and_dvc_ke
     assert len(train.data.params) < 60 and not any(k.startswith("params.") for k in train.data.params)
     assert by_stage["pseudolabel"].data.params["threshold"] == "0.2" == parent.data.params["threshold"]
     # Metrics under the DVC keys, the per-epoch curves beside them.
-    for stage, file in (("train", "train"), ("retrain", "retrain"), ("pseudolabel", "pseudolabel"),
-                        ("evaluate", "evaluate")):
+    for stage, file in (
+        ("train", "train"),
+        ("retrain", "retrain"),
+        ("pseudolabel", "pseudolabel"),
+        ("evaluate", "evaluate"),
+    ):
         dvc_metrics = json.loads((project / f"metrics/{file}.json").read_text())
         logged = {k: v for k, v in by_stage[stage].data.metrics.items() if not k.startswith("history/")}
         expected = {k: float(v) for k, v in _flat(dvc_metrics).items() if v is not None}
         assert logged == pytest.approx(expected), stage
-    assert parent.data.metrics["retrained.task_a.f1_weighted"] == by_stage["evaluate"].data.metrics[
-        "retrained.task_a.f1_weighted"]
+    assert (
+        parent.data.metrics["retrained.task_a.f1_weighted"]
+        == by_stage["evaluate"].data.metrics["retrained.task_a.f1_weighted"]
+    )
     for stage in ("train", "retrain"):
         for name in ("history/f1_weighted_a", "history/f1_weighted_b"):
             steps = [m.step for m in mlflow.MlflowClient().get_metric_history(by_stage[stage].info.run_id, name)]
-            assert steps == [1, 2], (stage, name)          # one point per epoch
+            assert steps == [1, 2], (stage, name)  # one point per epoch
     # Dataset lineage: the splits each stage read, with DVC's hash of the directory as digest.
     prepared, pseudo = _lock_md5(project, "data/prepared"), _lock_md5(project, "data/pseudolabel")
-    assert _inputs(train) == {"data/prepared:train": ("training", prepared),
-                              "data/prepared:validation": ("validation", prepared)}
+    assert _inputs(train) == {
+        "data/prepared:train": ("training", prepared),
+        "data/prepared:validation": ("validation", prepared),
+    }
     assert _inputs(by_stage["retrain"])["data/pseudolabel:train"] == ("training", pseudo)
     assert _inputs(by_stage["pseudolabel"]) == {"data/prepared:unlabeled": ("pool", prepared)}
     assert _inputs(by_stage["evaluate"])["data/prepared:test"] == ("test", prepared)
@@ -254,13 +290,16 @@ def test_threshold_experiment_reruns_only_downstream_stages(project):
     assert after["threshold"] == 0.4 and after["kept"] < before["kept"]
     tagged = [r for r in runs(project) if r.data.tags.get("dvc_exp_name") and "stage" in r.data.tags]
     assert {r.data.tags["stage"] for r in tagged} == {"pseudolabel", "retrain", "evaluate"}
-    first, second = versions(project)                     # another model: a new version, and it is the candidate
+    first, second = versions(project)  # another model: a new version, and it is the candidate
     client = mlflow.MlflowClient()
     assert client.get_model_version_by_alias("aigid-detector", "candidate").version == second.version
     assert second.tags["dvc_exp_name"] and first.tags["model_hash"] != second.tags["model_hash"]
     # The experiment is a parent run of its own, named after it (and the execution), holding the three stages it ran.
-    parents = {r.info.run_name.removesuffix(f"-{r.data.tags['pipeline_id'][:8]}"): r for r in runs(project)
-               if r.data.tags.get("aigid.role") == "pipeline"}
+    parents = {
+        r.info.run_name.removesuffix(f"-{r.data.tags['pipeline_id'][:8]}"): r
+        for r in runs(project)
+        if r.data.tags.get("aigid.role") == "pipeline"
+    }
     exp_name = second.tags["dvc_exp_name"]
     assert len(parents) == 2 and exp_name in parents
     nested = [r for r in runs(project) if r.data.tags.get("mlflow.parentRunId") == parents[exp_name].info.run_id]
@@ -278,8 +317,19 @@ def test_pseudo_labelling_the_test_split_flags_evaluate_as_contaminated(project,
     params = yaml.safe_load((project / "params.yaml").read_text())
     params["pseudolabel"]["pool"] = "test"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    sh("aigid", "evaluate", "--params", str(tmp_path / "params.yaml"), "--metrics", str(tmp_path / "e.json"),
-       "--report", str(tmp_path / "r.json"), "--plots", str(tmp_path / "plots"), cwd=project)
+    sh(
+        "aigid",
+        "evaluate",
+        "--params",
+        str(tmp_path / "params.yaml"),
+        "--metrics",
+        str(tmp_path / "e.json"),
+        "--report",
+        str(tmp_path / "r.json"),
+        "--plots",
+        str(tmp_path / "plots"),
+        cwd=project,
+    )
     assert json.loads((tmp_path / "e.json").read_text())["contaminated"] is True
 
 
@@ -290,7 +340,7 @@ def test_forced_rerun_gives_identical_metrics_files(project):
     after = {p: p.read_bytes() for p in files()}
     assert before.keys() == after.keys()
     assert [p.name for p in before if before[p] != after[p]] == []
-    assert len(versions(project)) == registered           # the same model is not registered twice
+    assert len(versions(project)) == registered  # the same model is not registered twice
 
 
 def test_push_then_pull_into_a_fresh_clone_reruns_nothing(project, tmp_path):
@@ -315,7 +365,7 @@ def test_push_then_pull_into_a_fresh_clone_reruns_nothing(project, tmp_path):
     failed = subprocess.run(detect, cwd=clone, env=_env(), capture_output=True, text=True)
     assert failed.returncode != 0 and "`aigid register`" in failed.stderr and "Traceback" not in failed.stderr
     assert "registered" in sh("aigid", "register", cwd=clone)
-    sh("aigid", "register", cwd=clone)                     # a second time: nothing new
+    sh("aigid", "register", cwd=clone)  # a second time: nothing new
     (version,) = versions(clone)
     assert mlflow.MlflowClient().get_model_version_by_alias("aigid-detector", "candidate").version == version.version
     rows = json.loads(_stdout(detect, clone))
@@ -334,9 +384,9 @@ def test_a_code_edit_reruns_exactly_the_stages_that_import_it(project):
     originals = {name: (project / "src/aigid" / name).read_text() for name in edits}
     try:
         (project / "src/aigid/detect.py").write_text(originals["detect.py"] + edits["detect.py"])
-        assert _changed(project) == set()                     # detect is no stage's dependency
+        assert _changed(project) == set()  # detect is no stage's dependency
         (project / "src/aigid/registry.py").write_text(originals["registry.py"] + edits["registry.py"])
-        assert _changed(project) == {"evaluate"}              # only evaluate registers models
+        assert _changed(project) == {"evaluate"}  # only evaluate registers models
         (project / "src/aigid/model.py").write_text(originals["model.py"] + edits["model.py"])
         assert _changed(project) == {"features", "train", "pseudolabel", "retrain", "evaluate", "export"}
     finally:
@@ -379,9 +429,9 @@ def test_a_local_dataset_under_dvc_reruns_prepare_when_a_file_changes(project):
     assert "prepare" not in _changed(project)
     fingerprint = json.loads((project / "reports/prepare.json").read_text())["fingerprint"]
 
-    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(mini / "sd3" / "0.png")   # one image fixed
+    Image.fromarray(np.zeros((16, 16, 3), dtype=np.uint8)).save(mini / "sd3" / "0.png")  # one image fixed
     assert "prepare" in _changed(project)
     out = sh("dvc", "repro", "prepare", cwd=project)
     assert "Running stage 'prepare'" in out
     assert json.loads((project / "reports/prepare.json").read_text())["fingerprint"] != fingerprint
-    assert {"encoders", "features", "train"} <= _changed(project)   # what reads data/prepared follows
+    assert {"encoders", "features", "train"} <= _changed(project)  # what reads data/prepared follows

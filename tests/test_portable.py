@@ -16,7 +16,8 @@ from transformers import CLIPImageProcessorPil
 from aigid.cli import main
 from aigid.errors import DataError
 from aigid.export import export_graph
-from aigid.model import decide as torch_decide, load_detector
+from aigid.model import decide as torch_decide
+from aigid.model import load_detector
 from aigid.portable import GRAPH, WEIGHTS, Inputs, PortableDetector, Preprocessor
 from aigid.scores import decide
 from test_detect import save_tiny_model
@@ -33,9 +34,15 @@ def _images() -> list[Image.Image]:
     return images
 
 
-@pytest.mark.parametrize("settings", [{}, {"size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16}},
-                                      {"size": {"height": 40, "width": 30}, "crop_size": {"height": 24, "width": 20}},
-                                      {"resample": 2, "do_normalize": False}])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},
+        {"size": {"shortest_edge": 16}, "crop_size": {"height": 16, "width": 16}},
+        {"size": {"height": 40, "width": 30}, "crop_size": {"height": 24, "width": 20}},
+        {"resample": 2, "do_normalize": False},
+    ],
+)
 def test_image_steps_are_the_pil_processors_to_the_last_bit(tmp_path, settings):
     CLIPImageProcessorPil(**settings).save_pretrained(tmp_path)
     ours = Preprocessor(tmp_path / "preprocessor_config.json")(_images())
@@ -56,9 +63,10 @@ def test_captions_are_tokenised_as_the_detectors_tokenizer_does(tmp_path):
     detector = load_detector(tmp_path / "model")
     captions = ["a red circle", "", "A RED circle, unseen words: zebra!", " ".join(["red circle"] * 80)]
     ours = Inputs(tmp_path / "model")([Image.new("RGB", (16, 16))] * len(captions), captions)
-    theirs = detector.tokenizer(captions, padding=True, truncation=True,
-                                max_length=detector.model.config.max_text_length, return_tensors="np")
-    assert ours["input_ids"].shape[1] == detector.model.config.max_text_length   # the long caption was truncated
+    theirs = detector.tokenizer(
+        captions, padding=True, truncation=True, max_length=detector.model.config.max_text_length, return_tensors="np"
+    )
+    assert ours["input_ids"].shape[1] == detector.model.config.max_text_length  # the long caption was truncated
     assert np.array_equal(ours["input_ids"], theirs["input_ids"])
     assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
 
@@ -67,7 +75,7 @@ def test_the_decision_rule_is_the_torch_one():
     rng = np.random.default_rng(1)
     logits_a = np.concatenate([rng.normal(0, 3, 200), [0.0, 100.0, -100.0, 1e4, -1e4]]).astype(np.float32)
     logits_b = rng.normal(0, 3, (len(logits_a), 6)).astype(np.float32)
-    logits_b[0, 0] = 50.0                                          # a real-class logit never wins Task B
+    logits_b[0, 0] = 50.0  # a real-class logit never wins Task B
     for threshold in (0.5, 0.9):
         prob_ai, label_a, probs_b, label_b = decide(logits_a, logits_b, threshold)
         expected = torch_decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b), threshold)
@@ -108,17 +116,20 @@ def test_detect_on_a_portable_model_imports_no_torch_and_scores_as_the_torch_mod
     save_tiny_model(tmp_path / "model")
     _export(tmp_path / "model", tmp_path / "portable")
     rng = np.random.default_rng(3)
-    for i in range(3):                       # the processor's own size: both paths see the very same pixels
+    for i in range(3):  # the processor's own size: both paths see the very same pixels
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
     (tmp_path / "broken.png").write_bytes(b"not an image")
-    code = ("import atexit, sys; atexit.register(lambda: print([m for m in ('torch', 'transformers') "
-            "if m in sys.modules], file=sys.stderr)); sys.argv = ['aigid', *sys.argv[1:]]; "
-            "from aigid.cli import run; run()")
+    code = (
+        "import atexit, sys; atexit.register(lambda: print([m for m in ('torch', 'transformers') "
+        "if m in sys.modules], file=sys.stderr)); sys.argv = ['aigid', *sys.argv[1:]]; "
+        "from aigid.cli import run; run()"
+    )
     args = ["detect", str(tmp_path / "*.png"), "--caption", "a red circle", "--batch-size", "2"]
-    proc = subprocess.run([sys.executable, "-c", code, *args, "--model", str(tmp_path / "portable")],
-                          capture_output=True, text=True)
-    assert proc.returncode == 3, proc.stderr                   # one input could not be read
-    assert proc.stderr.splitlines()[-1] == "[]"                # neither torch nor transformers was imported
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args, "--model", str(tmp_path / "portable")], capture_output=True, text=True
+    )
+    assert proc.returncode == 3, proc.stderr  # one input could not be read
+    assert proc.stderr.splitlines()[-1] == "[]"  # neither torch nor transformers was imported
     portable = {r["path"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
     reference = CliRunner().invoke(main, [*args, "--model", str(tmp_path / "model")])
     assert reference.exit_code == 3
@@ -135,8 +146,9 @@ def test_a_broken_portable_model_or_bf16_on_it_is_one_clear_line(tmp_path):
     save_tiny_model(tmp_path / "model")
     _export(tmp_path / "model", tmp_path / "portable")
     Image.new("RGB", (16, 16), "red").save(tmp_path / "red.png")
-    result = CliRunner().invoke(main, ["detect", str(tmp_path / "red.png"), "--model", str(tmp_path / "portable"),
-                                       "--precision", "bf16"])
+    result = CliRunner().invoke(
+        main, ["detect", str(tmp_path / "red.png"), "--model", str(tmp_path / "portable"), "--precision", "bf16"]
+    )
     assert result.exit_code == 1 and "a portable detector runs in float32" in result.output
     (tmp_path / "portable" / GRAPH).write_bytes(b"truncated")
     result = CliRunner().invoke(main, ["detect", str(tmp_path / "red.png"), "--model", str(tmp_path / "portable")])
@@ -147,9 +159,23 @@ def test_a_broken_portable_model_or_bf16_on_it_is_one_clear_line(tmp_path):
 
 def test_export_of_a_directory_that_is_no_detector_is_one_clear_line(tmp_path):
     (tmp_path / "data").mkdir()
-    result = CliRunner().invoke(main, ["export", "--model", str(tmp_path), "--data", str(tmp_path / "data"),
-                                       "--out", str(tmp_path / "portable"), "--report", str(tmp_path / "r.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "export",
+            "--model",
+            str(tmp_path),
+            "--data",
+            str(tmp_path / "data"),
+            "--out",
+            str(tmp_path / "portable"),
+            "--report",
+            str(tmp_path / "r.json"),
+        ],
+    )
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
-    assert result.output.strip() == f"Error: {tmp_path}: no model.safetensors; not a detector directory written by " \
-                                    "train or retrain"
+    assert (
+        result.output.strip() == f"Error: {tmp_path}: no model.safetensors; not a detector directory written by "
+        "train or retrain"
+    )
     assert not (tmp_path / "portable").exists() and not (tmp_path / "r.json").exists()

@@ -12,8 +12,9 @@ from PIL import Image as PILImage
 
 from aigid.cli import main
 
-FEATURES = Features({"Caption": Value("string"), "Image": Image(), "Label_A": Value("int64"),
-                     "Label_B": Value("int64")})
+FEATURES = Features(
+    {"Caption": Value("string"), "Image": Image(), "Label_A": Value("int64"), "Label_B": Value("int64")}
+)
 
 
 def png(seed: int, mode: str = "RGB") -> bytes:
@@ -35,8 +36,9 @@ def rows(n_captions: int, offset: int = 0) -> dict:
 
 
 def write_source(tmp_path, train: dict, fmt: str = "disk"):
-    dsd = DatasetDict(train=Dataset.from_dict(train, features=FEATURES),
-                      test=Dataset.from_dict(rows(2, offset=50), features=FEATURES))
+    dsd = DatasetDict(
+        train=Dataset.from_dict(train, features=FEATURES), test=Dataset.from_dict(rows(2, offset=50), features=FEATURES)
+    )
     src = tmp_path / "source"
     if fmt == "disk":
         dsd.save_to_disk(str(src))
@@ -52,20 +54,33 @@ def run_prepare(tmp_path, src):
     params["prepare"]["source"] = str(src)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "prepared"
-    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path),
-                                       "--out", str(out), "--report", str(tmp_path / "prepare.json"),
-                                       "--quarantine", str(tmp_path / "quarantine.csv")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "prepare",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--raw",
+            str(tmp_path),
+            "--out",
+            str(out),
+            "--report",
+            str(tmp_path / "prepare.json"),
+            "--quarantine",
+            str(tmp_path / "quarantine.csv"),
+        ],
+    )
     return result, out
 
 
 @pytest.mark.parametrize("fmt", ["disk", "parquet"])
 def test_good_source_is_stored_with_a_validation_split_made_by_caption(tmp_path, fmt):
     train = rows(10)
-    train["Image"][7] = {"bytes": png(7, "RGBA"), "path": "rgba.png"}       # converted, not rejected
+    train["Image"][7] = {"bytes": png(7, "RGBA"), "path": "rgba.png"}  # converted, not rejected
     train["Image"][8] = {"bytes": png(8, "L"), "path": "gray.png"}
     train["Image"][9] = {"bytes": _cmyk_jpeg(), "path": "cmyk.jpg"}
-    train["Caption"][12] = ""                                              # allowed
-    train["Caption"][18] = "un café près de la tour, 東京"                    # allowed
+    train["Caption"][12] = ""  # allowed
+    train["Caption"][18] = "un café près de la tour, 東京"  # allowed
     result, out = run_prepare(tmp_path, write_source(tmp_path, train, fmt))
     assert result.exit_code == 0, result.output
     dsd = load_from_disk(str(out))
@@ -94,17 +109,26 @@ def _truncated() -> bytes:
     return buf.getvalue()[:200]
 
 
-@pytest.mark.parametrize("break_it, message", [
-    (lambda t: t["Image"].__setitem__(4, {"bytes": _truncated(), "path": "broken.jpg"}),
-     r"train row 4 \(broken.jpg\): cannot decode image"),
-    (lambda t: t["Image"].__setitem__(5, {"bytes": b"hello, not an image", "path": "notes.txt"}),
-     r"train row 5 \(notes.txt\): cannot decode image"),
-    (lambda t: t["Image"].__setitem__(3, {"bytes": b"", "path": "empty.png"}),
-     r"empty.png.*empty image file"),
-    (lambda t: t["Label_B"].__setitem__(2, 7), r"train row 2 \(img_0_2.png\): Label_B=7 is not a known class"),
-    (lambda t: t["Label_A"].__setitem__(1, 3), r"train row 1 \(img_0_1.png\): Label_A=3 is not 0 \(real\) or 1 \(AI\)"),
-    (lambda t: t["Label_A"].__setitem__(0, 1), r"train row 0 \(img_0_0.png\): Label_A=1 contradicts Label_B=0"),
-])
+@pytest.mark.parametrize(
+    "break_it, message",
+    [
+        (
+            lambda t: t["Image"].__setitem__(4, {"bytes": _truncated(), "path": "broken.jpg"}),
+            r"train row 4 \(broken.jpg\): cannot decode image",
+        ),
+        (
+            lambda t: t["Image"].__setitem__(5, {"bytes": b"hello, not an image", "path": "notes.txt"}),
+            r"train row 5 \(notes.txt\): cannot decode image",
+        ),
+        (lambda t: t["Image"].__setitem__(3, {"bytes": b"", "path": "empty.png"}), r"empty.png.*empty image file"),
+        (lambda t: t["Label_B"].__setitem__(2, 7), r"train row 2 \(img_0_2.png\): Label_B=7 is not a known class"),
+        (
+            lambda t: t["Label_A"].__setitem__(1, 3),
+            r"train row 1 \(img_0_1.png\): Label_A=3 is not 0 \(real\) or 1 \(AI\)",
+        ),
+        (lambda t: t["Label_A"].__setitem__(0, 1), r"train row 0 \(img_0_0.png\): Label_A=1 contradicts Label_B=0"),
+    ],
+)
 def test_bad_row_stops_prepare_naming_the_row_and_leaves_no_output(tmp_path, break_it, message):
     train = rows(3)
     break_it(train)
@@ -112,6 +136,7 @@ def test_bad_row_stops_prepare_naming_the_row_and_leaves_no_output(tmp_path, bre
     assert result.exit_code != 0
     assert result.output.startswith("Error: ")
     import re
+
     assert re.search(message, result.output), result.output
     assert not out.exists() and not (tmp_path / "prepare.json").exists()
 
@@ -132,7 +157,7 @@ def test_missing_image_file_is_named(tmp_path):
 
     src = write_source(tmp_path, rows(2), "parquet")
     train = rows(2)
-    train["Image"][3] = {"bytes": None, "path": str(tmp_path / "gone.jpg")}   # a path that points nowhere
+    train["Image"][3] = {"bytes": None, "path": str(tmp_path / "gone.jpg")}  # a path that points nowhere
     pq.write_table(pa.Table.from_pydict(train), src / "train-00000.parquet")
     result, out = run_prepare(tmp_path, src)
     assert result.exit_code != 0 and "gone.jpg" in result.output, result.output
@@ -143,8 +168,20 @@ def test_malformed_params_value_names_the_key(tmp_path):
     params = yaml.safe_load(open("params.yaml"))
     params["train"]["learning_rate"] = "fast"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(main, ["train", "--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path),
-                                       "--encoders", str(tmp_path), "--out", str(tmp_path / "model")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--data",
+            str(tmp_path),
+            "--encoders",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "model"),
+        ],
+    )
     assert result.exit_code != 0
     assert "train.learning_rate: Input should be a valid number" in result.output and "'fast'" in result.output
     assert not (tmp_path / "model").exists()
@@ -154,7 +191,8 @@ def test_split_with_no_samples_is_named(tmp_path):
     src = tmp_path / "source"
     empty = Dataset.from_dict(rows(1), features=FEATURES).select([])
     DatasetDict(train=Dataset.from_dict(rows(3), features=FEATURES), test=empty).save_to_disk(
-        str(src), num_shards={"test": 1})
+        str(src), num_shards={"test": 1}
+    )
     result, out = run_prepare(tmp_path, src)
     assert result.exit_code != 0 and "split test: no samples" in result.output
     assert not out.exists()

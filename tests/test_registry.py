@@ -38,10 +38,10 @@ def test_the_same_model_is_registered_once_and_a_new_one_takes_the_alias(store):
     assert created and _candidate() == first
     with mlflow.start_run():
         assert register(store / "model", NAME, 0.5, test) == (first, False)
-    with mlflow.start_run():                              # another operating point: another registered model
+    with mlflow.start_run():  # another operating point: another registered model
         second, created = register(store / "model", NAME, 0.7, test)
     assert created and second != first and _candidate() == second
-    with mlflow.start_run():                              # the older model again: nothing moves
+    with mlflow.start_run():  # the older model again: nothing moves
         assert register(store / "model", NAME, 0.5, test) == (first, False)
     assert _candidate() == second and len(_versions()) == 2
     tags = _versions()[0].tags
@@ -55,7 +55,7 @@ def test_a_version_registered_meanwhile_by_another_clone_wins(store, monkeypatch
     test = [{"Image": {"bytes": _png()}, "Caption": ""}]
     with mlflow.start_run():
         first, _ = register(store / "model", NAME, 0.5, test)
-    seen = iter([None])                                   # the second clone's first look finds nothing
+    seen = iter([None])  # the second clone's first look finds nothing
     real = registry.find_version
     monkeypatch.setattr(registry, "find_version", lambda *a: _race(seen, real, a))
     with mlflow.start_run():
@@ -72,9 +72,12 @@ def _race(seen, real, args):
 
 def _report(threshold: float, balanced_accuracy: float = 0.8) -> dict:
     """An evaluate report holding the numbers registration logs (every headline key)."""
-    scores = {"task_a": {"f1_weighted": 0.9, "balanced_accuracy": balanced_accuracy},
-              "task_b": {"f1_weighted": 0.7, "f1_macro": 0.6}, "roc_auc": 0.95,
-              "operating_point": {"threshold": threshold, "test_tpr": 0.9}}
+    scores = {
+        "task_a": {"f1_weighted": 0.9, "balanced_accuracy": balanced_accuracy},
+        "task_b": {"f1_weighted": 0.7, "f1_macro": 0.6},
+        "roc_auc": 0.95,
+        "operating_point": {"threshold": threshold, "test_tpr": 0.9},
+    }
     return {"contaminated": False, "base": scores, "retrained": scores}
 
 
@@ -82,10 +85,18 @@ def _register(store, threshold: float, balanced_accuracy: float = 0.8, caption: 
     """`aigid register` of the tiny model at ``threshold`` (a new version per threshold) with a report scoring
     it ``balanced_accuracy`` on a one-row test split whose caption is ``caption``."""
     (store / "report.json").write_text(json.dumps(_report(threshold, balanced_accuracy)))
-    DatasetDict(test=Dataset.from_dict({"Image": [{"bytes": _png(), "path": None}], "Caption": [caption]})).save_to_disk(
-        str(store / "prepared"))
-    args = ["register", "--model", str(store / "model"), "--report", str(store / "report.json"), "--data",
-            str(store / "prepared")]
+    DatasetDict(
+        test=Dataset.from_dict({"Image": [{"bytes": _png(), "path": None}], "Caption": [caption]})
+    ).save_to_disk(str(store / "prepared"))
+    args = [
+        "register",
+        "--model",
+        str(store / "model"),
+        "--report",
+        str(store / "report.json"),
+        "--data",
+        str(store / "prepared"),
+    ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
 
@@ -97,7 +108,7 @@ def test_register_command_is_idempotent(store):
     assert _candidate() == str(version.version)
     run = mlflow.get_run(version.run_id)
     assert run.data.tags["stage"] == "register" and run.data.metrics["retrained.roc_auc"] == 0.95
-    (test,) = run.inputs.dataset_inputs                   # the test split it was scored on, as a dataset
+    (test,) = run.inputs.dataset_inputs  # the test split it was scored on, as a dataset
     assert test.dataset.name.endswith("prepared:test") and len(test.dataset.digest) == 36
     assert mlflow.pyfunc.load_model(f"models:/{NAME}@{ALIAS}").metadata.get_model_info() is not None
 
@@ -117,12 +128,12 @@ def test_promote_moves_champion_only_to_a_better_candidate_on_the_same_test_data
     _register(store, 0.4, balanced_accuracy=0.80)
     assert "version 1 promoted to @champion: first @champion" in _promote() and _champion() == "1"
     assert "already" in _promote()
-    _register(store, 0.5, balanced_accuracy=0.78)         # worse: the champion stays
+    _register(store, 0.5, balanced_accuracy=0.78)  # worse: the champion stays
     assert "version 2 not promoted" in _promote() and _champion() == "1"
     v2 = mlflow.MlflowClient().get_model_version(NAME, "2")
     assert v2.tags["promotion"] == "rejected" and "0.7800 does not beat @champion version 1 (0.8000)" in v2.description
-    _register(store, 0.6, balanced_accuracy=0.82)         # better on the same test rows: promoted
+    _register(store, 0.6, balanced_accuracy=0.82)  # better on the same test rows: promoted
     assert "version 3 promoted" in _promote() and _champion() == "3"
     assert mlflow.MlflowClient().get_model_version(NAME, "3").tags["promotion"] == "champion"
-    _register(store, 0.7, balanced_accuracy=0.99, caption="other rows")   # better, but on other test data
+    _register(store, 0.7, balanced_accuracy=0.99, caption="other rows")  # better, but on other test data
     assert "not compared: scored on other test data" in _promote() and _champion() == "3"

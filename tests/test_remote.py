@@ -29,9 +29,16 @@ def env(**extra: str) -> dict[str, str]:
     """The environment of every command: none of the caller's MLFLOW_/DVC_/AWS_ variables, the test server's
     keys as the only credentials anywhere (no ~/.aws, no instance metadata), no DVC analytics."""
     base = {k: v for k, v in _env().items() if not k.startswith("AWS_")}
-    none = "/nonexistent/aws"     # botocore and dvc-s3 skip a missing file (but refuse /dev/null)
-    return {**base, **S3_KEYS, "AWS_CONFIG_FILE": none, "AWS_SHARED_CREDENTIALS_FILE": none,
-            "AWS_EC2_METADATA_DISABLED": "true", "DVC_NO_ANALYTICS": "1", **extra}
+    none = "/nonexistent/aws"  # botocore and dvc-s3 skip a missing file (but refuse /dev/null)
+    return {
+        **base,
+        **S3_KEYS,
+        "AWS_CONFIG_FILE": none,
+        "AWS_SHARED_CREDENTIALS_FILE": none,
+        "AWS_EC2_METADATA_DISABLED": "true",
+        "DVC_NO_ANALYTICS": "1",
+        **extra,
+    }
 
 
 def run(*cmd: str, cwd: Path, ok: bool = True, **extra: str) -> str:
@@ -42,8 +49,9 @@ def run(*cmd: str, cwd: Path, ok: bool = True, **extra: str) -> str:
     return out
 
 
-def use_remote(root: Path, endpoint: str, keys: tuple[str, str] = (S3_KEYS["AWS_ACCESS_KEY_ID"],
-                                                                   S3_KEYS["AWS_SECRET_ACCESS_KEY"])) -> None:
+def use_remote(
+    root: Path, endpoint: str, keys: tuple[str, str] = (S3_KEYS["AWS_ACCESS_KEY_ID"], S3_KEYS["AWS_SECRET_ACCESS_KEY"])
+) -> None:
     """docs/team.md's per-clone setup: the S3-compatible server and the credentials, in .dvc/config.local."""
     run("dvc", "remote", "modify", "--local", "storage", "endpointurl", endpoint, cwd=root)
     run("dvc", "remote", "modify", "--local", "storage", "access_key_id", keys[0], cwd=root)
@@ -72,11 +80,11 @@ def one_error(out: str) -> str:
 
 @dataclass
 class Team:
-    first: Path                 # the clone that reproduced the pipeline and pushed
-    origin: Path                # its git remote (a bare repository)
-    endpoint: str               # the S3-compatible server
-    url: str                    # the DVC remote on it
-    outputs: dict[str, str]     # md5 of the committed outputs' files
+    first: Path  # the clone that reproduced the pipeline and pushed
+    origin: Path  # its git remote (a bare repository)
+    endpoint: str  # the S3-compatible server
+    url: str  # the DVC remote on it
+    outputs: dict[str, str]  # md5 of the committed outputs' files
 
 
 @pytest.fixture(scope="module")
@@ -90,7 +98,7 @@ def team(project, s3_server) -> Team:  # noqa: F811
     run("git", "add", "-A", cwd=project)
     run("git", "commit", "-qm", "pipeline outputs; the team's DVC remote", cwd=project)
     assert "files pushed" in run("dvc", "push", "--run-cache", cwd=project)
-    assert "config.local" not in run("git", "ls-files", ".dvc", cwd=project)   # the keys stay out of git
+    assert "config.local" not in run("git", "ls-files", ".dvc", cwd=project)  # the keys stay out of git
     origin = project.parent / "origin.git"
     run("git", "clone", "-q", "--bare", str(project), str(origin), cwd=project.parent)
     run("git", "remote", "add", "origin", str(origin), cwd=project)
@@ -109,7 +117,12 @@ def experiment(team) -> dict:
     sets = [arg for key, value in EXPERIMENT.items() if key != "name" for arg in ("-S", f"{key}={value}")]
     out = run("dvc", "exp", "run", "-n", EXPERIMENT["name"], *sets, cwd=team.first)
     assert {s for s in STAGES if f"Running stage '{s}'" in out} == {
-        "features", "pseudolabel", "retrain", "evaluate", "export"}, out
+        "features",
+        "pseudolabel",
+        "retrain",
+        "evaluate",
+        "export",
+    }, out
     run("dvc", "exp", "push", "--run-cache", "origin", EXPERIMENT["name"], cwd=team.first)
     metrics = json.loads((team.first / "metrics/evaluate.json").read_text())
     return {"metrics": metrics, "outputs": cached_files(team.first)}
@@ -136,8 +149,13 @@ def test_a_fresh_clone_pulls_the_outputs_reruns_nothing_and_detects(team, tmp_pa
 
 def _experiment_row(shown: list, name: str) -> dict:
     """The entry of experiment ``name`` in `dvc exp show --json`."""
-    found = [rev for baseline in shown for exp in baseline.get("experiments") or [] for rev in exp["revs"]
-             if rev.get("name") == name]
+    found = [
+        rev
+        for baseline in shown
+        for exp in baseline.get("experiments") or []
+        for rev in exp["revs"]
+        if rev.get("name") == name
+    ]
     assert len(found) == 1, json.dumps(shown)[:2000]
     return found[0]["data"]
 
@@ -150,7 +168,7 @@ def test_an_experiment_travels_between_clones_with_exp_push_and_exp_pull(team, e
     assert data["params"]["params.yaml"]["data"]["threshold"] == EXPERIMENT["threshold"]
     assert data["metrics"]["metrics/evaluate.json"]["data"] == experiment["metrics"]
 
-    run("dvc", "exp", "apply", EXPERIMENT["name"], cwd=other)     # its outputs, from the DVC remote
+    run("dvc", "exp", "apply", EXPERIMENT["name"], cwd=other)  # its outputs, from the DVC remote
     assert cached_files(other) == experiment["outputs"] != team.outputs
     assert json.loads((other / "metrics/evaluate.json").read_text()) == experiment["metrics"]
     assert "Data and pipelines are up to date." in run("dvc", "status", cwd=other)
@@ -159,20 +177,21 @@ def test_an_experiment_travels_between_clones_with_exp_push_and_exp_pull(team, e
 def test_ci_remote_step_restores_every_stage_of_a_fresh_clone_and_keeps_the_keys_out_of_git(team, tmp_path):
     fresh = clone(team, tmp_path / "ci")
     remote = {"DVC_REMOTE_URL": team.url, "DVC_REMOTE_ENDPOINT": team.endpoint, **S3_KEYS}
-    out = run("bash", str(REPO / ".ci/remote"), "repro", cwd=fresh, **remote)      # dvc repro --pull
+    out = run("bash", str(REPO / ".ci/remote"), "repro", cwd=fresh, **remote)  # dvc repro --pull
     assert "Running stage" not in out, out
     assert all(f"Pulling data for stage: '{s}'" in out or f"Stage '{s}' didn't change" in out for s in STAGES), out
     assert cached_files(fresh) == team.outputs
     assert "Data and pipelines are up to date." in run("dvc", "status", cwd=fresh)
-    assert run("git", "status", "--porcelain", cwd=fresh) == ""                     # nothing for git
+    assert run("git", "status", "--porcelain", cwd=fresh) == ""  # nothing for git
     local = (fresh / ".dvc/config.local").read_text()
     assert f"url = {team.url}" in local and f"endpointurl = {team.endpoint}" in local
     assert f"access_key_id = {S3_KEYS['AWS_ACCESS_KEY_ID']}" in local
 
-    assert "not pushing (DVC_REMOTE_PUSH is not true)" in run("bash", str(REPO / ".ci/remote"), "push",
-                                                                cwd=fresh, **remote)
+    assert "not pushing (DVC_REMOTE_PUSH is not true)" in run(
+        "bash", str(REPO / ".ci/remote"), "push", cwd=fresh, **remote
+    )
     pushed = run("bash", str(REPO / ".ci/remote"), "push", cwd=fresh, DVC_REMOTE_PUSH="true", **remote)
-    assert "files pushed" in pushed, pushed          # dvc push --run-cache: the run cache's entries, sent again
+    assert "files pushed" in pushed, pushed  # dvc push --run-cache: the run cache's entries, sent again
     assert "Cache and remote 'ci' are in sync." in run("dvc", "status", "--cloud", cwd=fresh)
     # Without DVC_REMOTE_URL (a fork): a plain `dvc repro`, nothing pulled or pushed.
     plain = run("bash", str(REPO / ".ci/remote"), "repro", cwd=fresh, DVC_REMOTE_URL="")
@@ -192,7 +211,7 @@ def test_the_pulled_run_cache_restores_a_stage_computed_in_another_clone(team, e
     out = run("dvc", "repro", cwd=fresh)
     assert "Stage 'features' is cached - skipping run, checking out outputs" in out, out
     assert "Running stage" not in out, out
-    assert cached_files(fresh) == team.outputs            # the stage's output is the same directory
+    assert cached_files(fresh) == team.outputs  # the stage's output is the same directory
     assert "Data and pipelines are up to date." in run("dvc", "status", cwd=fresh)
 
 
@@ -213,7 +232,7 @@ def _nothing_lost(root: Path, path: Path, obj: Path, before: dict[str, str], con
 
 
 def test_a_remote_that_is_down_or_lacks_the_bucket_is_one_line_and_loses_nothing(team):
-    root, down = team.first, f"http://127.0.0.1:{free_port()}"       # nothing listens there
+    root, down = team.first, f"http://127.0.0.1:{free_port()}"  # nothing listens there
     path, obj = _add_data(root)
     content, before = path.read_bytes(), cached_files(root)
     try:
@@ -223,21 +242,22 @@ def test_a_remote_that_is_down_or_lacks_the_bucket_is_one_line_and_loses_nothing
         _nothing_lost(root, path, obj, before, content)
     finally:
         run("dvc", "remote", "modify", "--local", "storage", "endpointurl", team.endpoint, cwd=root)
-    try:                                                             # the server, but a bucket it does not have
+    try:  # the server, but a bucket it does not have
         run("dvc", "remote", "modify", "--local", "storage", "url", "s3://no-such-bucket/dvc", cwd=root)
         assert "The specified bucket does not exist" in one_error(run("dvc", "push", cwd=root, ok=False))
         _nothing_lost(root, path, obj, before, content)
     finally:
         run("dvc", "remote", "modify", "--local", "--unset", "storage", "url", cwd=root)
-    assert "new:" in run("dvc", "status", "--cloud", cwd=root)      # the server back: the file is not there yet
+    assert "new:" in run("dvc", "status", "--cloud", cwd=root)  # the server back: the file is not there yet
     assert "1 file pushed" in run("dvc", "push", cwd=root)
     assert "Cache and remote 'storage' are in sync." in run("dvc", "status", "--cloud", cwd=root)
 
 
 def _auth(endpoint: str, free_requests: str) -> None:
     """Moto checks credentials (IAM) after ``free_requests`` more requests ("inf": never)."""
-    request = urllib.request.Request(f"{endpoint}/moto-api/reset-auth", data=free_requests.encode(),
-                                     headers={"Content-Type": "text/plain"})
+    request = urllib.request.Request(
+        f"{endpoint}/moto-api/reset-auth", data=free_requests.encode(), headers={"Content-Type": "text/plain"}
+    )
     urllib.request.urlopen(request, timeout=10).close()
 
 
@@ -245,11 +265,21 @@ def _iam_keys(endpoint: str) -> tuple[str, str]:
     """A user allowed every S3 action, and its access key, made by the three free requests."""
     import boto3
 
-    iam = boto3.client("iam", endpoint_url=endpoint, aws_access_key_id="-", aws_secret_access_key="-",
-                       region_name=S3_KEYS["AWS_DEFAULT_REGION"])
+    iam = boto3.client(
+        "iam",
+        endpoint_url=endpoint,
+        aws_access_key_id="-",
+        aws_secret_access_key="-",
+        region_name=S3_KEYS["AWS_DEFAULT_REGION"],
+    )
     iam.create_user(UserName="team")
-    iam.put_user_policy(UserName="team", PolicyName="s3", PolicyDocument=json.dumps({
-        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    iam.put_user_policy(
+        UserName="team",
+        PolicyName="s3",
+        PolicyDocument=json.dumps(
+            {"Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}
+        ),
+    )
     key = iam.create_access_key(UserName="team")["AccessKey"]
     return key["AccessKeyId"], key["SecretAccessKey"]
 
@@ -260,13 +290,13 @@ def test_a_remote_that_refuses_the_credentials_is_one_line_and_loses_nothing(tea
     content, before = path.read_bytes(), cached_files(root)
     _auth(team.endpoint, "3")
     try:
-        keys = _iam_keys(team.endpoint)              # from now on the server checks every request's keys
-        error = one_error(run("dvc", "push", cwd=root, ok=False))       # .dvc/config.local: keys it does not know
+        keys = _iam_keys(team.endpoint)  # from now on the server checks every request's keys
+        error = one_error(run("dvc", "push", cwd=root, ok=False))  # .dvc/config.local: keys it does not know
         assert "Forbidden" in error and "403" in error, error
         _nothing_lost(root, path, obj, before, content)
-        use_remote(root, team.endpoint, (keys[0], "not-" + keys[1]))    # a wrong secret
+        use_remote(root, team.endpoint, (keys[0], "not-" + keys[1]))  # a wrong secret
         assert "Forbidden" in one_error(run("dvc", "push", cwd=root, ok=False))
-        use_remote(root, team.endpoint, keys)                            # the right keys
+        use_remote(root, team.endpoint, keys)  # the right keys
         assert "1 file pushed" in run("dvc", "push", cwd=root)
     finally:
         _auth(team.endpoint, "inf")
@@ -275,7 +305,7 @@ def test_a_remote_that_refuses_the_credentials_is_one_line_and_loses_nothing(tea
 
 
 def test_ci_report_lists_only_the_metrics_that_moved_more_than_the_tolerance(team, tmp_path):
-    repo = clone(team, tmp_path / "report")          # metrics, params and plots are in git: no pull needed
+    repo = clone(team, tmp_path / "report")  # metrics, params and plots are in git: no pull needed
     path = repo / "metrics/evaluate.json"
     metrics = json.loads(path.read_text())
     small, large, gone = "retrained.task_a.f1_weighted", "retrained.roc_auc", "base.roc_auc"
@@ -294,9 +324,15 @@ def test_ci_report_lists_only_the_metrics_that_moved_more_than_the_tolerance(tea
     assert listed(default) == {small, large, gone} and "METRICS_TOLERANCE" not in default, default
     assert "## Params against HEAD\n\nNone differs." in default and (tmp_path / "plots/index.html").is_file()
     tolerant = report(METRICS_TOLERANCE="0.01")
-    assert listed(tolerant) == {large, gone}, tolerant            # a metric that disappears is always listed
+    assert listed(tolerant) == {large, gone}, tolerant  # a metric that disappears is always listed
     assert "1 other metric(s) changed by at most 0.01 (METRICS_TOLERANCE), not listed." in tolerant
-    proc = subprocess.run(["bash", str(REPO / ".ci/report"), "HEAD"], cwd=repo, capture_output=True, text=True,
-                          env=env(METRICS_TOLERANCE="-1"), timeout=60)
+    proc = subprocess.run(
+        ["bash", str(REPO / ".ci/report"), "HEAD"],
+        cwd=repo,
+        capture_output=True,
+        text=True,
+        env=env(METRICS_TOLERANCE="-1"),
+        timeout=60,
+    )
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr == "METRICS_TOLERANCE must be a number >= 0 (got '-1')\n"

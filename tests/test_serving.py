@@ -37,8 +37,23 @@ def server(store):
     port = free_port()
     mlflow_cli = Path(sys.executable).parent / "mlflow"
     url = f"http://127.0.0.1:{port}"
-    with local_server([str(mlflow_cli), "models", "serve", "-m", "models:/aigid-detector@candidate", "--env-manager",
-                       "local", "-h", "127.0.0.1", "-p", str(port)], f"{url}/ping", cwd=store):
+    with local_server(
+        [
+            str(mlflow_cli),
+            "models",
+            "serve",
+            "-m",
+            "models:/aigid-detector@candidate",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        f"{url}/ping",
+        cwd=store,
+    ):
         yield url
 
 
@@ -49,8 +64,11 @@ def _image(fmt: str, color) -> bytes:
 
 
 def test_served_model_scores_like_detect_and_names_the_corrupt_row(server, store, tmp_path):
-    files = {"a.png": _image("PNG", (200, 30, 30)), "b.jpg": _image("JPEG", (20, 120, 220)),
-             "broken.png": b"\x89PNG\r\n\x1a\n not really"}
+    files = {
+        "a.png": _image("PNG", (200, 30, 30)),
+        "b.jpg": _image("JPEG", (20, 120, 220)),
+        "broken.png": b"\x89PNG\r\n\x1a\n not really",
+    }
     for name, data in files.items():
         (tmp_path / name).write_bytes(data)
     caption = "a coloured rectangle"
@@ -61,17 +79,31 @@ def test_served_model_scores_like_detect_and_names_the_corrupt_row(server, store
     assert [bool(r["error"]) for r in served] == [False, False, True]
     assert served[2]["error"].startswith("row 2: ") and served[2]["prob_ai"] is None
 
-    result = CliRunner().invoke(main, ["detect", *(str(tmp_path / n) for n in files), "--model",
-                                       "models:/aigid-detector@candidate", "--caption", caption, "--format", "json",
-                                       "--out", str(tmp_path / "rows.json"), "-q"])
-    assert result.exit_code == 3, result.output            # 3: some inputs could not be read
+    result = CliRunner().invoke(
+        main,
+        [
+            "detect",
+            *(str(tmp_path / n) for n in files),
+            "--model",
+            "models:/aigid-detector@candidate",
+            "--caption",
+            caption,
+            "--format",
+            "json",
+            "--out",
+            str(tmp_path / "rows.json"),
+            "-q",
+        ],
+    )
+    assert result.exit_code == 3, result.output  # 3: some inputs could not be read
     detected = json.loads((tmp_path / "rows.json").read_text())
     for mine, theirs in zip(served[:2], detected[:2]):
         assert {k: v for k, v in theirs.items() if k not in ("path", "prob_ai") and not k.startswith("p_")} == {
-            k: v for k, v in mine.items() if k in theirs and k not in ("path", "prob_ai") and not k.startswith("p_")}
+            k: v for k, v in mine.items() if k in theirs and k not in ("path", "prob_ai") and not k.startswith("p_")
+        }
         assert mine["prob_ai"] == pytest.approx(theirs["prob_ai"], abs=1e-6)
         assert all(mine[k] == pytest.approx(theirs[k], abs=1e-6) for k in theirs if k.startswith("p_"))
-    assert [list(r) for r in served] == [[k for k in r if k != "path"] for r in detected]   # the same columns
+    assert [list(r) for r in served] == [[k for k in r if k != "path"] for r in detected]  # the same columns
     assert detected[2]["error"] and detected[2]["prob_ai"] is None
 
     # No caption column at all: every image is scored with an empty caption; a request without images is a 400.

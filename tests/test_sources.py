@@ -29,9 +29,22 @@ def run(tmp_path, source, **prepare):
     params["prepare"].update(source=str(source), **prepare)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     out = tmp_path / "prepared"
-    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--raw", str(tmp_path),
-                                       "--out", str(out), "--report", str(tmp_path / "prepare.json"),
-                                       "--quarantine", str(tmp_path / "quarantine.csv")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "prepare",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--raw",
+            str(tmp_path),
+            "--out",
+            str(out),
+            "--report",
+            str(tmp_path / "prepare.json"),
+            "--quarantine",
+            str(tmp_path / "quarantine.csv"),
+        ],
+    )
     return result, out
 
 
@@ -53,7 +66,8 @@ def competition(root, table: str = "xlsx", n: int = 8):
     (root / "validation" / "images").mkdir(parents=True)
     val.to_csv(root / "validation" / "captions.csv", index=False)
     pd.DataFrame({"Index": [0, 1, 2, 3], "Label_A": [0, 1, 1, 1], "Label_B": [0, 3, 5, 1]}).to_excel(
-        root / "validation" / "labels.xlsx", index=False)
+        root / "validation" / "labels.xlsx", index=False
+    )
     for i in range(4):
         save_image(root / "validation" / "images" / f"image_{i}.jpg", 900 + i)
 
@@ -65,13 +79,13 @@ def test_competition_layout_labels_from_folders_and_from_a_labels_table(tmp_path
     assert result.exit_code == 0, result.output
     dsd = open_dataset(out)
     assert len(dsd["validation"]) == 4 and list(dsd["validation"]["Label_B"]) == [0, 3, 5, 1]
-    assert len(dsd["train"]) + len(dsd["test"]) == 48          # test made by caption from train
+    assert len(dsd["train"]) + len(dsd["test"]) == 48  # test made by caption from train
     assert dsd["train"].features["Label_B"].names == ["real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6"]
     for ds in (dsd["train"], dsd["test"]):
         by_caption = {}
         for caption, label in zip(ds["Caption"], ds["Label_B"]):
             by_caption.setdefault(caption, set()).add(label)
-        assert all(labels == set(range(6)) for labels in by_caption.values())   # all six images stay together
+        assert all(labels == set(range(6)) for labels in by_caption.values())  # all six images stay together
     metrics = json.loads((tmp_path / "prepare.json").read_text())
     assert metrics["shared_captions_train_test"] == 0 and metrics["splits_made_by_caption"] == ["test"]
 
@@ -143,8 +157,8 @@ def _bad_files(root):
     good = io.BytesIO()
     Image.new("RGB", (64, 64), (1, 2, 3)).save(good, format="JPEG")
     (root / "sdxl" / "truncated.jpg").write_bytes(good.getvalue()[:150])
-    save_image(root / "sdxl" / "huge.png", 7, size=(300, 300))           # above max_pixels below
-    save_image(root / "sdxl" / "alpha.png", 8, mode="RGBA")                # converted, not rejected
+    save_image(root / "sdxl" / "huge.png", 7, size=(300, 300))  # above max_pixels below
+    save_image(root / "sdxl" / "alpha.png", 8, mode="RGBA")  # converted, not rejected
     save_image(root / "sdxl" / "gray.png", 9, mode="L")
     save_image(root / "sdxl" / "cmyk.jpg", 10, mode="CMYK")
 
@@ -169,20 +183,20 @@ def test_on_bad_skip_quarantines_every_bad_file_with_its_reason(tmp_path):
     metrics = json.loads((tmp_path / "prepare.json").read_text())
     assert metrics["skipped"]["total"] == 4
     stored = sum(len(ds) for ds in open_dataset(out).values())
-    assert stored == 16 + 3                                    # good ones plus alpha, gray, CMYK
+    assert stored == 16 + 3  # good ones plus alpha, gray, CMYK
 
 
 def test_duplicate_images_across_splits_are_reported(tmp_path):
     root = tmp_path / "mine"
     for split in ("train", "test"):
         for i in range(6):
-            save_image(root / split / "real" / f"r{i}.png", i)             # same pixels in both splits
+            save_image(root / split / "real" / f"r{i}.png", i)  # same pixels in both splits
             save_image(root / split / "sdxl" / f"s{i}.png", 100 + i + (0 if split == "train" else 50))
     result, _ = run(tmp_path, root)
     assert result.exit_code == 0, result.output
     metrics = json.loads((tmp_path / "prepare.json").read_text())
     across = {k: v for k, v in metrics["duplicates"].items() if k.startswith("across_")}
-    assert sum(across.values()) == 6 and "across_train_test" in across   # validation was cut from train
+    assert sum(across.values()) == 6 and "across_train_test" in across  # validation was cut from train
     report = list(csv.DictReader(open(tmp_path / "quarantine.csv")))
     assert sum("duplicate" in r["reason"] for r in report) == 6
 
@@ -222,8 +236,19 @@ def test_a_local_source_outside_the_raw_data_folder_is_refused(tmp_path):
     params = yaml.safe_load(open("params.yaml"))
     params["prepare"]["source"] = str(tmp_path / "elsewhere" / "ct2")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(main, ["prepare", "--params", str(tmp_path / "params.yaml"), "--raw",
-                                       str(tmp_path / "raw"), "--out", str(tmp_path / "prepared"),
-                                       "--report", str(tmp_path / "prepare.json")])
+    result = CliRunner().invoke(
+        main,
+        [
+            "prepare",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--raw",
+            str(tmp_path / "raw"),
+            "--out",
+            str(tmp_path / "prepared"),
+            "--report",
+            str(tmp_path / "prepare.json"),
+        ],
+    )
     assert result.exit_code != 0 and not (tmp_path / "prepared").exists()
     assert f"must be inside {tmp_path / 'raw'}/" in result.output and "dvc add" in result.output

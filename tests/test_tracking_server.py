@@ -58,8 +58,22 @@ def mlflow_server(db: Path, artifacts: str, s3_endpoint: str, port: int | None =
     """`mlflow server` proxying artifacts to ``artifacts`` on the S3 server: it alone gets the S3 credentials."""
     port = port or free_port()
     uri = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", artifacts]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "server",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{db}",
+        "--artifacts-destination",
+        artifacts,
+    ]
     env = environment(MLFLOW_S3_ENDPOINT_URL=s3_endpoint, **S3_KEYS)
     with local_server(cmd, f"{uri}/health", env=env) as proc:
         yield uri, proc
@@ -74,9 +88,15 @@ def first(server, tmp_path_factory) -> Path:
         shutil.copy(REPO / name, root / name)
     shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
     (root / "params.yaml").write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
-    for cmd in (("git", "init", "-q"), ("git", "config", "user.email", "ci@example.com"),
-                ("git", "config", "user.name", "ci"), ("dvc", "init", "-q"), ("git", "add", "-A"),
-                ("git", "commit", "-qm", "tiny pipeline"), ("dvc", "repro")):
+    for cmd in (
+        ("git", "init", "-q"),
+        ("git", "config", "user.email", "ci@example.com"),
+        ("git", "config", "user.name", "ci"),
+        ("dvc", "init", "-q"),
+        ("git", "add", "-A"),
+        ("git", "commit", "-qm", "tiny pipeline"),
+        ("dvc", "repro"),
+    ):
         run(*cmd, cwd=root, uri=server.uri)
     return root
 
@@ -96,11 +116,15 @@ def client(server) -> mlflow.MlflowClient:
 
 def parents_and_stages(server) -> dict:
     """Each parent run (by name) with its stage runs (by stage)."""
-    runs = client(server).search_runs([client(server).get_experiment_by_name("aigid").experiment_id],
-                                      max_results=1000)
+    runs = client(server).search_runs([client(server).get_experiment_by_name("aigid").experiment_id], max_results=1000)
     parents = [r for r in runs if r.data.tags.get("aigid.role") == "pipeline"]
-    return {p.info.run_name: (p, {r.data.tags["stage"]: r for r in runs
-                                  if r.data.tags.get("mlflow.parentRunId") == p.info.run_id}) for p in parents}
+    return {
+        p.info.run_name: (
+            p,
+            {r.data.tags["stage"]: r for r in runs if r.data.tags.get("mlflow.parentRunId") == p.info.run_id},
+        )
+        for p in parents
+    }
 
 
 def versions(server) -> list:
@@ -114,8 +138,13 @@ def alias(server, name: str) -> str | None:
 def s3_keys(server) -> list[str]:
     import boto3
 
-    s3 = boto3.client("s3", endpoint_url=server.s3, aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
-                      aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"], region_name=S3_KEYS["AWS_DEFAULT_REGION"])
+    s3 = boto3.client(
+        "s3",
+        endpoint_url=server.s3,
+        aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
+        aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
+        region_name=S3_KEYS["AWS_DEFAULT_REGION"],
+    )
     pages = s3.get_paginator("list_objects_v2").paginate(Bucket=server.bucket.removeprefix("s3://"))
     return [o["Key"] for page in pages for o in page.get("Contents", [])]
 
@@ -124,27 +153,29 @@ def test_each_execution_is_a_parent_run_of_its_own_with_a_name_of_its_own(first,
     commit = run("git", "rev-parse", "--short=7", "HEAD", cwd=second, uri=server.uri).stdout.strip()
     assert run("git", "rev-parse", "--short=7", "HEAD", cwd=first, uri=server.uri).stdout.strip() == commit
     executions = parents_and_stages(server)
-    assert len(executions) == 2, sorted(executions)                  # one parent per clone's `dvc repro`
+    assert len(executions) == 2, sorted(executions)  # one parent per clone's `dvc repro`
     for name, (parent, stages) in executions.items():
         assert name == f"repro-{commit}-{parent.data.tags['pipeline_id'][:8]}"
         assert sorted(stages) == sorted(TRACKED)
         assert {r.data.tags["pipeline_id"] for r in stages.values()} == {parent.data.tags["pipeline_id"]}
-        assert parent.data.metrics["retrained.task_a.f1_weighted"] == stages["evaluate"].data.metrics[
-            "retrained.task_a.f1_weighted"]
+        assert (
+            parent.data.metrics["retrained.task_a.f1_weighted"]
+            == stages["evaluate"].data.metrics["retrained.task_a.f1_weighted"]
+        )
 
 
 def test_one_version_per_model_content_across_clones_its_artifacts_in_s3(first, second, server):
     threshold = json.loads((first / "reports/evaluate.json").read_text())["retrained"]["operating_point"]["threshold"]
     same = content_hash(first / "models/retrained", threshold)
     assert content_hash(second / "models/retrained", threshold) == same  # the clones trained the same model
-    (version,) = versions(server)                                     # so the second evaluate added nothing
+    (version,) = versions(server)  # so the second evaluate added nothing
     assert version.tags["model_hash"] == same and alias(server, "candidate") == version.version
-    assert alias(server, "champion") is None                          # no command has promoted anything
+    assert alias(server, "champion") is None  # no command has promoted anything
     assert "is registered already" in run("aigid", "register", cwd=second, uri=server.uri).stderr
     assert len(versions(server)) == 1
     # The model went through the server into the bucket: the clients hold no S3 credentials, nothing is local.
     stored = client(server).get_logged_model(version.source.removeprefix("models:/")).artifact_location
-    assert stored.startswith("mlflow-artifacts:/")                    # served by the tracking server
+    assert stored.startswith("mlflow-artifacts:/")  # served by the tracking server
     weights = [k for k in s3_keys(server) if k.endswith("/model.safetensors")]
     assert len(weights) == 1 and weights[0].startswith(f"artifacts/{stored.removeprefix('mlflow-artifacts:/')}/")
     for clone in (first, second):
@@ -156,7 +187,7 @@ def test_aliases_move_only_by_register_and_promote(first, second, server):
     (v1,) = versions(server)
     assert alias(server, "champion") == v1.version, out
     params = yaml.safe_load((second / "params.yaml").read_text())
-    params["threshold"] = 0.4                     # another pseudo-labelled set: another retrained model
+    params["threshold"] = 0.4  # another pseudo-labelled set: another retrained model
     (second / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     run(*REPRO, cwd=second, uri=server.uri)
     v1, v2 = versions(server)
@@ -189,20 +220,40 @@ def test_detect_and_serve_the_champion_from_the_second_clone(first, second, serv
     home = second if champion == versions(server)[-1].version else first  # the clone holding its model directory
     png = tmp_path / "x.png"
     png.write_bytes(open_dataset(second / "data/prepared")["test"][0]["Image"]["bytes"])
-    detect = ("aigid", "detect", str(png), "-q", "--format", "json", "--threshold-from",
-              str(home / "metrics/evaluate.json"))                   # the threshold the registered model labels at
+    detect = (
+        "aigid",
+        "detect",
+        str(png),
+        "-q",
+        "--format",
+        "json",
+        "--threshold-from",
+        str(home / "metrics/evaluate.json"),
+    )  # the threshold the registered model labels at
     (local,) = json.loads(run(*detect, "--model", str(home / "models/retrained"), cwd=second, uri=server.uri).stdout)
     # MLflow's default: the files straight from the bucket, at addresses the server signs; then all through the
     # server, as where the clients cannot reach the bucket.
     for route in ({}, {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}):
-        (row,) = json.loads(run(*detect, "--model", f"models:/{NAME}@champion", cwd=second, uri=server.uri,
-                                **route).stdout)
+        (row,) = json.loads(
+            run(*detect, "--model", f"models:/{NAME}@champion", cwd=second, uri=server.uri, **route).stdout
+        )
         assert row["error"] == "" and row["prob_ai"] == pytest.approx(local["prob_ai"], abs=1e-6)
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"
-    cmd = [str(Path(sys.executable).parent / "mlflow"), "models", "serve", "-m", f"models:/{NAME}@champion",
-           "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)]
+    cmd = [
+        str(Path(sys.executable).parent / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        f"models:/{NAME}@champion",
+        "--env-manager",
+        "local",
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(port),
+    ]
     with local_server(cmd, f"{url}/ping", cwd=second, env=client_env(server.uri)):
         body = {"dataframe_split": {"columns": ["image"], "data": [[base64.b64encode(png.read_bytes()).decode()]]}}
         (served,) = _post(f"{url}/invocations", body)["predictions"]
@@ -213,8 +264,11 @@ def test_detect_and_serve_the_champion_from_the_second_clone(first, second, serv
 def _train_logged_an_epoch(uri: str) -> bool:
     try:
         experiment = mlflow.MlflowClient(tracking_uri=uri).get_experiment_by_name("aigid")
-        runs = [] if experiment is None else mlflow.MlflowClient(tracking_uri=uri).search_runs(
-            [experiment.experiment_id], "tags.stage = 'train'")
+        runs = (
+            []
+            if experiment is None
+            else mlflow.MlflowClient(tracking_uri=uri).search_runs([experiment.experiment_id], "tags.stage = 'train'")
+        )
     except mlflow.exceptions.MlflowException:
         return False
     return any("history/f1_weighted_a" in r.data.metrics for r in runs)
@@ -225,15 +279,16 @@ def test_the_server_going_away_mid_stage_stops_it_with_one_line_and_dvc_records_
     the stage ends with one line naming the server, writes none of its outputs, and DVC records nothing; with
     the server still away the rerun stops before training; with it back, the rerun resumes and completes."""
     params = yaml.safe_load((second / "params.yaml").read_text())
-    params["train"]["epochs"] = 6                          # train reruns, and runs long enough to be interrupted
+    params["train"]["epochs"] = 6  # train reruns, and runs long enough to be interrupted
     (second / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     lock = lambda: yaml.safe_load((second / "dvc.lock").read_text())["stages"]  # noqa: E731
     recorded = lock()
     outputs = ("models/base", "metrics/train.json", "reports/train.json", "metrics/train_history.json")
     db, port = server.root / "killed.db", free_port()
     with mlflow_server(db, f"{server.bucket}/killed", server.s3, port) as (uri, proc):
-        pipeline = subprocess.Popen(REPRO, cwd=second, env=client_env(uri), stdout=subprocess.PIPE,
-                                    stderr=subprocess.STDOUT, text=True)
+        pipeline = subprocess.Popen(
+            REPRO, cwd=second, env=client_env(uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         deadline = time.monotonic() + 300
         while not _train_logged_an_epoch(uri):
             assert pipeline.poll() is None and time.monotonic() < deadline, pipeline.communicate()[0]
@@ -248,20 +303,20 @@ def test_the_server_going_away_mid_stage_stops_it_with_one_line_and_dvc_records_
     assert line.startswith(f"Error: MLflow tracking server {uri} stopped answering during stage train"), out
     assert "Traceback" not in out and "Running stage 'pseudolabel'" not in out and took < 90, out
     assert [name for name in outputs if (second / name).exists()] == []
-    assert lock() == recorded                              # DVC recorded nothing of the failed stage
-    assert "train" in {name.split(":")[-1] for name in json.loads(run("dvc", "status", "--json", cwd=second,
-                                                                       uri=uri).stdout)}
+    assert lock() == recorded  # DVC recorded nothing of the failed stage
+    assert "train" in {
+        name.split(":")[-1] for name in json.loads(run("dvc", "status", "--json", cwd=second, uri=uri).stdout)
+    }
 
-    started = time.monotonic()                             # still away: the rerun stops before any training
-    again = subprocess.run(REPRO, cwd=second, env=client_env(uri), capture_output=True, text=True,
-                           timeout=300)
+    started = time.monotonic()  # still away: the rerun stops before any training
+    again = subprocess.run(REPRO, cwd=second, env=client_env(uri), capture_output=True, text=True, timeout=300)
     out = again.stdout + again.stderr
     assert again.returncode != 0 and "Traceback" not in out and time.monotonic() - started < 90, out
     (line,) = [line for line in out.splitlines() if uri in line]
     assert line.startswith(f"Error: MLflow tracking server {uri} is not reachable"), out
     assert lock() == recorded and [name for name in outputs if (second / name).exists()] == []
 
-    with mlflow_server(db, f"{server.bucket}/killed", server.s3, port):   # back, with what it had stored
+    with mlflow_server(db, f"{server.bucket}/killed", server.s3, port):  # back, with what it had stored
         done = run("dvc", "repro", "train", cwd=second, uri=uri)
         assert "resuming train from the last checkpoint" in done.stdout + done.stderr
         assert lock()["train"]["params"]["params.yaml"]["train"]["epochs"] == 6

@@ -56,8 +56,9 @@ class LazyGroup(click.Group):
 @click.option("-v", "--verbose", is_flag=True, help="Debug logging.")
 def main(verbose: bool) -> None:
     """Detect AI-generated images and name the generator (BERT caption + CLIP image, two heads)."""
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     # Per-shard and per-weight progress bars drown the stage logs in DVC's output. `datasets` reads its switch
     # when a stage imports it; detect never does (importing it costs a one-image run half a second).
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")

@@ -30,10 +30,10 @@ DEVICES = ("cpu", "auto")
 # reproducible: the variables each library reads when first used, and the values that give one result on every
 # x86-64 processor with AVX2 (Intel or AMD).
 PINNED = {
-    "ATEN_CPU_CAPABILITY": "avx2",   # ATen's vectorised kernels (reductions, activations, softmax, ...)
-    "ONEDNN_MAX_CPU_ISA": "AVX2",    # oneDNN, should anything still call it (runtime.configure turns it off)
-    "MKL_CBWR": "COMPATIBLE",        # MKL (float32 matmuls)
-    "MKL_DYNAMIC": "FALSE",          # exactly the threads asked for, whatever the load
+    "ATEN_CPU_CAPABILITY": "avx2",  # ATen's vectorised kernels (reductions, activations, softmax, ...)
+    "ONEDNN_MAX_CPU_ISA": "AVX2",  # oneDNN, should anything still call it (runtime.configure turns it off)
+    "MKL_CBWR": "COMPATIBLE",  # MKL (float32 matmuls)
+    "MKL_DYNAMIC": "FALSE",  # exactly the threads asked for, whatever the load
     "OMP_DYNAMIC": "FALSE",
     "CUBLAS_WORKSPACE_CONFIG": ":4096:8",  # deterministic cuBLAS on a GPU (torch's deterministic mode needs it)
 }

@@ -28,8 +28,9 @@ class Group(BaseModel):
 
 
 class DemoData(Group):
-    captions: dict[str, int] = Field(description="captions per split of the generated dataset (6 images each); "
-                                                 "needs train")
+    captions: dict[str, int] = Field(
+        description="captions per split of the generated dataset (6 images each); needs train"
+    )
     image_size: int = Field(ge=16, description="side of the generated images, pixels")
 
     @model_validator(mode="after")
@@ -42,20 +43,30 @@ class DemoData(Group):
 
 
 class Prepare(Group):
-    source: str = Field(min_length=1, description="demo | a Hugging Face dataset id | a local directory under "
-                                                  "the raw data folder (data/raw), tracked by DVC")
-    revision: str = Field(min_length=1, description="hub sources: the dataset revision (commit hash or tag) "
-                                                    "that is loaded; ignored for demo and local sources")
+    source: str = Field(
+        min_length=1,
+        description="demo | a Hugging Face dataset id | a local directory under "
+        "the raw data folder (data/raw), tracked by DVC",
+    )
+    revision: str = Field(
+        min_length=1,
+        description="hub sources: the dataset revision (commit hash or tag) "
+        "that is loaded; ignored for demo and local sources",
+    )
     layout: Layout = Field(description="how a local source is laid out")
-    validation_fraction: float = Field(gt=0, lt=1, description="share of captions moved to validation when "
-                                                                "the source has no validation split")
-    test_fraction: float = Field(gt=0, lt=1, description="share of captions moved to test when the source has "
-                                                          "no test split")
+    validation_fraction: float = Field(
+        gt=0, lt=1, description="share of captions moved to validation when the source has no validation split"
+    )
+    test_fraction: float = Field(
+        gt=0, lt=1, description="share of captions moved to test when the source has no test split"
+    )
     class_names: list[str] = Field(min_length=2, description="Label_B index -> class name; index 0 is real")
-    class_aliases: dict[str, str] = Field(description="folder name -> class name (competition source folders "
-                                                      "*_image, class folders)")
-    on_bad: Literal["error", "skip"] = Field(description="error: stop at the first bad row | skip: leave it out "
-                                                         "and list it in the quarantine report")
+    class_aliases: dict[str, str] = Field(
+        description="folder name -> class name (competition source folders *_image, class folders)"
+    )
+    on_bad: Literal["error", "skip"] = Field(
+        description="error: stop at the first bad row | skip: leave it out and list it in the quarantine report"
+    )
     max_pixels: int = Field(ge=1, description="larger images are refused (decompression-bomb guard)")
     max_side: int = Field(ge=0, description="> 0: images whose shorter side is larger are stored resized to it")
     demo: DemoData
@@ -103,7 +114,8 @@ class Encoders(Group):
 class Model(Group):
     fusion: Literal["concat", "cross_attention"] = Field(
         description="concat: [CLS] and image features concatenated (the paper) | cross_attention: the image "
-                    "feature attends over the caption's token features (aigid.model.FUSIONS)")
+        "feature attends over the caption's token features (aigid.model.FUSIONS)"
+    )
     fusion_dim: int = Field(ge=1, description="width of the shared space after the fusion")
     max_text_length: int = Field(ge=4, description="captions longer than this are truncated (padding is per batch)")
 
@@ -128,22 +140,28 @@ class Pseudolabel(Group):
     pool: Literal["unlabeled", "test"] = Field(description="the split that is pseudo-labelled")
     selection: Literal["threshold", "class_balanced"] = Field(
         description="threshold: every sample whose confidences exceed `threshold` (the paper) | class_balanced: "
-                    "of those, per predicted class the most confident up to a quota, so that the kept samples "
-                    "have the class mix of the labelled train split")
+        "of those, per predicted class the most confident up to a quota, so that the kept samples "
+        "have the class mix of the labelled train split"
+    )
     validation_fraction: float = Field(gt=0, lt=1, description="share of kept captions that go to validation")
     batch_size: int = Field(ge=1)
 
 
 class Evaluate(Group):
     batch_size: int = Field(ge=1)
-    target_fpr: float = Field(gt=0, lt=1, description="operating point: at most this false-positive rate on real "
-                                                      "validation images")
+    target_fpr: float = Field(
+        gt=0, lt=1, description="operating point: at most this false-positive rate on real validation images"
+    )
     jpeg_quality: list[int] = Field(description="robustness grid: JPEG re-encoding qualities")
     blur_sigma: list[float] = Field(description="robustness grid: Gaussian blur standard deviations, pixels")
     resize_scale: list[float] = Field(description="robustness grid: resize factors")
-    format_control_quality: int = Field(ge=1, le=100, description="format-controlled test: every test image "
-                                        "re-encoded as JPEG at this quality, so the file format says nothing "
-                                        "about the label")
+    format_control_quality: int = Field(
+        ge=1,
+        le=100,
+        description="format-controlled test: every test image "
+        "re-encoded as JPEG at this quality, so the file format says nothing "
+        "about the label",
+    )
 
     @model_validator(mode="after")
     def _grid(self):
@@ -163,10 +181,15 @@ class Inference(Group):
 
 class Compute(Group):
     device: Literal[DEVICES] = Field(description="cpu | auto (a GPU when there is one: faster, other numbers)")
-    threads: int = Field(ge=0, description="CPU threads of every stage (the numbers depend on it); 0: one per "
-                                           "core, so the numbers follow the machine's core count")
-    reproducible: bool = Field(description="pin the CPU's instruction sets (AVX2) and MKL's code path, and use "
-                                           "deterministic algorithms: the same numbers on any x86-64 with AVX2")
+    threads: int = Field(
+        ge=0,
+        description="CPU threads of every stage (the numbers depend on it); 0: one per "
+        "core, so the numbers follow the machine's core count",
+    )
+    reproducible: bool = Field(
+        description="pin the CPU's instruction sets (AVX2) and MKL's code path, and use "
+        "deterministic algorithms: the same numbers on any x86-64 with AVX2"
+    )
 
 
 class Mlflow(Group):
@@ -175,8 +198,9 @@ class Mlflow(Group):
 
 
 class Params(Group):
-    threshold: float = Field(gt=0, lt=1, description="pseudo-labelling keeps samples whose Task A and Task B "
-                                                     "confidences both exceed this")
+    threshold: float = Field(
+        gt=0, lt=1, description="pseudo-labelling keeps samples whose Task A and Task B confidences both exceed this"
+    )
     seed: int
     prepare: Prepare
     encoders: Encoders
@@ -192,8 +216,9 @@ class Params(Group):
     @model_validator(mode="after")
     def _holdout(self):
         if self.train.holdout != "none" and self.train.holdout not in self.prepare.class_names[1:]:
-            raise ValueError(f"train.holdout must be 'none' or a generator of prepare.class_names, "
-                             f"got {self.train.holdout!r}")
+            raise ValueError(
+                f"train.holdout must be 'none' or a generator of prepare.class_names, got {self.train.holdout!r}"
+            )
         return self
 
 
@@ -218,8 +243,10 @@ def _message(err: ValidationError, path: Path) -> str:
     errors = err.errors()
     missing = [_dotted(e["loc"]) for e in errors if e["type"] == "missing"]
     if missing:
-        return (f"{path}: missing key(s) {', '.join(missing)}; params.yaml must set every key "
-                f"(copy them from the committed params.yaml)")
+        return (
+            f"{path}: missing key(s) {', '.join(missing)}; params.yaml must set every key "
+            f"(copy them from the committed params.yaml)"
+        )
     e = errors[0]
     key = _dotted(e["loc"])
     if e["type"] == "extra_forbidden":
@@ -242,8 +269,10 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):
-        raise ParamsError(f"{path}: empty or not a mapping of keys; params.yaml must set every key "
-                          f"(copy them from the committed params.yaml)")
+        raise ParamsError(
+            f"{path}: empty or not a mapping of keys; params.yaml must set every key "
+            f"(copy them from the committed params.yaml)"
+        )
     try:
         return Params.model_validate(raw)
     except ValidationError as err:
@@ -293,8 +322,10 @@ class Scoped:
             return value
         if any(d.startswith(key + ".") for d in self._keys):
             return Scoped(value, self._keys, key + ".")
-        raise ParamsError(f"this stage reads params key {key}, which it does not declare "
-                          f"(declared: {', '.join(self._keys)}); add it to the stage's PARAMS and dvc.yaml")
+        raise ParamsError(
+            f"this stage reads params key {key}, which it does not declare "
+            f"(declared: {', '.join(self._keys)}); add it to the stage's PARAMS and dvc.yaml"
+        )
 
     def __setattr__(self, name, value):
         raise AttributeError("params are read-only")

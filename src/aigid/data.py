@@ -37,9 +37,14 @@ def schema(class_names: tuple[str, ...] | None = None, columns: tuple[str, ...] 
     without, a plain integer (raw rows, pseudo-labels). Images stay encoded bytes."""
     from datasets import ClassLabel, Features, Image, Value
 
-    types = {"Caption": Value("string"), "Image": Image(decode=False), "Label_A": Value("int64"),
-             "Label_B": ClassLabel(names=list(class_names)) if class_names else Value("int64"),
-             "caption_id": Value("int64"), "source_file": Value("string")}
+    types = {
+        "Caption": Value("string"),
+        "Image": Image(decode=False),
+        "Label_A": Value("int64"),
+        "Label_B": ClassLabel(names=list(class_names)) if class_names else Value("int64"),
+        "caption_id": Value("int64"),
+        "source_file": Value("string"),
+    }
     return Features({c: types[c] for c in columns})
 
 
@@ -72,8 +77,10 @@ def open_image(image: dict, max_pixels: int) -> tuple[bytes, PILImage.Image]:
             warnings.simplefilter("error", PILImage.DecompressionBombWarning)
             img = PILImage.open(io.BytesIO(data))
             if img.width * img.height > max_pixels:
-                raise DataError(f"image of {img.width}x{img.height} pixels is larger than {max_pixels} pixels "
-                                f"(decompression-bomb guard)")
+                raise DataError(
+                    f"image of {img.width}x{img.height} pixels is larger than {max_pixels} pixels "
+                    f"(decompression-bomb guard)"
+                )
             img.load()
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as err:
         raise DataError(f"decompression-bomb guard: {err}") from None
@@ -183,8 +190,9 @@ class Collator:
         if self.caption_dropout > 0:
             drop = (torch.rand(len(rows)) < self.caption_dropout).tolist()
             captions = ["" if d else c for c, d in zip(captions, drop)]
-        batch = dict(self.tokenizer(captions, padding=True, truncation=True,
-                                    max_length=self.max_length, return_tensors="pt"))
+        batch = dict(
+            self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
+        )
         batch["pixel_values"] = self.images(rows)
         if "Label_A" in rows[0]:
             batch["labels_a"] = torch.tensor([r["Label_A"] for r in rows], dtype=torch.long)

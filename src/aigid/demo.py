@@ -18,9 +18,18 @@ from PIL import ImageDraw, ImageEnhance, ImageFilter
 from .data import RAW_COLUMNS, schema
 
 SOURCES = 6  # Label_B 0 (real) and five simulated generators, in the order of prepare.class_names
-PALETTE = {"red": (200, 40, 40), "blue": (40, 70, 200), "green": (50, 160, 60), "yellow": (230, 200, 40),
-           "purple": (130, 50, 160), "orange": (240, 130, 30), "white": (235, 235, 235), "black": (25, 25, 25),
-           "brown": (120, 80, 40), "grey": (128, 128, 128)}
+PALETTE = {
+    "red": (200, 40, 40),
+    "blue": (40, 70, 200),
+    "green": (50, 160, 60),
+    "yellow": (230, 200, 40),
+    "purple": (130, 50, 160),
+    "orange": (240, 130, 30),
+    "white": (235, 235, 235),
+    "black": (25, 25, 25),
+    "brown": (120, 80, 40),
+    "grey": (128, 128, 128),
+}
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = {1: "a", 2: "two", 3: "three"}
 FEATURES = schema(columns=(*RAW_COLUMNS, "caption_id"))
@@ -36,12 +45,19 @@ def random_scene(rng: np.random.Generator) -> tuple[str, dict]:
         while colour == bg:
             colour = colours[rng.integers(len(colours))]
         groups.append((int(rng.integers(1, 4)), colour, SHAPES[rng.integers(len(SHAPES))]))
-    objects = [(shape, colour, rng.uniform(0.15, 0.85, 2), rng.uniform(0.12, 0.25))
-               for n, colour, shape in groups for _ in range(n)]
+    objects = [
+        (shape, colour, rng.uniform(0.15, 0.85, 2), rng.uniform(0.12, 0.25))
+        for n, colour, shape in groups
+        for _ in range(n)
+    ]
     words = [f"{NUMBERS[n]} {colour} {shape}{'s' if n > 1 else ''}" for n, colour, shape in groups]
     caption = f"{' and '.join(words)} on a {bg} background"
-    return caption, {"bg": bg, "bg2": colours[rng.integers(len(colours))], "objects": objects,
-                     "texture": rng.normal(0, 12, (4, 4, 3))}
+    return caption, {
+        "bg": bg,
+        "bg2": colours[rng.integers(len(colours))],
+        "objects": objects,
+        "texture": rng.normal(0, 12, (4, 4, 3)),
+    }
 
 
 def render(scene: dict, size: int, rng: np.random.Generator) -> np.ndarray:
@@ -49,8 +65,9 @@ def render(scene: dict, size: int, rng: np.random.Generator) -> np.ndarray:
     base = np.array(PALETTE[scene["bg"]], float)
     ramp = np.linspace(0, 1, size)[:, None, None]
     canvas = base * (1 - 0.35 * ramp) + np.array(PALETTE[scene["bg2"]], float) * 0.35 * ramp
-    texture = PILImage.fromarray(np.uint8(np.clip(scene["texture"] + 128, 0, 255))).resize((size, size),
-                                                                                       PILImage.BICUBIC)
+    texture = PILImage.fromarray(np.uint8(np.clip(scene["texture"] + 128, 0, 255))).resize(
+        (size, size), PILImage.BICUBIC
+    )
     canvas = canvas + (np.asarray(texture, float) - 128)
     img = PILImage.fromarray(np.uint8(np.clip(canvas, 0, 255)))
     draw = ImageDraw.Draw(img)
@@ -125,8 +142,7 @@ def generate_demo(split_sizes: dict[str, int], image_size: int = 64, seed: int =
             used.add(caption)
             for source in range(SOURCES):
                 rows["Caption"].append(caption)
-                rows["Image"].append({"bytes": encode(apply_trace(source, scene, image_size, rng), rng),
-                                      "path": None})
+                rows["Image"].append({"bytes": encode(apply_trace(source, scene, image_size, rng), rng), "path": None})
                 rows["Label_A"].append(int(source > 0))
                 rows["Label_B"].append(source)
                 rows["caption_id"].append(caption_id)

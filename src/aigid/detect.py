@@ -46,9 +46,17 @@ def expand(inputs: list[str]) -> list[Path]:
     return list(dict.fromkeys(found))
 
 
-def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None = None, *, caption: str = "",
-           threshold: float = 0.5, batch_size: int = 64, progress: bool = False,
-           precision: str = "auto") -> list[dict]:
+def detect(
+    paths: list[Path],
+    model_dir: Path,
+    captions: dict[str, str] | None = None,
+    *,
+    caption: str = "",
+    threshold: float = 0.5,
+    batch_size: int = 64,
+    progress: bool = False,
+    precision: str = "auto",
+) -> list[dict]:
     """One row per path: P(AI), the decision at ``threshold``, the generator and every class probability.
 
     A file that cannot be read gets a row with its ``error`` and no scores; the rest are still scored.
@@ -82,12 +90,15 @@ def scorer(model_dir: Path, batch_size: int, progress: bool, precision: str):
     """``score(images, captions, threshold) -> rows`` for the detector in ``model_dir``, loaded."""
     if is_portable(model_dir):
         if precision == "bf16":
-            raise DataError(f"{model_dir}: a portable detector runs in float32; --precision bf16 needs a model "
-                            f"directory written by train or retrain")
+            raise DataError(
+                f"{model_dir}: a portable detector runs in float32; --precision bf16 needs a model "
+                f"directory written by train or retrain"
+            )
         with uncollected():
             portable = PortableDetector(model_dir)
-        return lambda images, texts, threshold: score_rows(*portable.logits(images, texts, batch_size, progress),
-                                                           portable.class_names, threshold, texts)
+        return lambda images, texts, threshold: score_rows(
+            *portable.logits(images, texts, batch_size, progress), portable.class_names, threshold, texts
+        )
     with uncollected():
         from .infer import RunOptions, score_images
         from .model import load_detector
@@ -123,21 +134,26 @@ def resolve_model(spec: str) -> Path:
         if not path.is_dir():
             raise DataError(f"{spec}: no such model directory")
         if not (path / "model.safetensors").is_file() and not is_portable(path):
-            raise DataError(f"{spec}: no model.safetensors or model.onnx; not a model directory written by "
-                            f"`aigid train`, `aigid retrain` or `aigid export` (e.g. models/retrained)")
+            raise DataError(
+                f"{spec}: no model.safetensors or model.onnx; not a model directory written by "
+                f"`aigid train`, `aigid retrain` or `aigid export` (e.g. models/retrained)"
+            )
         return path
     import mlflow
 
-    from .tracking import check_reachable, tracking_uri
+    from .tracking import bound_http_retries, check_reachable, tracking_uri
 
+    bound_http_retries()
     uri = tracking_uri()
     check_reachable(uri)
     mlflow.set_tracking_uri(uri)
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
     except Exception as err:  # the registry raises several types; all mean "cannot get this model"
-        raise DataError(f"{spec}: cannot download the model from {uri} ({type(err).__name__}: {err}); "
-                        f"`aigid register` registers models/retrained in this store") from None
+        raise DataError(
+            f"{spec}: cannot download the model from {uri} ({type(err).__name__}: {err}); "
+            f"`aigid register` registers models/retrained in this store"
+        ) from None
     found = [p.parent for p in local.rglob("model.safetensors")]
     if len(found) != 1:
         raise DataError(f"{spec}: expected one detector directory in the model's artifacts, found {len(found)}")
@@ -169,32 +185,56 @@ def render(rows: list[dict], fmt: str, fields: list[str]) -> str:
 
 @click.command(name="detect")
 @click.argument("inputs", nargs=-1, required=True)
-@click.option("--model", "model_spec", default="models/retrained", show_default=True,
-              help="Model directory written by train or retrain, a portable one written by export (e.g. "
-                   "models/portable: scored without torch, starts in about a second), or a registered model from "
-                   "the MLflow store: models:/<name>@<alias> (e.g. models:/aigid-detector@candidate) or "
-                   "models:/<name>/<version>.")
+@click.option(
+    "--model",
+    "model_spec",
+    default="models/retrained",
+    show_default=True,
+    help="Model directory written by train or retrain, a portable one written by export (e.g. "
+    "models/portable: scored without torch, starts in about a second), or a registered model from "
+    "the MLflow store: models:/<name>@<alias> (e.g. models:/aigid-detector@candidate) or "
+    "models:/<name>/<version>.",
+)
 @click.option("--caption", default="", help="One caption for every image (default: none).")
-@click.option("--captions", "captions_file", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="CSV with columns path,caption (path as given or a bare file name).")
-@click.option("--threshold", type=click.FloatRange(0, 1), default=0.5, show_default=True,
-              help="Call an image AI when P(AI) is at least this.")
-@click.option("--threshold-from", "threshold_spec", metavar="FILE[:MODEL]",
-              help="Use the operating point evaluate chose instead of --threshold: the threshold with at most "
-                   "evaluate.target_fpr false positives on real validation images, read from FILE (e.g. "
-                   "metrics/evaluate.json) for MODEL (retrained (default) or base).")
+@click.option(
+    "--captions",
+    "captions_file",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    help="CSV with columns path,caption (path as given or a bare file name).",
+)
+@click.option(
+    "--threshold",
+    type=click.FloatRange(0, 1),
+    default=0.5,
+    show_default=True,
+    help="Call an image AI when P(AI) is at least this.",
+)
+@click.option(
+    "--threshold-from",
+    "threshold_spec",
+    metavar="FILE[:MODEL]",
+    help="Use the operating point evaluate chose instead of --threshold: the threshold with at most "
+    "evaluate.target_fpr false positives on real validation images, read from FILE (e.g. "
+    "metrics/evaluate.json) for MODEL (retrained (default) or base).",
+)
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="auto: bf16 on a GPU, float32 on the CPU; bf16: also on the CPU (about 2x faster on CPUs with "
-                   "bf16 instructions, scores within a few hundredths); fp32: float32 everywhere. A portable model "
-                   "runs in float32.")
+@click.option(
+    "--precision",
+    type=click.Choice(PRECISIONS),
+    default="auto",
+    show_default=True,
+    help="auto: bf16 on a GPU, float32 on the CPU; bf16: also on the CPU (about 2x faster on CPUs with "
+    "bf16 instructions, scores within a few hundredths); fp32: float32 everywhere. A portable model "
+    "runs in float32.",
+)
 @click.option("--format", "fmt", type=click.Choice(["csv", "json"]), default="csv", show_default=True)
 @click.option("--out", type=click.Path(dir_okay=False, path_type=Path), help="Output file (default: standard output).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar (it is shown on stderr only when it is a terminal).")
 @click.pass_context
 @clean_errors
-def command(ctx, inputs, model_spec, caption, captions_file, threshold, threshold_spec, batch_size, precision, fmt,
-            out, quiet) -> None:
+def command(
+    ctx, inputs, model_spec, caption, captions_file, threshold, threshold_spec, batch_size, precision, fmt, out, quiet
+) -> None:
     """Score image files, folders or globs: P(AI), the generator and every class probability.
 
     Unreadable files get a row with the reason in `error`; the others are still scored. Exit status: 0 every
@@ -211,10 +251,19 @@ def command(ctx, inputs, model_spec, caption, captions_file, threshold, threshol
     model_dir = resolve_model(model_spec)
     paths = expand(list(inputs))
     if not paths:
-        raise click.ClickException(f"no image files in {', '.join(inputs)} "
-                                   f"(looked for {', '.join(sorted(IMAGE_SUFFIXES))})")
-    rows = detect(paths, model_dir, captions, caption=caption, threshold=threshold, batch_size=batch_size,
-                  progress=not quiet and sys.stderr.isatty(), precision=precision)
+        raise click.ClickException(
+            f"no image files in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+        )
+    rows = detect(
+        paths,
+        model_dir,
+        captions,
+        caption=caption,
+        threshold=threshold,
+        batch_size=batch_size,
+        progress=not quiet and sys.stderr.isatty(),
+        precision=precision,
+    )
     text = render(rows, fmt, columns(json.loads((model_dir / "config.json").read_text())["class_names"]))
     if out:
         out.write_text(text)

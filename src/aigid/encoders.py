@@ -38,8 +38,9 @@ PARAMS = ("seed", "encoders", "compute")
 
 @dataclass(frozen=True)
 class Paths:
-    data: Path = stage.path("data/prepared", "Prepared dataset; its train captions train the demo tokenizer.",
-                            exists=True)
+    data: Path = stage.path(
+        "data/prepared", "Prepared dataset; its train captions train the demo tokenizer.", exists=True
+    )
     out: Path = stage.path("models/encoders", "Directory for the text/ and vision/ encoders.")
 
 
@@ -76,14 +77,22 @@ def train_wordpiece(captions: Iterable[str], vocab_size: int) -> BertTokenizerFa
     chars = sorted({ch for word in counts for ch in word})
     pieces = SPECIAL_TOKENS + chars + [f"##{ch}" for ch in chars]
     words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
-    pieces += words[:max(0, vocab_size - len(pieces))]
+    pieces += words[: max(0, vocab_size - len(pieces))]
     tok = Tokenizer(models.WordPiece(vocab={p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
     tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
     cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
     tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)])
-    return BertTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", cls_token="[CLS]",
-                             sep_token="[SEP]", mask_token="[MASK]", do_lower_case=True)
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        do_lower_case=True,
+    )
 
 
 def build_demo_encoders(captions: Iterable[str], params, out_dir: Path, seed: int) -> None:
@@ -92,17 +101,32 @@ def build_demo_encoders(captions: Iterable[str], params, out_dir: Path, seed: in
     d = params.demo
     torch.manual_seed(seed)
     tokenizer = train_wordpiece(captions, d.vocab_size)
-    text = BertModel(BertConfig(vocab_size=len(tokenizer), hidden_size=d.hidden_size,
-                                num_hidden_layers=d.layers, num_attention_heads=d.heads,
-                                intermediate_size=4 * d.hidden_size, max_position_embeddings=128),
-                     add_pooling_layer=False)
-    vision = CLIPVisionModel(CLIPVisionConfig(hidden_size=d.hidden_size, num_hidden_layers=d.layers,
-                                              num_attention_heads=d.heads, intermediate_size=4 * d.hidden_size,
-                                              image_size=d.image_size, patch_size=d.patch_size,
-                                              projection_dim=d.hidden_size))
+    text = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=d.hidden_size,
+            num_hidden_layers=d.layers,
+            num_attention_heads=d.heads,
+            intermediate_size=4 * d.hidden_size,
+            max_position_embeddings=128,
+        ),
+        add_pooling_layer=False,
+    )
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=d.hidden_size,
+            num_hidden_layers=d.layers,
+            num_attention_heads=d.heads,
+            intermediate_size=4 * d.hidden_size,
+            image_size=d.image_size,
+            patch_size=d.patch_size,
+            projection_dim=d.hidden_size,
+        )
+    )
     # Only its settings are saved (as a CLIPImageProcessor); aigid.model.load_processor picks the fast variant.
-    processor = CLIPImageProcessorPil(size={"shortest_edge": d.image_size},
-                                      crop_size={"height": d.image_size, "width": d.image_size})
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": d.image_size}, crop_size={"height": d.image_size, "width": d.image_size}
+    )
     text.save_pretrained(out_dir / "text")
     tokenizer.save_pretrained(out_dir / "text")
     vision.save_pretrained(out_dir / "vision")
@@ -114,12 +138,19 @@ def snapshot_encoders(params, out_dir: Path) -> None:
     for name, kind in ((params.text, "text"), (params.vision, "vision")):
         try:
             if kind == "text":
-                model, pre = AutoModel.from_pretrained(name, add_pooling_layer=False), AutoTokenizer.from_pretrained(name)
+                model, pre = (
+                    AutoModel.from_pretrained(name, add_pooling_layer=False),
+                    AutoTokenizer.from_pretrained(name),
+                )
             else:
-                model, pre = CLIPVisionModel.from_pretrained(name), AutoImageProcessor.from_pretrained(name)  # settings only
+                model, pre = (
+                    CLIPVisionModel.from_pretrained(name),
+                    AutoImageProcessor.from_pretrained(name),
+                )  # settings only
         except OSError as err:
             raise DataError(
                 f"encoders.{kind}={name!r} could not be loaded: it is neither a local directory nor a model in the "
-                f"Hugging Face cache or hub reachable from here ({err})") from err
+                f"Hugging Face cache or hub reachable from here ({err})"
+            ) from err
         model.save_pretrained(out_dir / kind)
         pre.save_pretrained(out_dir / kind)

@@ -11,4 +11,5 @@ class ParamsError(ValueError):
 
 
 class TrackingError(RuntimeError):
-    """The MLflow store cannot be used; raised before any work starts."""
+    """The MLflow store cannot be used: before any work starts, or when a tracking server stops answering
+    during a stage (the stage then ends without writing its outputs)."""

@@ -43,15 +43,22 @@ PARAMS = ("evaluate", "pseudolabel.pool", "train.num_workers", "inference", "com
 @dataclass(frozen=True)
 class Paths:
     base: Path = stage.path("models/base", "Model written by train.", exists=True)
-    retrained: Path = stage.path("models/retrained", "Model written by retrain; logged to MLflow and registered.",
-                                 exists=True)
-    data: Path = stage.path("data/prepared", "Prepared dataset holding the labeled test split (and validation, "
-                            "for the operating point).", exists=True)
+    retrained: Path = stage.path(
+        "models/retrained", "Model written by retrain; logged to MLflow and registered.", exists=True
+    )
+    data: Path = stage.path(
+        "data/prepared",
+        "Prepared dataset holding the labeled test split (and validation, for the operating point).",
+        exists=True,
+    )
     metrics: Path = stage.path("metrics/evaluate.json", "Headline test scores of both models (DVC metrics).")
-    report: Path = stage.path("reports/evaluate.json", "Every test score of both models: per class, captions, "
-                              "robustness, the unseen generator.")
-    plots: Path = stage.path("metrics/plots", "Directory for plot rows: confusion matrices, ROC and "
-                             "precision-recall curves, robustness.")
+    report: Path = stage.path(
+        "reports/evaluate.json",
+        "Every test score of both models: per class, captions, robustness, the unseen generator.",
+    )
+    plots: Path = stage.path(
+        "metrics/plots", "Directory for plot rows: confusion matrices, ROC and precision-recall curves, robustness."
+    )
 
 
 def run(params, paths: Paths) -> dict:
@@ -67,11 +74,21 @@ def run(params, paths: Paths) -> dict:
     data = open_dataset(paths.data)
     with stage_run("evaluate", params):
         log_data(paths.data, data, {"test": "test", "validation": "validation"})
-        report, plots = evaluate(models, data, params.evaluate, contaminated=params.pseudolabel.pool == "test",
-                                 num_workers=params.train.num_workers, precision=params.inference.precision)
+        report, plots = evaluate(
+            models,
+            data,
+            params.evaluate,
+            contaminated=params.pseudolabel.pool == "test",
+            num_workers=params.train.num_workers,
+            precision=params.inference.precision,
+        )
         log_report(report, parent=True)
-        register(paths.retrained, params.mlflow.registered_model,
-                 report["retrained"]["operating_point"]["threshold"], data["test"])
+        register(
+            paths.retrained,
+            params.mlflow.registered_model,
+            report["retrained"]["operating_point"]["threshold"],
+            data["test"],
+        )
     for name, rows in plots.items():
         write_json(paths.plots / f"{name}.json", rows)
     write_json(paths.report, report)
@@ -116,17 +133,18 @@ class Perturbation:
 
 def perturbations(params) -> list[Perturbation]:
     """The robustness grid, in params order: JPEG qualities, blur sigmas, resize factors."""
-    return ([Perturbation("jpeg", q) for q in params.jpeg_quality]
-            + [Perturbation("blur", s) for s in params.blur_sigma]
-            + [Perturbation("resize", f) for f in params.resize_scale])
+    return (
+        [Perturbation("jpeg", q) for q in params.jpeg_quality]
+        + [Perturbation("blur", s) for s in params.blur_sigma]
+        + [Perturbation("resize", f) for f in params.resize_scale]
+    )
 
 
 def blank_captions(ds):
     return ds.remove_columns("Caption").add_column("Caption", [""] * len(ds))
 
 
-def evaluate_model(model_dir: Path, data, params, num_workers: int = 0,
-                   precision: str = "auto") -> tuple[dict, dict]:
+def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precision: str = "auto") -> tuple[dict, dict]:
     detector = load_detector(model_dir)
     model = detector.model
     names = tuple(model.config.class_names)
@@ -134,8 +152,9 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0,
     labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
 
     def predict(ds, perturb=None):
-        logits_a, logits_b = predict_logits(detector, ds, RunOptions(params.batch_size, num_workers, precision,
-                                                                     perturb=perturb))
+        logits_a, logits_b = predict_logits(
+            detector, ds, RunOptions(params.batch_size, num_workers, precision, perturb=perturb)
+        )
         return decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
 
     def scores(pred) -> dict:
@@ -145,21 +164,31 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0,
     prob_ai = pred.prob_ai.numpy()
     result = {**scores(pred), **ranking_scores(labels_a, prob_ai)}
     result["calibration"], reliability = calibration(labels_a, prob_ai)
-    plots = {"confusion_a": confusion_rows(labels_a, pred.label_a.numpy(), ("real", "ai")),
-             "confusion_b": confusion_rows(labels_b, pred.label_b.numpy(), names), **curve_rows(labels_a, prob_ai),
-             "reliability": reliability}
+    plots = {
+        "confusion_a": confusion_rows(labels_a, pred.label_a.numpy(), ("real", "ai")),
+        "confusion_b": confusion_rows(labels_b, pred.label_b.numpy(), names),
+        **curve_rows(labels_a, prob_ai),
+        "reliability": reliability,
+    }
 
     # The operating point is chosen on validation and only measured on test.
     val_labels_a, val_prob = np.asarray(validation["Label_A"]), predict(validation).prob_ai.numpy()
     threshold = threshold_at_fpr(val_prob[val_labels_a == 0], params.target_fpr)
     val_rates, test_rates = rates_at(val_labels_a, val_prob, threshold), rates_at(labels_a, prob_ai, threshold)
-    result["operating_point"] = {"target_fpr": params.target_fpr, "threshold": threshold,
-                                 "validation_tpr": val_rates["tpr"], "validation_fpr": val_rates["fpr"],
-                                 "test_tpr": test_rates["tpr"], "test_fpr": test_rates["fpr"]}
+    result["operating_point"] = {
+        "target_fpr": params.target_fpr,
+        "threshold": threshold,
+        "validation_tpr": val_rates["tpr"],
+        "validation_fpr": val_rates["fpr"],
+        "test_tpr": test_rates["tpr"],
+        "test_fpr": test_rates["fpr"],
+    }
 
     blank = predict(blank_captions(test))
-    result["captions"] = {"with": _summary(result), "without": {**_summary(scores(blank)),
-                                                                **ranking_scores(labels_a, blank.prob_ai.numpy())}}
+    result["captions"] = {
+        "with": _summary(result),
+        "without": {**_summary(scores(blank)), **ranking_scores(labels_a, blank.prob_ai.numpy())},
+    }
     result["captions"]["with"].update(roc_auc=result["roc_auc"], average_precision=result["average_precision"])
 
     quality = params.format_control_quality
@@ -169,10 +198,15 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0,
     for perturb in perturbations(params):
         robustness[perturb.name] = _condition(scores(predict(test, perturb)))
     result["robustness"] = robustness
-    plots["robustness"] = [{"condition": c, "f1_a": r["task_a_f1_weighted"], "f1_b": r["task_b_f1_weighted"]}
-                           for c, r in robustness.items()]
-    plots["robustness_per_class"] = [{"case": f"{c} / {g}", "condition": c, "class": g, "detection_rate": rate}
-                                     for c, r in robustness.items() for g, rate in r["per_class"].items()]
+    plots["robustness"] = [
+        {"condition": c, "f1_a": r["task_a_f1_weighted"], "f1_b": r["task_b_f1_weighted"]}
+        for c, r in robustness.items()
+    ]
+    plots["robustness_per_class"] = [
+        {"case": f"{c} / {g}", "condition": c, "class": g, "detection_rate": rate}
+        for c, r in robustness.items()
+        for g, rate in r["per_class"].items()
+    ]
 
     holdout = getattr(model.config, "holdout", "none")
     if holdout != "none":
@@ -187,37 +221,48 @@ def format_control(test, clean, controlled, quality: int, names: tuple[str, ...]
     "JPEG = real") calls originally-PNG real images AI, or originally-JPEG AI images real, and loses that once
     every image is a JPEG of the same quality."""
     labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
-    formats = np.array([file_format(row["bytes"]) for start in range(0, len(test), 512)
-                        for row in test[start:start + 512]["Image"]])
+    formats = np.array(
+        [file_format(row["bytes"]) for start in range(0, len(test), 512) for row in test[start : start + 512]["Image"]]
+    )
     s = score(labels_a, labels_b, controlled.label_a.numpy(), controlled.label_b.numpy(), names)
-    out = {"jpeg_quality": quality,
-           "task_a": {k: s["task_a"][k] for k in ("f1_weighted", "balanced_accuracy", "f1_binary")},
-           "per_class": {name: c["task_a_recall"] for name, c in s["per_class"].items()},
-           "by_original_format": {}}
+    out = {
+        "jpeg_quality": quality,
+        "task_a": {k: s["task_a"][k] for k in ("f1_weighted", "balanced_accuracy", "f1_binary")},
+        "per_class": {name: c["task_a_recall"] for name, c in s["per_class"].items()},
+        "by_original_format": {},
+    }
     for kind in FILE_FORMATS:
         for label, name in ((0, "real"), (1, "ai")):
             rows = (formats == kind) & (labels_a == label)
             if rows.any():  # share of these images called what they are (Task A recall), before and after
                 out["by_original_format"].setdefault(kind, {})[name] = {
-                    "n": int(rows.sum()), "clean_recall": float((clean.label_a.numpy()[rows] == label).mean()),
-                    "controlled_recall": float((controlled.label_a.numpy()[rows] == label).mean())}
+                    "n": int(rows.sum()),
+                    "clean_recall": float((clean.label_a.numpy()[rows] == label).mean()),
+                    "controlled_recall": float((controlled.label_a.numpy()[rows] == label).mean()),
+                }
     return out
 
 
 def _summary(s: dict) -> dict:
-    return {"task_a_f1_weighted": s["task_a"]["f1_weighted"],
-            "task_a_balanced_accuracy": s["task_a"]["balanced_accuracy"],
-            "task_b_f1_weighted": s["task_b"]["f1_weighted"]}
+    return {
+        "task_a_f1_weighted": s["task_a"]["f1_weighted"],
+        "task_a_balanced_accuracy": s["task_a"]["balanced_accuracy"],
+        "task_b_f1_weighted": s["task_b"]["f1_weighted"],
+    }
 
 
 def _condition(s: dict) -> dict:
     """One robustness condition: both weighted F1s and each class's Task A recall (its detection rate)."""
-    return {"task_a_f1_weighted": s["task_a"]["f1_weighted"], "task_b_f1_weighted": s["task_b"]["f1_weighted"],
-            "per_class": {name: c["task_a_recall"] for name, c in s["per_class"].items()}}
+    return {
+        "task_a_f1_weighted": s["task_a"]["f1_weighted"],
+        "task_b_f1_weighted": s["task_b"]["f1_weighted"],
+        "per_class": {name: c["task_a_recall"] for name, c in s["per_class"].items()},
+    }
 
 
-def evaluate(models: dict[str, Path], data, params, contaminated: bool,
-             num_workers: int = 0, precision: str = "auto") -> tuple[dict, dict]:
+def evaluate(
+    models: dict[str, Path], data, params, contaminated: bool, num_workers: int = 0, precision: str = "auto"
+) -> tuple[dict, dict]:
     """Scores of each named model on the test split of ``data`` (the prepared DatasetDict), and rows for the
     plots (confusion, ROC, PR, robustness)."""
     metrics: dict = {"test_rows": len(data["test"]), "contaminated": contaminated}

@@ -37,18 +37,22 @@ from .scores import decide
 log = logging.getLogger(__name__)
 
 PARAMS = ("compute",)
-CHECK_ROWS = 64          # rows of the test split both checks score
-GRAPH_TOLERANCE = 1e-3   # largest logit difference between onnxruntime and torch on the same inputs
+CHECK_ROWS = 64  # rows of the test split both checks score
+GRAPH_TOLERANCE = 1e-3  # largest logit difference between onnxruntime and torch on the same inputs
 OPSET = 18
 
 
 @dataclass(frozen=True)
 class Paths:
     model: Path = stage.path("models/retrained", "Detector directory written by train or retrain.", exists=True)
-    data: Path = stage.path("data/prepared", "Prepared dataset; the first rows of its test split check the export.",
-                            exists=True)
-    out: Path = stage.path("models/portable", "Portable detector directory (ONNX graph and weights, config, "
-                           "tokenizer, processor), for `aigid detect --model`.")
+    data: Path = stage.path(
+        "data/prepared", "Prepared dataset; the first rows of its test split check the export.", exists=True
+    )
+    out: Path = stage.path(
+        "models/portable",
+        "Portable detector directory (ONNX graph and weights, config, "
+        "tokenizer, processor), for `aigid detect --model`.",
+    )
     report: Path = stage.path("reports/export.json", "The checks: logit and P(AI) differences, label agreement.")
 
 
@@ -61,8 +65,9 @@ class Scoring(nn.Module):
         self.detector = detector
 
     def forward(self, input_ids, attention_mask, pixel_values):
-        out = self.detector(input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values,
-                            share_captions=False)
+        out = self.detector(
+            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, share_captions=False
+        )
         return out.logits_a, out.logits_b
 
 
@@ -76,10 +81,19 @@ def export_graph(detector: Detector, example: dict[str, np.ndarray], out: Path) 
     with warnings.catch_warnings():  # the exporter warns that it names dynamic axes after the dims, not ours
         warnings.filterwarnings("ignore", message=".*axis name", category=UserWarning)
         program = torch.onnx.export(
-            Scoring(detector).eval(), args, dynamo=True, opset_version=OPSET, input_names=list(INPUTS),
-            output_names=list(OUTPUTS), verbose=False,
-            dynamic_shapes={"input_ids": {0: batch, 1: tokens}, "attention_mask": {0: batch, 1: tokens},
-                            "pixel_values": {0: batch}})
+            Scoring(detector).eval(),
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            verbose=False,
+            dynamic_shapes={
+                "input_ids": {0: batch, 1: tokens},
+                "attention_mask": {0: batch, 1: tokens},
+                "pixel_values": {0: batch},
+            },
+        )
     for node in program.model.graph.all_nodes():  # tracing records each node's stack trace: files of this machine
         node.metadata_props.clear()
     program.save(str(out / GRAPH), external_data=True)  # the weights go to model.onnx.data (WEIGHTS)
@@ -109,19 +123,33 @@ def run(params, paths: Paths) -> dict:
         logits = PortableDetector(tmp).session.run(list(OUTPUTS), inputs)  # the portable path on these rows
         graph = _graph_difference(detector.model, logits, inputs)
         if graph > GRAPH_TOLERANCE:
-            raise DataError(f"{paths.model}: the exported graph's logits differ from torch's by {graph:.2e} "
-                            f"(more than {GRAPH_TOLERANCE:g}) on the same inputs; nothing written")
+            raise DataError(
+                f"{paths.model}: the exported graph's logits differ from torch's by {graph:.2e} "
+                f"(more than {GRAPH_TOLERANCE:g}) on the same inputs; nothing written"
+            )
         ours, theirs = decide(*logits), decide(reference_a, reference_b)
-    report = {"rows": len(rows), "graph_max_logit_difference": graph,
-              "max_prob_ai_difference": float(np.abs(ours[0] - theirs[0]).max()),
-              "label_agreement": float((ours[1] == theirs[1]).mean()),
-              "generator_agreement": float((ours[3] == theirs[3]).mean()),
-              "graph_bytes": (paths.out / GRAPH).stat().st_size,
-              "weights_bytes": (paths.out / WEIGHTS).stat().st_size, "opset": OPSET}
+    report = {
+        "rows": len(rows),
+        "graph_max_logit_difference": graph,
+        "max_prob_ai_difference": float(np.abs(ours[0] - theirs[0]).max()),
+        "label_agreement": float((ours[1] == theirs[1]).mean()),
+        "generator_agreement": float((ours[3] == theirs[3]).mean()),
+        "graph_bytes": (paths.out / GRAPH).stat().st_size,
+        "weights_bytes": (paths.out / WEIGHTS).stat().st_size,
+        "opset": OPSET,
+    }
     write_json(paths.report, report)
-    log.info("exported %s to %s (%.1f MB): logits within %.1e of torch's; on %d test rows P(AI) within %.1e of the "
-             "torch detector's, labels agree on %.1f%%", paths.model, paths.out, report["weights_bytes"] / 1e6, graph,
-             len(rows), report["max_prob_ai_difference"], 100 * report["label_agreement"])
+    log.info(
+        "exported %s to %s (%.1f MB): logits within %.1e of torch's; on %d test rows P(AI) within %.1e of the "
+        "torch detector's, labels agree on %.1f%%",
+        paths.model,
+        paths.out,
+        report["weights_bytes"] / 1e6,
+        graph,
+        len(rows),
+        report["max_prob_ai_difference"],
+        100 * report["label_agreement"],
+    )
     return report
 
 

@@ -3,8 +3,9 @@
 With ``train.freeze_encoders: true`` the encoders never change during training, so their outputs are computed
 once here and cached as a DVC output (Arrow, memory-mapped): ``text_features`` (BERT [CLS]; for a fusion that
 reads every token, ``model.fusion: cross_attention``, the feature of each of the caption's tokens, padding
-dropped) and ``image_features`` (CLIP pooled) per row, aligned row by row with ``data/prepared``. `train`, `pseudolabel` and
-`retrain` then only run the fusion layer and the heads: experiments on the threshold or the heads cost seconds.
+dropped) and ``image_features`` (CLIP pooled) per row, aligned row by row with ``data/prepared``. `train`,
+`pseudolabel` and `retrain` then only run the fusion layer and the heads: experiments on the threshold or the
+heads cost seconds.
 This is how the strongest CLIP-based detectors are trained (a frozen CLIP with a light head).
 
 With ``train.freeze_encoders: false`` (full fine-tuning, the paper's setup) nothing is computed: the output is a
@@ -31,8 +32,16 @@ from .runtime import configure
 
 log = logging.getLogger(__name__)
 MARKER = "features.json"
-PARAMS = ("seed", "train.freeze_encoders", "train.num_workers", "model.max_text_length", "model.fusion", "features",
-          "inference", "compute")
+PARAMS = (
+    "seed",
+    "train.freeze_encoders",
+    "train.num_workers",
+    "model.max_text_length",
+    "model.fusion",
+    "features",
+    "inference",
+    "compute",
+)
 
 
 @dataclass(frozen=True)
@@ -67,22 +76,33 @@ def feature_table(text: np.ndarray | list[np.ndarray], image: np.ndarray, rows: 
     """Encoder features of ``rows`` (in their order) with their labels: one split of `data/features`. ``text``
     holds a [CLS] feature per row, or a list of per-row token features."""
     text_column = _ragged(text) if isinstance(text, list) else _fixed(text)
-    return Dataset(pa.table({"text_features": text_column, "image_features": _fixed(image),
-                             "Label_A": pa.array(rows["Label_A"], pa.int64()),
-                             "Label_B": pa.array(rows["Label_B"], pa.int64())}))
+    return Dataset(
+        pa.table(
+            {
+                "text_features": text_column,
+                "image_features": _fixed(image),
+                "Label_A": pa.array(rows["Label_A"], pa.int64()),
+                "Label_B": pa.array(rows["Label_B"], pa.int64()),
+            }
+        )
+    )
 
 
 def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) -> dict:
     if not params.train.freeze_encoders:
-        save_dataset(DatasetDict(), out_dir, {MARKER: json.dumps({"computed": False, "reason":
-                                                                  "train.freeze_encoders is false"}) + "\n"})
+        save_dataset(
+            DatasetDict(),
+            out_dir,
+            {MARKER: json.dumps({"computed": False, "reason": "train.freeze_encoders is false"}) + "\n"},
+        )
         return {"computed": False}
     configure(params.compute)
     data = open_dataset(data_dir)
     torch.manual_seed(params.seed)
     # Only the encoders run here: the fusion layer and heads of this detector are placeholders, never used.
-    detector = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"), 1,
-                              params.model.max_text_length, ("real", "ai"))
+    detector = build_detector(
+        str(encoders_dir / "text"), str(encoders_dir / "vision"), 1, params.model.max_text_length, ("real", "ai")
+    )
     options = RunOptions(params.features.batch_size, params.train.num_workers, params.inference.precision)
     tokens = FUSIONS[params.model.fusion].tokens
     splits = {}
@@ -91,9 +111,13 @@ def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) 
         splits[name] = feature_table(text, image, ds)
         log.info("encoded %d %s rows", len(ds), name)
     save_dataset(DatasetDict(splits), out_dir, {MARKER: json.dumps({"computed": True, "tokens": tokens}) + "\n"})
-    return {"computed": True, "tokens": tokens, "rows": {k: len(v) for k, v in splits.items()},
-            "text_dim": int((text[0] if tokens else text).shape[-1]),
-            "image_dim": int(image.shape[1])}
+    return {
+        "computed": True,
+        "tokens": tokens,
+        "rows": {k: len(v) for k, v in splits.items()},
+        "text_dim": int((text[0] if tokens else text).shape[-1]),
+        "image_dim": int(image.shape[1]),
+    }
 
 
 def open_features(path: Path, fusion: str | None = None) -> DatasetDict:
@@ -102,12 +126,16 @@ def open_features(path: Path, fusion: str | None = None) -> DatasetDict:
     marker = path / MARKER
     info = json.loads(marker.read_text()) if marker.is_file() else {}
     if not info.get("computed"):
-        raise DataError(f"{path}: no cached features; train.freeze_encoders is true, so run the `features` stage "
-                        f"with it (dvc repro does)")
+        raise DataError(
+            f"{path}: no cached features; train.freeze_encoders is true, so run the `features` stage "
+            f"with it (dvc repro does)"
+        )
     if fusion is not None and info.get("tokens", False) != FUSIONS[fusion].tokens:
         cached = "every token's feature" if info.get("tokens") else "the [CLS] feature only"
-        raise DataError(f"{path}: holds {cached} of each caption, not what model.fusion: {fusion} reads; run the "
-                        f"`features` stage with model.fusion: {fusion} (dvc repro does)")
+        raise DataError(
+            f"{path}: holds {cached} of each caption, not what model.fusion: {fusion} reads; run the "
+            f"`features` stage with model.fusion: {fusion} (dvc repro does)"
+        )
     return open_dataset(path).with_format("numpy")
 
 
@@ -162,15 +190,22 @@ class FeatureCollator:
     def __call__(self, batch: dict[str, torch.Tensor] | list[dict]) -> dict[str, torch.Tensor]:
         if isinstance(batch, list):
             rows = batch
-            batch = {name: torch.as_tensor(np.stack([np.asarray(r[name]) for r in rows]))
-                     for name in FEATURE_COLUMNS if name != "text_features"}
+            batch = {
+                name: torch.as_tensor(np.stack([np.asarray(r[name]) for r in rows]))
+                for name in FEATURE_COLUMNS
+                if name != "text_features"
+            }
             text = [torch.as_tensor(np.asarray(r["text_features"], dtype=np.float32)) for r in rows]
             if text and text[0].dim() == 2:  # token features
                 batch["text_features"], batch["text_mask"] = pad(text)
             else:
                 batch["text_features"] = torch.stack(text)
-        out = {"text_features": batch["text_features"], "image_features": batch["image_features"],
-               "labels_a": batch["Label_A"], "labels_b": batch["Label_B"]}
+        out = {
+            "text_features": batch["text_features"],
+            "image_features": batch["image_features"],
+            "labels_a": batch["Label_A"],
+            "labels_b": batch["Label_B"],
+        }
         if "text_mask" in batch:
             out["text_mask"] = batch["text_mask"]
         return out
@@ -183,8 +218,11 @@ def predict_from_features(model, feats: Dataset, batch_size: int = 4096) -> tupl
     logits_a, logits_b = [], []
     for start in range(0, len(feats), batch_size):
         batch = rows.__getitems__(list(range(start, min(start + batch_size, len(feats)))))
-        out = model(text_features=batch["text_features"], image_features=batch["image_features"],
-                    text_mask=batch.get("text_mask"))
+        out = model(
+            text_features=batch["text_features"],
+            image_features=batch["image_features"],
+            text_mask=batch.get("text_mask"),
+        )
         logits_a.append(out.logits_a.float().numpy())
         logits_b.append(out.logits_b.float().numpy())
     return np.concatenate(logits_a), np.concatenate(logits_b)

@@ -58,8 +58,14 @@ def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list:
     lower_weights(model, dev, options.precision)
     order = caption_order(dataset)
     collate = Collator(detector.tokenizer, detector.processor, model.config.max_text_length, perturb=options.perturb)
-    loader = DataLoader(Subset(dataset, order.tolist()), batch_size=options.batch_size, shuffle=False,
-                        num_workers=options.num_workers, pin_memory=dev.type == "cuda", collate_fn=collate)
+    loader = DataLoader(
+        Subset(dataset, order.tolist()),
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=options.num_workers,
+        pin_memory=dev.type == "cuda",
+        collate_fn=collate,
+    )
     outputs = None
     # One autocast region for the whole pass; the weights it would cast are already bf16 (lower_weights).
     with autocast(dev, options.precision):
@@ -98,8 +104,9 @@ def _features(model, batch):
 def _token_features(model, batch):
     """Every token's feature of each row's caption, padding dropped (a list: one (tokens, dim) tensor per row),
     and the image features."""
-    text, image = model.encode(batch["input_ids"], batch["attention_mask"], batch["pixel_values"],
-                               batch.get("token_type_ids"), tokens=True)
+    text, image = model.encode(
+        batch["input_ids"], batch["attention_mask"], batch["pixel_values"], batch.get("token_type_ids"), tokens=True
+    )
     return [row[:n] for row, n in zip(text, batch["attention_mask"].sum(dim=1).tolist())], image
 
 
@@ -117,8 +124,13 @@ def encode_features(detector: Loaded, dataset: Rows, options: RunOptions = RunOp
     return tuple(_run(detector, dataset, options, _token_features if tokens else _features))
 
 
-def score_images(detector: Loaded, images: list[bytes], captions: list[str], threshold: float = 0.5,
-                 options: RunOptions = RunOptions()) -> list[dict]:
+def score_images(
+    detector: Loaded,
+    images: list[bytes],
+    captions: list[str],
+    threshold: float = 0.5,
+    options: RunOptions = RunOptions(),
+) -> list[dict]:
     """Score encoded images (already known to decode) in batches: one row of scores per image
     (:func:`aigid.scores.score_rows`)."""
     inputs = [{"Caption": c, "Image": {"bytes": b, "path": None}} for b, c in zip(images, captions)]

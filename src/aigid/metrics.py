@@ -18,8 +18,15 @@ from .config import flatten
 
 # An evaluate report's DVC metrics, per model; everything else (per class, captions, robustness) stays in the
 # report.
-HEADLINE = ("task_a.f1_weighted", "task_a.balanced_accuracy", "task_b.f1_weighted", "task_b.f1_macro", "roc_auc",
-            "operating_point.threshold", "operating_point.test_tpr")
+HEADLINE = (
+    "task_a.f1_weighted",
+    "task_a.balanced_accuracy",
+    "task_b.f1_weighted",
+    "task_b.f1_macro",
+    "roc_auc",
+    "operating_point.threshold",
+    "operating_point.test_tpr",
+)
 MODELS = ("base", "retrained")
 
 
@@ -44,8 +51,10 @@ def score(labels_a, labels_b, pred_a, pred_b, class_names: tuple[str, ...]) -> d
     comparison with CT2 results reported that way.
     """
     labels_b, pred_b, pred_a = np.asarray(labels_b), np.asarray(pred_b), np.asarray(pred_a)
-    out = {"task_a": task_scores(labels_a, pred_a, [0, 1]),
-           "task_b": task_scores(labels_b, pred_b, list(range(len(class_names))))}
+    out = {
+        "task_a": task_scores(labels_a, pred_a, [0, 1]),
+        "task_b": task_scores(labels_b, pred_b, list(range(len(class_names)))),
+    }
     out["task_a"]["f1_binary"] = float(f1_score(labels_a, pred_a, pos_label=1, average="binary", zero_division=0))
     f1_b = f1_score(labels_b, pred_b, labels=list(range(len(class_names))), average=None, zero_division=0)
     per_class = {}
@@ -55,8 +64,12 @@ def score(labels_a, labels_b, pred_a, pred_b, class_names: tuple[str, ...]) -> d
             continue
         # For class 0 "called real" is the correct Task A answer; for a generator, "called AI" is.
         correct_a = (pred_a[rows] == (0 if k == 0 else 1)).mean()
-        per_class[name] = {"n": int(rows.sum()), "task_a_recall": float(correct_a), "task_b_f1": float(f1_b[k]),
-                           "task_b_recall": float((pred_b[rows] == k).mean())}
+        per_class[name] = {
+            "n": int(rows.sum()),
+            "task_a_recall": float(correct_a),
+            "task_b_f1": float(f1_b[k]),
+            "task_b_recall": float((pred_b[rows] == k).mean()),
+        }
     out["per_class"] = per_class
     return out
 
@@ -71,16 +84,20 @@ def ranking_scores(labels_a, prob_ai) -> dict[str, float]:
     labels_a, prob_ai = np.asarray(labels_a), np.asarray(prob_ai)
     if len(np.unique(labels_a)) < 2:
         raise ValueError("ROC AUC and average precision need both real and AI images")
-    return {"roc_auc": float(roc_auc_score(labels_a, prob_ai)),
-            "average_precision": float(average_precision_score(labels_a, prob_ai))}
+    return {
+        "roc_auc": float(roc_auc_score(labels_a, prob_ai)),
+        "average_precision": float(average_precision_score(labels_a, prob_ai)),
+    }
 
 
 def curve_rows(labels_a, prob_ai) -> dict[str, list[dict[str, float]]]:
     """Rows for the ROC ({fpr, tpr}) and precision-recall ({recall, precision}) DVC plots."""
     fpr, tpr, _ = roc_curve(labels_a, prob_ai)
     precision, recall, _ = precision_recall_curve(labels_a, prob_ai)
-    return {"roc": [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr)],
-            "pr": [{"recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)]}
+    return {
+        "roc": [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr)],
+        "pr": [{"recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)],
+    }
 
 
 CALIBRATION_BINS = 15
@@ -90,9 +107,9 @@ def calibration(labels_a, prob_ai, bins: int = CALIBRATION_BINS) -> tuple[dict, 
     """Calibration of P(AI): the expected calibration error and the rows of a reliability plot.
 
     P(AI) is cut into ``bins`` equal-width bins on [0, 1], a value on an edge going to the lower bin (the bins of
-    scikit-learn's ``calibration_curve(strategy="uniform")``, whose points are the plot's). ECE = sum over bins of (images in the bin / all
-    images) * |mean P(AI) in the bin - share of AI images in the bin|; 0 is perfectly calibrated. Empty
-    bins have no row.
+    scikit-learn's ``calibration_curve(strategy="uniform")``, whose points are the plot's). ECE = sum over bins
+    of (images in the bin / all images) * |mean P(AI) in the bin - share of AI images in the bin|; 0 is perfectly
+    calibrated. Empty bins have no row.
     """
     labels_a, prob_ai = np.asarray(labels_a, dtype=float), np.asarray(prob_ai, dtype=float)
     edges = np.linspace(0.0, 1.0, bins + 1)

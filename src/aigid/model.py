@@ -40,8 +40,16 @@ class DetectorConfig(PretrainedConfig):
     # The encoder configs are plain dicts under their own names (not `text_config`/`vision_config`, which
     # transformers treats as nested config objects of a composite model).
     # A model saved before `fusion` existed has no such key and was trained with concat, the default.
-    def __init__(self, text_encoder_config=None, vision_encoder_config=None, fusion_dim=512,
-                 class_names=(), max_text_length=64, fusion="concat", **kwargs):
+    def __init__(
+        self,
+        text_encoder_config=None,
+        vision_encoder_config=None,
+        fusion_dim=512,
+        class_names=(),
+        max_text_length=64,
+        fusion="concat",
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         self.text_encoder_config = _as_dict(text_encoder_config)
         self.vision_encoder_config = _as_dict(vision_encoder_config)
@@ -102,7 +110,7 @@ class CrossAttentionFusion(nn.Module):
         self.out = nn.Sequential(nn.Linear(text_dim + image_dim, out_dim), nn.ReLU())
 
     def forward(self, text, image, text_mask):
-        query = self.query(image).unsqueeze(1)                                    # (batch, 1, text_dim)
+        query = self.query(image).unsqueeze(1)  # (batch, 1, text_dim)
         attended, _ = self.attention(query, text, text, key_padding_mask=text_mask == 0, need_weights=False)
         return self.out(torch.cat([self.norm(query + attended).squeeze(1), image], dim=-1))
 
@@ -120,14 +128,18 @@ class Detector(PreTrainedModel):
     def __init__(self, config: DetectorConfig):
         super().__init__(config)
         text_cfg = dict(config.text_encoder_config)
-        self.text_encoder = AutoModel.from_config(AutoConfig.for_model(text_cfg.pop("model_type"), **text_cfg),
-                                                  add_pooling_layer=False)
+        self.text_encoder = AutoModel.from_config(
+            AutoConfig.for_model(text_cfg.pop("model_type"), **text_cfg), add_pooling_layer=False
+        )
         self.vision_encoder = CLIPVisionModel(CLIPVisionConfig(**config.vision_encoder_config))
         if config.fusion not in FUSIONS:
             raise ValueError(f"fusion {config.fusion!r} is not one of {', '.join(FUSIONS)}")
-        self.fusion = FUSIONS[config.fusion](self.text_encoder.config.hidden_size,
-                                             self.vision_encoder.config.hidden_size, config.fusion_dim,
-                                             self.text_encoder.config.num_attention_heads)
+        self.fusion = FUSIONS[config.fusion](
+            self.text_encoder.config.hidden_size,
+            self.vision_encoder.config.hidden_size,
+            config.fusion_dim,
+            self.text_encoder.config.num_attention_heads,
+        )
         self.head_a = nn.Linear(config.fusion_dim, 1)
         self.head_b = nn.Linear(config.fusion_dim, len(config.class_names))
         self.post_init()
@@ -138,32 +150,46 @@ class Detector(PreTrainedModel):
         if any(module is m for m in ours):
             module.reset_parameters()
 
-    def encode(self, input_ids, attention_mask, pixel_values, token_type_ids=None, tokens=False,
-               share_captions=True):
+    def encode(self, input_ids, attention_mask, pixel_values, token_type_ids=None, tokens=False, share_captions=True):
         """Text ([CLS], or with ``tokens`` every token's feature) and image (pooled) features, the encoders'
         whole contribution. ``share_captions=False`` encodes every row's caption, for a graph without
         data-dependent shapes (the ONNX export)."""
         if share_captions:  # the six images of a caption share it: BERT reads each distinct caption of the batch once
             unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
             first = torch.full((len(unique),), len(input_ids), device=input_ids.device).scatter_reduce(
-                0, inverse, torch.arange(len(input_ids), device=input_ids.device), reduce="amin")
+                0, inverse, torch.arange(len(input_ids), device=input_ids.device), reduce="amin"
+            )
         else:
             unique, inverse, first = input_ids, slice(None), slice(None)
-        text = self.text_encoder(input_ids=unique, attention_mask=attention_mask[first],
-                                 token_type_ids=None if token_type_ids is None else token_type_ids[first],
-                                 ).last_hidden_state
+        text = self.text_encoder(
+            input_ids=unique,
+            attention_mask=attention_mask[first],
+            token_type_ids=None if token_type_ids is None else token_type_ids[first],
+        ).last_hidden_state
         image = self.vision_encoder(pixel_values=pixel_values).pooler_output
         return (text if tokens else text[:, 0])[inverse], image  # [:, 0]: [CLS]
 
-    def forward(self, input_ids=None, attention_mask=None, pixel_values=None, token_type_ids=None,
-                text_features=None, image_features=None, text_mask=None, labels_a=None, labels_b=None,
-                share_captions=True, **_):
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        token_type_ids=None,
+        text_features=None,
+        image_features=None,
+        text_mask=None,
+        labels_a=None,
+        labels_b=None,
+        share_captions=True,
+        **_,
+    ):
         """From raw inputs, or from features cached by :meth:`encode` (frozen-encoder training; with a fusion
         that reads tokens, ``text_features`` are padded token features and ``text_mask`` marks the real ones)."""
         if text_features is None:
             tokens = self.fusion.tokens
-            text_features, image_features = self.encode(input_ids, attention_mask, pixel_values, token_type_ids,
-                                                        tokens=tokens, share_captions=share_captions)
+            text_features, image_features = self.encode(
+                input_ids, attention_mask, pixel_values, token_type_ids, tokens=tokens, share_captions=share_captions
+            )
             text_mask = attention_mask if tokens else None
         return _heads(self, text_features, image_features, labels_a, labels_b, text_mask)
 
@@ -190,8 +216,9 @@ class DetectorHeads(nn.Module):
         return _heads(self, text_features, image_features, labels_a, labels_b, text_mask)
 
 
-def _heads(model: Detector | DetectorHeads, text_features, image_features, labels_a, labels_b,
-           text_mask=None) -> DetectorOutput:
+def _heads(
+    model: Detector | DetectorHeads, text_features, image_features, labels_a, labels_b, text_mask=None
+) -> DetectorOutput:
     """Fusion, both heads and the loss: the part of the forward pass shared by both modules."""
     shared = model.fusion(text_features, image_features, text_mask)
     logits_a = model.head_a(shared).squeeze(-1)
@@ -208,15 +235,27 @@ class Loaded(NamedTuple):
     processor: object
 
 
-def build_detector(text_encoder: str, vision_encoder: str, fusion_dim: int, max_text_length: int,
-                   class_names: tuple[str, ...], fusion: str = "concat") -> Loaded:
+def build_detector(
+    text_encoder: str,
+    vision_encoder: str,
+    fusion_dim: int,
+    max_text_length: int,
+    class_names: tuple[str, ...],
+    fusion: str = "concat",
+) -> Loaded:
     """A fresh detector from two pretrained encoders: hub names or local directories, same code path."""
     text = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
     vision = CLIPVisionModel.from_pretrained(vision_encoder)
     tokenizer = AutoTokenizer.from_pretrained(text_encoder)
-    config = DetectorConfig(text_encoder_config=text.config, vision_encoder_config=vision.config,
-                            fusion_dim=fusion_dim, max_text_length=max_text_length,
-                            pad_token_id=tokenizer.pad_token_id, class_names=class_names, fusion=fusion)
+    config = DetectorConfig(
+        text_encoder_config=text.config,
+        vision_encoder_config=vision.config,
+        fusion_dim=fusion_dim,
+        max_text_length=max_text_length,
+        pad_token_id=tokenizer.pad_token_id,
+        class_names=class_names,
+        fusion=fusion,
+    )
     model = Detector(config)
     model.text_encoder.load_state_dict(text.state_dict())
     model.vision_encoder.load_state_dict(vision.state_dict())
@@ -235,8 +274,10 @@ def save_detector(model: Detector, tokenizer, processor, path: str | Path) -> No
     (:func:`aigid.runtime.lower_weights`) is refused, so that no detector is saved with rounded weights."""
     lowered = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if lowered:
-        raise ValueError(f"cannot save a detector with {', '.join(lowered)} weights (a bf16 scoring pass stored "
-                         "them so); save the model before scoring it in bf16, or load it again")
+        raise ValueError(
+            f"cannot save a detector with {', '.join(lowered)} weights (a bf16 scoring pass stored "
+            "them so); save the model before scoring it in bf16, or load it again"
+        )
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
     tokenizer.save_pretrained(path)
@@ -261,12 +302,12 @@ class Predictions:
     (1..5 for CT2).
     """
 
-    prob_ai: torch.Tensor          # P(AI) from head A
-    label_a: torch.Tensor          # prob_ai >= decision threshold
-    probs_b: torch.Tensor          # softmax of head B over the AI classes (class 0 column is 0)
-    label_b: torch.Tensor          # 0 when label_a == 0, else argmax over the AI classes
-    conf_a: torch.Tensor           # max(p, 1 - p)
-    conf_b: torch.Tensor           # max of probs_b for AI predictions; equals conf_a for real ones
+    prob_ai: torch.Tensor  # P(AI) from head A
+    label_a: torch.Tensor  # prob_ai >= decision threshold
+    probs_b: torch.Tensor  # softmax of head B over the AI classes (class 0 column is 0)
+    label_b: torch.Tensor  # 0 when label_a == 0, else argmax over the AI classes
+    conf_a: torch.Tensor  # max(p, 1 - p)
+    conf_b: torch.Tensor  # max of probs_b for AI predictions; equals conf_a for real ones
 
 
 def decide(logits_a: torch.Tensor, logits_b: torch.Tensor, threshold_a: float = 0.5) -> Predictions:

@@ -45,16 +45,21 @@ class Preprocessor:
             raise DataError(f"{path}: do_pad is not supported by the portable detector")
         size, crop = cfg.get("size") or {}, cfg.get("crop_size") or {}
         if not cfg.get("do_resize", True) or set(size) not in ({"shortest_edge"}, {"height", "width"}):
-            raise DataError(f"{path}: size {size} is not supported by the portable detector (do_resize with "
-                            "shortest_edge, or height and width)")
+            raise DataError(
+                f"{path}: size {size} is not supported by the portable detector (do_resize with "
+                "shortest_edge, or height and width)"
+            )
         self.size, self.resample = size, Image.Resampling(cfg.get("resample", Image.Resampling.BICUBIC))
         self.crop = (crop["height"], crop["width"]) if cfg.get("do_center_crop") else None
         smallest = size.get("shortest_edge") or min(size["height"], size["width"])
         if self.crop and max(self.crop) > smallest:
             raise DataError(f"{path}: crop_size {crop} is larger than the resized image {size}")
         self.scale = float(cfg["rescale_factor"]) if cfg.get("do_rescale", True) else None
-        self.mean, self.std = ((np.asarray(cfg["image_mean"], np.float32), np.asarray(cfg["image_std"], np.float32))
-                               if cfg.get("do_normalize", True) else (None, None))
+        self.mean, self.std = (
+            (np.asarray(cfg["image_mean"], np.float32), np.asarray(cfg["image_std"], np.float32))
+            if cfg.get("do_normalize", True)
+            else (None, None)
+        )
 
     def target(self, width: int, height: int) -> tuple[int, int]:
         """(width, height) after resizing, as transformers computes it: the shortest edge to the size, the
@@ -74,7 +79,7 @@ class Preprocessor:
             pixels = np.asarray(img)
             if self.crop:
                 top, left = (pixels.shape[0] - self.crop[0]) // 2, (pixels.shape[1] - self.crop[1]) // 2
-                pixels = pixels[top:top + self.crop[0], left:left + self.crop[1]]
+                pixels = pixels[top : top + self.crop[0], left : left + self.crop[1]]
             # rescaled in float64 then cast, as transformers does: the same float32 values to the bit
             pixels = (pixels.astype(np.float64) * self.scale if self.scale else pixels).astype(np.float32)
             if self.mean is not None:
@@ -106,9 +111,11 @@ class Inputs:
     def __call__(self, images: list[Image.Image], captions: list[str]) -> dict[str, np.ndarray]:
         """The graph's inputs for RGB images and their captions."""
         encoded = self.tokenizer.encode_batch([c or "" for c in captions])
-        return {"input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
-                "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
-                "pixel_values": self.preprocess(images)}
+        return {
+            "input_ids": np.array([e.ids for e in encoded], dtype=np.int64),
+            "attention_mask": np.array([e.attention_mask for e in encoded], dtype=np.int64),
+            "pixel_values": self.preprocess(images),
+        }
 
 
 class PortableDetector:
@@ -126,8 +133,9 @@ class PortableDetector:
         except Exception as err:  # onnxruntime raises its own exception types for a bad or truncated graph
             raise DataError(f"{path / GRAPH}: onnxruntime cannot load it ({type(err).__name__}: {err})") from None
 
-    def logits(self, images: list[bytes], captions: list[str], batch_size: int = 64,
-               progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    def logits(
+        self, images: list[bytes], captions: list[str], batch_size: int = 64, progress: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Head A and head B logits of encoded images (already known to decode), scored ``batch_size`` at a
         time."""
         from tqdm import tqdm
@@ -135,9 +143,10 @@ class PortableDetector:
         chunks_a, chunks_b = [], []
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="scoring", unit="batch", file=sys.stderr, disable=not progress):
-            decoded = [decode_rgb({"bytes": b}) for b in images[start:start + batch_size]]
-            logits_a, logits_b = self.session.run(list(OUTPUTS),
-                                                  self.inputs(decoded, captions[start:start + batch_size]))
+            decoded = [decode_rgb({"bytes": b}) for b in images[start : start + batch_size]]
+            logits_a, logits_b = self.session.run(
+                list(OUTPUTS), self.inputs(decoded, captions[start : start + batch_size])
+            )
             chunks_a.append(logits_a)
             chunks_b.append(logits_b)
         return np.concatenate(chunks_a), np.concatenate(chunks_b)

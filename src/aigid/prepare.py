@@ -43,13 +43,19 @@ PARAMS = ("seed", "prepare")
 
 @dataclass(frozen=True)
 class Paths:
-    raw: Path = stage.path("data/raw", "Raw data folder (DVC-tracked); a local prepare.source must be inside it.",
-                           exists=True)
+    raw: Path = stage.path(
+        "data/raw", "Raw data folder (DVC-tracked); a local prepare.source must be inside it.", exists=True
+    )
     out: Path = stage.path("data/prepared", "Directory for the checked dataset (Arrow, save_to_disk layout).")
-    report: Path = stage.path("reports/prepare.json", "Report: rows, captions and classes per split, shared "
-                              "captions, duplicates, skipped rows, bytes per sample, source revision, fingerprint.")
-    quarantine: Path = stage.path("reports/quarantine.csv", "CSV of every skipped row (prepare.on_bad: skip) and "
-                                  "every duplicated image, with the reason.")
+    report: Path = stage.path(
+        "reports/prepare.json",
+        "Report: rows, captions and classes per split, shared "
+        "captions, duplicates, skipped rows, bytes per sample, source revision, fingerprint.",
+    )
+    quarantine: Path = stage.path(
+        "reports/quarantine.csv",
+        "CSV of every skipped row (prepare.on_bad: skip) and every duplicated image, with the reason.",
+    )
 
 
 @dataclass(frozen=True)
@@ -57,10 +63,10 @@ class CheckOptions:
     """How :func:`check_split` treats rows (see the ``prepare`` params)."""
 
     class_names: tuple[str, ...]
-    on_bad: str = "error"          # "error": stop at the first bad row; "skip": leave it out, report it
-    max_pixels: int = 89_478_485   # larger images are refused (decompression-bomb guard)
-    max_side: int = 0              # > 0: store images larger than this resized (shortest side), as PNG
-    root: Path | None = None       # image paths in rows are resolved against it and must stay inside it
+    on_bad: str = "error"  # "error": stop at the first bad row; "skip": leave it out, report it
+    max_pixels: int = 89_478_485  # larger images are refused (decompression-bomb guard)
+    max_side: int = 0  # > 0: store images larger than this resized (shortest side), as PNG
+    root: Path | None = None  # image paths in rows are resolved against it and must stay inside it
 
 
 def run(params, paths: Paths) -> dict:
@@ -93,8 +99,10 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
         from .demo import SOURCES, generate_demo
 
         if len(class_names) != SOURCES:
-            raise DataError(f"prepare.source=demo generates {SOURCES} classes (real and five generators); "
-                            f"prepare.class_names has {len(class_names)}")
+            raise DataError(
+                f"prepare.source=demo generates {SOURCES} classes (real and five generators); "
+                f"prepare.class_names has {len(class_names)}"
+            )
         raw_splits = generate_demo(params.demo.captions, image_size=params.demo.image_size, seed=seed)
     else:
         raw_splits, origin = load_source(params, raw, rejected)
@@ -119,17 +127,26 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     duplicates, tensor_bytes, fingerprint, formats = scan_stored(out_dir, class_names)
     if quarantine is not None:
         write_quarantine(quarantine, rejected, duplicates)
-    report: dict = {**origin, "fingerprint": fingerprint, "splits_made_by_caption": made, "splits": {},
-                    "skipped": {"total": len(rejected)}, "duplicates": {}}
+    report: dict = {
+        **origin,
+        "fingerprint": fingerprint,
+        "splits_made_by_caption": made,
+        "splits": {},
+        "skipped": {"total": len(rejected)},
+        "duplicates": {},
+    }
     for r in rejected:
         report["skipped"][r.split] = report["skipped"].get(r.split, 0) + 1
     for name, ds in dsd.items():
         labels = list(ds["Label_B"])
-        report["splits"][name] = {"rows": len(ds), "captions": len(set(ds["caption_id"])),
-                                  "per_class": {n: labels.count(k) for k, n in enumerate(class_names)}}
+        report["splits"][name] = {
+            "rows": len(ds),
+            "captions": len(set(ds["caption_id"])),
+            "per_class": {n: labels.count(k) for k, n in enumerate(class_names)},
+        }
     names = list(dsd)
     for i, a in enumerate(names):
-        for b in names[i + 1:]:
+        for b in names[i + 1 :]:
             report[f"shared_captions_{a}_{b}"] = len(set(dsd[a]["Caption"]) & set(dsd[b]["Caption"]))
     for kind, pairs in duplicates.items():
         report["duplicates"][kind] = len(pairs)
@@ -139,8 +156,14 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     report["bytes_per_sample"] = stored / rows
     # The reference implementation stored every image as a float32 3xHxW tensor.
     report["float32_tensor_bytes_per_sample"] = tensor_bytes / rows
-    log.info("prepared %d rows (%d skipped) in %.1f s: %.0f images/s, %.0f bytes per sample", rows,
-             len(rejected), elapsed, checked_rows / elapsed, stored / rows)
+    log.info(
+        "prepared %d rows (%d skipped) in %.1f s: %.0f images/s, %.0f bytes per sample",
+        rows,
+        len(rejected),
+        elapsed,
+        checked_rows / elapsed,
+        stored / rows,
+    )
     return report
 
 
@@ -179,8 +202,9 @@ def _check_row(caption, image, a, b, opts: CheckOptions) -> bytes:
     return checked_image(image or {}, opts)
 
 
-def check_split(ds: Dataset, split: str, cache_dir: str, opts: CheckOptions,
-                rejected: list[Rejected] | None = None) -> Dataset:
+def check_split(
+    ds: Dataset, split: str, cache_dir: str, opts: CheckOptions, rejected: list[Rejected] | None = None
+) -> Dataset:
     """Check columns, labels and every image of one split; return it in the prepared schema.
 
     Rows are streamed to an Arrow file under ``cache_dir`` (which must outlive the returned dataset), so
@@ -209,9 +233,10 @@ def check_split(ds: Dataset, split: str, cache_dir: str, opts: CheckOptions,
     def rows():
         ids: dict[str, int] = {}
         for start in range(0, len(ds), 256):
-            batch = ds[start:start + 256]
-            for i, (caption, image, a, b) in enumerate(zip(batch["Caption"], batch["Image"], batch["Label_A"],
-                                                           batch["Label_B"])):
+            batch = ds[start : start + 256]
+            for i, (caption, image, a, b) in enumerate(
+                zip(batch["Caption"], batch["Image"], batch["Label_A"], batch["Label_B"])
+            ):
                 row = start + i
                 try:
                     data = _check_row(caption, image, a, b, opts)
@@ -227,8 +252,14 @@ def check_split(ds: Dataset, split: str, cache_dir: str, opts: CheckOptions,
                 # on disk would be preferred to the bytes by `datasets`).
                 source_file = (image or {}).get("path") or f"{split} row {row}"
                 content.append(hashlib.sha256(repr((caption, a, b, cid, source_file)).encode() + data).digest())
-                yield {"Caption": caption, "Image": {"bytes": data, "path": None}, "Label_A": a, "Label_B": b,
-                       "caption_id": cid, "source_file": source_file}
+                yield {
+                    "Caption": caption,
+                    "Image": {"bytes": data, "path": None},
+                    "Label_A": a,
+                    "Label_B": b,
+                    "caption_id": cid,
+                    "source_file": source_file,
+                }
 
     try:
         out = Dataset.from_generator(rows, features=schema(opts.class_names), cache_dir=cache_dir)
@@ -257,15 +288,16 @@ def scan_stored(data_dir: Path, class_names: tuple[str, ...]) -> tuple[dict[str,
     for split, ds in open_dataset(data_dir).items():
         files: dict[int, list[tuple]] = defaultdict(list)  # Label_B -> (format, bytes, shorter side) per image
         for start in range(0, len(ds), 512):
-            batch = ds[start:start + 512]
+            batch = ds[start : start + 512]
             for i, (image, file) in enumerate(zip(batch["Image"], batch["source_file"])):
                 with PILImage.open(io.BytesIO(image["bytes"])) as img:  # reads the header only
                     tensor_bytes += 3 * img.width * img.height * 4
                     kind = file_format(image["bytes"])
                     files[batch["Label_B"][i]].append((kind, len(image["bytes"]), min(img.size)))
                 digest = hashlib.sha256(image["bytes"]).hexdigest()
-                fingerprint.update(repr((split, batch["Caption"][i], batch["Label_A"][i], batch["Label_B"][i],
-                                         digest)).encode())
+                fingerprint.update(
+                    repr((split, batch["Caption"][i], batch["Label_A"][i], batch["Label_B"][i], digest)).encode()
+                )
                 if digest in seen:
                     first = seen[digest]
                     kind = "within_" + split if first[0] == split else f"across_{first[0]}_{split}"
@@ -282,9 +314,12 @@ def format_summary(files: list[tuple[str, int, int]]) -> dict:
     lets a detector learn the file instead of the image (e.g. "JPEG = real"); evaluate's format-controlled
     test measures whether it did."""
     kinds = [f for f, _, _ in files]
-    return {"n": len(files), **{kind: kinds.count(kind) for kind in FILE_FORMATS},
-            "median_bytes": float(np.median([b for _, b, _ in files])),
-            "median_shorter_side": float(np.median([s for _, _, s in files]))}
+    return {
+        "n": len(files),
+        **{kind: kinds.count(kind) for kind in FILE_FORMATS},
+        "median_bytes": float(np.median([b for _, b, _ in files])),
+        "median_shorter_side": float(np.median([s for _, _, s in files])),
+    }
 
 
 def write_quarantine(path: Path, rejected: list[Rejected], duplicates: dict[str, list[tuple]]) -> None:
@@ -295,4 +330,6 @@ def write_quarantine(path: Path, rejected: list[Rejected], duplicates: dict[str,
             w.writerow([r.split, "" if r.row < 0 else r.row, r.file, "skipped", r.reason])
         for kind, items in sorted(duplicates.items()):
             for split, row, file, (first_split, first_row) in items:
-                w.writerow([split, row, file, "kept", f"duplicate ({kind}): same bytes as {first_split} row {first_row}"])
+                w.writerow(
+                    [split, row, file, "kept", f"duplicate ({kind}): same bytes as {first_split} row {first_row}"]
+                )

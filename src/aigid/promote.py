@@ -44,10 +44,17 @@ def evidence(client, name: str, version, metric: str) -> tuple[float, str]:
     except mlflow.exceptions.MlflowException:
         raise TrackingError(f"{label}: its run {version.run_id} is not in this store") from None
     if metric not in run.data.metrics:
-        raise TrackingError(f"{label}: its run logged no {metric} (registered before test metrics were logged under "
-                            f"their DVC keys), so it cannot be compared")
-    tests = {t.value for d in run.inputs.dataset_inputs for t in d.tags if t.key == FINGERPRINT_TAG
-             if any(c.key == "mlflow.data.context" and c.value == "test" for c in d.tags)}
+        raise TrackingError(
+            f"{label}: its run logged no {metric} (registered before test metrics were logged under "
+            f"their DVC keys), so it cannot be compared"
+        )
+    tests = {
+        t.value
+        for d in run.inputs.dataset_inputs
+        for t in d.tags
+        if t.key == FINGERPRINT_TAG
+        if any(c.key == "mlflow.data.context" and c.value == "test" for c in d.tags)
+    }
     if len(tests) != 1:
         raise TrackingError(f"{label}: its run logged {len(tests)} test datasets, not one, so it cannot be compared")
     return run.data.metrics[metric], tests.pop()
@@ -68,12 +75,19 @@ def promote(name: str, metric: str = DEFAULT_METRIC) -> Decision:
     else:
         held, held_test = evidence(client, name, champion, metric)
         if held_test != test:
-            promoted, reason = False, (f"not compared: scored on other test data than @{CHAMPION} version "
-                                       f"{champion.version} (test fingerprint {test} vs {held_test})")
+            promoted, reason = (
+                False,
+                (
+                    f"not compared: scored on other test data than @{CHAMPION} version "
+                    f"{champion.version} (test fingerprint {test} vs {held_test})"
+                ),
+            )
         else:
             promoted = value > held
-            reason = (f"{metric} = {value:.4f} {'beats' if promoted else 'does not beat'} @{CHAMPION} version "
-                      f"{champion.version} ({held:.4f}) on the same test data")
+            reason = (
+                f"{metric} = {value:.4f} {'beats' if promoted else 'does not beat'} @{CHAMPION} version "
+                f"{champion.version} ({held:.4f}) on the same test data"
+            )
     client.set_model_version_tag(name, candidate.version, "promotion", CHAMPION if promoted else "rejected")
     client.set_model_version_tag(name, candidate.version, "promotion_reason", reason)
     client.update_model_version(name, candidate.version, description=f"promote: {reason}")
@@ -90,10 +104,21 @@ def _by_alias(client, name: str, alias: str):
 
 
 @click.command("promote")
-@click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path), default="params.yaml",
-              show_default=True, help="Parameters file (mlflow.registered_model, mlflow.experiment).")
-@click.option("--metric", type=click.Choice(METRICS), default=DEFAULT_METRIC, show_default=True,
-              help="Test metric the candidate must beat the champion on (higher is better).")
+@click.option(
+    "--params",
+    "params_file",
+    type=click.Path(dir_okay=False, path_type=Path),
+    default="params.yaml",
+    show_default=True,
+    help="Parameters file (mlflow.registered_model, mlflow.experiment).",
+)
+@click.option(
+    "--metric",
+    type=click.Choice(METRICS),
+    default=DEFAULT_METRIC,
+    show_default=True,
+    help="Test metric the candidate must beat the champion on (higher is better).",
+)
 @stage.clean_errors
 def command(params_file: Path, metric: str) -> None:
     """Point @champion at the @candidate version if it beats the champion on METRIC over the same test data

@@ -29,8 +29,16 @@ from .runtime import configure
 from .tracking import log_data, log_results, stage_run
 
 log = logging.getLogger(__name__)
-PARAMS = ("threshold", "seed", "pseudolabel", "train.num_workers", "train.freeze_encoders", "inference",
-          "compute", "mlflow")
+PARAMS = (
+    "threshold",
+    "seed",
+    "pseudolabel",
+    "train.num_workers",
+    "train.freeze_encoders",
+    "inference",
+    "compute",
+    "mlflow",
+)
 HEADLINE = ("kept", "kept_fraction", "precision_a", "precision_b")  # the DVC metrics; the rest: the report
 
 
@@ -39,10 +47,11 @@ class Paths:
     model: Path = stage.path("models/base", "Model directory that labels the pool.", exists=True)
     data: Path = stage.path("data/prepared", "Prepared dataset holding the pool split.", exists=True)
     features: Path = stage.path("data/features", "Cached encoder features (used with train.freeze_encoders).")
-    out: Path = stage.path("data/pseudolabel", "Directory for the kept samples, split into train/validation "
-                           "additions.")
-    metrics: Path = stage.path("metrics/pseudolabel.json", "Headline: kept, and the share of right pseudo-labels "
-                               "where the pool's labels are known (DVC metrics).")
+    out: Path = stage.path("data/pseudolabel", "Directory for the kept samples, split into train/validation additions.")
+    metrics: Path = stage.path(
+        "metrics/pseudolabel.json",
+        "Headline: kept, and the share of right pseudo-labels where the pool's labels are known (DVC metrics).",
+    )
     report: Path = stage.path("reports/pseudolabel.json", "Counts kept, right pseudo-labels per class.")
 
 
@@ -78,8 +87,9 @@ def class_quotas(available: np.ndarray, mix: np.ndarray) -> np.ndarray:
     return np.minimum(np.floor(total * mix + 1e-9).astype(int), available)
 
 
-def select_class_balanced(conf_a: np.ndarray, conf_b: np.ndarray, label_b: np.ndarray, threshold: float,
-                          mix: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def select_class_balanced(
+    conf_a: np.ndarray, conf_b: np.ndarray, label_b: np.ndarray, threshold: float, mix: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """Indices (sorted) of the samples above ``threshold`` that keep, per predicted class k (``label_b``), the
     :func:`class_quotas` most confident ones (by the smaller of the two confidences, the quantity the
     threshold tests; ties in pool order); and the quotas."""
@@ -101,8 +111,10 @@ def pseudolabel(params, paths: Paths) -> dict:
     pool, data_dir = q.pool, paths.data
     data = open_dataset(data_dir)
     if pool not in data:
-        raise DataError(f"{data_dir}: no '{pool}' split to pseudo-label (splits: {', '.join(data)}); "
-                        f"set pseudolabel.pool to one of them")
+        raise DataError(
+            f"{data_dir}: no '{pool}' split to pseudo-label (splits: {', '.join(data)}); "
+            f"set pseudolabel.pool to one of them"
+        )
     ds = data[pool]
     log_data(data_dir, data, {pool: "pool"})
     detector = load_detector(paths.model)
@@ -110,21 +122,27 @@ def pseudolabel(params, paths: Paths) -> dict:
     if params.train.freeze_encoders:
         logits_a, logits_b = predict_from_features(model, open_features(paths.features, model.config.fusion)[pool])
     else:
-        logits_a, logits_b = predict_logits(detector, ds, RunOptions(q.batch_size, params.train.num_workers,
-                                                                     params.inference.precision))
+        logits_a, logits_b = predict_logits(
+            detector, ds, RunOptions(q.batch_size, params.train.num_workers, params.inference.precision)
+        )
     pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
     names = model.config.class_names
     passed = select_confident(pred.conf_a.numpy(), pred.conf_b.numpy(), threshold)
     quotas = None
     if q.selection == "class_balanced":
         mix = np.bincount(np.asarray(data["train"]["Label_B"]), minlength=len(names)) / len(data["train"])
-        keep, quotas = select_class_balanced(pred.conf_a.numpy(), pred.conf_b.numpy(), pred.label_b.numpy(),
-                                             threshold, mix)
+        keep, quotas = select_class_balanced(
+            pred.conf_a.numpy(), pred.conf_b.numpy(), pred.label_b.numpy(), threshold, mix
+        )
     else:
         keep = passed
     if len(keep) == 0:
-        log.warning("no '%s' sample kept (threshold=%s, selection=%s): retrain will see the original data only",
-                    pool, threshold, q.selection)
+        log.warning(
+            "no '%s' sample kept (threshold=%s, selection=%s): retrain will see the original data only",
+            pool,
+            threshold,
+            q.selection,
+        )
     label_a, label_b = pred.label_a.numpy()[keep], pred.label_b.numpy()[keep]
     true_a, true_b = np.asarray(ds["Label_A"])[keep], np.asarray(ds["Label_B"])[keep]
     kept = ds.select(keep).remove_columns(["Label_A", "Label_B"])
@@ -139,23 +157,41 @@ def pseudolabel(params, paths: Paths) -> dict:
         train_part, val_part = kept, kept.select([])
     save_dataset(DatasetDict(train=train_part, validation=val_part), paths.out)
 
-    metrics = {"pool": pool, "threshold": threshold, "selection": q.selection, "pool_rows": len(ds),
-               "passed_threshold": int(len(passed)), "kept": int(len(keep)),
-               "kept_fraction": len(keep) / len(ds), "train_rows": len(train_part),
-               "validation_rows": len(val_part),
-               # The pool's true labels, where known (the demo's, the test split's), say how good they are.
-               "correct_a": int((label_a == true_a).sum()), "correct_b": int((label_b == true_b).sum()),
-               "precision_a": float((label_a == true_a).mean()) if len(keep) else None,
-               "precision_b": float((label_b == true_b).mean()) if len(keep) else None,
-               "per_class": {}}
+    metrics = {
+        "pool": pool,
+        "threshold": threshold,
+        "selection": q.selection,
+        "pool_rows": len(ds),
+        "passed_threshold": int(len(passed)),
+        "kept": int(len(keep)),
+        "kept_fraction": len(keep) / len(ds),
+        "train_rows": len(train_part),
+        "validation_rows": len(val_part),
+        # The pool's true labels, where known (the demo's, the test split's), say how good they are.
+        "correct_a": int((label_a == true_a).sum()),
+        "correct_b": int((label_b == true_b).sum()),
+        "precision_a": float((label_a == true_a).mean()) if len(keep) else None,
+        "precision_b": float((label_b == true_b).mean()) if len(keep) else None,
+        "per_class": {},
+    }
     passed_b = pred.label_b.numpy()[passed]
     for k, name in enumerate(names):
         as_k = label_b == k
         correct = int((true_b[as_k] == k).sum())
-        metrics["per_class"][name] = {"passed_threshold": int((passed_b == k).sum()), "kept": int(as_k.sum()),
-                                      "correct": correct, "precision": float(correct / as_k.sum()) if as_k.any() else None}
+        metrics["per_class"][name] = {
+            "passed_threshold": int((passed_b == k).sum()),
+            "kept": int(as_k.sum()),
+            "correct": correct,
+            "precision": float(correct / as_k.sum()) if as_k.any() else None,
+        }
         if quotas is not None:
             metrics["per_class"][name]["quota"] = int(quotas[k])
-    log.info("kept %d of %d pool samples (%d above threshold %s, selection %s)", len(keep), len(ds), len(passed),
-             threshold, q.selection)
+    log.info(
+        "kept %d of %d pool samples (%d above threshold %s, selection %s)",
+        len(keep),
+        len(ds),
+        len(passed),
+        threshold,
+        q.selection,
+    )
     return metrics

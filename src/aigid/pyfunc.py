@@ -37,8 +37,11 @@ class DetectorModel(PythonModel):
         from aigid.infer import score_images
         from aigid.scores import output_columns
 
-        captions = (model_input["caption"].fillna("").astype(str).tolist() if "caption" in model_input
-                    else [""] * len(model_input))
+        captions = (
+            model_input["caption"].fillna("").astype(str).tolist()
+            if "caption" in model_input
+            else [""] * len(model_input)
+        )
         rows, images, texts = [], [], []
         for i, (value, caption) in enumerate(zip(model_input["image"], captions)):
             row = {"error": "", "caption": caption}

@@ -19,6 +19,7 @@ directory travels as an artifact, the aigid package as code, the operating-point
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import logging
@@ -56,10 +57,14 @@ class Identity:
 @dataclass(frozen=True)
 class Paths:
     model: Path = stage.path("models/retrained", "Model directory to register.", exists=True)
-    report: Path = stage.path("reports/evaluate.json", "Evaluate's report: the test metrics logged with the model "
-                              "and the operating-point threshold it labels at.", exists=True)
-    data: Path = stage.path("data/prepared", "Prepared dataset: its first test image is the input example.",
-                            exists=True)
+    report: Path = stage.path(
+        "reports/evaluate.json",
+        "Evaluate's report: the test metrics logged with the model and the operating-point threshold it labels at.",
+        exists=True,
+    )
+    data: Path = stage.path(
+        "data/prepared", "Prepared dataset: its first test image is the input example.", exists=True
+    )
 
 
 def run(params, paths: Paths) -> dict:
@@ -98,7 +103,7 @@ def identity(model_dir: Path, threshold: float) -> Identity:
         for h in (with_threshold, files):
             h.update(file.relative_to(model_dir).as_posix().encode() + b"\0")
         with file.open("rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
+            for block in iter(functools.partial(f.read, 1 << 20), b""):
                 with_threshold.update(block)
                 files.update(block)
     return Identity(with_threshold.hexdigest(), files.hexdigest(), float(threshold))
@@ -112,8 +117,11 @@ def find_version(name: str, key: Identity) -> str | None:
     client = mlflow.MlflowClient()
     try:
         found = client.search_model_versions(f"name='{name}' and tags.{HASH_TAG}='{key.model_hash}'")
-        found += [v for v in client.search_model_versions(f"name='{name}' and tags.{WEIGHTS_TAG}='{key.weights_hash}'")
-                  if math.isclose(float(v.tags.get(THRESHOLD_TAG, "nan")), key.threshold, rel_tol=THRESHOLD_RTOL)]
+        found += [
+            v
+            for v in client.search_model_versions(f"name='{name}' and tags.{WEIGHTS_TAG}='{key.weights_hash}'")
+            if math.isclose(float(v.tags.get(THRESHOLD_TAG, "nan")), key.threshold, rel_tol=THRESHOLD_RTOL)
+        ]
     except MlflowException:  # no such registered model yet
         return None
     return min((str(v.version) for v in found), key=int, default=None)
@@ -141,9 +149,13 @@ def _register_new(model_dir: Path, name: str, threshold: float, test, key: Ident
     info = log_detector(model_dir, name, threshold, test[0]["Image"]["bytes"], test[0]["Caption"])
     client, created = mlflow.MlflowClient(), str(info.registered_model_version)
     tags = mlflow.active_run().data.tags
-    for tag, value in ((HASH_TAG, key.model_hash), (THRESHOLD_TAG, repr(key.threshold)),
-                       (WEIGHTS_TAG, key.weights_hash), ("git_commit", tags.get("git_commit", "")),
-                       ("dvc_exp_name", tags.get("dvc_exp_name", ""))):
+    for tag, value in (
+        (HASH_TAG, key.model_hash),
+        (THRESHOLD_TAG, repr(key.threshold)),
+        (WEIGHTS_TAG, key.weights_hash),
+        ("git_commit", tags.get("git_commit", "")),
+        ("dvc_exp_name", tags.get("dvc_exp_name", "")),
+    ):
         client.set_model_version_tag(name, created, tag, value)
     # Two clones registering the same model at once: the oldest version stays, the other is removed.
     oldest = find_version(name, key)
@@ -155,12 +167,27 @@ def _register_new(model_dir: Path, name: str, threshold: float, test, key: Ident
     return created, True
 
 
-REQUIREMENTS = ("mlflow", "torch", "torchvision", "transformers", "tokenizers", "safetensors", "datasets", "pillow",
-                "numpy", "pandas", "scikit-learn", "pyyaml", "pydantic", "click")
+REQUIREMENTS = (
+    "mlflow",
+    "torch",
+    "torchvision",
+    "transformers",
+    "tokenizers",
+    "safetensors",
+    "datasets",
+    "pillow",
+    "numpy",
+    "pandas",
+    "scikit-learn",
+    "pyyaml",
+    "pydantic",
+    "click",
+)
 
 
-def log_detector(model_dir: Path, registered_name: str, threshold: float, example_image: bytes,
-                 example_caption: str = ""):
+def log_detector(
+    model_dir: Path, registered_name: str, threshold: float, example_image: bytes, example_caption: str = ""
+):
     """Log ``model_dir`` to the active run as a pyfunc model (the code in :mod:`aigid.pyfunc`) and register it
     as a new version of the name."""
     from mlflow.models import ModelSignature, infer_signature
@@ -177,8 +204,14 @@ def log_detector(model_dir: Path, registered_name: str, threshold: float, exampl
     inputs = Schema([ColSpec("string", "image"), ColSpec("string", "caption", required=False)])
     signature = ModelSignature(inputs=inputs, outputs=infer_signature(example, output).outputs)
     return mlflow.pyfunc.log_model(
-        name="model", python_model=pyfunc.__file__, artifacts={"model_dir": str(model_dir)},
-        code_paths=[str(Path(__file__).parent)], model_config={"threshold": threshold},
-        signature=signature, input_example=example, registered_model_name=registered_name,
+        name="model",
+        python_model=pyfunc.__file__,
+        artifacts={"model_dir": str(model_dir)},
+        code_paths=[str(Path(__file__).parent)],
+        model_config={"threshold": threshold},
+        signature=signature,
+        input_example=example,
+        registered_model_name=registered_name,
         # Explicit pins: inferring requirements would load and run the model once more, slowly.
-        pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS])
+        pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
+    )

@@ -17,14 +17,19 @@ PARAMS = (*train.PARAMS, "pseudolabel.pool")
 
 @dataclass(frozen=True)
 class Paths(train.Paths):
-    out: Path = stage.path("models/retrained", "Directory for the best model (self-contained: weights, configs, "
-                           "tokenizer, processor).")
-    metrics: Path = stage.path("metrics/retrain.json", "Headline validation metrics of the best checkpoint "
-                               "(DVC metrics; the validation set includes pseudo-labelled images).")
+    out: Path = stage.path(
+        "models/retrained", "Directory for the best model (self-contained: weights, configs, tokenizer, processor)."
+    )
+    metrics: Path = stage.path(
+        "metrics/retrain.json",
+        "Headline validation metrics of the best checkpoint "
+        "(DVC metrics; the validation set includes pseudo-labelled images).",
+    )
     report: Path = stage.path("reports/retrain.json", "Every validation metric of the best checkpoint.")
     history: Path = stage.path("metrics/retrain_history.json", "Per-epoch validation metrics (a DVC plot).")
-    pseudo: Path = stage.path("data/pseudolabel", "Train/validation additions written by the pseudolabel stage.",
-                              exists=True)
+    pseudo: Path = stage.path(
+        "data/pseudolabel", "Train/validation additions written by the pseudolabel stage.", exists=True
+    )
 
 
 def run(params, paths: Paths) -> dict:

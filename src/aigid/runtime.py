@@ -61,14 +61,18 @@ def _check_in_force(compute) -> None:
     wanted = environment(compute.device, compute.threads, compute.reproducible)
     missing = [f"{k}={v!r}" for k, v in wanted.items() if os.environ.get(k) != v]
     if missing:
-        raise ParamsError(f"compute: the profile needs {', '.join(missing)} in the environment before torch is "
-                          "imported (`aigid <stage>` sets it from params.yaml; a caller importing torch itself "
-                          "sets it first)")
+        raise ParamsError(
+            f"compute: the profile needs {', '.join(missing)} in the environment before torch is "
+            "imported (`aigid <stage>` sets it from params.yaml; a caller importing torch itself "
+            "sets it first)"
+        )
     capability = torch.backends.cpu.get_cpu_capability()
     if compute.reproducible and capability != PINNED_CAPABILITY:
-        raise ParamsError(f"compute.reproducible: torch runs {capability} kernels, not {PINNED_CAPABILITY} "
-                          "(a processor without AVX2, or torch imported before the profile was set); "
-                          "set compute.reproducible: false to run here, with other numbers")
+        raise ParamsError(
+            f"compute.reproducible: torch runs {capability} kernels, not {PINNED_CAPABILITY} "
+            "(a processor without AVX2, or torch imported before the profile was set); "
+            "set compute.reproducible: false to run here, with other numbers"
+        )
 
 
 def device() -> torch.device:
@@ -121,8 +125,10 @@ def lower_weights(model: torch.nn.Module, dev: torch.device, precision: str = "a
         for module in lowered:
             module.to(dtype)
     elif any(p.dtype != torch.float32 for m in lowered for p in m.parameters(recurse=False)):
-        raise ValueError(f"precision {precision}: this detector's weights were stored in bf16 by a bf16 pass; "
-                         "load it again to score in float32")
+        raise ValueError(
+            f"precision {precision}: this detector's weights were stored in bf16 by a bf16 pass; "
+            "load it again to score in float32"
+        )
 
 
 @functools.cache

@@ -33,8 +33,9 @@ def decide(logits_a: np.ndarray, logits_b: np.ndarray, threshold: float = 0.5):
     return prob_ai, label_a, probs_b, label_b
 
 
-def score_rows(logits_a: np.ndarray, logits_b: np.ndarray, class_names: Sequence[str], threshold: float,
-               captions: Sequence[str]) -> list[dict]:
+def score_rows(
+    logits_a: np.ndarray, logits_b: np.ndarray, class_names: Sequence[str], threshold: float, captions: Sequence[str]
+) -> list[dict]:
     """One row of scores per image (the columns of :func:`output_columns` but ``error``).
 
     Class probabilities are joint: P(real) = 1 - P(AI) and P(generator) = P(AI) * P(generator | AI).
@@ -43,8 +44,13 @@ def score_rows(logits_a: np.ndarray, logits_b: np.ndarray, class_names: Sequence
     rows = []
     for i, caption in enumerate(captions):
         p_ai = float(prob_ai[i])
-        row = {"prob_ai": p_ai, "label": "ai" if label_a[i] else "real", "generator": class_names[int(label_b[i])],
-               "threshold": threshold, "caption": caption}
+        row = {
+            "prob_ai": p_ai,
+            "label": "ai" if label_a[i] else "real",
+            "generator": class_names[int(label_b[i])],
+            "threshold": threshold,
+            "caption": caption,
+        }
         row.update({f"p_{n}": (1 - p_ai) if k == 0 else p_ai * float(probs_b[i, k]) for k, n in enumerate(class_names)})
         rows.append(row)
     return rows

@@ -19,10 +19,9 @@ Rows carry ``{"bytes": None, "path": <file>}``; the checks of the prepare stage 
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
@@ -57,7 +56,7 @@ class Reader:
         """Duplicated keys of a table: an error, or with on_bad: skip every row holding them quarantined."""
         if messages and self.on_bad != "skip":
             raise DataError(next(iter(messages.values())))
-        for key, message in messages.items():
+        for message in messages.values():
             self.rejected.append(Rejected(split, -1, str(path), message))
         return set(messages)
 
@@ -83,15 +82,18 @@ def load_source(params, raw: Path | None = None, rejected: list[Rejected] | None
     if not path.is_dir():
         raise DataError(f"prepare.source={source}: no such directory (prepare.layout={layout})")
     if raw is not None and not path.resolve().is_relative_to(raw.resolve()):
-        raise DataError(f"prepare.source={source}: a local dataset must be inside {raw}/, where DVC sees its files "
-                        f"change; move it there and track it with `dvc add {raw}/<name>` (README: Bringing your "
-                        f"own data)")
+        raise DataError(
+            f"prepare.source={source}: a local dataset must be inside {raw}/, where DVC sees its files "
+            f"change; move it there and track it with `dvc add {raw}/<name>` (README: Bringing your "
+            f"own data)"
+        )
     if layout == "arrow":
         return open_dataset(path), origin  # never write cache files into the user's dataset
     if layout == "parquet":
         return read_parquet(path), origin
-    reader = Reader(tuple(params.class_names), dict(params.class_aliases), params.on_bad,
-                    rejected if rejected is not None else [])
+    reader = Reader(
+        tuple(params.class_names), dict(params.class_aliases), params.on_bad, rejected if rejected is not None else []
+    )
     if layout == "competition":
         return read_competition(path, reader), origin
     return read_folders(path, reader), origin
@@ -109,8 +111,10 @@ def read_parquet(root: Path) -> DatasetDict:
         rel = file.relative_to(root)
         split = rel.parts[0] if len(rel.parts) > 1 else file.stem.split("-")[0]
         if split not in SPLITS:
-            raise DataError(f"{file}: cannot tell which split it holds (name it <split>.parquet or "
-                            f"<split>-*.parquet, or put it in a <split>/ folder; splits: {', '.join(SPLITS)})")
+            raise DataError(
+                f"{file}: cannot tell which split it holds (name it <split>.parquet or "
+                f"<split>-*.parquet, or put it in a <split>/ folder; splits: {', '.join(SPLITS)})"
+            )
         try:
             meta = pq.read_metadata(file)
         except Exception as err:  # pyarrow raises ArrowInvalid, OSError...: not a parquet file
@@ -121,8 +125,10 @@ def read_parquet(root: Path) -> DatasetDict:
         files.setdefault(split, []).append(str(file))
     if len({tuple(sorted(c)) for c in columns.values()}) > 1:
         listed = "; ".join(f"{f.relative_to(root)}: {', '.join(c)}" for f, c in columns.items())
-        raise DataError(f"{root}: the parquet files have different columns ({listed}); every file needs the same "
-                        f"columns ({', '.join(RAW_COLUMNS)})")
+        raise DataError(
+            f"{root}: the parquet files have different columns ({listed}); every file needs the same "
+            f"columns ({', '.join(RAW_COLUMNS)})"
+        )
     return load_dataset("parquet", data_files=files)
 
 
@@ -134,8 +140,10 @@ def _from_hub(source: str, revision: str) -> tuple[DatasetDict, str | None]:
         builder.download_and_prepare()
         dsd = builder.as_dataset()
     except Exception as err:  # the hub client raises many types; all mean "not reachable from here"
-        raise DataError(f"prepare.source={source}: could not load revision {revision!r} from the Hugging Face hub "
-                        f"or its local cache ({type(err).__name__}: {err})") from err
+        raise DataError(
+            f"prepare.source={source}: could not load revision {revision!r} from the Hugging Face hub "
+            f"or its local cache ({type(err).__name__}: {err})"
+        ) from err
     return dsd, resolved_revision(builder.config.data_files)
 
 
@@ -156,8 +164,10 @@ def inside(root: Path, relative: str, what: str) -> Path:
 def class_index(name: str, class_names: tuple[str, ...], aliases: dict[str, str], where: str) -> int:
     name = aliases.get(name, name)
     if name not in class_names:
-        raise DataError(f"{where}: class folder {name!r} is not a known class ({', '.join(class_names)}); "
-                        f"add it to prepare.class_names or prepare.class_aliases")
+        raise DataError(
+            f"{where}: class folder {name!r} is not a known class ({', '.join(class_names)}); "
+            f"add it to prepare.class_names or prepare.class_aliases"
+        )
     return class_names.index(name)
 
 
@@ -173,16 +183,24 @@ def _table(directory: Path, stem: str, columns: tuple[str, ...], required: bool 
 
 
 def _rows(captions, paths, labels_a, labels_b) -> Dataset:
-    return Dataset.from_dict({"Caption": list(captions), "Image": [{"bytes": None, "path": str(p)} for p in paths],
-                              "Label_A": list(labels_a), "Label_B": list(labels_b)}, features=schema(columns=RAW_COLUMNS))
+    return Dataset.from_dict(
+        {
+            "Caption": list(captions),
+            "Image": [{"bytes": None, "path": str(p)} for p in paths],
+            "Label_A": list(labels_a),
+            "Label_B": list(labels_b),
+        },
+        features=schema(columns=RAW_COLUMNS),
+    )
 
 
 def source_dirs(directory: Path, class_names, aliases) -> list[tuple[int, Path]]:
     """The competition source folders (``*_image``) of a split directory with their class, in class order;
     a folder that maps to no class is an error, never skipped."""
     found = [d for d in directory.iterdir() if d.is_dir() and d.name.endswith(SOURCE_SUFFIX)]
-    return sorted(((class_index(d.name, class_names, aliases, str(d)), d) for d in found),
-                  key=lambda kd: (kd[0], kd[1].name))
+    return sorted(
+        ((class_index(d.name, class_names, aliases, str(d)), d) for d in found), key=lambda kd: (kd[0], kd[1].name)
+    )
 
 
 def _competition_split(directory: Path, split: str, reader: Reader) -> Dataset:
@@ -258,7 +276,8 @@ def detect_layout(root: Path) -> str:
         return "parquet"
     for d in (root, *(root / s for s in SPLITS)):
         if any((d / f"captions{x}").is_file() for x in (".xlsx", ".csv")) and (
-                any(p.is_dir() and p.name.endswith(SOURCE_SUFFIX) for p in d.iterdir())
-                or any((d / f"labels{x}").is_file() for x in (".xlsx", ".csv"))):
+            any(p.is_dir() and p.name.endswith(SOURCE_SUFFIX) for p in d.iterdir())
+            or any((d / f"labels{x}").is_file() for x in (".xlsx", ".csv"))
+        ):
             return "competition"
     return "folders"

@@ -84,12 +84,28 @@ def command(name: str, run, paths_cls, keys: tuple[str, ...]) -> click.Command:
     def callback(params_file: Path, **options):
         run(load(params_file, keys), paths_cls(**options))
 
-    options = [click.option("--params", "params_file", type=click.Path(dir_okay=False, path_type=Path),
-                            default="params.yaml", show_default=True, help="Parameters file.")]
+    options = [
+        click.option(
+            "--params",
+            "params_file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default="params.yaml",
+            show_default=True,
+            help="Parameters file.",
+        )
+    ]
     for f in dataclasses.fields(paths_cls):
         meta = f.metadata
-        options.append(click.option(f"--{f.name.replace('_', '-')}", f.name, show_default=True, help=meta["help"],
-                                    default=str(f.default), type=click.Path(path_type=Path, exists=meta["exists"])))
+        options.append(
+            click.option(
+                f"--{f.name.replace('_', '-')}",
+                f.name,
+                show_default=True,
+                help=meta["help"],
+                default=str(f.default),
+                type=click.Path(path_type=Path, exists=meta["exists"]),
+            )
+        )
     cmd = clean_errors(callback)
     for opt in reversed(options):
         cmd = opt(cmd)

@@ -30,8 +30,10 @@ def read_table(path: Path, columns: tuple[str, ...]) -> pd.DataFrame:
     frame.columns = [str(c).strip() for c in frame.columns]
     missing = [c for c in columns if c not in frame.columns]
     if missing:
-        raise DataError(f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns)}; "
-                        f"the first row must name the columns)")
+        raise DataError(
+            f"{path}: missing column(s) {', '.join(missing)} (found: {', '.join(frame.columns)}; "
+            f"the first row must name the columns)"
+        )
     return frame
 
 
@@ -39,13 +41,17 @@ def _csv(path: Path, data: bytes) -> pd.DataFrame:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 text: byte {err.start} is 0x{data[err.start]:02x} (save the table as "
-                        f"UTF-8 CSV; spreadsheet programs offer 'CSV UTF-8')") from None
+        raise DataError(
+            f"{path}: not UTF-8 text: byte {err.start} is 0x{data[err.start]:02x} (save the table as "
+            f"UTF-8 CSV; spreadsheet programs offer 'CSV UTF-8')"
+        ) from None
     try:
         return pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError) as err:
-        raise DataError(f"{path}: not a readable CSV table: {str(err).strip()} (check the quoting and that every "
-                        f"row has as many fields as the header)") from None
+        raise DataError(
+            f"{path}: not a readable CSV table: {str(err).strip()} (check the quoting and that every "
+            f"row has as many fields as the header)"
+        ) from None
 
 
 def _xlsx(path: Path, data: bytes) -> pd.DataFrame:
@@ -55,8 +61,10 @@ def _xlsx(path: Path, data: bytes) -> pd.DataFrame:
     try:
         frame = pd.read_excel(io.BytesIO(data), dtype=str, keep_default_na=False)
     except Exception as err:  # openpyxl and zipfile raise many types for a damaged workbook
-        raise DataError(f"{path}: not a readable .xlsx workbook ({type(err).__name__}: {err}) (re-save it from a "
-                        f"spreadsheet program, or save the table as .csv)") from None
+        raise DataError(
+            f"{path}: not a readable .xlsx workbook ({type(err).__name__}: {err}) (re-save it from a "
+            f"spreadsheet program, or save the table as .csv)"
+        ) from None
     return frame
 
 
@@ -78,11 +86,15 @@ def integers(frame: pd.DataFrame, column: str, path: Path, allowed: range | None
             value = int(float(text)) if text.endswith(".0") else int(text)
         except ValueError:
             what = "is blank" if not text else f"is {text!r}, not an integer"
-            raise DataError(f"{path} row {i + FIRST_ROW}, column {column}: {what}"
-                            + (f" (expected one of {allowed.start}..{allowed.stop - 1})" if allowed else "")) from None
+            raise DataError(
+                f"{path} row {i + FIRST_ROW}, column {column}: {what}"
+                + (f" (expected one of {allowed.start}..{allowed.stop - 1})" if allowed else "")
+            ) from None
         if allowed is not None and value not in allowed:
-            raise DataError(f"{path} row {i + FIRST_ROW}, column {column}: {value} is not one of "
-                            f"{allowed.start}..{allowed.stop - 1}")
+            raise DataError(
+                f"{path} row {i + FIRST_ROW}, column {column}: {value} is not one of "
+                f"{allowed.start}..{allowed.stop - 1}"
+            )
         out.append(value)
     return out
 
@@ -92,5 +104,8 @@ def duplicates(keys: list, path: Path, column: str) -> dict:
     rows: dict = {}
     for i, key in enumerate(keys):
         rows.setdefault(key, []).append(i + FIRST_ROW)
-    return {key: f"{path}: {column}={key} appears in rows {', '.join(map(str, at))} (each {column} must be unique)"
-            for key, at in rows.items() if len(at) > 1}
+    return {
+        key: f"{path}: {column}={key} appears in rows {', '.join(map(str, at))} (each {column} must be unique)"
+        for key, at in rows.items()
+        if len(at) > 1
+    }

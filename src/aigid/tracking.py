@@ -44,8 +44,11 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # to 1 s of jitter) in between: a server restarting within about 15 s is ridden out, a dead one reported about
 # 15 s after the call that found it. An attempt waits up to 60 s for an answer (a large model's upload is
 # answered once the server has stored it). The environment's own values win.
-HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
-                 "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
 
 
 def bound_http_retries() -> None:
@@ -64,8 +67,10 @@ def check_reachable(uri: str, timeout: float = 10.0) -> None:
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
     except (urllib.error.URLError, OSError) as err:
-        raise TrackingError(f"MLflow tracking server {uri} is not reachable ({err}); start it or set "
-                            f"MLFLOW_TRACKING_URI to a reachable store") from None
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable ({err}); start it or set "
+            f"MLFLOW_TRACKING_URI to a reachable store"
+        ) from None
 
 
 def is_main_process() -> bool:
@@ -91,7 +96,7 @@ def project_root() -> Path:
     root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
     parts = root.parts
     for i in range(len(parts) - 3):
-        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
             return Path(*parts[:i])
     return root
 
@@ -118,8 +123,9 @@ def ensure_experiment(name: str, uri: str) -> str:
 
 def _git_commit(cwd: Path) -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
-                              check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -165,8 +171,9 @@ def parent_run(experiment_id: str, pipeline: str, name: str, tags: dict) -> str:
 
     if (found := oldest()) is not None:
         return found.info.run_id
-    created = client.create_run(experiment_id, run_name=name, tags={**tags, PIPELINE_TAG: pipeline,
-                                                                     ROLE_TAG: "pipeline"}).info.run_id
+    created = client.create_run(
+        experiment_id, run_name=name, tags={**tags, PIPELINE_TAG: pipeline, ROLE_TAG: "pipeline"}
+    ).info.run_id
     winner = oldest().info.run_id
     if winner != created:
         client.delete_run(created)
@@ -228,8 +235,11 @@ def stage_run(stage: str, params):
             name = f"{experiment_name or f'repro-{commit[:7]}'}-{pipeline[:8]}"  # one name per execution
             parent = stack.enter_context(mlflow.start_run(parent_run(experiment_id, pipeline, name, tags)))
             _log_params_once(parent.info.run_id, declared)
-        run = stack.enter_context(mlflow.start_run(run_name=stage, nested=pipeline is not None,
-                                                   tags={**tags, STAGE_TAG: stage, ROLE_TAG: "stage"}))
+        run = stack.enter_context(
+            mlflow.start_run(
+                run_name=stage, nested=pipeline is not None, tags={**tags, STAGE_TAG: stage, ROLE_TAG: "stage"}
+            )
+        )
         mlflow.log_params(declared)
         with _server_failures(uri, stage):
             yield run
@@ -268,9 +278,11 @@ def _server_failures(uri: str, stage: str):
 
         _active_run_stack.get().clear()
         retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")
-        raise TrackingError(f"MLflow tracking server {uri} stopped answering during stage {stage} ({reason}, "
-                            f"after {retries} retries); the stage did not finish: rerun it once the server "
-                            f"answers") from None
+        raise TrackingError(
+            f"MLflow tracking server {uri} stopped answering during stage {stage} ({reason}, "
+            f"after {retries} retries); the stage did not finish: rerun it once the server "
+            f"answers"
+        ) from None
 
 
 def _log_params_once(run_id: str, params: dict) -> None:
@@ -290,8 +302,9 @@ def log_results(metrics: dict, parent: bool = False) -> None:
     mlflow.log_metrics(values)
     parent_id = mlflow.active_run().data.tags.get("mlflow.parentRunId")
     if parent and parent_id:
-        mlflow.MlflowClient().log_batch(parent_id, metrics=[
-            mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in values.items()])
+        mlflow.MlflowClient().log_batch(
+            parent_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in values.items()]
+        )
 
 
 def dvc_hash(path: Path) -> str:

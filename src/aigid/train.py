@@ -48,9 +48,12 @@ class Paths:
     data: Path = stage.path("data/prepared", "Prepared dataset (train and validation splits).", exists=True)
     encoders: Path = stage.path("models/encoders", "Starting encoders written by the encoders stage.", exists=True)
     features: Path = stage.path("data/features", "Cached encoder features (used with train.freeze_encoders).")
-    out: Path = stage.path("models/base", "Directory for the best model (self-contained: weights, configs, "
-                           "tokenizer, processor).")
-    metrics: Path = stage.path("metrics/train.json", "Headline validation metrics of the best checkpoint (DVC metrics).")
+    out: Path = stage.path(
+        "models/base", "Directory for the best model (self-contained: weights, configs, tokenizer, processor)."
+    )
+    metrics: Path = stage.path(
+        "metrics/train.json", "Headline validation metrics of the best checkpoint (DVC metrics)."
+    )
     report: Path = stage.path("reports/train.json", "Every validation metric of the best checkpoint.")
     history: Path = stage.path("metrics/train_history.json", "Per-epoch validation metrics (a DVC plot).")
     pseudo = None  # retrain's paths add the pseudo-labelled additions
@@ -110,8 +113,9 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
     launch = PartialState(cpu=cpu)
     batch_size = per_process_batch(t.batch_size, launch.num_processes)
     stage_dir = checkpoint_dir or Path("checkpoints") / stage
-    checkpoint_dir = stage_dir / fingerprint(params, data_dir, encoders_dir, pseudo_dir, features_dir,
-                                             processes=launch.num_processes)
+    checkpoint_dir = stage_dir / fingerprint(
+        params, data_dir, encoders_dir, pseudo_dir, features_dir, processes=launch.num_processes
+    )
     # Rank 0 picks (and cleans) the checkpoint to resume from; every rank resumes from that one.
     resume = last_complete_checkpoint(checkpoint_dir, launch.num_processes) if launch.is_main_process else None
     resume = broadcast_object_list([resume])[0]
@@ -119,9 +123,14 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
         log.info("resuming %s from the last checkpoint in %s (%s)", stage, checkpoint_dir, resume.name)
     with stage_run(stage, params) as run:  # None on the ranks other than 0
         set_seed(params.seed)  # before the fusion layer and heads are initialised
-        model, tokenizer, processor = build_detector(str(encoders_dir / "text"), str(encoders_dir / "vision"),
-                                                     params.model.fusion_dim, params.model.max_text_length,
-                                                     class_names, params.model.fusion)
+        model, tokenizer, processor = build_detector(
+            str(encoders_dir / "text"),
+            str(encoders_dir / "vision"),
+            params.model.fusion_dim,
+            params.model.max_text_length,
+            class_names,
+            params.model.fusion,
+        )
         if t.freeze_encoders:
             # The Trainer sees only the fusion layer and heads (the detector's own modules, updated in place),
             # on cached features: captions were encoded once, so there is nothing to drop either.
@@ -130,24 +139,49 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
         else:
             trained = model
             collator = Collator(tokenizer, processor, params.model.max_text_length)
-            train_collator = Collator(tokenizer, processor, params.model.max_text_length,
-                                      caption_dropout=t.caption_dropout)
+            train_collator = Collator(
+                tokenizer, processor, params.model.max_text_length, caption_dropout=t.caption_dropout
+            )
         args = TrainingArguments(
-            output_dir=str(checkpoint_dir), run_name=stage, report_to="none", seed=params.seed,
-            learning_rate=t.learning_rate, weight_decay=t.weight_decay, warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
-            per_device_train_batch_size=batch_size, per_device_eval_batch_size=batch_size,
-            num_train_epochs=t.epochs, eval_strategy="epoch", save_strategy="epoch", logging_strategy="epoch",
-            save_total_limit=1, load_best_model_at_end=True, metric_for_best_model=BEST_METRIC,
-            greater_is_better=True, remove_unused_columns=False, label_names=["labels_a", "labels_b"],
-            dataloader_num_workers=t.num_workers, dataloader_persistent_workers=t.num_workers > 0,
+            output_dir=str(checkpoint_dir),
+            run_name=stage,
+            report_to="none",
+            seed=params.seed,
+            learning_rate=t.learning_rate,
+            weight_decay=t.weight_decay,
+            warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
+            per_device_train_batch_size=batch_size,
+            per_device_eval_batch_size=batch_size,
+            num_train_epochs=t.epochs,
+            eval_strategy="epoch",
+            save_strategy="epoch",
+            logging_strategy="epoch",
+            save_total_limit=1,
+            load_best_model_at_end=True,
+            metric_for_best_model=BEST_METRIC,
+            greater_is_better=True,
+            remove_unused_columns=False,
+            label_names=["labels_a", "labels_b"],
+            dataloader_num_workers=t.num_workers,
+            dataloader_persistent_workers=t.num_workers > 0,
             dataloader_pin_memory=torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(), use_cpu=cpu, ddp_find_unused_parameters=False, disable_tqdm=True,
+            bf16=torch.cuda.is_available(),
+            use_cpu=cpu,
+            ddp_find_unused_parameters=False,
+            disable_tqdm=True,
         )
         curves = EpochCurves()
-        trainer = DetectorTrainer(model=trained, args=args, train_dataset=train_ds, eval_dataset=val_ds,
-                                  data_collator=collator, train_collator=train_collator,
-                                  compute_metrics=functools.partial(compute_metrics, class_names=class_names),
-                                  processing_class=tokenizer, callbacks=[curves] if run is not None else None)
+        trainer = DetectorTrainer(
+            model=trained,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=val_ds,
+            data_collator=collator,
+            train_collator=train_collator,
+            compute_metrics=functools.partial(compute_metrics, class_names=class_names),
+            processing_class=tokenizer,
+            callbacks=[curves] if run is not None else None,
+        )
         if run is not None:
             log_inputs(data, paths, pseudo_dir)
             mlflow.log_params(trainer_settings(args, launch.num_processes))
@@ -155,13 +189,30 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
         curves.active = False  # the evaluation below repeats the best epoch
         best = trainer.evaluate()  # the best checkpoint is loaded at this point; every rank takes part
         # Timings are left out so that the same params on the same machine give identical files.
-        history = [{"epoch": h["epoch"], **{k[5:]: v for k, v in h.items() if k.startswith("eval_")
-                                            and not k.endswith(("runtime", "per_second"))}}
-                   for h in trainer.state.log_history if "eval_loss" in h]
+        history = [
+            {
+                "epoch": h["epoch"],
+                **{
+                    k[5:]: v
+                    for k, v in h.items()
+                    if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))
+                },
+            }
+            for h in trainer.state.log_history
+            if "eval_loss" in h
+        ]
         history = history[:-1]  # the final evaluate() above repeats the best epoch
-        metrics = {"best_epoch": _best_epoch(history), "train_rows": len(train_ds), "validation_rows": len(val_ds),
-                   **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in
-                      ("f1", "accuracy", "precision", "recall", "balanced")}}
+        metrics = {
+            "best_epoch": _best_epoch(history),
+            "train_rows": len(train_ds),
+            "validation_rows": len(val_ds),
+            **{
+                k[5:]: v
+                for k, v in best.items()
+                if k.startswith("eval_")
+                and k[5:].split("_")[0] in ("f1", "accuracy", "precision", "recall", "balanced")
+            },
+        }
         if run is not None:
             log_results({k: metrics[k] for k in HEADLINE})
             mlflow.log_dict(metrics, "report.json")
@@ -180,8 +231,10 @@ def per_process_batch(batch_size: int, processes: int) -> int:
     """train.batch_size is the global batch (the paper's 256): each of the launched processes takes its share,
     so an optimizer step sees the same number of samples however many processes run."""
     if batch_size % processes:
-        raise ParamsError(f"train.batch_size: {batch_size} is the global batch and must divide evenly over the "
-                          f"{processes} processes launched; use a multiple of {processes}")
+        raise ParamsError(
+            f"train.batch_size: {batch_size} is the global batch and must divide evenly over the "
+            f"{processes} processes launched; use a multiple of {processes}"
+        )
     return batch_size // processes
 
 
@@ -197,8 +250,11 @@ def _feature_splits(params, features_dir: Path | None, pseudo_dir: Path | None):
         added = []
         for part in ("train", "validation"):
             rows = pool.select(pseudo[part]["pool_row"]).remove_columns(["Label_A", "Label_B"])
-            added.append(rows.add_column("Label_A", pseudo[part]["Label_A"]).add_column("Label_B", pseudo[part]["Label_B"])
-                         .cast(train_ds.features))
+            added.append(
+                rows.add_column("Label_A", pseudo[part]["Label_A"])
+                .add_column("Label_B", pseudo[part]["Label_B"])
+                .cast(train_ds.features)
+            )
         train_ds, val_ds = concatenate_datasets([train_ds, added[0]]), concatenate_datasets([val_ds, added[1]])
     return train_ds, val_ds
 
@@ -214,9 +270,16 @@ class EpochCurves(TrainerCallback):
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not (self.active and state.is_world_process_zero and logs):
             return
-        values = {f"history/{k.removeprefix('eval_')}": float(v) for k, v in logs.items()
-                  if isinstance(v, (int, float)) and (k in ("loss", "grad_norm", "learning_rate") or
-                                                      k.startswith("eval_") and not k.endswith(("runtime", "per_second")))}
+        values = {
+            f"history/{k.removeprefix('eval_')}": float(v)
+            for k, v in logs.items()
+            if isinstance(v, (int, float))
+            and (
+                k in ("loss", "grad_norm", "learning_rate")
+                or k.startswith("eval_")
+                and not k.endswith(("runtime", "per_second"))
+            )
+        }
         if values:
             mlflow.log_metrics(values, step=round(state.epoch or 0))
 
@@ -224,11 +287,17 @@ class EpochCurves(TrainerCallback):
 def trainer_settings(args: TrainingArguments, processes: int) -> dict:
     """The Trainer's settings that params.yaml does not set, as params of the run (the rest of its arguments
     follow from params.yaml or do not change the model)."""
-    return {"trainer.optim": args.optim.value, "trainer.lr_scheduler_type": args.lr_scheduler_type.value,
-            "trainer.adam_beta1": args.adam_beta1, "trainer.adam_beta2": args.adam_beta2,
-            "trainer.adam_epsilon": args.adam_epsilon, "trainer.max_grad_norm": args.max_grad_norm,
-            "trainer.per_device_batch_size": args.per_device_train_batch_size, "trainer.processes": processes,
-            "trainer.bf16": args.bf16}
+    return {
+        "trainer.optim": args.optim.value,
+        "trainer.lr_scheduler_type": args.lr_scheduler_type.value,
+        "trainer.adam_beta1": args.adam_beta1,
+        "trainer.adam_beta2": args.adam_beta2,
+        "trainer.adam_epsilon": args.adam_epsilon,
+        "trainer.max_grad_norm": args.max_grad_norm,
+        "trainer.per_device_batch_size": args.per_device_train_batch_size,
+        "trainer.processes": processes,
+        "trainer.bf16": args.bf16,
+    }
 
 
 def log_inputs(data, paths: Paths, pseudo_dir: Path | None) -> None:
