@@ -42,7 +42,8 @@ def inputs(tmp_path_factory) -> Path:
 
 
 def train(root: Path, name: str, params: str = "params.yaml", cores: str | None = None, **env: str) -> dict:
-    """`aigid train` into ``name``/ (on ``cores`` only, with ``env`` added); the digests of what it wrote."""
+    """`aigid train` into ``name``/ (on ``cores`` only, with ``env`` added to an environment without the
+    profile's variables, which conftest set in this process); the digests of what it wrote."""
     out = root / name
     args = [
         "train",
@@ -58,11 +59,13 @@ def train(root: Path, name: str, params: str = "params.yaml", cores: str | None 
         f"{name}/history.json",
     ]
     taskset = ["taskset", "-c", cores] if cores is not None else []
+    profile = compute.environment("cpu", 1, True)
+    clean = {k: v for k, v in environment().items() if k not in profile}
     finish(
         subprocess.Popen(
             [*taskset, "aigid", *args],
             cwd=root,
-            env=environment(**env),
+            env={**clean, **env},
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
