@@ -105,6 +105,20 @@ def local_server(cmd: list[str], ready_url: str, **popen):
                 proc.wait(timeout=30)
 
 
+@contextlib.contextmanager
+def mlflow_server(db: Path, artifacts: str, env: dict[str, str], port: int | None = None):
+    """`mlflow server` on 127.0.0.1 (a free port unless given) with a sqlite backend at ``db`` and artifacts proxied
+    to ``artifacts`` (a directory or an s3:// URL), run with ``env``; yields its URI and process."""
+    import sys
+
+    port = port or free_port()
+    uri = f"http://127.0.0.1:{port}"
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    cmd += ["--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", artifacts]
+    with local_server(cmd, f"{uri}/health", env=env) as proc:
+        yield uri, proc
+
+
 # Credentials of the test S3 server (moto accepts any; these are the ones the tests pass and check for).
 S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from conftest import free_port, local_server, tiny_params_dict
+from conftest import free_port, mlflow_server, tiny_params_dict
 
 pytestmark = pytest.mark.slow
 
@@ -108,28 +108,7 @@ def test_unusable_sqlite_store_fails_before_any_training(inputs, tmp_path):
 def test_training_logs_to_a_real_mlflow_server(inputs, tmp_path):
     import mlflow
 
-    port = free_port()
-    uri = f"http://127.0.0.1:{port}"
-    with local_server(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-            "--backend-store-uri",
-            f"sqlite:///{tmp_path / 'server.db'}",
-            "--artifacts-destination",
-            str(tmp_path / "artifacts"),
-        ],
-        f"{uri}/health",
-        env=environment(),
-    ):
+    with mlflow_server(tmp_path / "server.db", str(tmp_path / "artifacts"), environment()) as (uri, _):
         finish(
             aigid(
                 "train",

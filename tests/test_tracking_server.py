@@ -5,7 +5,6 @@ pipeline run from two clones of one commit against it. Then the server going awa
 from __future__ import annotations
 
 import base64
-import contextlib
 import json
 import os
 import shutil
@@ -22,7 +21,7 @@ import pytest
 import yaml
 
 from aigid.registry import content_hash
-from conftest import REPO, S3_KEYS, free_port, local_server, make_bucket, tiny_params_dict
+from conftest import REPO, S3_KEYS, free_port, local_server, make_bucket, mlflow_server, tiny_params_dict
 from test_faults import environment
 from test_registry import _png
 
@@ -49,34 +48,13 @@ def server(s3_server, tmp_path_factory):
     """`mlflow server` on 127.0.0.1: runs and the registry in sqlite, artifacts in s3://team-mlflow/artifacts."""
     root = tmp_path_factory.mktemp("server")
     bucket = make_bucket(s3_server, "team-mlflow")
-    with mlflow_server(root / "mlflow.db", f"{bucket}/artifacts", s3_server) as (uri, proc):
+    with s3_mlflow_server(root / "mlflow.db", f"{bucket}/artifacts", s3_server) as (uri, proc):
         yield SimpleNamespace(uri=uri, proc=proc, s3=s3_server, bucket=bucket, root=root)
 
 
-@contextlib.contextmanager
-def mlflow_server(db: Path, artifacts: str, s3_endpoint: str, port: int | None = None):
+def s3_mlflow_server(db: Path, artifacts: str, s3_endpoint: str, port: int | None = None):
     """`mlflow server` proxying artifacts to ``artifacts`` on the S3 server: it alone gets the S3 credentials."""
-    port = port or free_port()
-    uri = f"http://127.0.0.1:{port}"
-    cmd = [
-        sys.executable,
-        "-m",
-        "mlflow",
-        "server",
-        "--host",
-        "127.0.0.1",
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-        "--backend-store-uri",
-        f"sqlite:///{db}",
-        "--artifacts-destination",
-        artifacts,
-    ]
-    env = environment(MLFLOW_S3_ENDPOINT_URL=s3_endpoint, **S3_KEYS)
-    with local_server(cmd, f"{uri}/health", env=env) as proc:
-        yield uri, proc
+    return mlflow_server(db, artifacts, environment(MLFLOW_S3_ENDPOINT_URL=s3_endpoint, **S3_KEYS), port)
 
 
 @pytest.fixture(scope="module")
@@ -285,7 +263,7 @@ def test_the_server_going_away_mid_stage_stops_it_with_one_line_and_dvc_records_
     recorded = lock()
     outputs = ("models/base", "metrics/train.json", "reports/train.json", "metrics/train_history.json")
     db, port = server.root / "killed.db", free_port()
-    with mlflow_server(db, f"{server.bucket}/killed", server.s3, port) as (uri, proc):
+    with s3_mlflow_server(db, f"{server.bucket}/killed", server.s3, port) as (uri, proc):
         pipeline = subprocess.Popen(
             REPRO, cwd=second, env=client_env(uri), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
@@ -316,7 +294,7 @@ def test_the_server_going_away_mid_stage_stops_it_with_one_line_and_dvc_records_
     assert line.startswith(f"Error: MLflow tracking server {uri} is not reachable"), out
     assert lock() == recorded and [name for name in outputs if (second / name).exists()] == []
 
-    with mlflow_server(db, f"{server.bucket}/killed", server.s3, port):  # back, with what it had stored
+    with s3_mlflow_server(db, f"{server.bucket}/killed", server.s3, port):  # back, with what it had stored
         done = run("dvc", "repro", "train", cwd=second, uri=uri)
         assert "resuming train from the last checkpoint" in done.stdout + done.stderr
         assert lock()["train"]["params"]["params.yaml"]["train"]["epochs"] == 6
