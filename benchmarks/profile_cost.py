@@ -32,9 +32,9 @@ def child(work: Path, config: str, steps: int) -> dict:
     import torch
     from datasets import concatenate_datasets
 
-    from aigid.data import Collator, open_dataset
-    from aigid.infer import RunOptions, predict_logits
-    from aigid.runtime import configure
+    from aigid.core.data import Collator, open_dataset
+    from aigid.detector.infer import RunOptions, predict_logits
+    from aigid.detector.runtime import configure
 
     configure(bench.compute_profile())
     cfg = bench.CONFIGS[config]
@@ -86,7 +86,7 @@ def measure(config: str, rounds: int, steps: int, root: Path) -> dict:
 def profile_environment() -> dict[str, str]:
     import yaml
 
-    from aigid.compute import environment
+    from aigid.core.compute import environment
 
     return environment(**yaml.safe_load((bench.REPO / "params.yaml").read_text())["compute"])
 

@@ -17,8 +17,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 # The tests run stages in this process too: params.yaml's compute profile is set before anything imports torch,
-# as the `aigid` command line sets it before a stage's module is imported (aigid.compute).
-from aigid import compute  # noqa: E402
+# as the `aigid` command line sets it before a stage's module is imported (aigid.core.compute).
+from aigid.core import compute  # noqa: E402
 
 compute.apply(REPO / "params.yaml")
 

@@ -18,7 +18,7 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
 from aigid.cli import main
-from aigid.data import open_dataset
+from aigid.core.data import open_dataset
 from conftest import REPO
 from test_detect import save_tiny_model
 from test_sources import competition, run, save_image

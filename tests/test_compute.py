@@ -11,10 +11,10 @@ import pytest
 import torch
 import yaml
 
-from aigid import compute
-from aigid.config import load_params
-from aigid.errors import ParamsError
-from aigid.runtime import configure
+from aigid.core import compute
+from aigid.core.config import load_params
+from aigid.core.errors import ParamsError
+from aigid.detector.runtime import configure
 from conftest import REPO, tiny_params_dict
 from test_faults import aigid, environment, finish
 

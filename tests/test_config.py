@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from aigid.config import ParamsError, declared, flatten, load_params, scoped
+from aigid.core.config import ParamsError, declared, flatten, load_params, scoped
 from conftest import REPO, _merge
 
 

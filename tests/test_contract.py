@@ -1,7 +1,9 @@
 """The pipeline contract: dvc.yaml says exactly what each stage depends on, and nothing is listed twice.
 
-- code: each stage's `src/aigid/*.py` deps are the import closure of its command (derived here from the source);
-- params: each stage's `params:` equal the PARAMS its module declares (and reads: see aigid.config.Scoped);
+- code: each stage's `src/aigid` deps are the import closure of its command (derived here from the source), a
+  package directory standing for its modules where every one of them is in the closure (so a directory dep
+  never reruns a stage for code it does not run), single files otherwise;
+- params: each stage's `params:` equal the PARAMS its module declares (and reads: see aigid.core.config.Scoped);
 - paths: each stage's command passes its paths as the defaults of its options, and every input it reads or
   output it writes is a declared dep or out;
 - configs: every shipped config file is a complete, valid params file;
@@ -21,7 +23,7 @@ import yaml
 
 from aigid import cli
 from aigid.cli import COMMANDS
-from aigid.config import Params, load_params
+from aigid.core.config import Params, load_params
 from conftest import REPO
 
 SRC = REPO / "src"
@@ -70,8 +72,33 @@ def stage_code(stage: str) -> set[str]:
     return import_closure("aigid.cli", COMMANDS[stage])
 
 
-def declared_code(stage: str) -> set[str]:
-    return {d for d in STAGES[stage].get("deps", []) if d.startswith("src/")}
+def modules_of(dep: str) -> set[str]:
+    """The source files a code dep stands for: itself, or a package directory's modules (its docstring-only
+    ``__init__.py`` aside, see test_package_inits_hold_only_a_docstring)."""
+    path = REPO / dep
+    if path.is_dir():
+        return {f.relative_to(REPO).as_posix() for f in path.rglob("*.py") if f.name != "__init__.py"}
+    return {dep}
+
+
+def canonical_deps(code: set[str]) -> list[str]:
+    """``code`` as dvc.yaml lists it: each package directory whose modules all belong to ``code`` as the
+    directory, every other file by itself."""
+    packages = sorted({(REPO / f).parent.relative_to(REPO).as_posix() for f in code} - {"src/aigid"})
+    whole = [p for p in packages if modules_of(p) <= code]
+    covered = set().union(*(modules_of(p) for p in whole))
+    return sorted(whole + [f for f in code if f not in covered and not f.endswith("/__init__.py")])
+
+
+def declared_code(stage: str) -> list[str]:
+    return sorted(d for d in STAGES[stage].get("deps", []) if d.startswith("src/"))
+
+
+def test_package_inits_hold_only_a_docstring():
+    """Importing a package then runs nothing, so a stage's code is exactly the modules it imports."""
+    for init in sorted(SRC.rglob("__init__.py")):
+        body = ast.parse(init.read_text()).body
+        assert len(body) == 1 and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant), init
 
 
 def test_the_command_line_profiles_exactly_the_pipeline_stages():
@@ -80,25 +107,61 @@ def test_the_command_line_profiles_exactly_the_pipeline_stages():
 
 @pytest.mark.parametrize("stage", list(STAGES))
 def test_code_deps_are_the_import_closure_of_the_stage(stage):
-    expected, listed = stage_code(stage), declared_code(stage)
+    expected, listed = canonical_deps(stage_code(stage)), declared_code(stage)
     assert listed == expected, f"dvc.yaml stage {stage}: code deps should be exactly\n" + "\n".join(
-        f"      - {d}" for d in sorted(expected)
+        f"      - {d}" for d in expected
     )
+    assert set().union(*map(modules_of, listed)) == stage_code(stage) - {
+        f for f in stage_code(stage) if f.endswith("/__init__.py")
+    }
+
+
+def test_a_directory_dep_is_listed_only_where_the_stage_runs_all_of_it():
+    """Listing src/aigid/detector for `encoders` (which imports only the runtime) would rerun it for any
+    detector edit: the canonical list keeps the single file there, and it fails the check above."""
+    encoders = canonical_deps(stage_code("encoders"))
+    assert "src/aigid/detector/runtime.py" in encoders and "src/aigid/detector" not in encoders
+    assert "src/aigid/detector" in canonical_deps(stage_code("train"))
+    too_wide = sorted({*encoders, "src/aigid/detector"} - {"src/aigid/detector/runtime.py"})
+    assert set().union(*map(modules_of, too_wide)) != stage_code("encoders")
+    missing = [d for d in canonical_deps(stage_code("train")) if d != "src/aigid/detector"]
+    assert missing != canonical_deps(stage_code("train"))
+
+
+# The packages from the bottom up (aigid/__init__.py): each imports only from itself and the ranks below it.
+LAYERS = {"core": 0, "detector": 1, "sources": 1, "tracking": 2, "serving": 3, "stages": 4, "cli": 5}
+
+
+def test_imports_point_down_the_layers():
+    """Stages on top, serving below them, the detector and core at the bottom: no import points back up (a
+    detector module importing a stage's, say), and no package is left out of the list."""
+    upward = []
+    for file in sorted((SRC / "aigid").rglob("*.py")):
+        name = file.relative_to(SRC).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
+        own = name.split(".")[1] if "." in name else None
+        if own is None:
+            continue
+        assert own in LAYERS, f"{file}: package {own} has no place in LAYERS"
+        for target in _imports(name, ast.parse(file.read_text())):
+            other = target.split(".")[1]
+            if other != own and LAYERS[other] >= LAYERS[own]:
+                upward.append(f"{name} imports {target}")
+    assert upward == []
 
 
 def test_the_closure_follows_imports_inside_functions_and_relative_imports():
-    assert "src/aigid/demo.py" in stage_code("prepare")  # imported inside prepare()
-    assert "src/aigid/registry.py" in stage_code("evaluate")
+    assert "src/aigid/sources/demo.py" in stage_code("prepare")  # imported inside prepare()
+    assert "src/aigid/serving/registry.py" in stage_code("evaluate")
     for stage in ("prepare", "encoders", "features", "train", "pseudolabel", "retrain"):
-        assert "src/aigid/detect.py" not in stage_code(stage)
+        assert "src/aigid/serving/detect.py" not in stage_code(stage)
     train = stage_code("train")
-    assert {"src/aigid/model.py", "src/aigid/data.py"} <= train
+    assert {"src/aigid/detector/model.py", "src/aigid/core/data.py"} <= train
     assert not train & {
-        "src/aigid/registry.py",
-        "src/aigid/evaluate.py",
-        "src/aigid/sources.py",
-        "src/aigid/demo.py",
-        "src/aigid/prepare.py",
+        "src/aigid/serving/registry.py",
+        "src/aigid/stages/evaluate.py",
+        "src/aigid/sources/readers.py",
+        "src/aigid/sources/demo.py",
+        "src/aigid/stages/prepare.py",
     }
 
 

@@ -11,9 +11,9 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from aigid.cli import main
-from aigid.data import to_rgb
-from aigid.encoders import train_wordpiece
-from aigid.model import decide, load_detector, save_detector
+from aigid.core.data import to_rgb
+from aigid.detector.model import decide, load_detector, save_detector
+from aigid.stages.encoders import train_wordpiece
 from test_model import _tiny_detector
 
 
@@ -120,7 +120,7 @@ def test_detect_json_with_per_file_captions(tmp_path):
 def test_threshold_from_the_operating_point_and_progress_only_on_stderr(tmp_path, capsys):
     import json
 
-    from aigid.detect import detect, expand
+    from aigid.serving.detect import detect, expand
 
     save_tiny_model(tmp_path / "model")
     for i in range(3):
@@ -165,7 +165,7 @@ def test_unknown_model_directory_or_registered_model_is_a_clear_error(tmp_path, 
 def test_precision_bf16_runs_the_model_in_bf16_on_the_cpu_and_auto_keeps_float32(tmp_path):
     import json
 
-    from aigid.runtime import autocast
+    from aigid.detector.runtime import autocast
 
     cpu = torch.device("cpu")
     x = torch.randn(4, 8)
@@ -201,9 +201,9 @@ def test_precision_bf16_runs_the_model_in_bf16_on_the_cpu_and_auto_keeps_float32
 
 @pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
 def test_a_bf16_pass_keeps_the_weights_autocast_casts_in_bf16_and_scores_as_autocast_on_float32(tmp_path, fusion):
-    from aigid.data import Collator
-    from aigid.infer import RunOptions, predict_logits
-    from aigid.runtime import autocast
+    from aigid.core.data import Collator
+    from aigid.detector.infer import RunOptions, predict_logits
+    from aigid.detector.runtime import autocast
 
     torch.manual_seed(0)
     save_detector(
@@ -254,8 +254,18 @@ def test_detect_imports_no_dataset_table_tracking_params_or_model_library():
     import subprocess
     import sys
 
-    heavy = ("datasets", "pyarrow", "pandas", "mlflow", "sklearn", "pydantic", "aigid.config", "torch", "transformers")
-    code = f"import sys, aigid.cli, aigid.detect; print([m for m in {heavy!r} if m in sys.modules])"
+    heavy = (
+        "datasets",
+        "pyarrow",
+        "pandas",
+        "mlflow",
+        "sklearn",
+        "pydantic",
+        "aigid.core.config",
+        "torch",
+        "transformers",
+    )
+    code = f"import sys, aigid.cli, aigid.serving.detect; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 

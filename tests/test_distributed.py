@@ -13,8 +13,8 @@ import mlflow
 import pytest
 import yaml
 
-from aigid.config import ParamsError
-from aigid.train import CHECKPOINT_FILES, checkpoint_files, last_complete_checkpoint, per_process_batch
+from aigid.core.config import ParamsError
+from aigid.stages.train import CHECKPOINT_FILES, checkpoint_files, last_complete_checkpoint, per_process_batch
 from conftest import tiny_params_dict
 
 BIN = Path(sys.executable).parent

@@ -6,10 +6,10 @@ import pytest
 import torch
 from PIL import Image
 
-from aigid.config import ParamsError, load_params
-from aigid.data import Collator, to_rgb
-from aigid.evaluate import Perturbation, perturbations
-from aigid.metrics import ranking_scores, rates_at, threshold_at_fpr
+from aigid.core.config import ParamsError, load_params
+from aigid.core.data import Collator, to_rgb
+from aigid.stages.evaluate import Perturbation, perturbations
+from aigid.tracking.metrics import ranking_scores, rates_at, threshold_at_fpr
 from test_config import write
 
 
@@ -134,7 +134,7 @@ def test_only_the_training_loader_drops_captions_and_holdout_drops_its_class(tmp
     from datasets import Dataset
     from transformers import TrainingArguments
 
-    from aigid.train import DetectorTrainer, drop_class
+    from aigid.stages.train import DetectorTrainer, drop_class
     from test_model import _tiny_detector
 
     ds = Dataset.from_dict({"Caption": ["a", "b", "c"], "Label_A": [0, 1, 1], "Label_B": [0, 3, 1]})
@@ -160,8 +160,8 @@ def test_format_control_reports_task_a_per_original_format():
 
     from datasets import Dataset
 
-    from aigid.evaluate import format_control
-    from aigid.model import decide
+    from aigid.detector.model import decide
+    from aigid.stages.evaluate import format_control
 
     def encoded(fmt):
         buf = io.BytesIO()

@@ -38,7 +38,7 @@ def finish(proc: subprocess.Popen) -> str:
 
 
 def last_complete_checkpoint_in(root: Path):
-    from aigid.train import CHECKPOINT_FILES
+    from aigid.stages.train import CHECKPOINT_FILES
 
     for checkpoint in (root / "checkpoints").glob("train/*/checkpoint-*"):
         if all((checkpoint / name).is_file() for name in CHECKPOINT_FILES):

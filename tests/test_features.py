@@ -30,10 +30,10 @@ def frozen(tmp_path_factory) -> Path:
 
 
 def test_features_match_the_encoders_and_the_trained_model_keeps_them(frozen):
-    from aigid.data import open_dataset
-    from aigid.features import open_features
-    from aigid.infer import RunOptions, encode_features
-    from aigid.model import load_detector
+    from aigid.core.data import open_dataset
+    from aigid.detector.cache import open_features
+    from aigid.detector.infer import RunOptions, encode_features
+    from aigid.detector.model import load_detector
 
     feats = open_features(frozen / "data/features")
     prepared = open_dataset(frozen / "data/prepared")
@@ -48,7 +48,7 @@ def test_features_match_the_encoders_and_the_trained_model_keeps_them(frozen):
 
 
 def test_heads_learn_on_cached_features_and_pseudo_rows_point_into_the_pool(frozen):
-    from aigid.data import open_dataset
+    from aigid.core.data import open_dataset
 
     metrics = json.loads((frozen / "reports/train.json").read_text())
     assert metrics["train_rows"] == len(open_dataset(frozen / "data/prepared")["train"])
@@ -101,10 +101,10 @@ def test_full_fine_tuning_leaves_features_uncomputed_and_frozen_mode_refuses_the
 
 
 def test_frozen_model_predicts_the_same_from_images_and_from_features(frozen):
-    from aigid.data import open_dataset
-    from aigid.features import open_features, predict_from_features
-    from aigid.infer import RunOptions, predict_logits
-    from aigid.model import load_detector
+    from aigid.core.data import open_dataset
+    from aigid.detector.cache import open_features, predict_from_features
+    from aigid.detector.infer import RunOptions, predict_logits
+    from aigid.detector.model import load_detector
 
     detector = load_detector(frozen / "models/retrained")
     model = detector.model
@@ -116,10 +116,10 @@ def test_frozen_model_predicts_the_same_from_images_and_from_features(frozen):
 
 
 def test_batches_of_cached_features_are_the_rows_pseudo_labelled_ones_included(frozen):
-    from aigid.config import load_params
-    from aigid.data import open_dataset
-    from aigid.features import FeatureCollator, FeatureRows, open_features
-    from aigid.train import _feature_splits
+    from aigid.core.config import load_params
+    from aigid.core.data import open_dataset
+    from aigid.detector.cache import FeatureCollator, FeatureRows, open_features
+    from aigid.stages.train import _feature_splits
 
     params = load_params(frozen / "params.yaml")
     train, _ = _feature_splits(params, frozen / "data/features", frozen / "data/pseudolabel")
@@ -146,9 +146,9 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     from safetensors.torch import load_file
     from transformers import Trainer
 
-    from aigid import train
-    from aigid.config import load_params, scoped
-    from aigid.train import CHECKPOINT_FILES, fit
+    from aigid.core.config import load_params, scoped
+    from aigid.stages import train
+    from aigid.stages.train import CHECKPOINT_FILES, fit
 
     class Killed(Exception):
         pass
@@ -183,7 +183,7 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     steps = []
     step = Trainer.training_step
     monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **kw: steps.append(1) or step(self, *a, **kw))
-    with caplog.at_level("INFO", logger="aigid.train"):
+    with caplog.at_level("INFO", logger="aigid.stages.train"):
         resumed = run("killed", "ck")
     assert "resuming train from the last checkpoint" in caplog.text
     resumed_steps, steps[:] = len(steps), []
@@ -233,10 +233,10 @@ def test_class_balanced_pseudo_labels_have_the_train_mix(frozen, tmp_path):
 def test_cross_attention_trains_on_cached_token_features(frozen, tmp_path):
     """With a fusion that reads every token, the features stage caches each caption's token features (padding
     dropped); the heads train on them, pseudolabel reads them, and a cache of [CLS] features is refused."""
-    from aigid.data import open_dataset
-    from aigid.features import open_features, predict_from_features
-    from aigid.infer import RunOptions, encode_features, predict_logits
-    from aigid.model import load_detector
+    from aigid.core.data import open_dataset
+    from aigid.detector.cache import open_features, predict_from_features
+    from aigid.detector.infer import RunOptions, encode_features, predict_logits
+    from aigid.detector.model import load_detector
 
     params = yaml.safe_load((frozen / "params.yaml").read_text())
     params["model"]["fusion"] = "cross_attention"

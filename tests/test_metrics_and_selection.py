@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from aigid.metrics import score, task_scores
-from aigid.pseudolabel import select_confident
+from aigid.stages.pseudolabel import select_confident
+from aigid.tracking.metrics import score, task_scores
 
 
 def test_task_scores_match_hand_computed_values():
@@ -60,7 +60,7 @@ def test_binary_f1_is_the_ai_class_f1():
 def test_calibration_error_by_hand_and_bins_as_scikit_learn_cuts_them():
     from sklearn.calibration import calibration_curve
 
-    from aigid.metrics import calibration
+    from aigid.tracking.metrics import calibration
 
     # Two occupied bins of 15: [0, 1/15) holds 0.0 and 0.05 (no AI), [14/15, 1] holds 0.95 and 1.0 (one AI).
     labels, prob = np.array([0, 0, 1, 0]), np.array([0.0, 0.05, 0.95, 1.0])
@@ -80,7 +80,7 @@ def test_calibration_error_by_hand_and_bins_as_scikit_learn_cuts_them():
 
 
 def test_class_quotas_keep_the_mix_and_never_exceed_what_is_available():
-    from aigid.pseudolabel import class_quotas
+    from aigid.stages.pseudolabel import class_quotas
 
     mix = np.array([1, 1, 1, 1, 1, 1]) / 6  # CT2's train split: one image per source
     assert class_quotas(np.array([65, 97, 102, 37, 63, 78]), mix).tolist() == [37] * 6
@@ -90,7 +90,7 @@ def test_class_quotas_keep_the_mix_and_never_exceed_what_is_available():
 
 
 def test_class_balanced_selection_keeps_the_most_confident_of_each_predicted_class():
-    from aigid.pseudolabel import select_class_balanced
+    from aigid.stages.pseudolabel import select_class_balanced
 
     conf_a = np.array([0.99, 0.95, 0.90, 0.85, 0.97, 0.70, 0.99, 0.91])
     conf_b = np.array([0.99, 0.95, 0.90, 0.85, 0.93, 0.99, 0.81, 0.99])

@@ -6,8 +6,16 @@ import torch
 import torch.nn.functional as F
 from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
-from aigid.errors import DataError
-from aigid.model import Detector, DetectorConfig, DetectorHeads, decide, load_detector, multitask_loss, save_detector
+from aigid.core.errors import DataError
+from aigid.detector.model import (
+    Detector,
+    DetectorConfig,
+    DetectorHeads,
+    decide,
+    load_detector,
+    multitask_loss,
+    save_detector,
+)
 
 
 def test_loss_is_bce_plus_ce_over_ai_images_only():
@@ -89,7 +97,7 @@ def _tiny_detector(fusion="concat"):
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     from transformers import CLIPImageProcessor
 
-    from aigid.encoders import train_wordpiece
+    from aigid.stages.encoders import train_wordpiece
 
     torch.manual_seed(0)
     model = _tiny_detector().eval()
@@ -125,8 +133,8 @@ def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
     from transformers import CLIPImageProcessor
 
     from aigid.cli import main
-    from aigid.encoders import train_wordpiece
-    from aigid.model import build_detector
+    from aigid.detector.model import build_detector
+    from aigid.stages.encoders import train_wordpiece
 
     model = _tiny_detector()
     model.text_encoder.save_pretrained(tmp_path / "bert")
@@ -174,7 +182,7 @@ def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
 
 
 def test_a_class_added_in_params_gives_head_b_one_more_output():
-    from aigid.metrics import score
+    from aigid.tracking.metrics import score
 
     text = BertModel(
         BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
@@ -206,7 +214,7 @@ def test_a_class_added_in_params_gives_head_b_one_more_output():
 
 
 def test_demo_tokenizer_vocabulary_is_deterministic_and_covers_unseen_words():
-    from aigid.encoders import train_wordpiece
+    from aigid.stages.encoders import train_wordpiece
 
     captions = ["two red circles and a blue square on a green background", "a yellow triangle on a grey background"]
     a, b = train_wordpiece(captions, 80), train_wordpiece(list(reversed(captions)) * 3, 80)
@@ -286,7 +294,7 @@ def test_fast_image_processor_matches_the_pil_one(tmp_path):
     pytest.importorskip("torchvision")
     from transformers import CLIPImageProcessorPil
 
-    from aigid.model import load_processor
+    from aigid.detector.model import load_processor
 
     CLIPImageProcessorPil().save_pretrained(tmp_path)
     fast = load_processor(tmp_path)
@@ -306,8 +314,8 @@ def test_processor_loads_without_the_fallback_warning(tmp_path):
     import sys
 
     code = (
-        "import sys; from transformers import CLIPImageProcessorPil; import aigid.encoders; "
-        "from aigid.model import load_processor; CLIPImageProcessorPil().save_pretrained(sys.argv[1]); "
+        "import sys; from transformers import CLIPImageProcessorPil; import aigid.stages.encoders; "
+        "from aigid.detector.model import load_processor; CLIPImageProcessorPil().save_pretrained(sys.argv[1]); "
         "print(load_processor(sys.argv[1]).backend)"
     )
     proc = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True)
@@ -318,7 +326,7 @@ def test_processor_loads_without_the_fallback_warning(tmp_path):
 def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_without_padding(tmp_path):
     from transformers import CLIPImageProcessor
 
-    from aigid.encoders import train_wordpiece
+    from aigid.stages.encoders import train_wordpiece
 
     assert {k for k in _tiny_detector().state_dict() if k.startswith("fusion.")} == {"fusion.0.weight", "fusion.0.bias"}
     torch.manual_seed(0)
@@ -345,7 +353,7 @@ def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_wi
 
 
 def test_fusion_is_a_checked_choice(tmp_path):
-    from aigid.config import ParamsError, load_params
+    from aigid.core.config import ParamsError, load_params
     from test_config import write
 
     with pytest.raises(ParamsError, match=r"model\.fusion"):

@@ -11,7 +11,7 @@ import shutil
 import pytest
 import yaml
 
-from aigid.config import load_params
+from aigid.core.config import load_params
 from conftest import REPO
 from standins import bert_base, clip_vit_b32, defactify_parquet
 from test_pipeline import STAGES, sh

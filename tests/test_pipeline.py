@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import yaml
 
-from aigid.data import open_dataset
+from aigid.core.data import open_dataset
 from conftest import REPO, tiny_params_dict
 
 pytestmark = pytest.mark.slow
@@ -379,32 +379,45 @@ def _changed(root: Path) -> set[str]:
 
 
 def test_a_code_edit_reruns_exactly_the_stages_that_import_it(project):
+    """Also through a directory dependency (dvc.yaml lists src/aigid/detector as a whole for most stages), and
+    Python's byte-code caches inside those directories are no dependency (.dvcignore)."""
     assert _changed(project) == set()
-    edits = {"detect.py": "# a comment\n", "registry.py": "# a comment\n", "model.py": "# a comment\n"}
-    originals = {name: (project / "src/aigid" / name).read_text() for name in edits}
+    code = project / "src/aigid"
+    edited = ["serving/detect.py", "serving/registry.py", "detector/model.py", "detector/cache.py"]
+    originals = {name: (code / name).read_text() for name in edited}
+
+    def edit(name):
+        (code / name).write_text(originals[name] + "# a comment\n")
+
     try:
-        (project / "src/aigid/detect.py").write_text(originals["detect.py"] + edits["detect.py"])
+        edit("serving/detect.py")
         assert _changed(project) == set()  # detect is no stage's dependency
-        (project / "src/aigid/registry.py").write_text(originals["registry.py"] + edits["registry.py"])
+        (code / "detector/__pycache__").mkdir(exist_ok=True)
+        (code / "detector/__pycache__/extra.cpython-311.pyc").write_bytes(b"not a dependency")
+        assert _changed(project) == set()
+        edit("serving/registry.py")
         assert _changed(project) == {"evaluate"}  # only evaluate registers models
-        (project / "src/aigid/model.py").write_text(originals["model.py"] + edits["model.py"])
+        edit("detector/cache.py")  # through the package directory: train's dependency, not evaluate's
+        assert _changed(project) == {"features", "train", "pseudolabel", "retrain"}
+        edit("detector/model.py")
         assert _changed(project) == {"features", "train", "pseudolabel", "retrain", "evaluate", "export"}
     finally:
         for name, text in originals.items():
-            (project / "src/aigid" / name).write_text(text)
+            (code / name).write_text(text)
+        (code / "detector/__pycache__/extra.cpython-311.pyc").unlink(missing_ok=True)
     assert _changed(project) == set()
 
 
 def test_a_prepare_edit_that_leaves_the_data_alone_stops_at_prepare(project):
     """The prepared dataset's fingerprint comes from its rows, not from the code that wrote them."""
-    original = (project / "src/aigid/prepare.py").read_text()
-    (project / "src/aigid/prepare.py").write_text(original + "# a comment\n")
+    original = (project / "src/aigid/stages/prepare.py").read_text()
+    (project / "src/aigid/stages/prepare.py").write_text(original + "# a comment\n")
     try:
         assert _changed(project) == {"prepare"}
         out = sh("dvc", "repro", cwd=project)
         assert [s for s in STAGES if f"Running stage '{s}'" in out] == ["prepare"], out
     finally:
-        (project / "src/aigid/prepare.py").write_text(original)
+        (project / "src/aigid/stages/prepare.py").write_text(original)
         sh("dvc", "commit", "-f", "prepare", cwd=project)
     assert _changed(project) == set()
 

@@ -14,12 +14,12 @@ from PIL import Image
 from transformers import CLIPImageProcessorPil
 
 from aigid.cli import main
-from aigid.errors import DataError
-from aigid.export import export_graph
-from aigid.model import decide as torch_decide
-from aigid.model import load_detector
-from aigid.portable import GRAPH, WEIGHTS, Inputs, PortableDetector, Preprocessor
-from aigid.scores import decide
+from aigid.core.errors import DataError
+from aigid.detector.model import decide as torch_decide
+from aigid.detector.model import load_detector
+from aigid.detector.scores import decide
+from aigid.serving.portable import GRAPH, WEIGHTS, Inputs, PortableDetector, Preprocessor
+from aigid.stages.export import export_graph
 from test_detect import save_tiny_model
 
 

@@ -12,7 +12,7 @@ from datasets import Dataset, DatasetDict
 from PIL import Image
 
 from aigid.cli import main
-from aigid.registry import ALIAS, HASH_TAG, content_hash, register
+from aigid.serving.registry import ALIAS, HASH_TAG, content_hash, register
 
 NAME = "aigid-detector"
 
@@ -50,7 +50,7 @@ def test_the_same_model_is_registered_once_and_a_new_one_takes_the_alias(store):
 
 def test_a_version_registered_meanwhile_by_another_clone_wins(store, monkeypatch):
     """Two clones registering one model at once: the older version stays, the later one is deleted."""
-    import aigid.registry as registry
+    import aigid.serving.registry as registry
 
     test = [{"Image": {"bytes": _png()}, "Caption": ""}]
     with mlflow.start_run():

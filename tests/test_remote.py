@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from aigid.data import open_dataset
+from aigid.core.data import open_dataset
 from conftest import REPO, S3_KEYS, free_port, make_bucket
 from test_pipeline import STAGES, _env, project  # noqa: F401  (project: the tiny pipeline, reproduced once)
 

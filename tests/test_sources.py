@@ -15,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from aigid.cli import main
-from aigid.data import open_dataset
+from aigid.core.data import open_dataset
 
 
 def save_image(path, seed: int, mode: str = "RGB", size=(24, 24), fmt: str | None = None) -> None:

@@ -20,7 +20,7 @@ import mlflow
 import pytest
 import yaml
 
-from aigid.registry import content_hash
+from aigid.serving.registry import content_hash
 from conftest import REPO, S3_KEYS, free_port, local_server, make_bucket, mlflow_server, tiny_params_dict
 from test_faults import environment
 from test_registry import _png
@@ -191,7 +191,7 @@ def _post(url: str, body: dict) -> dict:
 
 
 def test_detect_and_serve_the_champion_from_the_second_clone(first, second, server, tmp_path):
-    from aigid.data import open_dataset
+    from aigid.core.data import open_dataset
 
     champion = alias(server, "champion")
     assert champion is not None
@@ -311,7 +311,7 @@ def test_the_same_weights_one_float32_step_from_the_threshold_are_the_registered
     the version registered already, not a new one; a threshold further away is another registered model."""
     import numpy as np
 
-    from aigid.registry import THRESHOLD_RTOL, register
+    from aigid.serving.registry import THRESHOLD_RTOL, register
 
     test = [{"Image": {"bytes": _png()}, "Caption": ""}]
     nearby = float(np.nextafter(np.float32(0.7471870), np.float32(1)))

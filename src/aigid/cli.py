@@ -1,6 +1,6 @@
 """Command line: `aigid <stage>` and `aigid detect`. This module only parses.
 
-Each command lives with the code it runs (a stage's module defines ``command``, see :mod:`aigid.stage`) and is
+Each command lives with the code it runs (a stage's module defines ``command``, see :mod:`aigid.core.stage`) and is
 imported only when it is called: `aigid train` loads the train stage's modules and nothing else, which keeps
 the commands quick to start and each stage's code dependencies in dvc.yaml exactly what it imports.
 """
@@ -16,13 +16,15 @@ import threading
 
 import click
 
-from . import compute
-from .stage import quiet_transformers, uncollected
+from aigid.core import compute
+from aigid.core.stage import quiet_transformers, uncollected
 
-# The pipeline stages in dvc.yaml's order; each runs under params.yaml's compute profile (aigid.compute).
+# The pipeline stages in dvc.yaml's order; each runs under params.yaml's compute profile (aigid.core.compute).
 STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate", "export")
 # command name -> module defining `command`: the stages, then the tools.
-COMMANDS = {name: f"aigid.{name}" for name in (*STAGES, "detect", "promote")} | {"register": "aigid.registry"}
+COMMANDS = {name: f"aigid.stages.{name}" for name in STAGES} | {
+    name: f"aigid.serving.{name}" for name in ("detect", "promote", "register")
+}
 # Commands after which the executable exits without tearing the interpreter down (see run).
 QUICK_EXIT = frozenset({"detect"})
 # Commands that import transformers only where they need it (detect on a portable model never does), and call

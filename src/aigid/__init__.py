@@ -1,0 +1,16 @@
+"""aigid: detect AI-generated images and name the generator (a BERT + CLIP multi-task detector).
+
+The packages are layers; a module imports only from its own layer or the ones below it:
+
+- :mod:`aigid.cli` -- the `aigid` command: imports a command's module when it is called.
+- :mod:`aigid.stages` -- one module per dvc.yaml stage (prepare ... export), nothing else.
+- :mod:`aigid.serving` -- what users run on a trained detector: `aigid detect`, the portable (ONNX) detector, the
+  MLflow model, the registry, `aigid register` and `aigid promote`.
+- :mod:`aigid.sources` -- dataset readers: the layouts of raw data, tables, the embedded demo data.
+- :mod:`aigid.tracking` -- MLflow runs and the metrics they log.
+- :mod:`aigid.detector` -- the model, its runtime, inference, the decision rule, the feature cache.
+- :mod:`aigid.core` -- params and the compute profile, errors, files, the prepared-data schema, stage commands.
+
+Package ``__init__`` modules hold only a docstring (a test checks it), so importing a package runs nothing and
+dvc.yaml's code dependencies are exactly the modules a stage imports.
+"""

@@ -1,0 +1,112 @@
+"""What every stage shares: its paths as command options, its view of the params, one-line errors.
+
+A stage module declares ``PARAMS`` (the params keys it reads: the same list as its ``params:`` in dvc.yaml, a
+test compares them), a frozen dataclass of its paths (defaults = the paths in dvc.yaml), and
+``run(params, paths) -> metrics``, which does the work and writes every output. :func:`command` turns that
+into its click command: one option per path, ``--params``, and nothing else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import gc
+from pathlib import Path
+
+import click
+
+from aigid.core.errors import DataError, ParamsError, TrackingError
+
+
+def path(default: str, help: str, exists: bool = False):
+    """A path field of a stage's paths: its option default (as in dvc.yaml), help, and whether it must exist."""
+    return dataclasses.field(default=Path(default), metadata={"help": help, "exists": exists})
+
+
+def load(params_file: Path, keys: tuple[str, ...]):
+    """The params of ``params_file``, readable only at ``keys``; a bad file is one clean line."""
+    from aigid.core.config import load_params, scoped  # here: detect uses this module's clean_errors, not the params
+
+    try:
+        return scoped(load_params(params_file), keys)
+    except ParamsError as err:
+        raise click.ClickException(str(err)) from None
+
+
+def clean_errors(fn):
+    """Known failures (bad data or params, unusable tracking store) end with one line, not a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (DataError, ParamsError, TrackingError) as err:
+            raise click.ClickException(str(err)) from None
+
+    return wrapper
+
+
+@contextlib.contextmanager
+def uncollected():
+    """Import modules that live as long as the process (torch, transformers, onnxruntime) without collecting.
+
+    Collecting while importing walks the objects they make (modules, classes, functions) again and again, and
+    so does the last collection at exit: seconds of every command's start and end (`aigid detect one.jpg`:
+    about 2.5 of 6 s). So collection is off while they import, and what the import made is frozen out of
+    later collections (gc.freeze); collection is on again for the command's own work.
+    """
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.freeze()
+        gc.enable()
+
+
+def quiet_transformers() -> None:
+    """transformers logs through the root logger's handler (each message once, at its level: warnings, or
+    everything with `aigid -v`) and shows no per-weight progress bars, which drown the stage logs."""
+    import logging
+
+    import transformers
+
+    transformers.utils.logging.disable_progress_bar()
+    transformers.utils.logging.disable_default_handler()
+    transformers.utils.logging.enable_propagation()
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        transformers.utils.logging.set_verbosity_warning()
+
+
+def command(name: str, run, paths_cls, keys: tuple[str, ...]) -> click.Command:
+    """The click command of a stage: parse the paths, load the params, call ``run``."""
+
+    def callback(params_file: Path, **options):
+        run(load(params_file, keys), paths_cls(**options))
+
+    options = [
+        click.option(
+            "--params",
+            "params_file",
+            type=click.Path(dir_okay=False, path_type=Path),
+            default="params.yaml",
+            show_default=True,
+            help="Parameters file.",
+        )
+    ]
+    for f in dataclasses.fields(paths_cls):
+        meta = f.metadata
+        options.append(
+            click.option(
+                f"--{f.name.replace('_', '-')}",
+                f.name,
+                show_default=True,
+                help=meta["help"],
+                default=str(f.default),
+                type=click.Path(path_type=Path, exists=meta["exists"]),
+            )
+        )
+    cmd = clean_errors(callback)
+    for opt in reversed(options):
+        cmd = opt(cmd)
+    return click.command(name=name, help=run.__doc__)(cmd)

@@ -1,0 +1,191 @@
+"""The feature cache of frozen-encoder mode: the starting encoders' outputs per prepared row, as Arrow tables.
+
+:func:`compute_features` writes it (the `features` stage), with a ``features.json`` marker saying what was
+cached; training and pseudo-labelling read it (:func:`open_features`, :class:`FeatureRows`,
+:class:`FeatureCollator`) and run only the fusion layer and the heads on it (:func:`predict_from_features`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+from datasets import Dataset, DatasetDict
+
+from aigid.core.data import DataError, open_dataset, save_dataset
+from aigid.detector.infer import RunOptions, encode_features
+from aigid.detector.model import FUSIONS, build_detector
+from aigid.detector.runtime import configure
+
+log = logging.getLogger(__name__)
+MARKER = "features.json"
+
+
+def _fixed(values: np.ndarray) -> pa.FixedSizeListArray:
+    return pa.FixedSizeListArray.from_arrays(pa.array(values.ravel(), pa.float32()), values.shape[1])
+
+
+def _ragged(rows: list[np.ndarray]) -> pa.ListArray:
+    """One (tokens, dim) array per row, as a list of fixed-size float lists per row."""
+    offsets = np.concatenate([[0], np.cumsum([len(r) for r in rows])])
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), _fixed(np.concatenate(rows)))
+
+
+def feature_table(text: np.ndarray | list[np.ndarray], image: np.ndarray, rows: Dataset) -> Dataset:
+    """Encoder features of ``rows`` (in their order) with their labels: one split of `data/features`. ``text``
+    holds a [CLS] feature per row, or a list of per-row token features."""
+    text_column = _ragged(text) if isinstance(text, list) else _fixed(text)
+    return Dataset(
+        pa.table(
+            {
+                "text_features": text_column,
+                "image_features": _fixed(image),
+                "Label_A": pa.array(rows["Label_A"], pa.int64()),
+                "Label_B": pa.array(rows["Label_B"], pa.int64()),
+            }
+        )
+    )
+
+
+def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) -> dict:
+    if not params.train.freeze_encoders:
+        save_dataset(
+            DatasetDict(),
+            out_dir,
+            {MARKER: json.dumps({"computed": False, "reason": "train.freeze_encoders is false"}) + "\n"},
+        )
+        return {"computed": False}
+    configure(params.compute)
+    data = open_dataset(data_dir)
+    torch.manual_seed(params.seed)
+    # Only the encoders run here: the fusion layer and heads of this detector are placeholders, never used.
+    detector = build_detector(
+        str(encoders_dir / "text"), str(encoders_dir / "vision"), 1, params.model.max_text_length, ("real", "ai")
+    )
+    options = RunOptions(params.features.batch_size, params.train.num_workers, params.inference.precision)
+    tokens = FUSIONS[params.model.fusion].tokens
+    splits = {}
+    for name, ds in data.items():
+        text, image = encode_features(detector, ds, options, tokens=tokens)
+        splits[name] = feature_table(text, image, ds)
+        log.info("encoded %d %s rows", len(ds), name)
+    save_dataset(DatasetDict(splits), out_dir, {MARKER: json.dumps({"computed": True, "tokens": tokens}) + "\n"})
+    return {
+        "computed": True,
+        "tokens": tokens,
+        "rows": {k: len(v) for k, v in splits.items()},
+        "text_dim": int((text[0] if tokens else text).shape[-1]),
+        "image_dim": int(image.shape[1]),
+    }
+
+
+def open_features(path: Path, fusion: str | None = None) -> DatasetDict:
+    """The cached features, or a clear error when the `features` stage ran without freeze_encoders or, given the
+    ``fusion`` that will read them, cached other text features than it reads ([CLS] or every token)."""
+    marker = path / MARKER
+    info = json.loads(marker.read_text()) if marker.is_file() else {}
+    if not info.get("computed"):
+        raise DataError(
+            f"{path}: no cached features; train.freeze_encoders is true, so run the `features` stage "
+            f"with it (dvc repro does)"
+        )
+    if fusion is not None and info.get("tokens", False) != FUSIONS[fusion].tokens:
+        cached = "every token's feature" if info.get("tokens") else "the [CLS] feature only"
+        raise DataError(
+            f"{path}: holds {cached} of each caption, not what model.fusion: {fusion} reads; run the "
+            f"`features` stage with model.fusion: {fusion} (dvc repro does)"
+        )
+    return open_dataset(path).with_format("numpy")
+
+
+FEATURE_COLUMNS = ("text_features", "image_features", "Label_A", "Label_B")
+
+
+class FeatureRows(torch.utils.data.Dataset):
+    """Cached features for a DataLoader, still read from memory-mapped Arrow: a batch of indices is one take
+    over the table, converted column by column to tensors (no per-row dicts to split and re-stack)."""
+
+    def __init__(self, feats: Dataset):
+        self.feats = feats.with_format("arrow")
+
+    def __len__(self) -> int:
+        return len(self.feats)
+
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        table = self.feats[indices]
+        out = {}
+        for name in FEATURE_COLUMNS:
+            column = table.column(name).combine_chunks()
+            if pa.types.is_list(column.type):  # token features: padded, with the mask of the real ones
+                lengths = column.value_lengths().to_numpy().tolist()
+                out[name], out["text_mask"] = pad(list(torch.split(_tensor(column.flatten()), lengths)))
+            else:
+                out[name] = _tensor(column)
+        return out
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {name: value[0] for name, value in self.__getitems__([index]).items()}
+
+
+def _tensor(column: pa.Array) -> torch.Tensor:
+    if isinstance(column, pa.FixedSizeListArray):  # one row of floats per sample
+        values = column.flatten().to_numpy().reshape(len(column), column.type.list_size)
+    else:
+        values = column.to_numpy()
+    return torch.tensor(values)  # a copy: Arrow's buffers are read-only
+
+
+def pad(rows: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-row (tokens, dim) features as one zero-padded (rows, longest, dim) tensor and its 0/1 mask."""
+    lengths = torch.tensor([len(r) for r in rows])
+    mask = (torch.arange(int(lengths.max()) if len(rows) else 0) < lengths[:, None]).long()
+    return torch.nn.utils.rnn.pad_sequence(rows, batch_first=True), mask
+
+
+class FeatureCollator:
+    """A batch of cached features to model inputs (frozen-encoder training): the batch that
+    :meth:`FeatureRows.__getitems__` returns, or a list of rows from any other dataset of features."""
+
+    def __call__(self, batch: dict[str, torch.Tensor] | list[dict]) -> dict[str, torch.Tensor]:
+        if isinstance(batch, list):
+            rows = batch
+            batch = {
+                name: torch.as_tensor(np.stack([np.asarray(r[name]) for r in rows]))
+                for name in FEATURE_COLUMNS
+                if name != "text_features"
+            }
+            text = [torch.as_tensor(np.asarray(r["text_features"], dtype=np.float32)) for r in rows]
+            if text and text[0].dim() == 2:  # token features
+                batch["text_features"], batch["text_mask"] = pad(text)
+            else:
+                batch["text_features"] = torch.stack(text)
+        out = {
+            "text_features": batch["text_features"],
+            "image_features": batch["image_features"],
+            "labels_a": batch["Label_A"],
+            "labels_b": batch["Label_B"],
+        }
+        if "text_mask" in batch:
+            out["text_mask"] = batch["text_mask"]
+        return out
+
+
+@torch.inference_mode()
+def predict_from_features(model, feats: Dataset, batch_size: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """Head logits for cached features (no encoder runs)."""
+    model, rows = model.eval(), FeatureRows(feats)
+    logits_a, logits_b = [], []
+    for start in range(0, len(feats), batch_size):
+        batch = rows.__getitems__(list(range(start, min(start + batch_size, len(feats)))))
+        out = model(
+            text_features=batch["text_features"],
+            image_features=batch["image_features"],
+            text_mask=batch.get("text_mask"),
+        )
+        logits_a.append(out.logits_a.float().numpy())
+        logits_b.append(out.logits_b.float().numpy())
+    return np.concatenate(logits_a), np.concatenate(logits_b)

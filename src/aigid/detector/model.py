@@ -1,0 +1,323 @@
+"""The NAU-QMUL detector: BERT reads the caption, a CLIP vision encoder reads the image.
+
+Their features are fused into a shared space and fed to two heads: Task A (real vs AI, one logit) and Task B
+(which of six classes made the image). The fusion is ``config.fusion``, one of :data:`FUSIONS`: ``concat``
+(the paper: concatenated and projected by one fully connected layer) or ``cross_attention`` (the image
+attends over the caption's tokens). A new fusion is one class in :data:`FUSIONS`.
+
+A trained detector is one self-contained directory written by :func:`save_detector`: safetensors weights,
+the detector config (which embeds both encoder configs), the tokenizer and the image processor.
+:func:`load_detector` reads it back with nothing else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoTokenizer,
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PretrainedConfig,
+    PreTrainedModel,
+)
+from transformers.utils import ModelOutput
+
+from aigid.core.errors import DataError
+
+
+class DetectorConfig(PretrainedConfig):
+    model_type = "aigid-detector"
+
+    # The encoder configs are plain dicts under their own names (not `text_config`/`vision_config`, which
+    # transformers treats as nested config objects of a composite model).
+    # A model saved before `fusion` existed has no such key and was trained with concat, the default.
+    def __init__(
+        self,
+        text_encoder_config=None,
+        vision_encoder_config=None,
+        fusion_dim=512,
+        class_names=(),
+        max_text_length=64,
+        fusion="concat",
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.text_encoder_config = _as_dict(text_encoder_config)
+        self.vision_encoder_config = _as_dict(vision_encoder_config)
+        self.fusion_dim = fusion_dim
+        self.fusion = fusion
+        self.class_names = list(class_names)  # Label_B index -> name; index 0 is the real class
+        self.max_text_length = max_text_length
+
+
+# Known to the Auto classes, so that AutoTokenizer/AutoConfig can read a saved detector directory.
+AutoConfig.register(DetectorConfig.model_type, DetectorConfig)
+
+
+def _as_dict(cfg):
+    return cfg.to_dict() if isinstance(cfg, PretrainedConfig) else cfg
+
+
+@dataclass
+class DetectorOutput(ModelOutput):
+    loss: torch.Tensor | None = None
+    logits_a: torch.Tensor | None = None
+    logits_b: torch.Tensor | None = None
+
+
+def multitask_loss(logits_a, logits_b, labels_a, labels_b):
+    """BCE on Task A for every sample, plus cross-entropy on Task B for AI images only."""
+    loss_a = F.binary_cross_entropy_with_logits(logits_a, labels_a.float())
+    is_ai = labels_a == 1
+    # Task B is defined only for AI images (Label_A == 1); a batch without any contributes exactly 0.
+    loss_b = F.cross_entropy(logits_b[is_ai], labels_b[is_ai]) if is_ai.any() else logits_b.sum() * 0.0
+    return loss_a + loss_b
+
+
+class ConcatFusion(nn.Sequential):
+    """The paper's fusion: [text [CLS]; image pooled] -> Linear -> ReLU (weights named fusion.0.*)."""
+
+    tokens = False  # reads the caption's [CLS] feature only
+
+    def __init__(self, text_dim: int, image_dim: int, out_dim: int, heads: int):
+        super().__init__(nn.Linear(text_dim + image_dim, out_dim), nn.ReLU())
+
+    def forward(self, text, image, text_mask=None):
+        return super().forward(torch.cat([text, image], dim=-1))
+
+
+class CrossAttentionFusion(nn.Module):
+    """The image's pooled feature, projected into the text space, attends over the caption's token features
+    (one multi-head attention layer, with the text encoder's number of heads; padding masked), residual and
+    layer norm; then [attended; image pooled] -> Linear -> ReLU."""
+
+    tokens = True  # reads every token feature of the caption and its attention mask
+
+    def __init__(self, text_dim: int, image_dim: int, out_dim: int, heads: int):
+        super().__init__()
+        self.query = nn.Linear(image_dim, text_dim)
+        self.attention = nn.MultiheadAttention(text_dim, heads, batch_first=True)
+        self.norm = nn.LayerNorm(text_dim)
+        self.out = nn.Sequential(nn.Linear(text_dim + image_dim, out_dim), nn.ReLU())
+
+    def forward(self, text, image, text_mask):
+        query = self.query(image).unsqueeze(1)  # (batch, 1, text_dim)
+        attended, _ = self.attention(query, text, text, key_padding_mask=text_mask == 0, need_weights=False)
+        return self.out(torch.cat([self.norm(query + attended).squeeze(1), image], dim=-1))
+
+
+# model.fusion -> the module; a new fusion is a class with the same constructor and forward and its name here
+# (and in aigid.core.config.Model.fusion).
+FUSIONS = {"concat": ConcatFusion, "cross_attention": CrossAttentionFusion}
+
+
+class Detector(PreTrainedModel):
+    config_class = DetectorConfig
+    base_model_prefix = "detector"
+    main_input_name = "pixel_values"
+
+    def __init__(self, config: DetectorConfig):
+        super().__init__(config)
+        text_cfg = dict(config.text_encoder_config)
+        self.text_encoder = AutoModel.from_config(
+            AutoConfig.for_model(text_cfg.pop("model_type"), **text_cfg), add_pooling_layer=False
+        )
+        self.vision_encoder = CLIPVisionModel(CLIPVisionConfig(**config.vision_encoder_config))
+        if config.fusion not in FUSIONS:
+            raise ValueError(f"fusion {config.fusion!r} is not one of {', '.join(FUSIONS)}")
+        self.fusion = FUSIONS[config.fusion](
+            self.text_encoder.config.hidden_size,
+            self.vision_encoder.config.hidden_size,
+            config.fusion_dim,
+            self.text_encoder.config.num_attention_heads,
+        )
+        self.head_a = nn.Linear(config.fusion_dim, 1)
+        self.head_b = nn.Linear(config.fusion_dim, len(config.class_names))
+        self.post_init()
+
+    def _init_weights(self, module):
+        # Encoders come initialised (or loaded); only the fusion layers and heads are ours.
+        ours = [m for m in self.fusion.modules() if hasattr(m, "reset_parameters")] + [self.head_a, self.head_b]
+        if any(module is m for m in ours):
+            module.reset_parameters()
+
+    def encode(self, input_ids, attention_mask, pixel_values, token_type_ids=None, tokens=False, share_captions=True):
+        """Text ([CLS], or with ``tokens`` every token's feature) and image (pooled) features, the encoders'
+        whole contribution. ``share_captions=False`` encodes every row's caption, for a graph without
+        data-dependent shapes (the ONNX export)."""
+        if share_captions:  # the six images of a caption share it: BERT reads each distinct caption of the batch once
+            unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
+            first = torch.full((len(unique),), len(input_ids), device=input_ids.device).scatter_reduce(
+                0, inverse, torch.arange(len(input_ids), device=input_ids.device), reduce="amin"
+            )
+        else:
+            unique, inverse, first = input_ids, slice(None), slice(None)
+        text = self.text_encoder(
+            input_ids=unique,
+            attention_mask=attention_mask[first],
+            token_type_ids=None if token_type_ids is None else token_type_ids[first],
+        ).last_hidden_state
+        image = self.vision_encoder(pixel_values=pixel_values).pooler_output
+        return (text if tokens else text[:, 0])[inverse], image  # [:, 0]: [CLS]
+
+    def forward(
+        self,
+        input_ids=None,
+        attention_mask=None,
+        pixel_values=None,
+        token_type_ids=None,
+        text_features=None,
+        image_features=None,
+        text_mask=None,
+        labels_a=None,
+        labels_b=None,
+        share_captions=True,
+        **_,
+    ):
+        """From raw inputs, or from features cached by :meth:`encode` (frozen-encoder training; with a fusion
+        that reads tokens, ``text_features`` are padded token features and ``text_mask`` marks the real ones)."""
+        if text_features is None:
+            tokens = self.fusion.tokens
+            text_features, image_features = self.encode(
+                input_ids, attention_mask, pixel_values, token_type_ids, tokens=tokens, share_captions=share_captions
+            )
+            text_mask = attention_mask if tokens else None
+        return _heads(self, text_features, image_features, labels_a, labels_b, text_mask)
+
+    def freeze_encoders(self) -> None:
+        """Train only the fusion layer and the heads (the Trainer optimises parameters that require grad)."""
+        for encoder in (self.text_encoder, self.vision_encoder):
+            encoder.requires_grad_(False)
+            encoder.eval()
+
+
+class DetectorHeads(nn.Module):
+    """A detector's fusion layer and two heads, the very same modules: training this trains the detector.
+
+    Frozen-encoder training hands this to the Trainer instead of the whole detector, whose every step would
+    otherwise switch modes, zero and clip gradients across all the encoders' parameters it never updates;
+    its checkpoints hold only these weights (same names as in the detector).
+    """
+
+    def __init__(self, detector: Detector):
+        super().__init__()
+        self.fusion, self.head_a, self.head_b = detector.fusion, detector.head_a, detector.head_b
+
+    def forward(self, text_features, image_features, labels_a=None, labels_b=None, text_mask=None, **_):
+        return _heads(self, text_features, image_features, labels_a, labels_b, text_mask)
+
+
+def _heads(
+    model: Detector | DetectorHeads, text_features, image_features, labels_a, labels_b, text_mask=None
+) -> DetectorOutput:
+    """Fusion, both heads and the loss: the part of the forward pass shared by both modules."""
+    shared = model.fusion(text_features, image_features, text_mask)
+    logits_a = model.head_a(shared).squeeze(-1)
+    logits_b = model.head_b(shared)
+    loss = None if labels_a is None else multitask_loss(logits_a, logits_b, labels_a, labels_b)
+    return DetectorOutput(loss=loss, logits_a=logits_a, logits_b=logits_b)
+
+
+class Loaded(NamedTuple):
+    """A detector with the tokenizer and image processor that prepare its inputs."""
+
+    model: Detector
+    tokenizer: object
+    processor: object
+
+
+def build_detector(
+    text_encoder: str,
+    vision_encoder: str,
+    fusion_dim: int,
+    max_text_length: int,
+    class_names: tuple[str, ...],
+    fusion: str = "concat",
+) -> Loaded:
+    """A fresh detector from two pretrained encoders: hub names or local directories, same code path."""
+    text = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
+    vision = CLIPVisionModel.from_pretrained(vision_encoder)
+    tokenizer = AutoTokenizer.from_pretrained(text_encoder)
+    config = DetectorConfig(
+        text_encoder_config=text.config,
+        vision_encoder_config=vision.config,
+        fusion_dim=fusion_dim,
+        max_text_length=max_text_length,
+        pad_token_id=tokenizer.pad_token_id,
+        class_names=class_names,
+        fusion=fusion,
+    )
+    model = Detector(config)
+    model.text_encoder.load_state_dict(text.state_dict())
+    model.vision_encoder.load_state_dict(vision.state_dict())
+    return Loaded(model, tokenizer, load_processor(vision_encoder))
+
+
+def load_processor(path: str | Path):
+    """The image processor saved at ``path`` (or a hub name). transformers picks its fast (torchvision) variant
+    where torchvision can be imported, else the PIL one, without a warning; the two agree within transformers'
+    own tolerance (tests/test_model.py). Every processor the pipeline runs comes from here."""
+    return AutoImageProcessor.from_pretrained(path)
+
+
+def save_detector(model: Detector, tokenizer, processor, path: str | Path) -> None:
+    """Write a detector directory. Its weights are float32: a model a bf16 pass lowered
+    (:func:`aigid.detector.runtime.lower_weights`) is refused, so that no detector is saved with rounded weights."""
+    lowered = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
+    if lowered:
+        raise ValueError(
+            f"cannot save a detector with {', '.join(lowered)} weights (a bf16 scoring pass stored "
+            "them so); save the model before scoring it in bf16, or load it again"
+        )
+    path = Path(path)
+    model.save_pretrained(path, safe_serialization=True)
+    tokenizer.save_pretrained(path)
+    processor.save_pretrained(path)
+
+
+def load_detector(path: str | Path) -> Loaded:
+    """Load a directory written by :func:`save_detector`; safetensors only, never remote code."""
+    path = Path(path)
+    if not (path / "model.safetensors").is_file():
+        raise DataError(f"{path}: no model.safetensors; not a detector directory written by train or retrain")
+    model = Detector.from_pretrained(path, use_safetensors=True)
+    return Loaded(model, AutoTokenizer.from_pretrained(path), load_processor(path))
+
+
+@dataclass
+class Predictions:
+    """Per-sample outputs with the consistency rule applied.
+
+    Rule: predicted Label_B is 0 (real) exactly when predicted Label_A is 0. Head B is trained only on AI images,
+    so its class-0 logit is never a target; for an image called AI, Label_B is the argmax over the AI classes
+    (1..5 for CT2).
+    """
+
+    prob_ai: torch.Tensor  # P(AI) from head A
+    label_a: torch.Tensor  # prob_ai >= decision threshold
+    probs_b: torch.Tensor  # softmax of head B over the AI classes (class 0 column is 0)
+    label_b: torch.Tensor  # 0 when label_a == 0, else argmax over the AI classes
+    conf_a: torch.Tensor  # max(p, 1 - p)
+    conf_b: torch.Tensor  # max of probs_b for AI predictions; equals conf_a for real ones
+
+
+def decide(logits_a: torch.Tensor, logits_b: torch.Tensor, threshold_a: float = 0.5) -> Predictions:
+    prob_ai = torch.sigmoid(logits_a.float())
+    label_a = (prob_ai >= threshold_a).long()
+    masked = logits_b.float().clone()
+    masked[:, 0] = float("-inf")
+    probs_b = masked.softmax(dim=-1)
+    conf_ai_b, gen = probs_b.max(dim=-1)
+    conf_a = torch.maximum(prob_ai, 1 - prob_ai)
+    label_b = torch.where(label_a == 1, gen, torch.zeros_like(gen))
+    conf_b = torch.where(label_a == 1, conf_ai_b, conf_a)
+    return Predictions(prob_ai, label_a, probs_b, label_b, conf_a, conf_b)

@@ -1,0 +1,151 @@
+"""The embedded demo dataset: generated offline, in the shape of CT2/Defactify.
+
+Every caption describes a simple scene (coloured shapes on a background) and comes with six images: one
+"real" photo and one re-rendering by each of five simulated generators. Each source leaves its own kind of
+trace at a random strength, modelled on artefacts reported for real generators; real and generated images
+alike are saved as JPEG or PNG at random, so the file format says nothing about the label.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+from datasets import Dataset, DatasetDict
+from PIL import Image as PILImage
+from PIL import ImageDraw, ImageEnhance, ImageFilter
+
+from aigid.core.data import RAW_COLUMNS, schema
+
+SOURCES = 6  # Label_B 0 (real) and five simulated generators, in the order of prepare.class_names
+PALETTE = {
+    "red": (200, 40, 40),
+    "blue": (40, 70, 200),
+    "green": (50, 160, 60),
+    "yellow": (230, 200, 40),
+    "purple": (130, 50, 160),
+    "orange": (240, 130, 30),
+    "white": (235, 235, 235),
+    "black": (25, 25, 25),
+    "brown": (120, 80, 40),
+    "grey": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle")
+NUMBERS = {1: "a", 2: "two", 3: "three"}
+FEATURES = schema(columns=(*RAW_COLUMNS, "caption_id"))
+
+
+def random_scene(rng: np.random.Generator) -> tuple[str, dict]:
+    """A scene and its COCO-like caption, e.g. 'two red circles and a blue square on a green background'."""
+    colours = list(PALETTE)
+    bg = colours[rng.integers(len(colours))]
+    groups = []
+    for _ in range(rng.integers(1, 3)):
+        colour = colours[rng.integers(len(colours))]
+        while colour == bg:
+            colour = colours[rng.integers(len(colours))]
+        groups.append((int(rng.integers(1, 4)), colour, SHAPES[rng.integers(len(SHAPES))]))
+    objects = [
+        (shape, colour, rng.uniform(0.15, 0.85, 2), rng.uniform(0.12, 0.25))
+        for n, colour, shape in groups
+        for _ in range(n)
+    ]
+    words = [f"{NUMBERS[n]} {colour} {shape}{'s' if n > 1 else ''}" for n, colour, shape in groups]
+    caption = f"{' and '.join(words)} on a {bg} background"
+    return caption, {
+        "bg": bg,
+        "bg2": colours[rng.integers(len(colours))],
+        "objects": objects,
+        "texture": rng.normal(0, 12, (4, 4, 3)),
+    }
+
+
+def render(scene: dict, size: int, rng: np.random.Generator) -> np.ndarray:
+    """Draw the scene; each call jitters positions and colours a little (a generator never copies a photo)."""
+    base = np.array(PALETTE[scene["bg"]], float)
+    ramp = np.linspace(0, 1, size)[:, None, None]
+    canvas = base * (1 - 0.35 * ramp) + np.array(PALETTE[scene["bg2"]], float) * 0.35 * ramp
+    texture = PILImage.fromarray(np.uint8(np.clip(scene["texture"] + 128, 0, 255))).resize(
+        (size, size), PILImage.BICUBIC
+    )
+    canvas = canvas + (np.asarray(texture, float) - 128)
+    img = PILImage.fromarray(np.uint8(np.clip(canvas, 0, 255)))
+    draw = ImageDraw.Draw(img)
+    for shape, colour, (cx, cy), r in scene["objects"]:
+        cx, cy = (np.array([cx, cy]) + rng.normal(0, 0.02, 2)) * size
+        rad = r * size * rng.uniform(0.9, 1.1)
+        fill = tuple(int(np.clip(c + rng.normal(0, 8), 0, 255)) for c in PALETTE[colour])
+        box = [cx - rad, cy - rad, cx + rad, cy + rad]
+        if shape == "circle":
+            draw.ellipse(box, fill=fill)
+        elif shape == "square":
+            draw.rectangle(box, fill=fill)
+        else:
+            draw.polygon([(cx, cy - rad), (cx - rad, cy + rad), (cx + rad, cy + rad)], fill=fill)
+    return np.asarray(img, float)
+
+
+def _pil(a: np.ndarray) -> PILImage.Image:
+    return PILImage.fromarray(np.uint8(np.clip(np.rint(a), 0, 255)))
+
+
+def apply_trace(source: int, scene: dict, size: int, rng: np.random.Generator) -> PILImage.Image:
+    """One image of ``scene`` as ``source`` would make it."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    if source == 0:  # camera: sensor noise, sometimes a little optical blur
+        img = _pil(render(scene, size, rng))
+        if rng.random() < 0.3:
+            img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.7)))
+        return _pil(np.asarray(img, float) + rng.normal(0, rng.uniform(5, 14), (size, size, 3)))
+    if source == 1:  # SD 2.1: decoder upsampling -> 2x2 blocks and a faint checkerboard
+        small = render(scene, size // 2, rng)
+        up = small.repeat(2, axis=0).repeat(2, axis=1)[:size, :size]
+        checker = ((xx + yy) % 2 * 2 - 1)[..., None] * rng.uniform(1, 6)
+        return _pil(up + checker)
+    if source == 2:  # SDXL: over-smoothed, noise-free surfaces
+        return _pil(render(scene, size, rng)).filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.6)))
+    if source == 3:  # SD 3: periodic spectral peaks from a faint grid
+        period = rng.choice([4, 8])
+        grid = np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period)
+        return _pil(render(scene, size, rng) + grid[..., None] * rng.uniform(2, 8))
+    if source == 4:  # DALL-E 3: colour statistics (saturated, warm), mildly smoothed
+        img = ImageEnhance.Color(_pil(render(scene, size, rng))).enhance(rng.uniform(1.2, 1.8))
+        warm = np.array([1, 0.3, -1]) * rng.uniform(4, 16)
+        return _pil(np.asarray(img.filter(ImageFilter.GaussianBlur(0.5)), float) + warm)
+    # Midjourney 6: contrast curve, sharpening halos, vignette
+    img = ImageEnhance.Contrast(_pil(render(scene, size, rng))).enhance(rng.uniform(1.2, 1.7))
+    img = img.filter(ImageFilter.UnsharpMask(radius=2, percent=int(rng.uniform(60, 200)), threshold=0))
+    r2 = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) / (size / 2) ** 2
+    return _pil(np.asarray(img, float) * (1 - rng.uniform(0.1, 0.35) * r2)[..., None])
+
+
+def encode(img: PILImage.Image, rng: np.random.Generator) -> bytes:
+    """JPEG or PNG with equal probability for every source."""
+    buf = io.BytesIO()
+    if rng.random() < 0.5:
+        img.save(buf, format="JPEG", quality=int(rng.integers(85, 98)))
+    else:
+        img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def generate_demo(split_sizes: dict[str, int], image_size: int = 64, seed: int = 0) -> DatasetDict:
+    """``split_sizes`` maps split -> number of captions; each caption gives 6 rows (one per source)."""
+    rng = np.random.default_rng(seed)
+    splits, caption_id, used = {}, 0, set()
+    for split, n_captions in split_sizes.items():
+        rows = {name: [] for name in FEATURES}
+        for _ in range(n_captions):
+            caption, scene = random_scene(rng)
+            while caption in used:  # as in COCO, one caption text describes one scene only
+                caption, scene = random_scene(rng)
+            used.add(caption)
+            for source in range(SOURCES):
+                rows["Caption"].append(caption)
+                rows["Image"].append({"bytes": encode(apply_trace(source, scene, image_size, rng), rng), "path": None})
+                rows["Label_A"].append(int(source > 0))
+                rows["Label_B"].append(source)
+                rows["caption_id"].append(caption_id)
+            caption_id += 1
+        splits[split] = Dataset.from_dict(rows, features=FEATURES)
+    return DatasetDict(splits)

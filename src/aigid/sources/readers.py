@@ -1,0 +1,283 @@
+"""Readers for the dataset layouts users bring, each returning rows in the CT2/Defactify layout.
+
+- ``competition``: the layout the CT2 competition distributed. Per split directory (``train/``,
+  ``validation/``, ``test/``, ``unlabeled/``, or the root itself for a single split): a captions table
+  (``captions.xlsx`` or ``captions.csv``, columns ``Index``, ``Caption``) and either one folder per source,
+  named ``<source>_image`` (``coco_image``, ``sd21_image``, ...: every one must map to a class through
+  ``prepare.class_aliases`` or ``prepare.class_names``) holding ``image_{Index}.jpg`` (labels come from the
+  folder), or a labels table (``labels.xlsx`` /
+  ``labels.csv``: ``Index``, ``Label_A``, ``Label_B``) with the images ``image_{Index}.jpg`` in ``images/``
+  or next to the tables.
+- ``folders``: one folder per class, ``<root>/<class>/*`` (or ``<root>/<split>/<class>/*``), with an optional
+  ``<root>/captions.csv`` (columns ``file``, ``caption``; ``file`` relative to the root or a bare file name).
+  Images without a caption get an empty caption. Folder names map to classes through
+  ``prepare.class_names`` and ``prepare.class_aliases``.
+
+Rows carry ``{"bytes": None, "path": <file>}``; the checks of the prepare stage read and validate each file.
+:func:`load_source` also reads the other sources: the hub (at a pinned revision), arrow and parquet.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict
+
+from aigid.core.data import RAW_COLUMNS, DataError, open_dataset, schema
+from aigid.sources.tables import FIRST_ROW, duplicates, integers, read_table
+
+SPLITS = ("train", "validation", "test", "unlabeled")
+SOURCE_SUFFIX = "_image"  # competition source folders: coco_image, sd21_image, ...
+
+
+@dataclass
+class Rejected:
+    """A row left out by prepare (``on_bad: skip``): its split, row (-1: a table row, named in ``reason``),
+    file and reason; listed in the quarantine report."""
+
+    split: str
+    row: int
+    file: str
+    reason: str
+
+
+@dataclass
+class Reader:
+    """What the readers need besides the files: the classes, and where skipped table rows go."""
+
+    class_names: tuple[str, ...]
+    aliases: dict[str, str]
+    on_bad: str = "error"
+    rejected: list[Rejected] = field(default_factory=list)
+
+    def bad_keys(self, messages: dict, split: str, path: Path) -> set:
+        """Duplicated keys of a table: an error, or with on_bad: skip every row holding them quarantined."""
+        if messages and self.on_bad != "skip":
+            raise DataError(next(iter(messages.values())))
+        for message in messages.values():
+            self.rejected.append(Rejected(split, -1, str(path), message))
+        return set(messages)
+
+
+def load_source(params, raw: Path | None = None, rejected: list[Rejected] | None = None) -> tuple[DatasetDict, dict]:
+    """Read ``params.source`` (the prepare params) in ``params.layout`` (hub, arrow, parquet, competition,
+    folders; auto detects it) and say where it came from: ``{"source", "layout"}`` plus, for the hub, the
+    ``revision`` asked for and the commit it resolved to. A local source must lie inside ``raw`` (the
+    DVC-tracked raw data folder), when given. Table rows skipped under ``on_bad: skip`` go to ``rejected``."""
+    source, layout = params.source, params.layout
+    path = Path(source)
+    if layout == "auto":
+        if path.is_dir():
+            layout = detect_layout(path)
+        elif path.suffix or source.startswith((".", "/")) or (raw is not None and path.is_relative_to(raw)):
+            raise DataError(f"prepare.source={source}: no such directory")
+        else:
+            layout = "hub"
+    origin = {"source": source, "layout": layout}
+    if layout == "hub":
+        dsd, resolved = _from_hub(source, params.revision)
+        return dsd, {**origin, "revision": params.revision, "resolved_revision": resolved}
+    if not path.is_dir():
+        raise DataError(f"prepare.source={source}: no such directory (prepare.layout={layout})")
+    if raw is not None and not path.resolve().is_relative_to(raw.resolve()):
+        raise DataError(
+            f"prepare.source={source}: a local dataset must be inside {raw}/, where DVC sees its files "
+            f"change; move it there and track it with `dvc add {raw}/<name>` (README: Bringing your "
+            f"own data)"
+        )
+    if layout == "arrow":
+        return open_dataset(path), origin  # never write cache files into the user's dataset
+    if layout == "parquet":
+        return read_parquet(path), origin
+    reader = Reader(
+        tuple(params.class_names), dict(params.class_aliases), params.on_bad, rejected if rejected is not None else []
+    )
+    if layout == "competition":
+        return read_competition(path, reader), origin
+    return read_folders(path, reader), origin
+
+
+def read_parquet(root: Path) -> DatasetDict:
+    """``<split>.parquet``, ``<split>-*.parquet`` or ``<split>/*.parquet`` files as splits. A file whose split
+    cannot be told, a file without rows, and files whose columns differ are errors naming the files."""
+    import pyarrow.parquet as pq
+    from datasets import load_dataset
+
+    files: dict[str, list[str]] = {}
+    columns: dict[Path, list[str]] = {}
+    for file in sorted(root.rglob("*.parquet")):
+        rel = file.relative_to(root)
+        split = rel.parts[0] if len(rel.parts) > 1 else file.stem.split("-")[0]
+        if split not in SPLITS:
+            raise DataError(
+                f"{file}: cannot tell which split it holds (name it <split>.parquet or "
+                f"<split>-*.parquet, or put it in a <split>/ folder; splits: {', '.join(SPLITS)})"
+            )
+        try:
+            meta = pq.read_metadata(file)
+        except Exception as err:  # pyarrow raises ArrowInvalid, OSError...: not a parquet file
+            raise DataError(f"{file}: not a readable parquet file ({err})") from None
+        if meta.num_rows == 0:
+            raise DataError(f"{file}: no rows (remove the file, or write the split's rows into it)")
+        columns[file] = meta.schema.to_arrow_schema().names
+        files.setdefault(split, []).append(str(file))
+    if len({tuple(sorted(c)) for c in columns.values()}) > 1:
+        listed = "; ".join(f"{f.relative_to(root)}: {', '.join(c)}" for f, c in columns.items())
+        raise DataError(
+            f"{root}: the parquet files have different columns ({listed}); every file needs the same "
+            f"columns ({', '.join(RAW_COLUMNS)})"
+        )
+    return load_dataset("parquet", data_files=files)
+
+
+def _from_hub(source: str, revision: str) -> tuple[DatasetDict, str | None]:
+    from datasets import load_dataset_builder
+
+    try:
+        builder = load_dataset_builder(source, revision=revision)
+        builder.download_and_prepare()
+        dsd = builder.as_dataset()
+    except Exception as err:  # the hub client raises many types; all mean "not reachable from here"
+        raise DataError(
+            f"prepare.source={source}: could not load revision {revision!r} from the Hugging Face hub "
+            f"or its local cache ({type(err).__name__}: {err})"
+        ) from err
+    return dsd, resolved_revision(builder.config.data_files)
+
+
+def resolved_revision(data_files) -> str | None:
+    """The commit a hub dataset's files were read at: `datasets` names them hf://datasets/<id>@<commit>/..."""
+    found = re.search(r"@([0-9a-f]{40})/", str(data_files))
+    return found.group(1) if found else None
+
+
+def inside(root: Path, relative: str, what: str) -> Path:
+    """``root / relative``, refusing anything that resolves outside ``root`` (``../``, absolute paths, links)."""
+    path = (root / relative).resolve()
+    if not path.is_relative_to(root.resolve()):
+        raise DataError(f"{what}: {relative!r} points outside the dataset root {root}")
+    return path
+
+
+def class_index(name: str, class_names: tuple[str, ...], aliases: dict[str, str], where: str) -> int:
+    name = aliases.get(name, name)
+    if name not in class_names:
+        raise DataError(
+            f"{where}: class folder {name!r} is not a known class ({', '.join(class_names)}); "
+            f"add it to prepare.class_names or prepare.class_aliases"
+        )
+    return class_names.index(name)
+
+
+def _table(directory: Path, stem: str, columns: tuple[str, ...], required: bool = True) -> tuple | None:
+    """(frame, path) of ``<stem>.xlsx`` or ``<stem>.csv`` in ``directory``."""
+    for suffix in (".xlsx", ".csv"):
+        path = directory / f"{stem}{suffix}"
+        if path.is_file():
+            return read_table(path, columns), path
+    if required:
+        raise DataError(f"{directory}: no {stem}.xlsx or {stem}.csv")
+    return None
+
+
+def _rows(captions, paths, labels_a, labels_b) -> Dataset:
+    return Dataset.from_dict(
+        {
+            "Caption": list(captions),
+            "Image": [{"bytes": None, "path": str(p)} for p in paths],
+            "Label_A": list(labels_a),
+            "Label_B": list(labels_b),
+        },
+        features=schema(columns=RAW_COLUMNS),
+    )
+
+
+def source_dirs(directory: Path, class_names, aliases) -> list[tuple[int, Path]]:
+    """The competition source folders (``*_image``) of a split directory with their class, in class order;
+    a folder that maps to no class is an error, never skipped."""
+    found = [d for d in directory.iterdir() if d.is_dir() and d.name.endswith(SOURCE_SUFFIX)]
+    return sorted(
+        ((class_index(d.name, class_names, aliases, str(d)), d) for d in found), key=lambda kd: (kd[0], kd[1].name)
+    )
+
+
+def _competition_split(directory: Path, split: str, reader: Reader) -> Dataset:
+    frame, path = _table(directory, "captions", ("Index", "Caption"))
+    index = integers(frame, "Index", path)
+    bad = reader.bad_keys(duplicates(index, path, "Index"), split, path)
+    text = {i: c for i, c in zip(index, frame["Caption"]) if i not in bad}
+    sources = source_dirs(directory, reader.class_names, reader.aliases)
+    rows: tuple[list, list, list, list] = ([], [], [], [])
+    if sources:
+        for label_b, source in sources:
+            for i, caption in text.items():
+                for part, value in zip(rows, (caption, source / f"image_{i}.jpg", int(label_b != 0), label_b)):
+                    part.append(value)
+        return _rows(*rows)
+    found = _table(directory, "labels", ("Index", "Label_A", "Label_B"), required=False)
+    if found is None:
+        raise DataError(f"{directory}: neither source folders (*{SOURCE_SUFFIX}) nor a labels table")
+    labels, path = found
+    images = directory / "images" if (directory / "images").is_dir() else directory
+    index = integers(labels, "Index", path)
+    label_a = integers(labels, "Label_A", path, range(2))
+    label_b = integers(labels, "Label_B", path, range(len(reader.class_names)))
+    bad = reader.bad_keys(duplicates(index, path, "Index"), split, path)
+    for row, (i, a, b) in enumerate(zip(index, label_a, label_b)):
+        if i in bad:
+            continue
+        if i not in text:
+            raise DataError(f"{path} row {row + FIRST_ROW}: Index={i} has no caption in the captions table")
+        for part, value in zip(rows, (text[i], images / f"image_{i}.jpg", a, b)):
+            part.append(value)
+    return _rows(*rows)
+
+
+def read_competition(root: Path, reader: Reader) -> DatasetDict:
+    splits = {s: root / s for s in SPLITS if (root / s).is_dir()} or {"train": root}
+    return DatasetDict({s: _competition_split(d, s, reader) for s, d in splits.items()})
+
+
+def _folder_split(root: Path, split_dir: Path, captions: dict[str, str], reader: Reader) -> Dataset:
+    rows: tuple[list, list, list, list] = ([], [], [], [])
+    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        label_b = class_index(class_dir.name, reader.class_names, reader.aliases, str(class_dir))
+        for file in sorted(f for f in class_dir.rglob("*") if f.is_file() and not f.name.startswith(".")):
+            inside(root, str(file.relative_to(root)), str(class_dir))  # a symlink out of the root is refused
+            rel = file.relative_to(root).as_posix()
+            caption = captions.get(rel, captions.get(file.name, ""))
+            for part, value in zip(rows, (caption, file, int(label_b != 0), label_b)):
+                part.append(value)
+    if not rows[0]:
+        raise DataError(f"{split_dir}: no images in any class folder")
+    return _rows(*rows)
+
+
+def read_folders(root: Path, reader: Reader) -> DatasetDict:
+    captions: dict[str, str] = {}
+    table = root / "captions.csv"
+    if table.is_file():
+        frame = read_table(table, ("file", "caption"))
+        bad = reader.bad_keys(duplicates(list(frame["file"]), table, "file"), "all", table)
+        for row, (file, caption) in enumerate(zip(frame["file"], frame["caption"])):
+            inside(root, file, f"{table} row {row + FIRST_ROW}")
+            if file not in bad:
+                captions[file] = caption
+    splits = {s: root / s for s in SPLITS if (root / s).is_dir()} or {"train": root}
+    return DatasetDict({s: _folder_split(root, d, captions, reader) for s, d in splits.items()})
+
+
+def detect_layout(root: Path) -> str:
+    if (root / "dataset_dict.json").is_file():
+        return "arrow"
+    if any(root.glob("*.parquet")) or any(root.glob("*/*.parquet")):
+        return "parquet"
+    for d in (root, *(root / s for s in SPLITS)):
+        if any((d / f"captions{x}").is_file() for x in (".xlsx", ".csv")) and (
+            any(p.is_dir() and p.name.endswith(SOURCE_SUFFIX) for p in d.iterdir())
+            or any((d / f"labels{x}").is_file() for x in (".xlsx", ".csv"))
+        ):
+            return "competition"
+    return "folders"

@@ -1,0 +1,273 @@
+"""The `evaluate` stage: base and retrained detectors on the labeled test split.
+
+For each model: both tasks' scores (balanced ones too), Task A ROC AUC and average precision with their
+curves, the operating point (the threshold with at most ``evaluate.target_fpr`` false positives on the
+validation split's real images, and the test split's rates there), scores with every caption blanked, a
+robustness grid (JPEG, blur, resize), Task A on a format-controlled copy of the test split (every image re-encoded
+as the same JPEG, per original file format) and, for a model trained with ``train.holdout``, the detection rate of
+the generator it never saw.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image as PILImage
+
+from aigid.core import stage
+from aigid.core.data import FILE_FORMATS, file_format, open_dataset
+from aigid.core.files import write_json
+from aigid.detector.infer import RunOptions, predict_logits
+from aigid.detector.model import decide, load_detector
+from aigid.detector.runtime import configure
+from aigid.serving.registry import log_report, register
+from aigid.tracking.metrics import (
+    calibration,
+    confusion_rows,
+    curve_rows,
+    headline,
+    ranking_scores,
+    rates_at,
+    score,
+    threshold_at_fpr,
+)
+from aigid.tracking.runs import log_data, stage_run
+
+PARAMS = ("evaluate", "pseudolabel.pool", "train.num_workers", "inference", "compute", "mlflow")
+
+
+@dataclass(frozen=True)
+class Paths:
+    base: Path = stage.path("models/base", "Model written by train.", exists=True)
+    retrained: Path = stage.path(
+        "models/retrained", "Model written by retrain; logged to MLflow and registered.", exists=True
+    )
+    data: Path = stage.path(
+        "data/prepared",
+        "Prepared dataset holding the labeled test split (and validation, for the operating point).",
+        exists=True,
+    )
+    metrics: Path = stage.path("metrics/evaluate.json", "Headline test scores of both models (DVC metrics).")
+    report: Path = stage.path(
+        "reports/evaluate.json",
+        "Every test score of both models: per class, captions, robustness, the unseen generator.",
+    )
+    plots: Path = stage.path(
+        "metrics/plots", "Directory for plot rows: confusion matrices, ROC and precision-recall curves, robustness."
+    )
+
+
+def run(params, paths: Paths) -> dict:
+    """Score the base and retrained models on the test split: both tasks, balanced metrics, per generator,
+    ROC/PR, the operating point at evaluate.target_fpr, without captions, under the robustness grid.
+
+    The retrained model is then logged to this stage's MLflow run (with its test metrics) and registered as
+    a version of mlflow.registered_model with the alias @candidate (unless that very model is registered
+    already), labelling at its operating-point threshold.
+    """
+    configure(params.compute)
+    models = {"base": paths.base, "retrained": paths.retrained}
+    data = open_dataset(paths.data)
+    with stage_run("evaluate", params):
+        log_data(paths.data, data, {"test": "test", "validation": "validation"})
+        report, plots = evaluate(
+            models,
+            data,
+            params.evaluate,
+            contaminated=params.pseudolabel.pool == "test",
+            num_workers=params.train.num_workers,
+            precision=params.inference.precision,
+        )
+        log_report(report, parent=True)
+        register(
+            paths.retrained,
+            params.mlflow.registered_model,
+            report["retrained"]["operating_point"]["threshold"],
+            data["test"],
+        )
+    for name, rows in plots.items():
+        write_json(paths.plots / f"{name}.json", rows)
+    write_json(paths.report, report)
+    write_json(paths.metrics, headline(report))
+    return report
+
+
+command = stage.command("evaluate", run, Paths, PARAMS)
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """One condition of the robustness grid, applied to a decoded RGB image before the image processor.
+
+    kind: "jpeg" (re-encode at quality ``value``), "blur" (Gaussian blur, standard deviation ``value`` pixels)
+    or "resize" (both sides times ``value``, bicubic). A plain object, so DataLoader workers can receive it.
+    """
+
+    kind: str
+    value: float
+
+    @property
+    def name(self) -> str:
+        """Metric-key friendly: jpeg_95, blur_1, resize_50 (percent of the original size)."""
+        value = self.value * 100 if self.kind == "resize" else self.value
+        return f"{self.kind}_{value:g}".replace(".", "p")
+
+    def __call__(self, img: PILImage.Image) -> PILImage.Image:
+        from PIL import ImageFilter
+
+        if self.kind == "jpeg":
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=int(self.value))
+            return PILImage.open(buf).convert("RGB")
+        if self.kind == "blur":
+            return img.filter(ImageFilter.GaussianBlur(radius=self.value))  # Pillow's radius is the sigma
+        if self.kind == "resize":
+            size = (max(1, round(img.width * self.value)), max(1, round(img.height * self.value)))
+            return img.resize(size, PILImage.BICUBIC)
+        raise ValueError(f"unknown perturbation {self.kind!r} (jpeg, blur or resize)")
+
+
+def perturbations(params) -> list[Perturbation]:
+    """The robustness grid, in params order: JPEG qualities, blur sigmas, resize factors."""
+    return (
+        [Perturbation("jpeg", q) for q in params.jpeg_quality]
+        + [Perturbation("blur", s) for s in params.blur_sigma]
+        + [Perturbation("resize", f) for f in params.resize_scale]
+    )
+
+
+def blank_captions(ds):
+    return ds.remove_columns("Caption").add_column("Caption", [""] * len(ds))
+
+
+def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precision: str = "auto") -> tuple[dict, dict]:
+    detector = load_detector(model_dir)
+    model = detector.model
+    names = tuple(model.config.class_names)
+    test, validation = data["test"], data["validation"]
+    labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
+
+    def predict(ds, perturb=None):
+        logits_a, logits_b = predict_logits(
+            detector, ds, RunOptions(params.batch_size, num_workers, precision, perturb=perturb)
+        )
+        return decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
+
+    def scores(pred) -> dict:
+        return score(labels_a, labels_b, pred.label_a.numpy(), pred.label_b.numpy(), names)
+
+    pred = predict(test)
+    prob_ai = pred.prob_ai.numpy()
+    result = {**scores(pred), **ranking_scores(labels_a, prob_ai)}
+    result["calibration"], reliability = calibration(labels_a, prob_ai)
+    plots = {
+        "confusion_a": confusion_rows(labels_a, pred.label_a.numpy(), ("real", "ai")),
+        "confusion_b": confusion_rows(labels_b, pred.label_b.numpy(), names),
+        **curve_rows(labels_a, prob_ai),
+        "reliability": reliability,
+    }
+
+    # The operating point is chosen on validation and only measured on test.
+    val_labels_a, val_prob = np.asarray(validation["Label_A"]), predict(validation).prob_ai.numpy()
+    threshold = threshold_at_fpr(val_prob[val_labels_a == 0], params.target_fpr)
+    val_rates, test_rates = rates_at(val_labels_a, val_prob, threshold), rates_at(labels_a, prob_ai, threshold)
+    result["operating_point"] = {
+        "target_fpr": params.target_fpr,
+        "threshold": threshold,
+        "validation_tpr": val_rates["tpr"],
+        "validation_fpr": val_rates["fpr"],
+        "test_tpr": test_rates["tpr"],
+        "test_fpr": test_rates["fpr"],
+    }
+
+    blank = predict(blank_captions(test))
+    result["captions"] = {
+        "with": _summary(result),
+        "without": {**_summary(scores(blank)), **ranking_scores(labels_a, blank.prob_ai.numpy())},
+    }
+    result["captions"]["with"].update(roc_auc=result["roc_auc"], average_precision=result["average_precision"])
+
+    quality = params.format_control_quality
+    result["format_control"] = format_control(test, pred, predict(test, Perturbation("jpeg", quality)), quality, names)
+
+    robustness = {"clean": _condition(result)}
+    for perturb in perturbations(params):
+        robustness[perturb.name] = _condition(scores(predict(test, perturb)))
+    result["robustness"] = robustness
+    plots["robustness"] = [
+        {"condition": c, "f1_a": r["task_a_f1_weighted"], "f1_b": r["task_b_f1_weighted"]}
+        for c, r in robustness.items()
+    ]
+    plots["robustness_per_class"] = [
+        {"case": f"{c} / {g}", "condition": c, "class": g, "detection_rate": rate}
+        for c, r in robustness.items()
+        for g, rate in r["per_class"].items()
+    ]
+
+    holdout = getattr(model.config, "holdout", "none")
+    if holdout != "none":
+        seen = result["per_class"].get(holdout, {"n": 0, "task_a_recall": None})
+        result["unseen_generator"] = {"name": holdout, "n": seen["n"], "detection_rate": seen["task_a_recall"]}
+    return result, plots
+
+
+def format_control(test, clean, controlled, quality: int, names: tuple[str, ...]) -> dict:
+    """Task A on the test split as stored (``clean``) and with every image re-encoded as JPEG at ``quality``
+    (``controlled``), overall and per original file format: a detector that learned the file format (say,
+    "JPEG = real") calls originally-PNG real images AI, or originally-JPEG AI images real, and loses that once
+    every image is a JPEG of the same quality."""
+    labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
+    formats = np.array(
+        [file_format(row["bytes"]) for start in range(0, len(test), 512) for row in test[start : start + 512]["Image"]]
+    )
+    s = score(labels_a, labels_b, controlled.label_a.numpy(), controlled.label_b.numpy(), names)
+    out = {
+        "jpeg_quality": quality,
+        "task_a": {k: s["task_a"][k] for k in ("f1_weighted", "balanced_accuracy", "f1_binary")},
+        "per_class": {name: c["task_a_recall"] for name, c in s["per_class"].items()},
+        "by_original_format": {},
+    }
+    for kind in FILE_FORMATS:
+        for label, name in ((0, "real"), (1, "ai")):
+            rows = (formats == kind) & (labels_a == label)
+            if rows.any():  # share of these images called what they are (Task A recall), before and after
+                out["by_original_format"].setdefault(kind, {})[name] = {
+                    "n": int(rows.sum()),
+                    "clean_recall": float((clean.label_a.numpy()[rows] == label).mean()),
+                    "controlled_recall": float((controlled.label_a.numpy()[rows] == label).mean()),
+                }
+    return out
+
+
+def _summary(s: dict) -> dict:
+    return {
+        "task_a_f1_weighted": s["task_a"]["f1_weighted"],
+        "task_a_balanced_accuracy": s["task_a"]["balanced_accuracy"],
+        "task_b_f1_weighted": s["task_b"]["f1_weighted"],
+    }
+
+
+def _condition(s: dict) -> dict:
+    """One robustness condition: both weighted F1s and each class's Task A recall (its detection rate)."""
+    return {
+        "task_a_f1_weighted": s["task_a"]["f1_weighted"],
+        "task_b_f1_weighted": s["task_b"]["f1_weighted"],
+        "per_class": {name: c["task_a_recall"] for name, c in s["per_class"].items()},
+    }
+
+
+def evaluate(
+    models: dict[str, Path], data, params, contaminated: bool, num_workers: int = 0, precision: str = "auto"
+) -> tuple[dict, dict]:
+    """Scores of each named model on the test split of ``data`` (the prepared DatasetDict), and rows for the
+    plots (confusion, ROC, PR, robustness)."""
+    metrics: dict = {"test_rows": len(data["test"]), "contaminated": contaminated}
+    plots = {}
+    for name, path in models.items():
+        metrics[name], model_plots = evaluate_model(path, data, params, num_workers, precision)
+        plots.update({f"{key}_{name}": rows for key, rows in model_plots.items()})
+    return metrics, plots

@@ -1,0 +1,197 @@
+"""The `pseudolabel` stage: label an unlabeled pool with the trained model and keep the confident samples.
+
+A sample passes when its Task A confidence max(p, 1 - p) AND its Task B confidence both exceed ``threshold``
+(strictly). ``pseudolabel.selection`` says which of those are kept: ``threshold`` keeps them all (the paper);
+``class_balanced`` keeps, per predicted class, the most confident up to a quota, so that the kept samples have
+the class mix of the labelled train split (a model confident on some generators and not on real images would
+otherwise add mostly the former). The kept samples are split 8:2 (by caption) into train/validation additions
+for `retrain`.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from datasets import DatasetDict
+
+from aigid.core import stage
+from aigid.core.data import COLUMNS, DataError, open_dataset, save_dataset, schema, split_by_caption
+from aigid.core.files import write_json
+from aigid.detector.cache import open_features, predict_from_features
+from aigid.detector.infer import RunOptions, predict_logits
+from aigid.detector.model import decide, load_detector
+from aigid.detector.runtime import configure
+from aigid.tracking.runs import log_data, log_results, stage_run
+
+log = logging.getLogger(__name__)
+PARAMS = (
+    "threshold",
+    "seed",
+    "pseudolabel",
+    "train.num_workers",
+    "train.freeze_encoders",
+    "inference",
+    "compute",
+    "mlflow",
+)
+HEADLINE = ("kept", "kept_fraction", "precision_a", "precision_b")  # the DVC metrics; the rest: the report
+
+
+@dataclass(frozen=True)
+class Paths:
+    model: Path = stage.path("models/base", "Model directory that labels the pool.", exists=True)
+    data: Path = stage.path("data/prepared", "Prepared dataset holding the pool split.", exists=True)
+    features: Path = stage.path("data/features", "Cached encoder features (used with train.freeze_encoders).")
+    out: Path = stage.path("data/pseudolabel", "Directory for the kept samples, split into train/validation additions.")
+    metrics: Path = stage.path(
+        "metrics/pseudolabel.json",
+        "Headline: kept, and the share of right pseudo-labels where the pool's labels are known (DVC metrics).",
+    )
+    report: Path = stage.path("reports/pseudolabel.json", "Counts kept, right pseudo-labels per class.")
+
+
+def run(params, paths: Paths) -> dict:
+    """Label pseudolabel.pool with MODEL; keep samples whose Task A and Task B confidences exceed `threshold`
+    (all of them, or per predicted class up to the train split's class mix: pseudolabel.selection)."""
+    configure(params.compute)
+    with stage_run("pseudolabel", params):
+        report = pseudolabel(params, paths)
+        log_results({k: report[k] for k in HEADLINE})
+        mlflow.log_dict(report, "report.json")
+    write_json(paths.metrics, {k: report[k] for k in HEADLINE})
+    write_json(paths.report, report)
+    return report
+
+
+command = stage.command("pseudolabel", run, Paths, PARAMS)
+
+
+def select_confident(conf_a: np.ndarray, conf_b: np.ndarray, threshold: float) -> np.ndarray:
+    """Indices of the samples whose confidences on both tasks exceed ``threshold``."""
+    return np.flatnonzero((np.asarray(conf_a) > threshold) & (np.asarray(conf_b) > threshold))
+
+
+def class_quotas(available: np.ndarray, mix: np.ndarray) -> np.ndarray:
+    """Per class, how many samples to keep so that the kept samples have the class ``mix`` (shares summing to
+    1): the largest total N that every class can fill at its share from its ``available`` samples, N =
+    min over classes with a share of available_k / mix_k, and class k keeps floor(N * mix_k). A class with a
+    share and nothing available makes N = 0: nothing is kept rather than a shifted mix."""
+    available, mix = np.asarray(available), np.asarray(mix, dtype=float)
+    present = mix > 0
+    total = float(np.min(available[present] / mix[present])) if present.any() else 0.0
+    return np.minimum(np.floor(total * mix + 1e-9).astype(int), available)
+
+
+def select_class_balanced(
+    conf_a: np.ndarray, conf_b: np.ndarray, label_b: np.ndarray, threshold: float, mix: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (sorted) of the samples above ``threshold`` that keep, per predicted class k (``label_b``), the
+    :func:`class_quotas` most confident ones (by the smaller of the two confidences, the quantity the
+    threshold tests; ties in pool order); and the quotas."""
+    conf_a, conf_b, label_b = np.asarray(conf_a), np.asarray(conf_b), np.asarray(label_b)
+    candidates = select_confident(conf_a, conf_b, threshold)
+    quotas = class_quotas(np.bincount(label_b[candidates], minlength=len(mix)), mix)
+    confidence = np.minimum(conf_a, conf_b)
+    keep = []
+    for k, quota in enumerate(quotas):
+        of_k = candidates[label_b[candidates] == k]
+        keep.append(of_k[np.argsort(-confidence[of_k], kind="stable")[:quota]])
+    return np.sort(np.concatenate(keep)) if keep else candidates[:0], quotas
+
+
+def pseudolabel(params, paths: Paths) -> dict:
+    """Label the pool split and write the confident samples. In frozen-encoder mode the model's heads read
+    the pool's cached encoder features instead of running the encoders."""
+    q, threshold = params.pseudolabel, params.threshold
+    pool, data_dir = q.pool, paths.data
+    data = open_dataset(data_dir)
+    if pool not in data:
+        raise DataError(
+            f"{data_dir}: no '{pool}' split to pseudo-label (splits: {', '.join(data)}); "
+            f"set pseudolabel.pool to one of them"
+        )
+    ds = data[pool]
+    log_data(data_dir, data, {pool: "pool"})
+    detector = load_detector(paths.model)
+    model = detector.model
+    if params.train.freeze_encoders:
+        logits_a, logits_b = predict_from_features(model, open_features(paths.features, model.config.fusion)[pool])
+    else:
+        logits_a, logits_b = predict_logits(
+            detector, ds, RunOptions(q.batch_size, params.train.num_workers, params.inference.precision)
+        )
+    pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
+    names = model.config.class_names
+    passed = select_confident(pred.conf_a.numpy(), pred.conf_b.numpy(), threshold)
+    quotas = None
+    if q.selection == "class_balanced":
+        mix = np.bincount(np.asarray(data["train"]["Label_B"]), minlength=len(names)) / len(data["train"])
+        keep, quotas = select_class_balanced(
+            pred.conf_a.numpy(), pred.conf_b.numpy(), pred.label_b.numpy(), threshold, mix
+        )
+    else:
+        keep = passed
+    if len(keep) == 0:
+        log.warning(
+            "no '%s' sample kept (threshold=%s, selection=%s): retrain will see the original data only",
+            pool,
+            threshold,
+            q.selection,
+        )
+    label_a, label_b = pred.label_a.numpy()[keep], pred.label_b.numpy()[keep]
+    true_a, true_b = np.asarray(ds["Label_A"])[keep], np.asarray(ds["Label_B"])[keep]
+    kept = ds.select(keep).remove_columns(["Label_A", "Label_B"])
+    kept = kept.add_column("Label_A", label_a.tolist()).add_column("Label_B", label_b.tolist())
+    kept = kept.select_columns(list(COLUMNS)).cast(schema())
+    kept = kept.add_column("Confidence_A", pred.conf_a.numpy()[keep].tolist())
+    kept = kept.add_column("Confidence_B", pred.conf_b.numpy()[keep].tolist())
+    kept = kept.add_column("pool_row", keep.tolist())  # where the sample is in the pool split (and its features)
+    if len(set(kept["caption_id"])) >= 2:
+        train_part, val_part = split_by_caption(kept, q.validation_fraction, params.seed)
+    else:  # nothing (or one caption) to split: it all goes to train
+        train_part, val_part = kept, kept.select([])
+    save_dataset(DatasetDict(train=train_part, validation=val_part), paths.out)
+
+    metrics = {
+        "pool": pool,
+        "threshold": threshold,
+        "selection": q.selection,
+        "pool_rows": len(ds),
+        "passed_threshold": int(len(passed)),
+        "kept": int(len(keep)),
+        "kept_fraction": len(keep) / len(ds),
+        "train_rows": len(train_part),
+        "validation_rows": len(val_part),
+        # The pool's true labels, where known (the demo's, the test split's), say how good they are.
+        "correct_a": int((label_a == true_a).sum()),
+        "correct_b": int((label_b == true_b).sum()),
+        "precision_a": float((label_a == true_a).mean()) if len(keep) else None,
+        "precision_b": float((label_b == true_b).mean()) if len(keep) else None,
+        "per_class": {},
+    }
+    passed_b = pred.label_b.numpy()[passed]
+    for k, name in enumerate(names):
+        as_k = label_b == k
+        correct = int((true_b[as_k] == k).sum())
+        metrics["per_class"][name] = {
+            "passed_threshold": int((passed_b == k).sum()),
+            "kept": int(as_k.sum()),
+            "correct": correct,
+            "precision": float(correct / as_k.sum()) if as_k.any() else None,
+        }
+        if quotas is not None:
+            metrics["per_class"][name]["quota"] = int(quotas[k])
+    log.info(
+        "kept %d of %d pool samples (%d above threshold %s, selection %s)",
+        len(keep),
+        len(ds),
+        len(passed),
+        threshold,
+        q.selection,
+    )
+    return metrics

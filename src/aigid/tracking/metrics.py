@@ -1,0 +1,159 @@
+"""Scores for Task A and Task B, with balanced metrics so that a trivial "all AI" model cannot look good."""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.metrics import (
+    accuracy_score,
+    average_precision_score,
+    balanced_accuracy_score,
+    f1_score,
+    precision_recall_curve,
+    precision_recall_fscore_support,
+    roc_auc_score,
+    roc_curve,
+)
+
+from aigid.core.config import flatten
+
+# An evaluate report's DVC metrics, per model; everything else (per class, captions, robustness) stays in the
+# report.
+HEADLINE = (
+    "task_a.f1_weighted",
+    "task_a.balanced_accuracy",
+    "task_b.f1_weighted",
+    "task_b.f1_macro",
+    "roc_auc",
+    "operating_point.threshold",
+    "operating_point.test_tpr",
+)
+MODELS = ("base", "retrained")
+
+
+def task_scores(y_true, y_pred, labels) -> dict[str, float]:
+    """Weighted F1/precision/recall, accuracy, balanced accuracy and macro F1 over ``labels``."""
+    y_true, y_pred = np.asarray(y_true), np.asarray(y_pred)
+    p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=labels, average="weighted", zero_division=0)
+    return {
+        "f1_weighted": float(f),
+        "precision_weighted": float(p),
+        "recall_weighted": float(r),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
+        "f1_macro": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+    }
+
+
+def score(labels_a, labels_b, pred_a, pred_b, class_names: tuple[str, ...]) -> dict:
+    """Both tasks, plus per-class results for Task B (detection rate of each generator, F1 of attribution).
+
+    Task A also has ``f1_binary``, the F1 of the AI class alone: the reference code's selection metric, for
+    comparison with CT2 results reported that way.
+    """
+    labels_b, pred_b, pred_a = np.asarray(labels_b), np.asarray(pred_b), np.asarray(pred_a)
+    out = {
+        "task_a": task_scores(labels_a, pred_a, [0, 1]),
+        "task_b": task_scores(labels_b, pred_b, list(range(len(class_names)))),
+    }
+    out["task_a"]["f1_binary"] = float(f1_score(labels_a, pred_a, pos_label=1, average="binary", zero_division=0))
+    f1_b = f1_score(labels_b, pred_b, labels=list(range(len(class_names))), average=None, zero_division=0)
+    per_class = {}
+    for k, name in enumerate(class_names):
+        rows = labels_b == k
+        if not rows.any():
+            continue
+        # For class 0 "called real" is the correct Task A answer; for a generator, "called AI" is.
+        correct_a = (pred_a[rows] == (0 if k == 0 else 1)).mean()
+        per_class[name] = {
+            "n": int(rows.sum()),
+            "task_a_recall": float(correct_a),
+            "task_b_f1": float(f1_b[k]),
+            "task_b_recall": float((pred_b[rows] == k).mean()),
+        }
+    out["per_class"] = per_class
+    return out
+
+
+def confusion_rows(y_true, y_pred, names) -> list[dict[str, str]]:
+    """Rows for DVC's ``confusion`` plot template: one {actual, predicted} pair per sample."""
+    return [{"actual": names[t], "predicted": names[p]} for t, p in zip(np.asarray(y_true), np.asarray(y_pred))]
+
+
+def ranking_scores(labels_a, prob_ai) -> dict[str, float]:
+    """Threshold-free Task A quality: ROC AUC and average precision (AI is the positive class)."""
+    labels_a, prob_ai = np.asarray(labels_a), np.asarray(prob_ai)
+    if len(np.unique(labels_a)) < 2:
+        raise ValueError("ROC AUC and average precision need both real and AI images")
+    return {
+        "roc_auc": float(roc_auc_score(labels_a, prob_ai)),
+        "average_precision": float(average_precision_score(labels_a, prob_ai)),
+    }
+
+
+def curve_rows(labels_a, prob_ai) -> dict[str, list[dict[str, float]]]:
+    """Rows for the ROC ({fpr, tpr}) and precision-recall ({recall, precision}) DVC plots."""
+    fpr, tpr, _ = roc_curve(labels_a, prob_ai)
+    precision, recall, _ = precision_recall_curve(labels_a, prob_ai)
+    return {
+        "roc": [{"fpr": float(f), "tpr": float(t)} for f, t in zip(fpr, tpr)],
+        "pr": [{"recall": float(r), "precision": float(p)} for r, p in zip(recall, precision)],
+    }
+
+
+CALIBRATION_BINS = 15
+
+
+def calibration(labels_a, prob_ai, bins: int = CALIBRATION_BINS) -> tuple[dict, list[dict]]:
+    """Calibration of P(AI): the expected calibration error and the rows of a reliability plot.
+
+    P(AI) is cut into ``bins`` equal-width bins on [0, 1], a value on an edge going to the lower bin (the bins of
+    scikit-learn's ``calibration_curve(strategy="uniform")``, whose points are the plot's). ECE = sum over bins
+    of (images in the bin / all images) * |mean P(AI) in the bin - share of AI images in the bin|; 0 is perfectly
+    calibrated. Empty bins have no row.
+    """
+    labels_a, prob_ai = np.asarray(labels_a, dtype=float), np.asarray(prob_ai, dtype=float)
+    edges = np.linspace(0.0, 1.0, bins + 1)
+    which = np.searchsorted(edges[1:-1], prob_ai)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        inside = which == b
+        if not inside.any():
+            continue
+        mean_p, share_ai = float(prob_ai[inside].mean()), float(labels_a[inside].mean())
+        ece += inside.mean() * abs(mean_p - share_ai)
+        rows.append({"bin": b, "mean_prob_ai": mean_p, "fraction_ai": share_ai, "count": int(inside.sum())})
+    return {"ece": float(ece), "bins": bins, "binning": "equal-width on [0, 1]"}, rows
+
+
+def threshold_at_fpr(prob_real_images, target_fpr: float) -> float:
+    """The lowest threshold whose false-positive rate on these real images is at most ``target_fpr``.
+
+    An image is called AI when P(AI) >= threshold. With n real images, at most floor(target_fpr * n) may
+    score at or above it, so the threshold is the next float above the (k+1)-th highest real score; ties
+    at that score all fall below it, so the rate never exceeds the target. Float32 steps, as the model's
+    probabilities are float32: a float64 step would round back onto the score where they are compared.
+    """
+    p = np.sort(np.asarray(prob_real_images, dtype=np.float32))[::-1]
+    if len(p) == 0:
+        raise ValueError("no real images to set a false-positive rate on")
+    k = int(np.floor(target_fpr * len(p) + 1e-9))
+    return float(np.nextafter(p[k], np.float32(np.inf))) if k < len(p) else 0.0
+
+
+def rates_at(labels_a, prob_ai, threshold: float) -> dict[str, float]:
+    """Task A true- and false-positive rates when P(AI) >= ``threshold`` is called AI."""
+    labels_a, called = np.asarray(labels_a), np.asarray(prob_ai) >= threshold
+    return {"tpr": float(called[labels_a == 1].mean()), "fpr": float(called[labels_a == 0].mean())}
+
+
+def headline(report: dict) -> dict:
+    """The few numbers of an evaluate report compared across experiments (``dvc exp show``), nested per model
+    as in the report."""
+    out: dict = {"contaminated": report["contaminated"]}
+    for model in MODELS:
+        flat = flatten(report[model])
+        out[model] = {}
+        for key in HEADLINE:
+            group, _, name = key.rpartition(".")
+            (out[model].setdefault(group, {}) if group else out[model])[name] = flat[key]
+    return out

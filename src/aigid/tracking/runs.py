@@ -1,0 +1,337 @@
+"""MLflow: where runs go, one parent run per pipeline execution, what each stage logs.
+
+Every `dvc repro` or `dvc exp run` is one parent run, named after the DVC experiment (or
+``repro-<short commit>``) and the execution (``repro-3dfab77-1a2b3c4d``: two clones of one commit, or one
+experiment name run twice, are two parents with two names), with each stage's run nested under it. Stages
+run as separate processes; they find their parent by the execution's id (:func:`pipeline_id`, whose first 8
+characters end the name), tagged ``pipeline_id`` on the parent and its stage runs. A stage run outside DVC
+stands alone. A stage run logs the params it reads under their params.yaml keys, its DVC metrics under their
+DVC keys (:func:`log_results`), and the data it read as MLflow datasets whose digest is DVC's hash of the
+directory (:func:`log_data`).
+
+Default store: ``sqlite:///<repository root>/mlflow.db``. The root comes from ``DVC_ROOT`` (set by DVC for
+every stage); experiments that DVC runs in a temporary copy (``dvc exp run --temp``, queued runs) live under
+``<root>/.dvc/tmp/exps/``, so the store is placed in the real repository above that copy and every run of the
+project lands in one database; logged models go to ``<root>/mlartifacts``. ``MLFLOW_TRACKING_URI`` overrides
+all of this (a shared server, for example).
+
+A server is asked whether it answers when a stage starts (:func:`check_reachable`). Its HTTP calls are retried
+a bounded time (:data:`HTTP_DEFAULTS`, set unless the environment sets them; MLflow's own defaults retry a
+dead server for about four minutes per call); one that stops answering during a stage ends the stage with one
+line naming it (:class:`~aigid.core.errors.TrackingError`), without further calls to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import re
+import subprocess
+import time
+import warnings
+from pathlib import Path
+
+import mlflow
+
+from aigid.core.errors import TrackingError
+
+STAGE_TAG, PIPELINE_TAG, ROLE_TAG = "stage", "pipeline_id", "aigid.role"
+FINGERPRINT_TAG = "fingerprint"  # a logged split's content fingerprint (datasets' fingerprint of its rows)
+# The MLflow UI opens an experiment of this kind in its model-training view (runs, metrics, models).
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
+# MLflow's HTTP retries against a tracking server. Every call is tried 5 times, waiting 0, 2, 4 and 8 s (plus up
+# to 1 s of jitter) in between: a server restarting within about 15 s is ridden out, a dead one reported about
+# 15 s after the call that found it. An attempt waits up to 60 s for an answer (a large model's upload is
+# answered once the server has stored it). The environment's own values win.
+HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "1",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
+
+
+def bound_http_retries() -> None:
+    """Set :data:`HTTP_DEFAULTS` where the environment does not (MLflow reads them at every request)."""
+    for key, value in HTTP_DEFAULTS.items():
+        os.environ.setdefault(key, value)
+
+
+def check_reachable(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast on a tracking server that does not answer (the MLflow client would retry for minutes)."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except (urllib.error.URLError, OSError) as err:
+        raise TrackingError(
+            f"MLflow tracking server {uri} is not reachable ({err}); start it or set "
+            f"MLFLOW_TRACKING_URI to a reachable store"
+        ) from None
+
+
+def is_main_process() -> bool:
+    """True unless this is a process other than global rank 0 of a multi-process launch (torchrun, accelerate
+    launch) whose process group is already up; only rank 0 talks to MLflow and writes a stage's outputs."""
+    import torch.distributed as dist
+
+    return not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0
+
+
+def _from_rank_zero(message: str | None) -> str | None:
+    """Rank 0's outcome of contacting the store, sent to every rank of a multi-process launch (else returned)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return message
+    box = [message]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def project_root() -> Path:
+    root = Path(os.environ.get("DVC_ROOT") or Path.cwd()).resolve()
+    parts = root.parts
+    for i in range(len(parts) - 3):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return root
+
+
+def tracking_uri() -> str:
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{project_root() / 'mlflow.db'}"
+
+
+def ensure_experiment(name: str, uri: str) -> str:
+    """Make ``name`` the active experiment; with a sqlite store (the default), create it with its artifacts
+    under ``<project root>/mlartifacts``. MLflow's default (./mlruns relative to the working directory) would
+    put logged models inside the temporary copy that `dvc exp run --temp` deletes. A server keeps its own
+    artifact store. An experiment that already exists keeps the location it was created with.
+    Returns the experiment's id.
+    """
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        location = (project_root() / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+        mlflow.create_experiment(name, artifact_location=location, tags=dict([EXPERIMENT_KIND]))
+    elif EXPERIMENT_KIND[0] not in experiment.tags:  # one created before the kind was set; a user's choice stays
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, *EXPERIMENT_KIND)
+    return mlflow.set_experiment(name).experiment_id
+
+
+def _git_commit(cwd: Path) -> str:
+    try:
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def _runs_dvc(cmdline: list[str]) -> bool:
+    """A `dvc` command line: ``dvc ...``, ``python /path/dvc ...`` or ``python -m dvc ...``."""
+    head = cmdline[:3]
+    return any(Path(arg).name in ("dvc", "dvc.exe") for arg in head) or "-m dvc" in " ".join(head)
+
+
+def pipeline_id() -> str | None:
+    """The id of the pipeline execution this process is a stage of: the nearest ancestor process running DVC
+    (`dvc repro`, `dvc exp run`, a queued experiment's runner), by pid and start time, and the DVC experiment
+    name. None outside DVC."""
+    if "DVC_ROOT" not in os.environ:
+        return None
+    import psutil
+
+    try:
+        proc = psutil.Process().parent()
+        while proc is not None and not _runs_dvc(proc.cmdline()):
+            proc = proc.parent()
+        if proc is None:
+            return None
+        execution = f"{proc.pid}:{proc.create_time():.3f}:{os.environ.get('DVC_EXP_NAME', '')}"
+    except psutil.Error:
+        return None
+    return hashlib.sha1(execution.encode()).hexdigest()[:12]
+
+
+def parent_run(experiment_id: str, pipeline: str, name: str, tags: dict) -> str:
+    """The id of the parent run of execution ``pipeline`` in the experiment, created on first use.
+
+    Stages of different executions may run at once (`dvc queue start -j 2`); were two processes of one
+    execution ever to create its parent together, the oldest parent is kept and the other deleted.
+    """
+    client = mlflow.MlflowClient()
+    query = f"tags.{PIPELINE_TAG} = '{pipeline}' and tags.`{ROLE_TAG}` = 'pipeline'"
+
+    def oldest():
+        found = client.search_runs([experiment_id], query)
+        return min(found, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
+
+    if (found := oldest()) is not None:
+        return found.info.run_id
+    created = client.create_run(
+        experiment_id, run_name=name, tags={**tags, PIPELINE_TAG: pipeline, ROLE_TAG: "pipeline"}
+    ).info.run_id
+    winner = oldest().info.run_id
+    if winner != created:
+        client.delete_run(created)
+    return winner
+
+
+def open_store(experiment: str) -> str:
+    """Point MLflow at the project's store (see :func:`tracking_uri`) and ``experiment``; return the URI."""
+    uri = tracking_uri()
+    _open_store(uri, experiment)
+    return uri
+
+
+def _open_store(uri: str, experiment: str) -> str:
+    bound_http_retries()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    try:
+        return ensure_experiment(experiment, uri)
+    except Exception as err:
+        raise TrackingError(f"MLflow tracking store {uri} is not usable: {err}") from err
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params):
+    """An active MLflow run named after the stage, nested under its pipeline execution's parent run, with the
+    params it reads logged under their params.yaml keys (``params`` is the stage's view,
+    :class:`aigid.core.config.Scoped`: exactly its declared keys; the parent gets them too).
+
+    Holding our own active run keeps ``trainer.evaluate()`` after ``train()`` from opening a second run. The
+    store is contacted here, before any work starts, so an unreachable store fails fast with its URI in the
+    message.
+
+    On the other ranks of a multi-process launch it yields None and leaves MLflow alone: one stage is one run,
+    logged by rank 0.
+    """
+    if not is_main_process():
+        if error := _from_rank_zero(None):  # rank 0 could not use the store: stop here too, before any work
+            raise TrackingError(error)
+        yield None
+        return
+    uri = tracking_uri()
+    try:
+        experiment_id = _open_store(uri, params.mlflow.experiment)
+    except TrackingError as err:
+        _from_rank_zero(str(err))
+        raise
+    _from_rank_zero(None)
+    commit = _git_commit(Path.cwd())
+    experiment_name = os.environ.get("DVC_EXP_NAME", "")
+    tags = {"git_commit": commit, "dvc_exp_name": experiment_name}
+    declared = params.declared()
+    # A server that stops answering is one line (TrackingError) whether it goes while the runs are opened or
+    # closed (outer block) or during the stage's work (inner: the runs are then dropped without calling it again).
+    with _server_failures(uri, stage), contextlib.ExitStack() as stack:
+        pipeline = pipeline_id()
+        if pipeline is not None:
+            tags[PIPELINE_TAG] = pipeline
+            name = f"{experiment_name or f'repro-{commit[:7]}'}-{pipeline[:8]}"  # one name per execution
+            parent = stack.enter_context(mlflow.start_run(parent_run(experiment_id, pipeline, name, tags)))
+            _log_params_once(parent.info.run_id, declared)
+        run = stack.enter_context(
+            mlflow.start_run(
+                run_name=stage, nested=pipeline is not None, tags={**tags, STAGE_TAG: stage, ROLE_TAG: "stage"}
+            )
+        )
+        mlflow.log_params(declared)
+        with _server_failures(uri, stage):
+            yield run
+
+
+def _connection_failure(err: BaseException) -> str | None:
+    """What went wrong, in a few words, when ``err`` (or an error it was raised from or while handling) is an
+    HTTP request to the store that failed after its retries (no answer, refused, error responses); else None."""
+    import requests
+
+    seen = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, requests.exceptions.RequestException):
+            if isinstance(err, requests.exceptions.Timeout) or "timed out" in str(err):
+                return f"no answer within {os.environ.get('MLFLOW_HTTP_REQUEST_TIMEOUT', '120')} s"
+            found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)|ResponseError\('([^']+)'", str(err))
+            return next(g for g in found.groups() if g) if found else type(err).__name__
+        err = err.__cause__ or err.__context__
+    return None
+
+
+@contextlib.contextmanager
+def _server_failures(uri: str, stage: str):
+    """An MLflow call of the block that found the store gone becomes one line naming it (TrackingError), and
+    the runs this process holds are dropped without contacting the store again (MLflow would end them at exit)."""
+    try:
+        yield
+    except TrackingError:
+        raise
+    except Exception as err:
+        reason = _connection_failure(err)
+        if reason is None:
+            raise
+        from mlflow.tracking.fluent import _active_run_stack
+
+        _active_run_stack.get().clear()
+        retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")
+        raise TrackingError(
+            f"MLflow tracking server {uri} stopped answering during stage {stage} ({reason}, "
+            f"after {retries} retries); the stage did not finish: rerun it once the server "
+            f"answers"
+        ) from None
+
+
+def _log_params_once(run_id: str, params: dict) -> None:
+    """Add the params the parent run lacks (the stages of one execution read one params.yaml)."""
+    have = mlflow.get_run(run_id).data.params
+    missing = {k: v for k, v in params.items() if k not in have}
+    if missing:
+        mlflow.MlflowClient().log_batch(run_id, params=[mlflow.entities.Param(k, str(v)) for k, v in missing.items()])
+
+
+def log_results(metrics: dict, parent: bool = False) -> None:
+    """A stage's DVC metrics as metrics of its run, under the keys `dvc metrics show` prints
+    (``retrained.task_a.f1_weighted``); booleans as 0/1. ``parent``: the pipeline's parent run gets them too."""
+    from aigid.core.config import flatten
+
+    values = {k: float(v) for k, v in flatten(metrics).items() if isinstance(v, (int, float))}
+    mlflow.log_metrics(values)
+    parent_id = mlflow.active_run().data.tags.get("mlflow.parentRunId")
+    if parent and parent_id:
+        mlflow.MlflowClient().log_batch(
+            parent_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in values.items()]
+        )
+
+
+def dvc_hash(path: Path) -> str:
+    """DVC's hash of a file or directory (``<md5>.dir`` for a directory), as dvc.lock records it."""
+    from dvc_data.hashfile.build import build
+    from dvc_data.hashfile.db import HashFileDB
+    from dvc_objects.fs.local import LocalFileSystem
+    from dvc_objects.fs.memory import MemoryFileSystem
+
+    staging = HashFileDB(MemoryFileSystem(), "/staging")  # the tree object stays in memory
+    _, _, obj = build(staging, str(Path(path).resolve()), LocalFileSystem(), "md5", dry_run=True)
+    return obj.hash_info.value
+
+
+def log_data(path: Path, data, splits: dict[str, str]) -> None:
+    """Log splits of ``data`` (the DatasetDict at ``path``) as inputs of the active run: ``splits`` maps a split to its
+    context (training, validation, test, pool). Each is an MLflow dataset named ``<path>:<split>`` with its
+    rows, its source (the path) and, as digest, DVC's hash of ``path`` (:func:`dvc_hash`); the input is tagged
+    with the split's own fingerprint (``fingerprint``: of its rows, as prepare computes it), which tells whether
+    two runs saw the same rows of one split."""
+    from mlflow.data.huggingface_dataset import from_huggingface
+
+    digest, name = dvc_hash(path), Path(path).as_posix()
+    for split, context in splits.items():
+        ds = data[split]
+        ds = ds.select_columns([c for c in ds.column_names if c != "Image"])  # the schema without the pixels
+        with warnings.catch_warnings():  # a hint for model signatures; a dataset's schema is only described
+            warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+            dataset = from_huggingface(ds, path=name, name=f"{name}:{split}", digest=digest)
+            mlflow.log_input(dataset, context=context, tags={FINGERPRINT_TAG: data[split]._fingerprint})
