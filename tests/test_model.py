@@ -106,7 +106,7 @@ def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     save_detector(model, tokenizer, processor, tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").is_file()
     assert not list((tmp_path / "m").glob("*.bin"))
-    loaded, tok2, proc2 = load_detector(tmp_path / "m")
+    loaded, tok2, proc2, _ = load_detector(tmp_path / "m")
     enc = tok2(["a red circle", "blue"], padding=True, return_tensors="pt")
     pixels = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
@@ -159,7 +159,7 @@ def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
         ],
     )
     assert result.exit_code == 0, result.output
-    detector, _, _ = build_detector(str(tmp_path / "enc/text"), str(tmp_path / "enc/vision"), 8, 16, ("real", "ai"))
+    detector, _, _, _ = build_detector(str(tmp_path / "enc/text"), str(tmp_path / "enc/vision"), 8, 16, ("real", "ai"))
     for name, tensor in model.text_encoder.state_dict().items():
         assert torch.equal(detector.text_encoder.state_dict()[name], tensor), name
 

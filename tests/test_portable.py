@@ -122,7 +122,7 @@ def test_detect_on_a_portable_model_imports_no_torch_and_scores_as_the_torch_mod
     code = (
         "import atexit, sys; atexit.register(lambda: print([m for m in ('torch', 'transformers') "
         "if m in sys.modules], file=sys.stderr)); sys.argv = ['aigid', *sys.argv[1:]]; "
-        "from aigid.cli import run; run()"
+        "from aigid.cli import main; main()"
     )
     args = ["detect", str(tmp_path / "*.png"), "--caption", "a red circle", "--batch-size", "2"]
     proc = subprocess.run(

@@ -7,17 +7,15 @@ the commands quick to start and each stage's code dependencies in dvc.yaml exact
 
 from __future__ import annotations
 
-import atexit
 import importlib
 import logging
 import os
 import sys
-import threading
 
 import click
 
 from aigid.core import compute
-from aigid.core.stage import quiet_transformers, uncollected
+from aigid.core.stage import quiet_transformers
 
 # The pipeline stages in dvc.yaml's order; each runs under params.yaml's compute profile (aigid.core.compute).
 STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate", "export")
@@ -25,8 +23,6 @@ STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", 
 COMMANDS = {name: f"aigid.stages.{name}" for name in STAGES} | {
     name: f"aigid.serving.{name}" for name in ("detect", "promote", "register")
 }
-# Commands after which the executable exits without tearing the interpreter down (see run).
-QUICK_EXIT = frozenset({"detect"})
 # Commands that import transformers only where they need it (detect on a portable model never does), and call
 # quiet_transformers there; for every other command the group does it.
 OWN_IMPORTS = frozenset({"detect"})
@@ -50,8 +46,7 @@ class LazyGroup(click.Group):
     def get_command(self, ctx, name):
         if name not in COMMANDS:
             return None
-        with uncollected():  # what the command imports lives as long as the process
-            return importlib.import_module(COMMANDS[name]).command
+        return importlib.import_module(COMMANDS[name]).command
 
 
 @click.group(cls=LazyGroup)
@@ -70,32 +65,5 @@ def main(verbose: bool) -> None:
         quiet_transformers()
 
 
-def run() -> None:
-    """The `aigid` executable: :func:`main`, and after a command of :data:`QUICK_EXIT` an exit that skips the
-    interpreter's teardown.
-
-    Tearing down frees, one by one, every module, class and function torch and transformers made, only for the
-    process to end: after `aigid detect one.jpg` about 0.15-0.4 s of its 3-4 s on 2 cores. What a normal exit
-    does before the teardown still happens, in its order: the process waits for its non-daemon threads (where
-    one is still running, the exit is the normal one), the exit handlers run (logging flushes its handlers,
-    file locks are released, temporary directories removed), stdout and stderr are flushed. Only objects'
-    finalisers that the teardown would call are skipped, which Python does not promise to call at exit.
-    """
-    try:
-        main()
-    except SystemExit as done:
-        code = 0 if done.code is None else done.code
-        others = [t for t in threading.enumerate() if t is not threading.main_thread() and not t.daemon]
-        if main.invoked not in QUICK_EXIT or not isinstance(code, int) or others:
-            raise
-        atexit._run_exitfuncs()  # what Python runs at exit; it also unregisters them
-        try:
-            sys.stdout.flush()
-            sys.stderr.flush()
-        except (OSError, ValueError):  # a closed pipe: the normal exit reports it
-            raise done from None
-        os._exit(code)
-
-
 if __name__ == "__main__":
-    run()
+    main()

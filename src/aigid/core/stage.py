@@ -8,9 +8,7 @@ into its click command: one option per path, ``--params``, and nothing else.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import gc
 from pathlib import Path
 
 import click
@@ -45,23 +43,6 @@ def clean_errors(fn):
             raise click.ClickException(str(err)) from None
 
     return wrapper
-
-
-@contextlib.contextmanager
-def uncollected():
-    """Import modules that live as long as the process (torch, transformers, onnxruntime) without collecting.
-
-    Collecting while importing walks the objects they make (modules, classes, functions) again and again, and
-    so does the last collection at exit: seconds of every command's start and end (`aigid detect one.jpg`:
-    about 2.5 of 6 s). So collection is off while they import, and what the import made is frozen out of
-    later collections (gc.freeze); collection is on again for the command's own work.
-    """
-    gc.disable()
-    try:
-        yield
-    finally:
-        gc.freeze()
-        gc.enable()
 
 
 def quiet_transformers() -> None:

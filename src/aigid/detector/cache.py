@@ -64,9 +64,14 @@ def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) 
     torch.manual_seed(params.seed)
     # Only the encoders run here: the fusion layer and heads of this detector are placeholders, never used.
     detector = build_detector(
-        str(encoders_dir / "text"), str(encoders_dir / "vision"), 1, params.model.max_text_length, ("real", "ai")
+        str(encoders_dir / "text"),
+        str(encoders_dir / "vision"),
+        1,
+        params.model.max_text_length,
+        ("real", "ai"),
+        precision=params.inference.precision,
     )
-    options = RunOptions(params.features.batch_size, params.train.num_workers, params.inference.precision)
+    options = RunOptions(params.features.batch_size, params.train.num_workers)
     tokens = FUSIONS[params.model.fusion].tokens
     splits = {}
     for name, ds in data.items():

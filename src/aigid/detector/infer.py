@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Subset
 
 from aigid.core.data import Collator
 from aigid.detector.model import Loaded
-from aigid.detector.runtime import autocast, device, lower_weights
+from aigid.detector.runtime import autocast, device
 from aigid.detector.scores import score_rows
 
 # The rows scored: a `datasets.Dataset` (memory-mapped Arrow, the stages) or a list of row dicts with the same
@@ -35,13 +35,12 @@ def caption_order(dataset: Rows) -> np.ndarray:
 
 @dataclass(frozen=True)
 class RunOptions:
-    """How a batched pass runs: rows per batch, DataLoader worker processes, precision (one of
-    :data:`aigid.core.precision.PRECISIONS`), a progress bar of batches on stderr, and ``perturb``, applied to each
-    decoded image first (see :class:`aigid.stages.evaluate.Perturbation`)."""
+    """How a batched pass runs: rows per batch, DataLoader worker processes, a progress bar of batches on stderr,
+    and ``perturb``, applied to each decoded image first (see :class:`aigid.stages.evaluate.Perturbation`). The
+    precision is the detector's, chosen when it was loaded (:func:`aigid.detector.model.load_detector`)."""
 
     batch_size: int = 64
     num_workers: int = 0
-    precision: str = "auto"
     progress: bool = False
     perturb: Callable | None = None
 
@@ -55,7 +54,6 @@ def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list:
 
     dev = device()
     model = detector.model.to(dev).eval()
-    lower_weights(model, dev, options.precision)
     order = caption_order(dataset)
     collate = Collator(detector.tokenizer, detector.processor, model.config.max_text_length, perturb=options.perturb)
     loader = DataLoader(
@@ -67,8 +65,8 @@ def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list:
         collate_fn=collate,
     )
     outputs = None
-    # One autocast region for the whole pass; the weights it would cast are already bf16 (lower_weights).
-    with autocast(dev, options.precision):
+    # One autocast region for the whole pass; the weights it would cast were stored in bf16 at load.
+    with autocast(dev, detector.precision):
         for batch in tqdm(loader, desc="scoring", unit="batch", file=sys.stderr, disable=not options.progress):
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
             values = step(model, batch)

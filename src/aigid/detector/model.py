@@ -32,6 +32,7 @@ from transformers import (
 from transformers.utils import ModelOutput
 
 from aigid.core.errors import DataError
+from aigid.detector.runtime import device, weights_for
 
 
 class DetectorConfig(PretrainedConfig):
@@ -228,11 +229,13 @@ def _heads(
 
 
 class Loaded(NamedTuple):
-    """A detector with the tokenizer and image processor that prepare its inputs."""
+    """A detector with the tokenizer and image processor that prepare its inputs, and the inference precision
+    it was loaded for (one of :data:`aigid.core.precision.PRECISIONS`: its passes run at it)."""
 
     model: Detector
     tokenizer: object
     processor: object
+    precision: str = "fp32"
 
 
 def build_detector(
@@ -242,8 +245,10 @@ def build_detector(
     max_text_length: int,
     class_names: tuple[str, ...],
     fusion: str = "concat",
+    precision: str = "fp32",
 ) -> Loaded:
-    """A fresh detector from two pretrained encoders: hub names or local directories, same code path."""
+    """A fresh detector from two pretrained encoders: hub names or local directories, same code path; ready to
+    score at ``precision`` (float32 for training)."""
     text = AutoModel.from_pretrained(text_encoder, add_pooling_layer=False)
     vision = CLIPVisionModel.from_pretrained(vision_encoder)
     tokenizer = AutoTokenizer.from_pretrained(text_encoder)
@@ -259,7 +264,7 @@ def build_detector(
     model = Detector(config)
     model.text_encoder.load_state_dict(text.state_dict())
     model.vision_encoder.load_state_dict(vision.state_dict())
-    return Loaded(model, tokenizer, load_processor(vision_encoder))
+    return _for_precision(Loaded(model, tokenizer, load_processor(vision_encoder)), precision)
 
 
 def load_processor(path: str | Path):
@@ -270,13 +275,13 @@ def load_processor(path: str | Path):
 
 
 def save_detector(model: Detector, tokenizer, processor, path: str | Path) -> None:
-    """Write a detector directory. Its weights are float32: a model a bf16 pass lowered
-    (:func:`aigid.detector.runtime.lower_weights`) is refused, so that no detector is saved with rounded weights."""
+    """Write a detector directory. Its weights are float32: a model loaded to score in bf16 is refused, so that
+    no detector is saved with rounded weights."""
     lowered = sorted({str(p.dtype) for p in model.parameters() if p.dtype != torch.float32})
     if lowered:
         raise ValueError(
-            f"cannot save a detector with {', '.join(lowered)} weights (a bf16 scoring pass stored "
-            "them so); save the model before scoring it in bf16, or load it again"
+            f"cannot save a detector with {', '.join(lowered)} weights (loaded to score in bf16); "
+            "save one loaded at precision fp32"
         )
     path = Path(path)
     model.save_pretrained(path, safe_serialization=True)
@@ -284,13 +289,19 @@ def save_detector(model: Detector, tokenizer, processor, path: str | Path) -> No
     processor.save_pretrained(path)
 
 
-def load_detector(path: str | Path) -> Loaded:
-    """Load a directory written by :func:`save_detector`; safetensors only, never remote code."""
+def load_detector(path: str | Path, precision: str = "auto") -> Loaded:
+    """Load a directory written by :func:`save_detector` (safetensors only, never remote code), on the device
+    the runtime picks, to score at ``precision`` (one of :data:`aigid.core.precision.PRECISIONS`)."""
     path = Path(path)
     if not (path / "model.safetensors").is_file():
         raise DataError(f"{path}: no model.safetensors; not a detector directory written by train or retrain")
     model = Detector.from_pretrained(path, use_safetensors=True)
-    return Loaded(model, AutoTokenizer.from_pretrained(path), load_processor(path))
+    return _for_precision(Loaded(model, AutoTokenizer.from_pretrained(path), load_processor(path)), precision)
+
+
+def _for_precision(detector: Loaded, precision: str) -> Loaded:
+    weights_for(detector.model, device(), precision)
+    return detector._replace(precision=precision)
 
 
 @dataclass

@@ -112,23 +112,16 @@ def autocast(dev: torch.device, precision: str = "auto"):
 _AUTOCAST_LOWERED = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
 
 
-def lower_weights(model: torch.nn.Module, dev: torch.device, precision: str = "auto") -> None:
-    """Before a scoring pass: where :func:`autocast` runs in bf16, store the weights it casts (those of linear
-    layers and convolutions) in bf16 once, instead of letting every autocast region cast them again (the cast
-    is dropped when a region ends, so every pass paid it: about 0.12 s for the paper's encoders on two CPU
-    cores). Outputs do not change: autocast leaves a bf16 weight as it is and rounds a float32 one to the same
-    bf16 value. The model then serves bf16 passes only; a float32 pass on it is refused (ValueError), as its
-    float32 weights are gone: load the detector again for that."""
+def weights_for(model: torch.nn.Module, dev: torch.device, precision: str) -> None:
+    """For a model loaded to score at ``precision`` on ``dev``: where :func:`autocast` runs in bf16, the weights
+    it casts (those of linear layers and convolutions) are stored in bf16 from the start, instead of being cast
+    again by every autocast region (the cast is dropped when a region ends). Outputs do not change: autocast
+    leaves a bf16 weight as it is and rounds a float32 one to the same bf16 value."""
     dtype = _lower_dtype(dev, precision)
-    lowered = [m for m in model.modules() if isinstance(m, _AUTOCAST_LOWERED)]
     if dtype is not None:
-        for module in lowered:
-            module.to(dtype)
-    elif any(p.dtype != torch.float32 for m in lowered for p in m.parameters(recurse=False)):
-        raise ValueError(
-            f"precision {precision}: this detector's weights were stored in bf16 by a bf16 pass; "
-            "load it again to score in float32"
-        )
+        for module in model.modules():
+            if isinstance(module, _AUTOCAST_LOWERED):
+                module.to(dtype)
 
 
 @functools.cache

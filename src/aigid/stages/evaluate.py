@@ -145,16 +145,14 @@ def blank_captions(ds):
 
 
 def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precision: str = "auto") -> tuple[dict, dict]:
-    detector = load_detector(model_dir)
+    detector = load_detector(model_dir, precision)
     model = detector.model
     names = tuple(model.config.class_names)
     test, validation = data["test"], data["validation"]
     labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
 
     def predict(ds, perturb=None):
-        logits_a, logits_b = predict_logits(
-            detector, ds, RunOptions(params.batch_size, num_workers, precision, perturb=perturb)
-        )
+        logits_a, logits_b = predict_logits(detector, ds, RunOptions(params.batch_size, num_workers, perturb=perturb))
         return decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
 
     def scores(pred) -> dict:

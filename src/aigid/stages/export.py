@@ -102,7 +102,7 @@ def export_graph(detector: Detector, example: dict[str, np.ndarray], out: Path) 
 def run(params, paths: Paths) -> dict:
     """Export the detector to ONNX and check it against the torch detector on the test split's first rows."""
     configure(params.compute)
-    detector = load_detector(paths.model)
+    detector = load_detector(paths.model, "fp32")
     splits = open_dataset(paths.data)
     if "test" not in splits:
         raise DataError(f"{paths.data}: no test split (splits: {', '.join(splits)}); the export check scores its rows")
@@ -112,7 +112,7 @@ def run(params, paths: Paths) -> dict:
         raise DataError(f"{paths.data}: the test split has {len(rows)} row(s); the export check needs 2 at least")
     images = [r["Image"]["bytes"] for r in rows]
     captions = [r["Caption"] or "" for r in rows]
-    reference_a, reference_b = predict_logits(detector, rows, RunOptions(precision="fp32"))
+    reference_a, reference_b = predict_logits(detector, rows, RunOptions())
     with atomic_path(paths.out) as tmp:
         tmp.mkdir()
         for file in sorted(paths.model.iterdir()):

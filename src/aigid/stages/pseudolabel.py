@@ -117,14 +117,12 @@ def pseudolabel(params, paths: Paths) -> dict:
         )
     ds = data[pool]
     log_data(data_dir, data, {pool: "pool"})
-    detector = load_detector(paths.model)
+    detector = load_detector(paths.model, params.inference.precision)
     model = detector.model
     if params.train.freeze_encoders:
         logits_a, logits_b = predict_from_features(model, open_features(paths.features, model.config.fusion)[pool])
     else:
-        logits_a, logits_b = predict_logits(
-            detector, ds, RunOptions(q.batch_size, params.train.num_workers, params.inference.precision)
-        )
+        logits_a, logits_b = predict_logits(detector, ds, RunOptions(q.batch_size, params.train.num_workers))
     pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
     names = model.config.class_names
     passed = select_confident(pred.conf_a.numpy(), pred.conf_b.numpy(), threshold)

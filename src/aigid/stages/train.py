@@ -123,7 +123,7 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
         log.info("resuming %s from the last checkpoint in %s (%s)", stage, checkpoint_dir, resume.name)
     with stage_run(stage, params) as run:  # None on the ranks other than 0
         set_seed(params.seed)  # before the fusion layer and heads are initialised
-        model, tokenizer, processor = build_detector(
+        model, tokenizer, processor, _ = build_detector(
             str(encoders_dir / "text"),
             str(encoders_dir / "vision"),
             params.model.fusion_dim,
