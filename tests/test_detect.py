@@ -12,7 +12,8 @@ from transformers import CLIPImageProcessor
 
 from aigid.cli import main
 from aigid.core.data import to_rgb
-from aigid.detector.model import decide, load_detector, save_detector
+from aigid.detector.model import load_detector, save_detector
+from aigid.detector.scores import decide
 from aigid.stages.encoders import train_wordpiece
 from test_model import _tiny_detector
 

@@ -160,7 +160,7 @@ def test_format_control_reports_task_a_per_original_format():
 
     from datasets import Dataset
 
-    from aigid.detector.model import decide
+    from aigid.detector.scores import decide
     from aigid.stages.evaluate import format_control
 
     def encoded(fmt):

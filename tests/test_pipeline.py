@@ -57,6 +57,7 @@ def project(tmp_path_factory) -> Path:
     sh("git", "config", "user.email", "ci@example.com", cwd=root)
     sh("git", "config", "user.name", "ci", cwd=root)
     sh("dvc", "init", "-q", cwd=root)
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")  # after `dvc init`, which writes its own
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-qm", "tiny pipeline", cwd=root)
     sh("dvc", "repro", cwd=root)
@@ -335,12 +336,17 @@ def test_pseudo_labelling_the_test_split_flags_evaluate_as_contaminated(project,
 
 def test_forced_rerun_gives_identical_metrics_files(project):
     files = lambda: [*(project / "metrics").rglob("*.json"), *(project / "reports").rglob("*")]  # noqa: E731
-    before, registered = {p: p.read_bytes() for p in files()}, len(versions(project))
+    parents = lambda: {r.info.run_id for r in runs(project) if r.data.tags.get("aigid.role") == "pipeline"}  # noqa: E731
+    before, registered, earlier = {p: p.read_bytes() for p in files()}, len(versions(project)), parents()
     sh("dvc", "repro", "--force", cwd=project)
     after = {p: p.read_bytes() for p in files()}
     assert before.keys() == after.keys()
     assert [p.name for p in before if before[p] != after[p]] == []
     assert len(versions(project)) == registered  # the same model is not registered twice
+    # Another execution of the same commit in the same workspace: a parent run of its own, holding its stages.
+    (new,) = parents() - earlier
+    nested = [r for r in runs(project) if r.data.tags.get("mlflow.parentRunId") == new]
+    assert sorted(r.data.tags["stage"] for r in nested) == ["evaluate", "pseudolabel", "retrain", "train"]
 
 
 def test_push_then_pull_into_a_fresh_clone_reruns_nothing(project, tmp_path):

@@ -15,7 +15,6 @@ from transformers import CLIPImageProcessorPil
 
 from aigid.cli import main
 from aigid.core.errors import DataError
-from aigid.detector.model import decide as torch_decide
 from aigid.detector.model import load_detector
 from aigid.detector.scores import decide
 from aigid.serving.portable import GRAPH, WEIGHTS, Inputs, PortableDetector, Preprocessor
@@ -71,18 +70,24 @@ def test_captions_are_tokenised_as_the_detectors_tokenizer_does(tmp_path):
     assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
 
 
-def test_the_decision_rule_is_the_torch_one():
+def test_the_decision_rule_is_torchs_sigmoid_and_softmax_over_the_ai_classes_without_overflow():
     rng = np.random.default_rng(1)
     logits_a = np.concatenate([rng.normal(0, 3, 200), [0.0, 100.0, -100.0, 1e4, -1e4]]).astype(np.float32)
     logits_b = rng.normal(0, 3, (len(logits_a), 6)).astype(np.float32)
     logits_b[0, 0] = 50.0  # a real-class logit never wins Task B
+    prob = torch.sigmoid(torch.from_numpy(logits_a))
+    masked = torch.from_numpy(logits_b).clone()
+    masked[:, 0] = float("-inf")
+    softmax = masked.softmax(dim=-1)
     for threshold in (0.5, 0.9):
-        prob_ai, label_a, probs_b, label_b = decide(logits_a, logits_b, threshold)
-        expected = torch_decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b), threshold)
-        assert np.allclose(prob_ai, expected.prob_ai.numpy(), rtol=0, atol=1e-6)
-        assert np.array_equal(label_a, expected.label_a.numpy().astype(bool))
-        assert np.allclose(probs_b, expected.probs_b.numpy(), rtol=0, atol=1e-6)
-        assert np.array_equal(label_b, expected.label_b.numpy())
+        d = decide(logits_a, logits_b, threshold)
+        assert np.isfinite(d.prob_ai).all() and np.isfinite(d.probs_b).all()
+        assert np.allclose(d.prob_ai, prob.numpy(), rtol=0, atol=1e-6)
+        assert np.array_equal(d.label_a, (prob >= threshold).long().numpy())
+        assert np.allclose(d.probs_b, softmax.numpy(), rtol=0, atol=1e-6)
+        assert np.array_equal(d.label_b, np.where(d.label_a == 1, softmax.argmax(-1).numpy(), 0))
+        assert np.allclose(d.conf_a, torch.maximum(prob, 1 - prob).numpy(), rtol=0, atol=1e-6)
+        assert np.array_equal(d.conf_b, np.where(d.label_a == 1, d.probs_b.max(-1), d.conf_a))
 
 
 def _export(model_dir, out, captions=("a red circle", "two")):

@@ -302,33 +302,3 @@ def load_detector(path: str | Path, precision: str = "auto") -> Loaded:
 def _for_precision(detector: Loaded, precision: str) -> Loaded:
     weights_for(detector.model, device(), precision)
     return detector._replace(precision=precision)
-
-
-@dataclass
-class Predictions:
-    """Per-sample outputs with the consistency rule applied.
-
-    Rule: predicted Label_B is 0 (real) exactly when predicted Label_A is 0. Head B is trained only on AI images,
-    so its class-0 logit is never a target; for an image called AI, Label_B is the argmax over the AI classes
-    (1..5 for CT2).
-    """
-
-    prob_ai: torch.Tensor  # P(AI) from head A
-    label_a: torch.Tensor  # prob_ai >= decision threshold
-    probs_b: torch.Tensor  # softmax of head B over the AI classes (class 0 column is 0)
-    label_b: torch.Tensor  # 0 when label_a == 0, else argmax over the AI classes
-    conf_a: torch.Tensor  # max(p, 1 - p)
-    conf_b: torch.Tensor  # max of probs_b for AI predictions; equals conf_a for real ones
-
-
-def decide(logits_a: torch.Tensor, logits_b: torch.Tensor, threshold_a: float = 0.5) -> Predictions:
-    prob_ai = torch.sigmoid(logits_a.float())
-    label_a = (prob_ai >= threshold_a).long()
-    masked = logits_b.float().clone()
-    masked[:, 0] = float("-inf")
-    probs_b = masked.softmax(dim=-1)
-    conf_ai_b, gen = probs_b.max(dim=-1)
-    conf_a = torch.maximum(prob_ai, 1 - prob_ai)
-    label_b = torch.where(label_a == 1, gen, torch.zeros_like(gen))
-    conf_b = torch.where(label_a == 1, conf_ai_b, conf_a)
-    return Predictions(prob_ai, label_a, probs_b, label_b, conf_a, conf_b)

@@ -1,15 +1,16 @@
-"""The rows a scored image gets (`aigid detect`, the registered model): the decision rule on the heads' logits
-as numpy, so that the portable detector (:mod:`aigid.serving.portable`), which runs without torch, scores exactly as
-the torch one.
+"""The decision rule on the heads' logits, in numpy: one home for the stages (train's validation, pseudolabel,
+evaluate, export's check), `aigid detect` and the registered model, on the torch detector and on the portable one
+(:mod:`aigid.serving.portable`, which runs without torch) alike.
 
-The rule is :func:`aigid.detector.model.decide`'s (the stages' torch version; tests/test_portable.py compares them):
-P(AI) is the sigmoid of head A, the image is called AI at ``P(AI) >= threshold``, head B's softmax is taken
-over the AI classes only, and the generator is real exactly when the image is called real.
+P(AI) is the sigmoid of head A and the image is called AI at ``P(AI) >= threshold``. Head B is trained only on
+AI images, so its class-0 logit is never a target: its softmax is taken over the AI classes only, and the
+predicted class is 0 (real) exactly when the image is called real, else the most probable AI class.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import numpy as np
 
@@ -20,17 +21,29 @@ def output_columns(class_names) -> list[str]:
     return ["error", "prob_ai", "label", "generator", "threshold", "caption", *(f"p_{name}" for name in class_names)]
 
 
-def decide(logits_a: np.ndarray, logits_b: np.ndarray, threshold: float = 0.5):
-    """P(AI), the AI decision, head B's probabilities over the AI classes (class 0's column is 0) and the
-    predicted class (0, real, exactly when the image is not called AI), all in float32 like the torch rule."""
+class Decision(NamedTuple):
+    """Per-row outputs of :func:`decide`, float32 or int64 numpy arrays."""
+
+    prob_ai: np.ndarray  # P(AI), the sigmoid of head A
+    label_a: np.ndarray  # 1 where prob_ai >= threshold, else 0
+    probs_b: np.ndarray  # head B's softmax over the AI classes (class 0's column is 0)
+    label_b: np.ndarray  # 0 where label_a is 0, else the most probable AI class
+    conf_a: np.ndarray  # max(prob_ai, 1 - prob_ai)
+    conf_b: np.ndarray  # max of probs_b where label_a is 1; conf_a where it is 0
+
+
+def decide(logits_a: np.ndarray, logits_b: np.ndarray, threshold: float = 0.5) -> Decision:
+    """The rule applied to logits of shape (rows,) and (rows, classes)."""
     logits_a = np.asarray(logits_a, dtype=np.float32)
     prob_ai = np.exp(-np.logaddexp(np.float32(0), -logits_a))  # the sigmoid, without overflow
-    label_a = prob_ai >= threshold
+    label_a = (prob_ai >= threshold).astype(np.int64)
     ai = np.asarray(logits_b, dtype=np.float32)[:, 1:]
     exp = np.exp(ai - ai.max(axis=1, keepdims=True))
     probs_b = np.concatenate([np.zeros((len(ai), 1), np.float32), exp / exp.sum(axis=1, keepdims=True)], axis=1)
-    label_b = np.where(label_a, probs_b[:, 1:].argmax(axis=1) + 1, 0)
-    return prob_ai, label_a, probs_b, label_b
+    label_b = np.where(label_a == 1, probs_b[:, 1:].argmax(axis=1) + 1, 0)
+    conf_a = np.maximum(prob_ai, 1 - prob_ai)
+    conf_b = np.where(label_a == 1, probs_b.max(axis=1), conf_a)
+    return Decision(prob_ai, label_a, probs_b, label_b, conf_a, conf_b)
 
 
 def score_rows(
@@ -40,7 +53,7 @@ def score_rows(
 
     Class probabilities are joint: P(real) = 1 - P(AI) and P(generator) = P(AI) * P(generator | AI).
     """
-    prob_ai, label_a, probs_b, label_b = decide(logits_a, logits_b, threshold)
+    prob_ai, label_a, probs_b, label_b, _, _ = decide(logits_a, logits_b, threshold)
     rows = []
     for i, caption in enumerate(captions):
         p_ai = float(prob_ai[i])

@@ -15,15 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image as PILImage
 
 from aigid.core import stage
 from aigid.core.data import FILE_FORMATS, file_format, open_dataset
 from aigid.core.files import write_json
 from aigid.detector.infer import RunOptions, predict_logits
-from aigid.detector.model import decide, load_detector
+from aigid.detector.model import load_detector
 from aigid.detector.runtime import configure
+from aigid.detector.scores import decide
 from aigid.serving.registry import log_report, register
 from aigid.tracking.metrics import (
     calibration,
@@ -153,24 +153,24 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precisio
 
     def predict(ds, perturb=None):
         logits_a, logits_b = predict_logits(detector, ds, RunOptions(params.batch_size, num_workers, perturb=perturb))
-        return decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
+        return decide(logits_a, logits_b)
 
     def scores(pred) -> dict:
-        return score(labels_a, labels_b, pred.label_a.numpy(), pred.label_b.numpy(), names)
+        return score(labels_a, labels_b, pred.label_a, pred.label_b, names)
 
     pred = predict(test)
-    prob_ai = pred.prob_ai.numpy()
+    prob_ai = pred.prob_ai
     result = {**scores(pred), **ranking_scores(labels_a, prob_ai)}
     result["calibration"], reliability = calibration(labels_a, prob_ai)
     plots = {
-        "confusion_a": confusion_rows(labels_a, pred.label_a.numpy(), ("real", "ai")),
-        "confusion_b": confusion_rows(labels_b, pred.label_b.numpy(), names),
+        "confusion_a": confusion_rows(labels_a, pred.label_a, ("real", "ai")),
+        "confusion_b": confusion_rows(labels_b, pred.label_b, names),
         **curve_rows(labels_a, prob_ai),
         "reliability": reliability,
     }
 
     # The operating point is chosen on validation and only measured on test.
-    val_labels_a, val_prob = np.asarray(validation["Label_A"]), predict(validation).prob_ai.numpy()
+    val_labels_a, val_prob = np.asarray(validation["Label_A"]), predict(validation).prob_ai
     threshold = threshold_at_fpr(val_prob[val_labels_a == 0], params.target_fpr)
     val_rates, test_rates = rates_at(val_labels_a, val_prob, threshold), rates_at(labels_a, prob_ai, threshold)
     result["operating_point"] = {
@@ -185,7 +185,7 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precisio
     blank = predict(blank_captions(test))
     result["captions"] = {
         "with": _summary(result),
-        "without": {**_summary(scores(blank)), **ranking_scores(labels_a, blank.prob_ai.numpy())},
+        "without": {**_summary(scores(blank)), **ranking_scores(labels_a, blank.prob_ai)},
     }
     result["captions"]["with"].update(roc_auc=result["roc_auc"], average_precision=result["average_precision"])
 
@@ -222,7 +222,7 @@ def format_control(test, clean, controlled, quality: int, names: tuple[str, ...]
     formats = np.array(
         [file_format(row["bytes"]) for start in range(0, len(test), 512) for row in test[start : start + 512]["Image"]]
     )
-    s = score(labels_a, labels_b, controlled.label_a.numpy(), controlled.label_b.numpy(), names)
+    s = score(labels_a, labels_b, controlled.label_a, controlled.label_b, names)
     out = {
         "jpeg_quality": quality,
         "task_a": {k: s["task_a"][k] for k in ("f1_weighted", "balanced_accuracy", "f1_binary")},
@@ -235,8 +235,8 @@ def format_control(test, clean, controlled, quality: int, names: tuple[str, ...]
             if rows.any():  # share of these images called what they are (Task A recall), before and after
                 out["by_original_format"].setdefault(kind, {})[name] = {
                     "n": int(rows.sum()),
-                    "clean_recall": float((clean.label_a.numpy()[rows] == label).mean()),
-                    "controlled_recall": float((controlled.label_a.numpy()[rows] == label).mean()),
+                    "clean_recall": float((clean.label_a[rows] == label).mean()),
+                    "controlled_recall": float((controlled.label_a[rows] == label).mean()),
                 }
     return out
 

@@ -131,9 +131,9 @@ def run(params, paths: Paths) -> dict:
     report = {
         "rows": len(rows),
         "graph_max_logit_difference": graph,
-        "max_prob_ai_difference": float(np.abs(ours[0] - theirs[0]).max()),
-        "label_agreement": float((ours[1] == theirs[1]).mean()),
-        "generator_agreement": float((ours[3] == theirs[3]).mean()),
+        "max_prob_ai_difference": float(np.abs(ours.prob_ai - theirs.prob_ai).max()),
+        "label_agreement": float((ours.label_a == theirs.label_a).mean()),
+        "generator_agreement": float((ours.label_b == theirs.label_b).mean()),
         "graph_bytes": (paths.out / GRAPH).stat().st_size,
         "weights_bytes": (paths.out / WEIGHTS).stat().st_size,
         "opset": OPSET,

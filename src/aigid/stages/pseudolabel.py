@@ -16,7 +16,6 @@ from pathlib import Path
 
 import mlflow
 import numpy as np
-import torch
 from datasets import DatasetDict
 
 from aigid.core import stage
@@ -24,8 +23,9 @@ from aigid.core.data import COLUMNS, DataError, open_dataset, save_dataset, sche
 from aigid.core.files import write_json
 from aigid.detector.cache import open_features, predict_from_features
 from aigid.detector.infer import RunOptions, predict_logits
-from aigid.detector.model import decide, load_detector
+from aigid.detector.model import load_detector
 from aigid.detector.runtime import configure
+from aigid.detector.scores import decide
 from aigid.tracking.runs import log_data, log_results, stage_run
 
 log = logging.getLogger(__name__)
@@ -123,15 +123,13 @@ def pseudolabel(params, paths: Paths) -> dict:
         logits_a, logits_b = predict_from_features(model, open_features(paths.features, model.config.fusion)[pool])
     else:
         logits_a, logits_b = predict_logits(detector, ds, RunOptions(q.batch_size, params.train.num_workers))
-    pred = decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b))
+    pred = decide(logits_a, logits_b)
     names = model.config.class_names
-    passed = select_confident(pred.conf_a.numpy(), pred.conf_b.numpy(), threshold)
+    passed = select_confident(pred.conf_a, pred.conf_b, threshold)
     quotas = None
     if q.selection == "class_balanced":
         mix = np.bincount(np.asarray(data["train"]["Label_B"]), minlength=len(names)) / len(data["train"])
-        keep, quotas = select_class_balanced(
-            pred.conf_a.numpy(), pred.conf_b.numpy(), pred.label_b.numpy(), threshold, mix
-        )
+        keep, quotas = select_class_balanced(pred.conf_a, pred.conf_b, pred.label_b, threshold, mix)
     else:
         keep = passed
     if len(keep) == 0:
@@ -141,13 +139,13 @@ def pseudolabel(params, paths: Paths) -> dict:
             threshold,
             q.selection,
         )
-    label_a, label_b = pred.label_a.numpy()[keep], pred.label_b.numpy()[keep]
+    label_a, label_b = pred.label_a[keep], pred.label_b[keep]
     true_a, true_b = np.asarray(ds["Label_A"])[keep], np.asarray(ds["Label_B"])[keep]
     kept = ds.select(keep).remove_columns(["Label_A", "Label_B"])
     kept = kept.add_column("Label_A", label_a.tolist()).add_column("Label_B", label_b.tolist())
     kept = kept.select_columns(list(COLUMNS)).cast(schema())
-    kept = kept.add_column("Confidence_A", pred.conf_a.numpy()[keep].tolist())
-    kept = kept.add_column("Confidence_B", pred.conf_b.numpy()[keep].tolist())
+    kept = kept.add_column("Confidence_A", pred.conf_a[keep].tolist())
+    kept = kept.add_column("Confidence_B", pred.conf_b[keep].tolist())
     kept = kept.add_column("pool_row", keep.tolist())  # where the sample is in the pool split (and its features)
     if len(set(kept["caption_id"])) >= 2:
         train_part, val_part = split_by_caption(kept, q.validation_fraction, params.seed)
@@ -172,7 +170,7 @@ def pseudolabel(params, paths: Paths) -> dict:
         "precision_b": float((label_b == true_b).mean()) if len(keep) else None,
         "per_class": {},
     }
-    passed_b = pred.label_b.numpy()[passed]
+    passed_b = pred.label_b[passed]
     for k, name in enumerate(names):
         as_k = label_b == k
         correct = int((true_b[as_k] == k).sum())

@@ -32,8 +32,9 @@ from aigid.core.data import Collator, DataError, class_names_of, concat, open_da
 from aigid.core.errors import ParamsError
 from aigid.core.files import atomic_path, write_json
 from aigid.detector.cache import FeatureCollator, FeatureRows, open_features
-from aigid.detector.model import DetectorHeads, build_detector, decide, save_detector
+from aigid.detector.model import DetectorHeads, build_detector, save_detector
 from aigid.detector.runtime import configure
+from aigid.detector.scores import decide
 from aigid.tracking.metrics import score
 from aigid.tracking.runs import is_main_process, log_data, log_results, stage_run
 
@@ -76,8 +77,8 @@ command = stage.command("train", run, Paths, PARAMS)
 def compute_metrics(eval_pred, class_names: tuple[str, ...]) -> dict[str, float]:
     logits_a, logits_b = eval_pred.predictions
     labels_a, labels_b = eval_pred.label_ids
-    pred = decide(torch.from_numpy(np.asarray(logits_a)), torch.from_numpy(np.asarray(logits_b)))
-    s = score(labels_a, labels_b, pred.label_a.numpy(), pred.label_b.numpy(), class_names)
+    pred = decide(logits_a, logits_b)
+    s = score(labels_a, labels_b, pred.label_a, pred.label_b, class_names)
     return {f"{name}_{task[-1]}": value for task in ("task_a", "task_b") for name, value in s[task].items()}
 
 

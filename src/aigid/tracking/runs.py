@@ -25,8 +25,10 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import re
+import socket
 import subprocess
 import time
 import warnings
@@ -130,30 +132,30 @@ def _git_commit(cwd: Path) -> str:
         return "unknown"
 
 
-def _runs_dvc(cmdline: list[str]) -> bool:
-    """A `dvc` command line: ``dvc ...``, ``python /path/dvc ...`` or ``python -m dvc ...``."""
-    head = cmdline[:3]
-    return any(Path(arg).name in ("dvc", "dvc.exe") for arg in head) or "-m dvc" in " ".join(head)
-
-
 def pipeline_id() -> str | None:
-    """The id of the pipeline execution this process is a stage of: the nearest ancestor process running DVC
-    (`dvc repro`, `dvc exp run`, a queued experiment's runner), by pid and start time, and the DVC experiment
-    name. None outside DVC."""
+    """The id of the pipeline execution this process is a stage of; None outside DVC.
+
+    DVC locks a stage's outputs for the process that runs the pipeline (`dvc repro`, `dvc exp run`, a queued
+    experiment's runner) as long as the stage runs, writing that process's id into the workspace's
+    ``.dvc/tmp/rwlock``. That process id, with the machine (host name and boot id), the workspace and the DVC
+    experiment name, tells one execution from another: two clones of one commit, two runs one after the other,
+    two queued experiments at once.
+    """
     if "DVC_ROOT" not in os.environ:
         return None
-    import psutil
-
     try:
-        proc = psutil.Process().parent()
-        while proc is not None and not _runs_dvc(proc.cmdline()):
-            proc = proc.parent()
-        if proc is None:
-            return None
-        execution = f"{proc.pid}:{proc.create_time():.3f}:{os.environ.get('DVC_EXP_NAME', '')}"
-    except psutil.Error:
+        locks = json.loads((Path.cwd() / ".dvc" / "tmp" / "rwlock").read_text())
+    except (OSError, ValueError):
         return None
-    return hashlib.sha1(execution.encode()).hexdigest()[:12]
+    holders = {lock.get("pid") for lock in locks.get("write", {}).values() if isinstance(lock, dict)}
+    if len(holders) != 1 or None in holders:
+        return None
+    try:
+        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:  # not Linux
+        boot = ""
+    execution = [socket.gethostname(), boot, str(Path.cwd()), str(holders.pop()), os.environ.get("DVC_EXP_NAME", "")]
+    return hashlib.sha1("\0".join(execution).encode()).hexdigest()[:12]
 
 
 def parent_run(experiment_id: str, pipeline: str, name: str, tags: dict) -> str:
