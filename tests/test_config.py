@@ -38,7 +38,7 @@ def test_numbers_in_any_yaml_spelling_are_accepted(tmp_path):
         ({"pseudolabel": {"pool": "validation"}}, "pseudolabel.pool"),
         ({"inference": {"precision": "fp16"}}, "inference.precision"),
         ({"encoders": {"demo": {"hidden_size": 30, "heads": 4}}}, "encoders.demo"),
-        ({"evaluate": {"jpeg_quality": [95, 0]}}, "evaluate"),
+        ({"evaluate": {"robustness": {"jpeg": 95}}}, "evaluate.robustness"),
         ({"prepare": {"class_aliases": {"x_image": "sd4"}}}, "prepare"),
         ({"train": {"holdout": "sd4"}}, "train.holdout"),
     ],

@@ -211,6 +211,15 @@ def _keys(d: dict, prefix: str = "") -> set[str]:
 def test_every_shipped_config_is_complete_and_valid(config):
     params = load_params(REPO / config)
     assert isinstance(params, Params)
+    # The values that name entries of lookup tables, which the stages check where they use them.
+    from aigid.core.errors import choice
+    from aigid.detector.model import FUSIONS
+    from aigid.sources.readers import LAYOUTS
+    from aigid.stages.evaluate import perturbations
+
+    choice(FUSIONS, params.model.fusion, "model.fusion")
+    choice(dict.fromkeys(("auto", "hub", *LAYOUTS)), params.prepare.layout, "prepare.layout")
+    assert perturbations(params.evaluate)
     assert _keys(yaml.safe_load((REPO / config).read_text())) == _keys(
         yaml.safe_load((REPO / "params.yaml").read_text())
     )

@@ -10,6 +10,7 @@ from aigid.core.config import ParamsError, load_params
 from aigid.core.data import Collator, to_rgb
 from aigid.stages.evaluate import Perturbation, perturbations
 from aigid.tracking.metrics import ranking_scores, rates_at, threshold_at_fpr
+from conftest import REPO
 from test_config import write
 
 
@@ -47,8 +48,26 @@ def test_perturbations_change_the_image_as_named(tmp_path):
     blurred = np.asarray(Perturbation("blur", 2)(img), dtype=float)
     assert blurred.std() < pixels.std() / 2  # noise is smoothed away
     assert Perturbation("resize", 0.5)(img).size == (30, 20) and Perturbation("resize", 1.5)(img).size == (90, 60)
-    names = [p.name for p in perturbations(load_params(write(tmp_path)).evaluate)]
+    names = [p.name for p in perturbations(load_params(REPO / "params.yaml").evaluate)]  # in params order
     assert names == ["jpeg_95", "jpeg_75", "jpeg_50", "blur_1", "blur_2", "resize_50", "resize_150"]
+
+
+@pytest.mark.parametrize(
+    "grid, message",
+    [
+        (
+            {"jpeg": [95, 101]},
+            r"evaluate\.robustness\.jpeg\[1\]: must be an integer from 1 to 100 \(the JPEG quality\), got 101",
+        ),
+        ({"jpeg": [92.5]}, r"evaluate\.robustness\.jpeg\[0\]: must be an integer"),
+        ({"blur": [0]}, r"evaluate\.robustness\.blur\[0\]: must be a positive number"),
+        ({"blurr": [1]}, r"evaluate\.robustness: 'blurr' is not one of jpeg, blur, resize \(did you mean 'blur'\?\)"),
+    ],
+)
+def test_the_robustness_grid_takes_the_kinds_and_values_of_the_perturbation_table(tmp_path, grid, message):
+    params = load_params(write(tmp_path, {"evaluate": {"robustness": grid}}))  # the table checks, not the schema
+    with pytest.raises(ParamsError, match=message):
+        perturbations(params.evaluate)
 
 
 class _Recorder:
@@ -115,9 +134,8 @@ def test_16_bit_grayscale_is_scaled_not_clipped(tmp_path):
         ({"train": {"holdout": "real"}}, "train.holdout"),
         ({"train": {"holdout": "flux"}}, "train.holdout"),
         ({"evaluate": {"target_fpr": 0}}, "evaluate.target_fpr"),
-        ({"evaluate": {"jpeg_quality": [95, 101]}}, r"jpeg_quality\[1\]"),
-        ({"evaluate": {"blur_sigma": [1, "x"]}}, r"evaluate.blur_sigma\[1\]"),
-        ({"evaluate": {"resize_scale": 0.5}}, "evaluate.resize_scale"),
+        ({"evaluate": {"robustness": {"blur": [1, "x"]}}}, r"evaluate.robustness.blur.1"),
+        ({"evaluate": {"robustness": {"resize": 0.5}}}, "evaluate.robustness.resize"),
     ],
 )
 def test_new_params_are_checked(tmp_path, over, key):
@@ -126,8 +144,8 @@ def test_new_params_are_checked(tmp_path, over, key):
 
 
 def test_holdout_accepts_a_generator(tmp_path):
-    p = load_params(write(tmp_path, {"train": {"holdout": "sd3"}, "evaluate": {"blur_sigma": [1, 2.5]}}))
-    assert p.train.holdout == "sd3" and p.evaluate.blur_sigma == [1.0, 2.5]
+    p = load_params(write(tmp_path, {"train": {"holdout": "sd3"}, "evaluate": {"robustness": {"blur": [1, 2.5]}}}))
+    assert p.train.holdout == "sd3" and p.evaluate.robustness["blur"] == [1.0, 2.5]
 
 
 def test_only_the_training_loader_drops_captions_and_holdout_drops_its_class(tmp_path):

@@ -353,11 +353,16 @@ def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_wi
     assert torch.equal(out.logits_a, b.logits_a) and torch.equal(out.logits_b, b.logits_b)
 
 
-def test_fusion_is_a_checked_choice(tmp_path):
+def test_fusion_is_a_name_in_the_fusion_table(tmp_path):
     from aigid.core.config import ParamsError, load_params
+    from aigid.detector.model import FUSIONS
     from test_config import write
 
-    with pytest.raises(ParamsError, match=r"model\.fusion"):
-        load_params(write(tmp_path, {"model": {"fusion": "attention"}}))
+    params = load_params(write(tmp_path, {"model": {"fusion": "cross_atention"}}))  # the table checks, where used
+    with pytest.raises(
+        ParamsError,
+        match=r"model\.fusion: 'cross_atention' is not one of concat, cross_attention \(did you mean 'cross_",
+    ):
+        _tiny_detector(params.model.fusion)
     frozen = load_params(write(tmp_path, {"model": {"fusion": "cross_attention"}, "train": {"freeze_encoders": True}}))
-    assert frozen.model.fusion == "cross_attention" and frozen.train.freeze_encoders
+    assert frozen.model.fusion in FUSIONS and frozen.train.freeze_encoders

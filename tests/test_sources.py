@@ -72,6 +72,16 @@ def competition(root, table: str = "xlsx", n: int = 8):
         save_image(root / "validation" / "images" / f"image_{i}.jpg", 900 + i)
 
 
+def test_a_layout_not_in_the_table_is_one_line_naming_the_key(tmp_path):
+    (tmp_path / "data").mkdir()
+    result, out = run(tmp_path, tmp_path / "data", layout="parket")
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip().splitlines()[-1] == (
+        "Error: prepare.layout: 'parket' is not one of auto, hub, arrow, parquet, competition, folders "
+        "(did you mean 'parquet'?)"
+    )
+
+
 @pytest.mark.parametrize("table", ["xlsx", "csv"])
 def test_competition_layout_labels_from_folders_and_from_a_labels_table(tmp_path, table):
     competition(tmp_path / "ct2", table)

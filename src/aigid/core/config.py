@@ -20,8 +20,6 @@ from aigid.core.compute import DEVICES
 from aigid.core.errors import ParamsError
 from aigid.core.precision import Precision
 
-Layout = Literal["auto", "hub", "arrow", "parquet", "competition", "folders"]
-
 
 class Group(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -53,7 +51,10 @@ class Prepare(Group):
         description="hub sources: the dataset revision (commit hash or tag) "
         "that is loaded; ignored for demo and local sources",
     )
-    layout: Layout = Field(description="how a local source is laid out")
+    layout: str = Field(
+        description="auto (told from the files), hub, or how a local source is laid out: a name in "
+        "aigid.sources.readers.LAYOUTS (checked by prepare)"
+    )
     validation_fraction: float = Field(
         gt=0, lt=1, description="share of captions moved to validation when the source has no validation split"
     )
@@ -112,9 +113,9 @@ class Encoders(Group):
 
 
 class Model(Group):
-    fusion: Literal["concat", "cross_attention"] = Field(
-        description="concat: [CLS] and image features concatenated (the paper) | cross_attention: the image "
-        "feature attends over the caption's token features (aigid.detector.model.FUSIONS)"
+    fusion: str = Field(
+        description="a name in aigid.detector.model.FUSIONS (checked where it is used): concat, [CLS] and image "
+        "features concatenated (the paper) | cross_attention, the image feature attends over the caption's tokens"
     )
     fusion_dim: int = Field(ge=1, description="width of the shared space after the fusion")
     max_text_length: int = Field(ge=4, description="captions longer than this are truncated (padding is per batch)")
@@ -152,9 +153,10 @@ class Evaluate(Group):
     target_fpr: float = Field(
         gt=0, lt=1, description="operating point: at most this false-positive rate on real validation images"
     )
-    jpeg_quality: list[int] = Field(description="robustness grid: JPEG re-encoding qualities")
-    blur_sigma: list[float] = Field(description="robustness grid: Gaussian blur standard deviations, pixels")
-    resize_scale: list[float] = Field(description="robustness grid: resize factors")
+    robustness: dict[str, list[float]] = Field(
+        description="robustness grid: perturbation -> its values (aigid.stages.evaluate.PERTURBATIONS, checked "
+        "by evaluate)"
+    )
     format_control_quality: int = Field(
         ge=1,
         le=100,
@@ -162,17 +164,6 @@ class Evaluate(Group):
         "re-encoded as JPEG at this quality, so the file format says nothing "
         "about the label",
     )
-
-    @model_validator(mode="after")
-    def _grid(self):
-        for i, q in enumerate(self.jpeg_quality):
-            if not 1 <= q <= 100:
-                raise ValueError(f"jpeg_quality[{i}] must be an integer from 1 to 100, got {q}")
-        for key in ("blur_sigma", "resize_scale"):
-            for i, v in enumerate(getattr(self, key)):
-                if v <= 0:
-                    raise ValueError(f"{key}[{i}] must be a positive number, got {v}")
-        return self
 
 
 class Inference(Group):

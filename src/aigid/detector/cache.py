@@ -17,6 +17,7 @@ import torch
 from datasets import Dataset, DatasetDict
 
 from aigid.core.data import DataError, open_dataset, save_dataset
+from aigid.core.errors import choice
 from aigid.detector.infer import RunOptions, encode_features
 from aigid.detector.model import FUSIONS, build_detector
 from aigid.detector.runtime import configure
@@ -72,7 +73,7 @@ def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) 
         precision=params.inference.precision,
     )
     options = RunOptions(params.features.batch_size, params.train.num_workers)
-    tokens = FUSIONS[params.model.fusion].tokens
+    tokens = choice(FUSIONS, params.model.fusion, "model.fusion").tokens
     splits = {}
     for name, ds in data.items():
         text, image = encode_features(detector, ds, options, tokens=tokens)
@@ -98,7 +99,7 @@ def open_features(path: Path, fusion: str | None = None) -> DatasetDict:
             f"{path}: no cached features; train.freeze_encoders is true, so run the `features` stage "
             f"with it (dvc repro does)"
         )
-    if fusion is not None and info.get("tokens", False) != FUSIONS[fusion].tokens:
+    if fusion is not None and info.get("tokens", False) != choice(FUSIONS, fusion, "model.fusion").tokens:
         cached = "every token's feature" if info.get("tokens") else "the [CLS] feature only"
         raise DataError(
             f"{path}: holds {cached} of each caption, not what model.fusion: {fusion} reads; run the "

@@ -31,7 +31,7 @@ from transformers import (
 )
 from transformers.utils import ModelOutput
 
-from aigid.core.errors import DataError
+from aigid.core.errors import DataError, choice
 from aigid.detector.runtime import device, weights_for
 
 
@@ -133,9 +133,7 @@ class Detector(PreTrainedModel):
             AutoConfig.for_model(text_cfg.pop("model_type"), **text_cfg), add_pooling_layer=False
         )
         self.vision_encoder = CLIPVisionModel(CLIPVisionConfig(**config.vision_encoder_config))
-        if config.fusion not in FUSIONS:
-            raise ValueError(f"fusion {config.fusion!r} is not one of {', '.join(FUSIONS)}")
-        self.fusion = FUSIONS[config.fusion](
+        self.fusion = choice(FUSIONS, config.fusion, "model.fusion")(
             self.text_encoder.config.hidden_size,
             self.vision_encoder.config.hidden_size,
             config.fusion_dim,

@@ -20,12 +20,14 @@ Rows carry ``{"bytes": None, "path": <file>}``; the checks of the prepare stage 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from datasets import Dataset, DatasetDict
 
 from aigid.core.data import RAW_COLUMNS, DataError, open_dataset, schema
+from aigid.core.errors import choice
 from aigid.sources.tables import FIRST_ROW, duplicates, integers, read_table
 
 SPLITS = ("train", "validation", "test", "unlabeled")
@@ -62,11 +64,12 @@ class Reader:
 
 
 def load_source(params, raw: Path | None = None, rejected: list[Rejected] | None = None) -> tuple[DatasetDict, dict]:
-    """Read ``params.source`` (the prepare params) in ``params.layout`` (hub, arrow, parquet, competition,
-    folders; auto detects it) and say where it came from: ``{"source", "layout"}`` plus, for the hub, the
+    """Read ``params.source`` (the prepare params) in ``params.layout`` (``hub``, a name in :data:`LAYOUTS`, or
+    ``auto``: told from the files) and say where it came from: ``{"source", "layout"}`` plus, for the hub, the
     ``revision`` asked for and the commit it resolved to. A local source must lie inside ``raw`` (the
     DVC-tracked raw data folder), when given. Table rows skipped under ``on_bad: skip`` go to ``rejected``."""
     source, layout = params.source, params.layout
+    choice(dict.fromkeys(("auto", "hub", *LAYOUTS)), layout, "prepare.layout")
     path = Path(source)
     if layout == "auto":
         if path.is_dir():
@@ -87,16 +90,10 @@ def load_source(params, raw: Path | None = None, rejected: list[Rejected] | None
             f"change; move it there and track it with `dvc add {raw}/<name>` (README: Bringing your "
             f"own data)"
         )
-    if layout == "arrow":
-        return open_dataset(path), origin  # never write cache files into the user's dataset
-    if layout == "parquet":
-        return read_parquet(path), origin
     reader = Reader(
         tuple(params.class_names), dict(params.class_aliases), params.on_bad, rejected if rejected is not None else []
     )
-    if layout == "competition":
-        return read_competition(path, reader), origin
-    return read_folders(path, reader), origin
+    return LAYOUTS[layout].read(path, reader), origin
 
 
 def read_parquet(root: Path) -> DatasetDict:
@@ -269,15 +266,36 @@ def read_folders(root: Path, reader: Reader) -> DatasetDict:
     return DatasetDict({s: _folder_split(root, d, captions, reader) for s, d in splits.items()})
 
 
-def detect_layout(root: Path) -> str:
-    if (root / "dataset_dict.json").is_file():
-        return "arrow"
-    if any(root.glob("*.parquet")) or any(root.glob("*/*.parquet")):
-        return "parquet"
+def _is_competition(root: Path) -> bool:
     for d in (root, *(root / s for s in SPLITS)):
         if any((d / f"captions{x}").is_file() for x in (".xlsx", ".csv")) and (
             any(p.is_dir() and p.name.endswith(SOURCE_SUFFIX) for p in d.iterdir())
             or any((d / f"labels{x}").is_file() for x in (".xlsx", ".csv"))
         ):
-            return "competition"
-    return "folders"
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class Layout:
+    """A way a local dataset is laid out: ``found(root)`` tells it from the files (``auto`` asks the layouts in
+    :data:`LAYOUTS`' order, so a more specific one comes first), ``read(root, reader)`` returns its splits."""
+
+    found: Callable[[Path], bool]
+    read: Callable[[Path, Reader], DatasetDict]
+
+
+# prepare.layout's choices besides auto and hub; a new layout is one entry here (and its test).
+LAYOUTS = {
+    # a DatasetDict saved by `datasets` (never written to: no cache files in the user's dataset)
+    "arrow": Layout(lambda root: (root / "dataset_dict.json").is_file(), lambda root, _: open_dataset(root)),
+    "parquet": Layout(
+        lambda root: any(root.glob("*.parquet")) or any(root.glob("*/*.parquet")), lambda root, _: read_parquet(root)
+    ),
+    "competition": Layout(_is_competition, read_competition),
+    "folders": Layout(lambda root: True, read_folders),  # whatever is left: one folder per class
+}
+
+
+def detect_layout(root: Path) -> str:
+    return next(name for name, layout in LAYOUTS.items() if layout.found(root))

@@ -11,6 +11,7 @@ the generator it never saw.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from PIL import Image as PILImage
 
 from aigid.core import stage
 from aigid.core.data import FILE_FORMATS, file_format, open_dataset
+from aigid.core.errors import ParamsError, choice
 from aigid.core.files import write_json
 from aigid.detector.infer import RunOptions, predict_logits
 from aigid.detector.model import load_detector
@@ -70,6 +72,7 @@ def run(params, paths: Paths) -> dict:
     already), labelling at its operating-point threshold.
     """
     configure(params.compute)
+    perturbations(params.evaluate)  # a bad grid stops the stage before any scoring
     models = {"base": paths.base, "retrained": paths.retrained}
     data = open_dataset(paths.data)
     with stage_run("evaluate", params):
@@ -99,13 +102,46 @@ def run(params, paths: Paths) -> dict:
 command = stage.command("evaluate", run, Paths, PARAMS)
 
 
+def _jpeg(img: PILImage.Image, quality: float) -> PILImage.Image:
+    buf = io.BytesIO()
+    img.save(buf, format="JPEG", quality=int(quality))
+    return PILImage.open(buf).convert("RGB")
+
+
+def _blur(img: PILImage.Image, sigma: float) -> PILImage.Image:
+    from PIL import ImageFilter
+
+    return img.filter(ImageFilter.GaussianBlur(radius=sigma))  # Pillow's radius is the standard deviation
+
+
+def _resize(img: PILImage.Image, factor: float) -> PILImage.Image:
+    size = (max(1, round(img.width * factor)), max(1, round(img.height * factor)))
+    return img.resize(size, PILImage.BICUBIC)
+
+
+@dataclass(frozen=True)
+class Kind:
+    """A kind of perturbation: the transform of a decoded RGB image at a value, which values it takes, and how
+    a value reads in a condition's name (``jpeg_95``, ``resize_50``)."""
+
+    apply: Callable[[PILImage.Image, float], PILImage.Image]
+    valid: Callable[[float], bool]
+    takes: str
+    in_name: Callable[[float], float] = lambda value: value
+
+
+# evaluate.robustness's keys; a new perturbation is one entry here (and its test), with its values in params.yaml.
+PERTURBATIONS = {
+    "jpeg": Kind(_jpeg, lambda q: q == int(q) and 1 <= q <= 100, "an integer from 1 to 100 (the JPEG quality)"),
+    "blur": Kind(_blur, lambda s: s > 0, "a positive number (the Gaussian blur's standard deviation, pixels)"),
+    "resize": Kind(_resize, lambda f: f > 0, "a positive number (both sides times it, bicubic)", lambda f: f * 100),
+}
+
+
 @dataclass(frozen=True)
 class Perturbation:
-    """One condition of the robustness grid, applied to a decoded RGB image before the image processor.
-
-    kind: "jpeg" (re-encode at quality ``value``), "blur" (Gaussian blur, standard deviation ``value`` pixels)
-    or "resize" (both sides times ``value``, bicubic). A plain object, so DataLoader workers can receive it.
-    """
+    """One condition of the robustness grid (a kind of :data:`PERTURBATIONS` at a value), applied to a decoded
+    RGB image before the image processor. A plain object, so DataLoader workers can receive it."""
 
     kind: str
     value: float
@@ -113,31 +149,23 @@ class Perturbation:
     @property
     def name(self) -> str:
         """Metric-key friendly: jpeg_95, blur_1, resize_50 (percent of the original size)."""
-        value = self.value * 100 if self.kind == "resize" else self.value
-        return f"{self.kind}_{value:g}".replace(".", "p")
+        return f"{self.kind}_{PERTURBATIONS[self.kind].in_name(self.value):g}".replace(".", "p")
 
     def __call__(self, img: PILImage.Image) -> PILImage.Image:
-        from PIL import ImageFilter
-
-        if self.kind == "jpeg":
-            buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=int(self.value))
-            return PILImage.open(buf).convert("RGB")
-        if self.kind == "blur":
-            return img.filter(ImageFilter.GaussianBlur(radius=self.value))  # Pillow's radius is the sigma
-        if self.kind == "resize":
-            size = (max(1, round(img.width * self.value)), max(1, round(img.height * self.value)))
-            return img.resize(size, PILImage.BICUBIC)
-        raise ValueError(f"unknown perturbation {self.kind!r} (jpeg, blur or resize)")
+        return PERTURBATIONS[self.kind].apply(img, self.value)
 
 
 def perturbations(params) -> list[Perturbation]:
-    """The robustness grid, in params order: JPEG qualities, blur sigmas, resize factors."""
-    return (
-        [Perturbation("jpeg", q) for q in params.jpeg_quality]
-        + [Perturbation("blur", s) for s in params.blur_sigma]
-        + [Perturbation("resize", f) for f in params.resize_scale]
-    )
+    """The robustness grid of ``evaluate.robustness``, in params order; a kind or a value it does not take is a
+    ParamsError naming its key."""
+    grid = []
+    for kind, values in params.robustness.items():
+        spec = choice(PERTURBATIONS, kind, "evaluate.robustness")
+        for i, value in enumerate(values):
+            if not spec.valid(value):
+                raise ParamsError(f"evaluate.robustness.{kind}[{i}]: must be {spec.takes}, got {value:g}")
+            grid.append(Perturbation(kind, value))
+    return grid
 
 
 def blank_captions(ds):
