@@ -25,7 +25,7 @@ from aigid.detector.cache import open_features, predict_from_features
 from aigid.detector.infer import RunOptions, predict_logits
 from aigid.detector.model import load_detector
 from aigid.detector.runtime import configure
-from aigid.detector.scores import decide
+from aigid.detector.scores import Decision, decide
 from aigid.tracking.runs import log_data, log_results, stage_run
 
 log = logging.getLogger(__name__)
@@ -108,23 +108,15 @@ def pseudolabel(params, paths: Paths) -> dict:
     """Label the pool split and write the confident samples. In frozen-encoder mode the model's heads read
     the pool's cached encoder features instead of running the encoders."""
     q, threshold = params.pseudolabel, params.threshold
-    pool, data_dir = q.pool, paths.data
-    data = open_dataset(data_dir)
-    if pool not in data:
+    data = open_dataset(paths.data)
+    if q.pool not in data:
         raise DataError(
-            f"{data_dir}: no '{pool}' split to pseudo-label (splits: {', '.join(data)}); "
+            f"{paths.data}: no '{q.pool}' split to pseudo-label (splits: {', '.join(data)}); "
             f"set pseudolabel.pool to one of them"
         )
-    ds = data[pool]
-    log_data(data_dir, data, {pool: "pool"})
-    detector = load_detector(paths.model, params.inference.precision)
-    model = detector.model
-    if params.train.freeze_encoders:
-        logits_a, logits_b = predict_from_features(model, open_features(paths.features, model.config.fusion)[pool])
-    else:
-        logits_a, logits_b = predict_logits(detector, ds, RunOptions(q.batch_size, params.train.num_workers))
-    pred = decide(logits_a, logits_b)
-    names = model.config.class_names
+    ds = data[q.pool]
+    log_data(paths.data, data, {q.pool: "pool"})
+    pred, names = _label_pool(params, paths, ds)
     passed = select_confident(pred.conf_a, pred.conf_b, threshold)
     quotas = None
     if q.selection == "class_balanced":
@@ -135,26 +127,26 @@ def pseudolabel(params, paths: Paths) -> dict:
     if len(keep) == 0:
         log.warning(
             "no '%s' sample kept (threshold=%s, selection=%s): retrain will see the original data only",
-            pool,
+            q.pool,
             threshold,
             q.selection,
         )
-    label_a, label_b = pred.label_a[keep], pred.label_b[keep]
-    true_a, true_b = np.asarray(ds["Label_A"])[keep], np.asarray(ds["Label_B"])[keep]
-    kept = ds.select(keep).remove_columns(["Label_A", "Label_B"])
-    kept = kept.add_column("Label_A", label_a.tolist()).add_column("Label_B", label_b.tolist())
-    kept = kept.select_columns(list(COLUMNS)).cast(schema())
-    kept = kept.add_column("Confidence_A", pred.conf_a[keep].tolist())
-    kept = kept.add_column("Confidence_B", pred.conf_b[keep].tolist())
-    kept = kept.add_column("pool_row", keep.tolist())  # where the sample is in the pool split (and its features)
+    kept = labelled_rows(ds, pred, keep)
     if len(set(kept["caption_id"])) >= 2:
         train_part, val_part = split_by_caption(kept, q.validation_fraction, params.seed)
     else:  # nothing (or one caption) to split: it all goes to train
         train_part, val_part = kept, kept.select([])
     save_dataset(DatasetDict(train=train_part, validation=val_part), paths.out)
-
-    metrics = {
-        "pool": pool,
+    log.info(
+        "kept %d of %d pool samples (%d above threshold %s, selection %s)",
+        len(keep),
+        len(ds),
+        len(passed),
+        threshold,
+        q.selection,
+    )
+    return {
+        "pool": q.pool,
         "threshold": threshold,
         "selection": q.selection,
         "pool_rows": len(ds),
@@ -163,7 +155,41 @@ def pseudolabel(params, paths: Paths) -> dict:
         "kept_fraction": len(keep) / len(ds),
         "train_rows": len(train_part),
         "validation_rows": len(val_part),
-        # The pool's true labels, where known (the demo's, the test split's), say how good they are.
+        **label_quality(ds, pred, passed, keep, names, quotas),
+    }
+
+
+def _label_pool(params, paths: Paths, ds) -> tuple[Decision, tuple[str, ...]]:
+    """The model's decisions on the pool, from its images and captions or, in frozen-encoder mode, from their
+    cached features; and its class names."""
+    detector = load_detector(paths.model, params.inference.precision)
+    model = detector.model
+    if params.train.freeze_encoders:
+        pool = open_features(paths.features, model.config.fusion)[params.pseudolabel.pool]
+        logits_a, logits_b = predict_from_features(model, pool)
+    else:
+        options = RunOptions(params.pseudolabel.batch_size, params.train.num_workers)
+        logits_a, logits_b = predict_logits(detector, ds, options)
+    return decide(logits_a, logits_b), model.config.class_names
+
+
+def labelled_rows(ds, pred: Decision, keep: np.ndarray):
+    """The kept pool rows with the predicted labels in place of their own, their confidences, and their row in
+    the pool split (where retrain finds their cached features)."""
+    kept = ds.select(keep).remove_columns(["Label_A", "Label_B"])
+    kept = kept.add_column("Label_A", pred.label_a[keep].tolist()).add_column("Label_B", pred.label_b[keep].tolist())
+    kept = kept.select_columns(list(COLUMNS)).cast(schema())
+    kept = kept.add_column("Confidence_A", pred.conf_a[keep].tolist())
+    kept = kept.add_column("Confidence_B", pred.conf_b[keep].tolist())
+    return kept.add_column("pool_row", keep.tolist())
+
+
+def label_quality(ds, pred: Decision, passed, keep, names, quotas) -> dict:
+    """How good the kept labels are where the pool's true labels are known (the demo's, the test split's):
+    overall and per predicted class, with what passed the threshold and each class's quota."""
+    label_a, label_b = pred.label_a[keep], pred.label_b[keep]
+    true_a, true_b = np.asarray(ds["Label_A"])[keep], np.asarray(ds["Label_B"])[keep]
+    quality = {
         "correct_a": int((label_a == true_a).sum()),
         "correct_b": int((label_b == true_b).sum()),
         "precision_a": float((label_a == true_a).mean()) if len(keep) else None,
@@ -174,20 +200,12 @@ def pseudolabel(params, paths: Paths) -> dict:
     for k, name in enumerate(names):
         as_k = label_b == k
         correct = int((true_b[as_k] == k).sum())
-        metrics["per_class"][name] = {
+        quality["per_class"][name] = {
             "passed_threshold": int((passed_b == k).sum()),
             "kept": int(as_k.sum()),
             "correct": correct,
             "precision": float(correct / as_k.sum()) if as_k.any() else None,
         }
         if quotas is not None:
-            metrics["per_class"][name]["quota"] = int(quotas[k])
-    log.info(
-        "kept %d of %d pool samples (%d above threshold %s, selection %s)",
-        len(keep),
-        len(ds),
-        len(passed),
-        threshold,
-        q.selection,
-    )
-    return metrics
+            quality["per_class"][name]["quota"] = int(quotas[k])
+    return quality

@@ -90,32 +90,17 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
     ``paths.features`` and only the fusion layer and heads learn. Returns the best checkpoint's validation
     metrics and the per-epoch history.
     """
-    data_dir, encoders_dir, model_dir, pseudo_dir = paths.data, paths.encoders, paths.out, paths.pseudo
-    features_dir = paths.features
-    data = open_dataset(data_dir)
+    data = open_dataset(paths.data)
     class_names = class_names_of(data["train"])
-    t = params.train
-    if t.freeze_encoders:
-        train_ds, val_ds = _feature_splits(params, features_dir, pseudo_dir)
-    else:
-        train_ds, val_ds = data["train"], data["validation"]
-        if pseudo_dir is not None:
-            pseudo = open_dataset(pseudo_dir)
-            train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
-        features_dir = None  # not an input of full fine-tuning
-    if t.holdout != "none":  # after the pseudo-labels, so none predicted as the held-out class comes back
-        train_ds, val_ds = drop_class(train_ds, class_names, t.holdout), drop_class(val_ds, class_names, t.holdout)
-    if t.freeze_encoders:
-        train_ds, val_ds = FeatureRows(train_ds), FeatureRows(val_ds)
+    train_ds, val_ds, features_dir = training_rows(params, paths, data, class_names)
     # Under torchrun / accelerate launch this sets up the process group that the Trainer then uses for
     # DistributedDataParallel; a plain run is one process. Only rank 0 logs to MLflow and writes outputs.
     # Without CUDA, accelerate makes a launch multi-CPU (gloo) only when told to use the CPU.
     cpu = not torch.cuda.is_available() and torch.distributed.is_torchelastic_launched()
     launch = PartialState(cpu=cpu)
-    batch_size = per_process_batch(t.batch_size, launch.num_processes)
     stage_dir = checkpoint_dir or Path("checkpoints") / stage
     checkpoint_dir = stage_dir / fingerprint(
-        params, data_dir, encoders_dir, pseudo_dir, features_dir, processes=launch.num_processes
+        params, paths.data, paths.encoders, paths.pseudo, features_dir, processes=launch.num_processes
     )
     # Rank 0 picks (and cleans) the checkpoint to resume from; every rank resumes from that one.
     resume = last_complete_checkpoint(checkpoint_dir, launch.num_processes) if launch.is_main_process else None
@@ -124,108 +109,148 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
         log.info("resuming %s from the last checkpoint in %s (%s)", stage, checkpoint_dir, resume.name)
     with stage_run(stage, params) as run:  # None on the ranks other than 0
         set_seed(params.seed)  # before the fusion layer and heads are initialised
-        model, tokenizer, processor, _ = build_detector(
-            str(encoders_dir / "text"),
-            str(encoders_dir / "vision"),
+        detector = build_detector(
+            str(paths.encoders / "text"),
+            str(paths.encoders / "vision"),
             params.model.fusion_dim,
             params.model.max_text_length,
             class_names,
             params.model.fusion,
         )
-        if t.freeze_encoders:
-            # The Trainer sees only the fusion layer and heads (the detector's own modules, updated in place),
-            # on cached features: captions were encoded once, so there is nothing to drop either.
-            model.freeze_encoders()
-            trained, collator, train_collator = DetectorHeads(model), FeatureCollator(), FeatureCollator()
-        else:
-            trained = model
-            collator = Collator(tokenizer, processor, params.model.max_text_length)
-            train_collator = Collator(
-                tokenizer, processor, params.model.max_text_length, caption_dropout=t.caption_dropout
-            )
-        args = TrainingArguments(
-            output_dir=str(checkpoint_dir),
-            run_name=stage,
-            report_to="none",
-            seed=params.seed,
-            learning_rate=t.learning_rate,
-            weight_decay=t.weight_decay,
-            warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
-            per_device_train_batch_size=batch_size,
-            per_device_eval_batch_size=batch_size,
-            num_train_epochs=t.epochs,
-            eval_strategy="epoch",
-            save_strategy="epoch",
-            logging_strategy="epoch",
-            save_total_limit=1,
-            load_best_model_at_end=True,
-            metric_for_best_model=BEST_METRIC,
-            greater_is_better=True,
-            remove_unused_columns=False,
-            label_names=["labels_a", "labels_b"],
-            dataloader_num_workers=t.num_workers,
-            dataloader_persistent_workers=t.num_workers > 0,
-            dataloader_pin_memory=torch.cuda.is_available(),
-            bf16=torch.cuda.is_available(),
-            use_cpu=cpu,
-            ddp_find_unused_parameters=False,
-            disable_tqdm=True,
+        args = training_arguments(
+            params, stage, checkpoint_dir, per_process_batch(params.train.batch_size, launch.num_processes), cpu
         )
         curves = EpochCurves()
-        trainer = DetectorTrainer(
-            model=trained,
-            args=args,
-            train_dataset=train_ds,
-            eval_dataset=val_ds,
-            data_collator=collator,
-            train_collator=train_collator,
-            compute_metrics=functools.partial(compute_metrics, class_names=class_names),
-            processing_class=tokenizer,
-            callbacks=[curves] if run is not None else None,
-        )
+        trainer = detector_trainer(params, detector, args, train_ds, val_ds, class_names, [curves] if run else None)
         if run is not None:
-            log_inputs(data, paths, pseudo_dir)
+            log_inputs(data, paths, paths.pseudo)
             mlflow.log_params(trainer_settings(args, launch.num_processes))
         trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         curves.active = False  # the evaluation below repeats the best epoch
         best = trainer.evaluate()  # the best checkpoint is loaded at this point; every rank takes part
-        # Timings are left out so that the same params on the same machine give identical files.
-        history = [
-            {
-                "epoch": h["epoch"],
-                **{
-                    k[5:]: v
-                    for k, v in h.items()
-                    if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))
-                },
-            }
-            for h in trainer.state.log_history
-            if "eval_loss" in h
-        ]
-        history = history[:-1]  # the final evaluate() above repeats the best epoch
+        history = epoch_history(trainer.state.log_history)
         metrics = {
             "best_epoch": _best_epoch(history),
             "train_rows": len(train_ds),
             "validation_rows": len(val_ds),
-            **{
-                k[5:]: v
-                for k, v in best.items()
-                if k.startswith("eval_")
-                and k[5:].split("_")[0] in ("f1", "accuracy", "precision", "recall", "balanced")
-            },
+            **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in SCORES},
         }
         if run is not None:
             log_results({k: metrics[k] for k in HEADLINE})
             mlflow.log_dict(metrics, "report.json")
         trainer.accelerator.wait_for_everyone()  # no rank still reads a checkpoint when rank 0 deletes them
         if trainer.is_world_process_zero():
-            model.config.holdout = t.holdout  # evaluate reads it to report the unseen generator
-            with atomic_path(model_dir) as tmp:
-                save_detector(model, tokenizer, processor, tmp)  # the best checkpoint's weights, loaded in place
-            shutil.rmtree(stage_dir, ignore_errors=True)
-            with contextlib.suppress(OSError):
-                stage_dir.parent.rmdir()  # only if no other stage's checkpoints are there
+            save_best(detector, params.train.holdout, paths.out, stage_dir)
     return {"metrics": metrics, "history": history, "run_id": run.info.run_id if run is not None else None}
+
+
+# The validation scores a report keeps (f1_weighted_a, balanced_accuracy_b, ...; not loss or timings).
+SCORES = ("f1", "accuracy", "precision", "recall", "balanced")
+
+
+def training_rows(params, paths: Paths, data, class_names: tuple[str, ...]):
+    """The train and validation rows (images and captions, or with ``train.freeze_encoders`` their cached
+    features), the pseudo-labelled additions included and the held-out class dropped; and the features
+    directory when it is an input."""
+    t = params.train
+    features_dir = paths.features
+    if t.freeze_encoders:
+        train_ds, val_ds = _feature_splits(params, features_dir, paths.pseudo)
+    else:
+        train_ds, val_ds = data["train"], data["validation"]
+        if paths.pseudo is not None:
+            pseudo = open_dataset(paths.pseudo)
+            train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
+        features_dir = None  # not an input of full fine-tuning
+    if t.holdout != "none":  # after the pseudo-labels, so none predicted as the held-out class comes back
+        train_ds, val_ds = drop_class(train_ds, class_names, t.holdout), drop_class(val_ds, class_names, t.holdout)
+    if t.freeze_encoders:
+        train_ds, val_ds = FeatureRows(train_ds), FeatureRows(val_ds)
+    return train_ds, val_ds, features_dir
+
+
+def training_arguments(params, stage: str, checkpoint_dir: Path, batch_size: int, cpu: bool) -> TrainingArguments:
+    """The Trainer's arguments: params.yaml's settings, an evaluation and a checkpoint per epoch, the best epoch
+    by weighted Task A F1 loaded at the end."""
+    t = params.train
+    return TrainingArguments(
+        output_dir=str(checkpoint_dir),
+        run_name=stage,
+        report_to="none",
+        seed=params.seed,
+        learning_rate=t.learning_rate,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
+        per_device_train_batch_size=batch_size,
+        per_device_eval_batch_size=batch_size,
+        num_train_epochs=t.epochs,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        logging_strategy="epoch",
+        save_total_limit=1,
+        load_best_model_at_end=True,
+        metric_for_best_model=BEST_METRIC,
+        greater_is_better=True,
+        remove_unused_columns=False,
+        label_names=["labels_a", "labels_b"],
+        dataloader_num_workers=t.num_workers,
+        dataloader_persistent_workers=t.num_workers > 0,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        bf16=torch.cuda.is_available(),
+        use_cpu=cpu,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=True,
+    )
+
+
+def detector_trainer(params, detector, args, train_ds, val_ds, class_names, callbacks) -> DetectorTrainer:
+    """The Trainer of the detector, or with ``train.freeze_encoders`` of its fusion layer and heads alone (the
+    detector's own modules, updated in place) on cached features: captions were encoded once, so there is
+    nothing to drop either."""
+    model, tokenizer, processor, _ = detector
+    if params.train.freeze_encoders:
+        model.freeze_encoders()
+        trained, collator, train_collator = DetectorHeads(model), FeatureCollator(), FeatureCollator()
+    else:
+        length = params.model.max_text_length
+        trained, collator = model, Collator(tokenizer, processor, length)
+        train_collator = Collator(tokenizer, processor, length, caption_dropout=params.train.caption_dropout)
+    return DetectorTrainer(
+        model=trained,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=val_ds,
+        data_collator=collator,
+        train_collator=train_collator,
+        compute_metrics=functools.partial(compute_metrics, class_names=class_names),
+        processing_class=tokenizer,
+        callbacks=callbacks,
+    )
+
+
+def epoch_history(log_history: list[dict]) -> list[dict]:
+    """Each epoch's validation scores from the Trainer's log, without timings (the same params on the same
+    machine give identical files) and without the final evaluation, which repeats the best epoch."""
+    history = [
+        {
+            "epoch": h["epoch"],
+            **{k[5:]: v for k, v in h.items() if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))},
+        }
+        for h in log_history
+        if "eval_loss" in h
+    ]
+    return history[:-1]
+
+
+def save_best(detector, holdout: str, model_dir: Path, stage_dir: Path) -> None:
+    """Write the detector (the best checkpoint's weights, loaded in place) and delete the stage's checkpoints."""
+    model, tokenizer, processor, _ = detector
+    model.config.holdout = holdout  # evaluate reads it to report the unseen generator
+    with atomic_path(model_dir) as tmp:
+        save_detector(model, tokenizer, processor, tmp)
+    shutil.rmtree(stage_dir, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        stage_dir.parent.rmdir()  # only if no other stage's checkpoints are there
 
 
 def per_process_batch(batch_size: int, processes: int) -> int:
