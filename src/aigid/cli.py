@@ -57,7 +57,7 @@ def main(verbose: bool) -> None:
         level=logging.DEBUG if verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     # Per-shard and per-weight progress bars drown the stage logs in DVC's output. `datasets` reads its switch
-    # when a stage imports it; detect never does (importing it costs a one-image run half a second).
+    # when a stage imports it; detect never does (it would slow a one-image run down).
     os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
     if "datasets" in sys.modules:
         sys.modules["datasets"].disable_progress_bars()

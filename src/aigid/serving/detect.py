@@ -100,9 +100,9 @@ def scorer(model_dir: Path, batch_size: int, progress: bool, precision: str):
             *portable.logits(images, texts, batch_size, progress), portable.class_names, threshold, texts
         )
     # torch and transformers make hundreds of thousands of objects while they import, which the garbage collector
-    # would walk again and again during the import and at every later collection: importing them with collection
-    # off, then freezing what they made, shortens a one-image run on a torch model by about a quarter (a portable
-    # model never imports them). See docs/performance.md.
+    # would walk again and again during the import and at every later collection: they are imported with
+    # collection off, and what they made is frozen out of later collections (docs/performance.md has the
+    # measurement; a portable model never imports them).
     gc.disable()
     try:
         from aigid.detector.infer import RunOptions, score_images

@@ -5,7 +5,7 @@ once here and cached as a DVC output (Arrow, memory-mapped): ``text_features`` (
 reads every token, ``model.fusion: cross_attention``, the feature of each of the caption's tokens, padding
 dropped) and ``image_features`` (CLIP pooled) per row, aligned row by row with ``data/prepared``. `train`,
 `pseudolabel` and `retrain` then only run the fusion layer and the heads: experiments on the threshold or the
-heads cost seconds.
+heads are quick.
 This is how the strongest CLIP-based detectors are trained (a frozen CLIP with a light head).
 
 With ``train.freeze_encoders: false`` (full fine-tuning, the paper's setup) nothing is computed: the output is a
