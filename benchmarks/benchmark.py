@@ -31,566 +31,49 @@ Every measurement runs in a child process of its own, by default with what the m
 widest vector unit); ``--compute params`` runs them under params.yaml's compute profile (aigid.core.compute) as the
 stages run, so that the two tables give the profile's cost. The table is printed at the end. Timings are wall
 clock on whatever machine runs it: compare ratios from one run, not numbers across machines.
+
+The measurements live in benchmarks/bench/, one module each (see its __init__); bench/run.py runs them as child
+processes (this script with the hidden ``--child STEP`` argument) and bench/report.py builds the table.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
-CONFIGS = {
-    # captions per split at size N; 4N multiplies every split by 4
-    "demo": {
-        "image_size": 32,
-        "captions": {"train": 200, "validation": 40, "test": 40, "unlabeled": 100},
-        "train_batch": 64,
-        "baseline_images": 256,
-    },
-    "paper": {
-        "image_size": 224,
-        "captions": {"train": 16, "validation": 4, "test": 4, "unlabeled": 16},
-        "train_batch": 16,
-        "baseline_images": 16,
-    },
-}
-BASELINE_TOKENS = 128
-REPO = Path(__file__).resolve().parents[1]
-
-
-def infer_batch() -> int:
-    """Inference runs at the batch size the pipeline's scoring stages use (params.yaml, evaluate.batch_size)."""
-    import yaml
-
-    return yaml.safe_load((REPO / "params.yaml").read_text())["evaluate"]["batch_size"]
-
-
-def peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-
-
-# ---------------------------------------------------------------- children (one measurement each)
-
-
-def child_source(work: Path, config: str, scale: int, seed: int) -> dict:
-    from aigid.sources.demo import generate_demo
-
-    cfg = CONFIGS[config]
-    raw = generate_demo({k: v * scale for k, v in cfg["captions"].items()}, cfg["image_size"], seed)
-    raw.save_to_disk(str(work / "source"))
-    return {"rows": sum(len(d) for d in raw.values())}
-
-
-def child_prepare(work: Path, config: str, crop: int) -> dict:
-    from aigid.core.config import load_params
-    from aigid.stages.prepare import prepare
-
-    params = load_params(REPO / "params.yaml").prepare.model_copy(
-        update={"source": str(work / "source"), "layout": "arrow"}
-    )
-    started = time.perf_counter()
-    metrics = prepare(params, 0, work / "prepared")
-    elapsed = time.perf_counter() - started
-    rows = sum(s["rows"] for s in metrics["splits"].values())
-    return {
-        "prepare_images_s": rows / elapsed,
-        "bytes_per_sample": metrics["bytes_per_sample"],
-        "float32_bytes_per_sample": 3 * crop * crop * 4,
-        "peak_mb_prepare": peak_mb(),
-    }
-
-
-def build_encoders(out: Path, config: str, captions) -> None:
-    """Demo encoders as the pipeline builds them; paper-size ones from their configs (random weights)."""
-    from transformers import BertConfig, BertModel, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
-
-    from aigid.core.config import load_params
-    from aigid.stages.encoders import build_demo_encoders, train_wordpiece
-
-    if config == "demo":  # the embedded default's encoders, as params.yaml sizes them
-        build_demo_encoders(captions, load_params(REPO / "params.yaml").encoders, out, 0)
-        return
-    tokenizer = train_wordpiece(captions, 1000)
-    BertModel(BertConfig(vocab_size=30522), add_pooling_layer=False).save_pretrained(out / "text")  # BERT-base
-    tokenizer.save_pretrained(out / "text")
-    CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=768,
-            intermediate_size=3072,
-            num_attention_heads=12,
-            num_hidden_layers=12,
-            image_size=224,
-            patch_size=32,
-        )
-    ).save_pretrained(out / "vision")
-    CLIPImageProcessorPil(size={"shortest_edge": 224}, crop_size={"height": 224, "width": 224}).save_pretrained(
-        out / "vision"
-    )
-
-
-def child_encoders(work: Path, config: str) -> dict:
-    from aigid.core.data import open_dataset
-
-    build_encoders(work / "encoders", config, open_dataset(work / "prepared")["train"]["Caption"])
-    return {}
-
-
-def _detector(work: Path):
-    from aigid.core.config import load_params
-    from aigid.detector.model import build_detector
-
-    return build_detector(
-        str(work / "encoders" / "text"),
-        str(work / "encoders" / "vision"),
-        512,
-        64,
-        load_params(REPO / "params.yaml").prepare.class_names,
-    )
-
-
-class PadTo128:
-    """The reference's text handling: every caption padded to 128 tokens."""
-
-    def __init__(self, collator):
-        self.inner = collator
-
-    def __call__(self, rows):
-        batch = self.inner(rows)
-        text = self.inner.tokenizer(
-            [r["Caption"] for r in rows],
-            padding="max_length",
-            truncation=True,
-            max_length=BASELINE_TOKENS,
-            return_tensors="pt",
-        )
-        batch.update(text)
-        return batch
-
-
-def _train(model, dataset, collator, batch: int, out: Path, steps: int = 0, epochs: int = 0) -> list[tuple]:
-    """Run the Trainer for ``steps`` steps or ``epochs`` epochs; (time, step) at the start of every epoch
-    (step -1) and at the end of every step."""
-    from transformers import Trainer, TrainerCallback, TrainingArguments
-
-    marks = []
-
-    class Clock(TrainerCallback):
-        def on_epoch_begin(self, args, state, control, **kw):
-            marks.append((time.perf_counter(), -1))
-
-        def on_step_end(self, args, state, control, **kw):
-            marks.append((time.perf_counter(), state.global_step))
-
-    args = TrainingArguments(
-        output_dir=str(out),
-        per_device_train_batch_size=batch,
-        learning_rate=2e-5,
-        max_steps=steps or -1,
-        num_train_epochs=epochs or 1,
-        save_strategy="no",
-        eval_strategy="no",
-        logging_strategy="no",
-        report_to=[],
-        remove_unused_columns=False,
-        label_names=["labels_a", "labels_b"],
-        disable_tqdm=True,
-        bf16=_cuda(),
-        dataloader_pin_memory=_cuda(),
-        dataloader_num_workers=0,
-    )
-    Trainer(model=model, args=args, train_dataset=dataset, data_collator=collator, callbacks=[Clock()]).train()
-    return marks
-
-
-def _train_rate(model, dataset, collator, batch: int, steps: int, out: Path) -> float:
-    """Samples/s of Trainer steps after the first (which pays one-off start-up costs)."""
-    marks = [m for m in _train(model, dataset, collator, batch, out, steps=steps + 1) if m[1] >= 0]
-    (t0, s0), (t1, s1) = marks[0], marks[-1]
-    return (s1 - s0) * batch / (t1 - t0)
-
-
-def _cuda() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def child_train(work: Path, config: str, steps: int, epoch_compare: bool) -> dict:
-    import torch
-    from datasets import concatenate_datasets
-
-    from aigid.core.data import Collator, open_dataset
-
-    cfg = CONFIGS[config]
-    train = base = open_dataset(work / "prepared")["train"]
-    # Enough rows for the steps at any size; the rows are read from memory-mapped Arrow either way.
-    while len(train) < cfg["train_batch"] * (steps + 1):
-        train = concatenate_datasets([train, train])
-    torch.manual_seed(0)
-    model, tokenizer, processor = _detector(work)
-    collator = Collator(tokenizer, processor, 64)
-    ours = _train_rate(model, train, collator, cfg["train_batch"], steps, work / "ckpt")
-    result = {"train_samples_s": ours, "peak_mb_train": peak_mb(), "train_rows": len(base)}
-    torch.manual_seed(0)
-    model, _, _ = _detector(work)
-    result["train_samples_s_baseline"] = _train_rate(
-        model, train, PadTo128(collator), cfg["train_batch"], steps, work / "ckpt"
-    )
-    if epoch_compare:
-        result.update(_epochs(work, base, cfg["train_batch"]))
-    return result
-
-
-def _epochs(work: Path, train, batch: int) -> dict:
-    """One full fine-tuning epoch against one frozen-encoder epoch, as the train stage runs them: the whole
-    detector on images and captions, or its heads (``DetectorHeads``) on cached features (``FeatureRows``).
-
-    The epoch is timed from the Trainer's epoch start to its last step; the Trainer's own start-up (the same
-    for both) and the one-off feature extraction are reported beside it."""
-    import torch
-
-    from aigid.core.data import Collator
-    from aigid.detector.cache import FeatureCollator, FeatureRows, feature_table
-    from aigid.detector.infer import RunOptions, encode_features
-    from aigid.detector.model import DetectorHeads
-
-    def run(model, dataset, collator) -> tuple[float, float]:
-        started = time.perf_counter()
-        marks = _train(model, dataset, collator, batch, work / "ckpt", epochs=1)
-        return marks[-1][0] - marks[0][0], marks[-1][0] - started
-
-    torch.manual_seed(0)
-    model, tokenizer, processor = _detector(work)
-    full, full_wall = run(model, train, Collator(tokenizer, processor, 64))
-    torch.manual_seed(0)
-    detector = _detector(work)
-    model = detector.model
-    started = time.perf_counter()
-    text, image = encode_features(detector, train, RunOptions(batch_size=128))
-    extract = time.perf_counter() - started
-    feats = feature_table(text, image, train)
-    model.freeze_encoders()
-    frozen, frozen_wall = run(DetectorHeads(model), FeatureRows(feats), FeatureCollator())
-    return {
-        "epoch_s_full": full,
-        "epoch_s_frozen": frozen,
-        "epoch_wall_s_full": full_wall,
-        "epoch_wall_s_frozen": frozen_wall,
-        "feature_extraction_s": extract,
-    }
-
-
-def child_infer(
-    work: Path, config: str, workers: int, min_rounds: int = 5, max_rounds: int = 25, seconds: float = 40.0
-) -> dict:
-    """Inference images/s of the pipeline (`predict_logits`) and of its ceiling, the vision encoder alone on the
-    same rows' ready pixel tensors (no decoding, no text, no heads), at both precisions; the ceiling runs the
-    encoder as the pipeline holds it (at bf16, with the weights the pipeline's first pass stored in bf16). The
-    two alternate, so that each pair runs under the same conditions on a shared machine: at least
-    ``min_rounds`` pairs and until the pairs took ``seconds`` (a small N gets more pairs, as its short passes
-    are the noisier), at most ``max_rounds``. Rates are the medians of the rounds and the ratio is the median
-    of the rounds' ratios."""
-    import statistics
-
-    import torch
-
-    from aigid.core.data import Collator, decode_rgb, open_dataset
-    from aigid.detector.infer import RunOptions, caption_order, predict_logits
-    from aigid.detector.runtime import autocast, device
-
-    cfg = CONFIGS[config]
-    batch = infer_batch()
-    pool = open_dataset(work / "prepared")["unlabeled"]
-    torch.manual_seed(0)
-    detector = _detector(work)
-    model, tokenizer, processor = detector
-    dev = device()
-    model.to(dev).eval()
-    rows = [pool[int(i)] for i in caption_order(pool)]
-    collate = Collator(tokenizer, processor, model.config.max_text_length)
-    pixels = [collate.images(rows[i : i + batch]).to(dev) for i in range(0, len(rows), batch)]
-
-    def ceiling(precision):
-        with torch.inference_mode(), autocast(dev, precision):
-            for chunk in pixels:
-                model.vision_encoder(pixel_values=chunk).pooler_output.cpu()
-
-    result = {}
-    # The reference: one image at a time, captions padded to 128 tokens, preprocessing on the main thread, in
-    # float32 (first: a bf16 pass leaves the weights in bf16, see aigid.detector.runtime.lower_weights).
-    baseline = pool.select(range(min(cfg["baseline_images"], len(pool))))
-    with torch.inference_mode():
-        started = time.perf_counter()
-        for row in baseline:
-            image = processor(images=[decode_rgb(row["Image"])], return_tensors="pt")["pixel_values"]
-            text = tokenizer(
-                [row["Caption"]], padding="max_length", truncation=True, max_length=BASELINE_TOKENS, return_tensors="pt"
-            )
-            out = model(pixel_values=image.to(dev), **text.to(dev))
-            out.logits_a.cpu(), out.logits_b.cpu()
-        result["infer_images_s_baseline"] = len(baseline) / (time.perf_counter() - started)
-    # precision auto is the pipeline's default (float32 on the CPU, bf16 on a GPU); bf16 is inference.precision
-    # bf16, which on the CPU pays only where it has bf16 instructions.
-    for precision, key in (("auto", "infer_images_s"), ("bf16", "infer_images_s_bf16")):
-        predict_logits(detector, pool.select(range(min(batch, len(pool)))), RunOptions(batch, 0, precision))  # warm-up
-        ceiling(precision)
-        pipeline_s, ceiling_s = [], []
-        while len(pipeline_s) < max_rounds and (
-            len(pipeline_s) < min_rounds or sum(pipeline_s) + sum(ceiling_s) < seconds
-        ):
-            started = time.perf_counter()
-            predict_logits(detector, pool, RunOptions(batch, workers, precision))
-            pipeline_s.append(time.perf_counter() - started)
-            started = time.perf_counter()
-            ceiling(precision)
-            ceiling_s.append(time.perf_counter() - started)
-        vision_key = key.replace("infer_", "vision_only_")
-        result[key] = len(pool) / statistics.median(pipeline_s)
-        result[vision_key] = len(pool) / statistics.median(ceiling_s)
-        ratios = [c / p for c, p in zip(ceiling_s, pipeline_s)]
-        share_key = key.replace("infer_images_s", "infer_of_ceiling")
-        result[share_key] = statistics.median(ratios)
-        result[share_key + "_range"] = [min(ratios), max(ratios)]
-        result[share_key + "_rounds"] = len(ratios)
-        if precision == "auto":
-            result["peak_mb_infer"] = peak_mb()
-    return result
-
-
-def child_preprocess(work: Path, seconds: float = 3.0) -> dict:
-    """Images/s of one DataLoader worker (one thread) turning stored rows into pixel tensors: decode and the
-    image processor, as :class:`aigid.core.data.Collator` runs them, on the config's stored images and on ~1024 px
-    JPEGs made from them (smooth upscales, as photos are; the real dataset's images are JPEGs of that size)."""
-    import io
-
-    import torch
-    from PIL import Image
-
-    from aigid.core.data import Collator, open_dataset
-    from aigid.detector.model import load_processor
-
-    torch.set_num_threads(1)  # as in a DataLoader worker
-    processor = load_processor(work / "encoders" / "vision")
-    rows = [dict(r) for r in open_dataset(work / "prepared")["unlabeled"].select(range(64))]
-    large = []
-    for r in rows:
-        buf = io.BytesIO()
-        img = Image.open(io.BytesIO(r["Image"]["bytes"])).convert("RGB")
-        img.resize((1024, 1024 * img.height // img.width), Image.Resampling.BICUBIC).save(buf, "JPEG", quality=90)
-        large.append({**r, "Image": {"bytes": buf.getvalue(), "path": None}})
-    collate = Collator(None, processor, 0)
-    result = {"preprocess_backend": type(processor).__name__}
-    for key, batch in (("preprocess_images_s_stored", rows), ("preprocess_images_s_jpeg1024", large)):
-        collate.images(batch[:8])  # warm-up
-        done, started = 0, time.perf_counter()
-        while time.perf_counter() - started < seconds:
-            collate.images(batch)
-            done += len(batch)
-        result[key] = done / (time.perf_counter() - started)
-    return result
-
-
-def child_detect(work: Path, repeats: int = 5) -> dict:
-    """Wall seconds of `aigid detect one.jpg` as a whole process (the fastest of ``repeats``) on this config's
-    detector saved as train saves it (torch) and exported by the export stage (portable), and of `aigid detect
-    --help` (the command's start: its imports, no model); the portable detector's images/s on the pool split
-    (batch 64, float32) and the export stage's own check."""
-    import io
-    import time
-
-    from PIL import Image
-
-    from aigid.core.data import open_dataset
-    from aigid.detector.model import save_detector
-    from aigid.serving.portable import PortableDetector
-    from aigid.stages import export
-
-    model_dir, portable_dir, image = work / "model", work / "portable", work / "one.jpg"
-    detector = _detector(work)
-    save_detector(detector.model, detector.tokenizer, detector.processor, model_dir)
-    report = export.run(
-        SimpleNamespace(compute=compute_profile()),
-        export.Paths(model=model_dir, data=work / "prepared", out=portable_dir, report=work / "export.json"),
-    )
-    with Image.open(io.BytesIO(_first_image(work))) as img:
-        img.convert("RGB").resize((1024, 1024), Image.Resampling.BICUBIC).save(image, "JPEG", quality=90)
-    aigid = Path(sys.executable).with_name("aigid")
-    result = {"export_" + k: v for k, v in report.items()}
-    for key, cmd in (
-        ("detect_s", [str(aigid), "detect", str(image), "--model", str(portable_dir), "-q"]),
-        ("detect_torch_s", [str(aigid), "detect", str(image), "--model", str(model_dir), "-q"]),
-        ("detect_import_s", [str(aigid), "detect", "--help"]),
-    ):
-        runs = []
-        for _ in range(repeats):
-            proc = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", *cmd], capture_output=True, text=True)
-            if proc.returncode != 0:
-                raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-            wall, user, system, kib = proc.stderr.strip().splitlines()[-1].split()
-            runs.append((float(wall), float(user) + float(system), int(kib) / 1024))
-        best = min(runs)
-        result[key], result[key.replace("_s", "_cpu_s")], result[key.replace("_s", "_mb")] = best
-    pool = open_dataset(work / "prepared")["unlabeled"]
-    images, captions = [r["bytes"] for r in pool["Image"]], [c or "" for c in pool["Caption"]]
-    portable = PortableDetector(portable_dir)
-    portable.logits(images[:64], captions[:64])  # warm-up
-    start = time.perf_counter()
-    portable.logits(images, captions)
-    result["portable_images_s"] = len(images) / (time.perf_counter() - start)
-    return result
-
-
-def _first_image(work: Path) -> bytes:
-    from aigid.core.data import open_dataset
-
-    return open_dataset(work / "prepared")["unlabeled"][0]["Image"]["bytes"]
-
-
-# ---------------------------------------------------------------- parent
-
-
-def run_child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"benchmark step {' '.join(args)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def measure(config: str, scale: int, steps: int, workers: int, root: Path) -> dict:
-    work = root / f"{config}-{scale}"
-    work.mkdir(parents=True, exist_ok=True)
-    crop = CONFIGS[config]["image_size"]
-    common = ["--work", str(work), "--config", config]
-    result = {"config": config, "scale": scale}
-    result.update(run_child(["source", *common, "--scale", str(scale)]))
-    result.update(run_child(["prepare", *common, "--crop", str(crop)]))
-    run_child(["encoders", *common])
-    train_args = ["train", *common, "--steps", str(steps)] + (["--epochs"] if config == "demo" and scale == 1 else [])
-    result.update(run_child(train_args))
-    result.update(run_child(["infer", *common, "--workers", str(workers)]))
-    if scale == 1:
-        result.update(run_child(["preprocess", *common]))
-        result.update(run_child(["detect", *common]))
-    return result
-
-
-def percent(share: float) -> str:
-    """A share as a percentage with one decimal, rounded down, so that a value shown as 90.0% meets a 90%
-    target (0.89996 shows as 89.9%)."""
-    return f"{math.floor(share * 1000 + 1e-9) / 10:.1f}%"
-
-
-def table(results: list[dict]) -> str:
-    lines = [
-        "| config | images | prepare img/s | bytes/sample (float32 layout) | train samples/s (128-pad baseline, x) "
-        "| inference img/s (batch-1 baseline, x) | inference bf16 img/s (x) | peak MB prepare / train / inference |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for r in results:
-        lines.append(
-            f"| {r['config']} | {r['rows']} | {r['prepare_images_s']:.0f} | {r['bytes_per_sample']:.0f} "
-            f"({r['float32_bytes_per_sample']}, 1/{r['float32_bytes_per_sample'] / r['bytes_per_sample']:.0f}) "
-            f"| {r['train_samples_s']:.1f} ({r['train_samples_s_baseline']:.1f}, "
-            f"{r['train_samples_s'] / r['train_samples_s_baseline']:.1f}x) "
-            f"| {r['infer_images_s']:.1f} ({r['infer_images_s_baseline']:.1f}, "
-            f"{r['infer_images_s'] / r['infer_images_s_baseline']:.1f}x) "
-            f"| {r['infer_images_s_bf16']:.1f} ({r['infer_images_s_bf16'] / r['infer_images_s_baseline']:.1f}x) "
-            f"| {r['peak_mb_prepare']:.0f} / {r['peak_mb_train']:.0f} / {r['peak_mb_infer']:.0f} |"
-        )
-    by = {(r["config"], r["scale"]): r for r in results}
-    for config in CONFIGS:
-        small, large = by.get((config, 1)), by.get((config, 4))
-        if small and large:
-            growth = ", ".join(
-                f"{k} {100 * (large[f'peak_mb_{k}'] / small[f'peak_mb_{k}'] - 1):+.0f}%"
-                for k in ("prepare", "train", "infer")
-            )
-            lines.append(f"\nPeak memory from N to 4N ({config}): {growth}.")
-    lines += ["", "| target | measured | met |", "|---|---|---|"]
-    for (config, scale), r in sorted(by.items()):
-        if config == "paper":
-            train = r["train_samples_s"] / r["train_samples_s_baseline"]
-            for precision, suffix in (("auto", ""), ("bf16", "_bf16")):
-                share = r[f"infer_of_ceiling{suffix}"]
-                low, high = r[f"infer_of_ceiling{suffix}_range"]
-                lines.append(
-                    f"| inference >= 90% of the vision encoder alone (paper, x{scale}, precision {precision}) "
-                    f"| {percent(share)} (median of {r[f'infer_of_ceiling{suffix}_rounds']} paired rounds, "
-                    f"range {100 * low:.0f}-{100 * high:.0f}%; "
-                    f"medians {r[f'infer_images_s{suffix}']:.1f} "
-                    f"and {r[f'vision_only_images_s{suffix}']:.1f} img/s; "
-                    f"{r[f'infer_images_s{suffix}'] / r['infer_images_s_baseline']:.1f}x batch-1) "
-                    f"| {'yes' if share >= 0.9 else 'no'} |"
-                )
-            lines.append(
-                f"| training >= 2x 128-padding (paper, x{scale}) | {train:.1f}x | {'yes' if train >= 2 else 'no'} |"
-            )
-        if "detect_s" in r:
-            lines.append(
-                f"| `aigid detect one.jpg` <= 3 s, whole process ({config} model, portable) "
-                f"| {r['detect_s']:.2f} s (torch model: {r['detect_torch_s']:.2f} s; `aigid detect --help`: "
-                f"{r['detect_import_s']:.2f} s) | {'yes' if r['detect_s'] <= 3 else 'no'} |"
-            )
-        ratio = r["float32_bytes_per_sample"] / r["bytes_per_sample"]
-        lines.append(
-            f"| stored bytes <= 1/20 of float32 ({config}, x{scale}) | 1/{ratio:.0f} "
-            f"| {'yes' if ratio >= 20 else 'no'} |"
-        )
-    for config in CONFIGS:
-        small, large = by.get((config, 1)), by.get((config, 4))
-        if small and large:
-            for k in ("prepare", "train", "infer"):
-                g = 100 * (large[f"peak_mb_{k}"] / small[f"peak_mb_{k}"] - 1)
-                lines.append(
-                    f"| peak memory of {k} grows < 20% from N to 4N ({config}) | {g:+.0f}% "
-                    f"| {'yes' if g < 20 else 'no'} |"
-                )
-    demo = by.get(("demo", 1))
-    if demo and "epoch_s_full" in demo:
-        f = demo["epoch_s_full"] / demo["epoch_s_frozen"]
-        lines.append(
-            f"| frozen-encoder epoch >= 20x faster than full (demo) | {f:.0f}x | {'yes' if f >= 20 else 'no'} |"
-        )
-    for (config, _scale), r in sorted(by.items()):
-        if "preprocess_images_s_stored" in r:
-            lines.append(
-                f"\nImage preprocessing ({config}, {r['preprocess_backend']}), images/s per worker process "
-                f"(one thread): {r['preprocess_images_s_stored']:.0f} on the stored "
-                f"{CONFIGS[config]['image_size']} px images, {r['preprocess_images_s_jpeg1024']:.0f} on "
-                f"1024 px JPEGs; workers to feed 10,000 img/s: "
-                f"{math.ceil(10_000 / r['preprocess_images_s_stored'])} and "
-                f"{math.ceil(10_000 / r['preprocess_images_s_jpeg1024'])}."
-            )
-    for (config, _scale), r in sorted(by.items()):
-        if "portable_images_s" in r:
-            lines.append(
-                f"\nPortable detector ({config}, onnxruntime, float32, batch 64): {r['portable_images_s']:.1f} "
-                f"img/s on the pool split (torch float32: {r['infer_images_s']:.1f}); the export's check on "
-                f"{r['export_rows']} test rows: logits within {r['export_graph_max_logit_difference']:.1e} of "
-                f"torch's on the same inputs, P(AI) within {r['export_max_prob_ai_difference']:.1e} of the "
-                f"torch detector's, labels agree on {100 * r['export_label_agreement']:.0f}%."
-            )
-    if demo and "epoch_s_full" in demo:
-        lines.append(
-            f"\nOne epoch on the demo train split ({demo['train_rows']} rows): full fine-tuning "
-            f"{demo['epoch_s_full']:.3f} s, frozen encoders {demo['epoch_s_frozen']:.3f} s "
-            f"({demo['epoch_s_full'] / demo['epoch_s_frozen']:.0f}x faster). With the Trainer's start-up, "
-            f"the same for both: {demo['epoch_wall_s_full']:.2f} s and {demo['epoch_wall_s_frozen']:.2f} s. "
-            f"The one-off feature extraction took {demo['feature_extraction_s']:.2f} s."
-        )
-    return "\n".join(lines)
+from bench.common import PARAMS
+from bench.report import table
+from bench.run import child, measure
 
 
 def main() -> None:
+    args = _args()
+    if args.child:
+        return child(args.child)
+    if args.compute == "params":  # the children import torch after this, as a stage does after the command line
+        from aigid.core import compute
+
+        compute.apply(PARAMS)
+        os.environ["AIGID_BENCHMARK_COMPUTE"] = "params"
+    print(_machine(args.compute), flush=True)
+    results = []
+    with tempfile.TemporaryDirectory(prefix="aigid-bench-") as root:
+        for config, scale in _runs(args):
+            started = time.perf_counter()
+            results.append(measure(config, scale, args.steps, args.workers, Path(root)))
+            print(f"# {config} x{scale}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2) + "\n")
+    print(table(results))
+
+
+def _args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--configs", default="demo,paper", help="comma-separated: demo, paper")
     parser.add_argument("--scales", default="1,4", help="dataset sizes as multiples of N")
@@ -610,79 +93,25 @@ def main() -> None:
         help="free: all cores, the widest vector unit | params: params.yaml's compute profile",
     )
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
-    args = parser.parse_args()
-    if args.child:
-        return child(args.child)
-    if args.compute == "params":  # the children import torch after this, as a stage does after the command line
-        from aigid.core import compute
+    return parser.parse_args()
 
-        compute.apply(REPO / "params.yaml")
-        os.environ["AIGID_BENCHMARK_COMPUTE"] = "params"
+
+def _runs(args: argparse.Namespace) -> list[tuple[str, int]]:
+    """The (config, scale) pairs to measure, in order: --runs, or every --configs at every --scales."""
+    if args.runs:
+        return [(config, int(scale)) for config, scale in (run.split(":") for run in args.runs.split(","))]
+    return [(config, scale) for config in args.configs.split(",") for scale in map(int, args.scales.split(","))]
+
+
+def _machine(compute: str) -> str:
+    """The report's first line: date, processor, threads, torch, GPU and compute mode."""
     import torch
 
-    print(
+    return (
         f"# {time.strftime('%Y-%m-%d')}, {platform.processor() or platform.machine()}, "
         f"{len(os.sched_getaffinity(0))} CPU threads, torch {torch.__version__}, "
-        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, compute {args.compute}",
-        flush=True,
+        f"{torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, compute {compute}"
     )
-    results = []
-    with tempfile.TemporaryDirectory(prefix="aigid-bench-") as root:
-        runs = (
-            [(c, int(k)) for c, k in (run.split(":") for run in args.runs.split(","))]
-            if args.runs
-            else [(c, k) for c in args.configs.split(",") for k in map(int, args.scales.split(","))]
-        )
-        for config, scale in runs:
-            started = time.perf_counter()
-            results.append(measure(config, scale, args.steps, args.workers, Path(root)))
-            print(f"# {config} x{scale}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
-    if args.json:
-        args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(table(results))
-
-
-def compute_profile():
-    """The compute group a child runs under: params.yaml's (--compute params) or none pinned (--compute free)."""
-    from aigid.core.config import Compute, load_params
-
-    if os.environ.get("AIGID_BENCHMARK_COMPUTE") == "params":
-        return load_params(REPO / "params.yaml").compute
-    return Compute(device="auto", threads=0, reproducible=False)
-
-
-def child(argv: list[str]) -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("step")
-    parser.add_argument("--work", type=Path)
-    parser.add_argument("--config")
-    parser.add_argument("--scale", type=int, default=1)
-    parser.add_argument("--crop", type=int, default=224)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--workers", type=int, default=0)
-    parser.add_argument("--epochs", action="store_true")
-    a = parser.parse_args(argv)
-    import logging
-
-    import datasets
-    import transformers
-
-    from aigid.detector.runtime import configure
-
-    logging.disable(logging.WARNING)
-    datasets.disable_progress_bars()
-    transformers.utils.logging.set_verbosity_error()
-    configure(compute_profile())
-    out = {
-        "source": lambda: child_source(a.work, a.config, a.scale, 0),
-        "prepare": lambda: child_prepare(a.work, a.config, a.crop),
-        "encoders": lambda: child_encoders(a.work, a.config),
-        "train": lambda: child_train(a.work, a.config, a.steps, a.epochs),
-        "infer": lambda: child_infer(a.work, a.config, a.workers),
-        "preprocess": lambda: child_preprocess(a.work),
-        "detect": lambda: child_detect(a.work),
-    }[a.step]()
-    print(json.dumps(out))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """What the compute profile costs: training and float32 inference speed under params.yaml's `compute` profile
 against the machine's own settings (all cores, its widest vector unit, oneDNN), on the demo and paper-size
-encoders of benchmark.py.
+encoders of benchmark.py (its bench package prepares the data and the encoders).
 
     python benchmarks/profile_cost.py                    # demo and paper, 3 rounds
     python benchmarks/profile_cost.py --configs demo --rounds 5
@@ -22,46 +22,44 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import benchmark as bench  # noqa: E402  (its children prepare the data and encoders)
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the bench package beside this script, however it is run
+from bench.common import CONFIGS, PARAMS, compute_profile, detector, infer_batch  # noqa: E402
+from bench.run import run_child  # noqa: E402
 
 MODES = ("free", "params")
 
 
 def child(work: Path, config: str, steps: int) -> dict:
     import torch
-    from datasets import concatenate_datasets
 
     from aigid.core.data import Collator, open_dataset
     from aigid.detector.infer import RunOptions, predict_logits
     from aigid.detector.runtime import configure
+    from bench.train import repeat_rows, train_rate
 
-    configure(bench.compute_profile())
-    cfg = bench.CONFIGS[config]
+    configure(compute_profile())
+    cfg = CONFIGS[config]
     splits = open_dataset(work / "prepared")
-    train = splits["train"]
-    while len(train) < cfg["train_batch"] * (steps + 1):
-        train = concatenate_datasets([train, train])
+    train = repeat_rows(splits["train"], cfg["train_batch"] * (steps + 1))
     torch.manual_seed(0)
-    model, tokenizer, processor = bench._detector(work)
-    train_rate = bench._train_rate(
-        model, train, Collator(tokenizer, processor, 64), cfg["train_batch"], steps, work / "ckpt"
-    )
-    detector, pool, batch = bench._detector(work), splits["unlabeled"], bench.infer_batch()
-    options = RunOptions(batch, 0, "fp32")
-    predict_logits(detector, pool.select(range(min(batch, len(pool)))), options)  # warm-up
+    loaded = detector(work)
+    collator = Collator(loaded.tokenizer, loaded.processor, 64)
+    train_samples_s = train_rate(loaded.model, train, collator, cfg["train_batch"], steps, work / "ckpt")
+    loaded, pool, batch = detector(work, "fp32"), splits["unlabeled"], infer_batch()
+    options = RunOptions(batch_size=batch, num_workers=0)
+    predict_logits(loaded, pool.select(range(min(batch, len(pool)))), options)  # warm-up
     started = time.perf_counter()
-    predict_logits(detector, pool, options)
-    return {"train_samples_s": train_rate, "infer_images_s": len(pool) / (time.perf_counter() - started)}
+    predict_logits(loaded, pool, options)
+    return {"train_samples_s": train_samples_s, "infer_images_s": len(pool) / (time.perf_counter() - started)}
 
 
 def measure(config: str, rounds: int, steps: int, root: Path) -> dict:
     work = root / config
     work.mkdir(parents=True)
     common = ["--work", str(work), "--config", config]
-    bench.run_child(["source", *common])
-    bench.run_child(["prepare", *common, "--crop", str(bench.CONFIGS[config]["image_size"])])
-    bench.run_child(["encoders", *common])
+    run_child(["source", *common])
+    run_child(["prepare", *common, "--crop", str(CONFIGS[config]["image_size"])])
+    run_child(["encoders", *common])
     free_env = {k: v for k, v in os.environ.items() if k != "AIGID_BENCHMARK_COMPUTE"}
     params_env = {**free_env, **profile_environment(), "AIGID_BENCHMARK_COMPUTE": "params"}
     rates: dict[str, list[dict]] = {mode: [] for mode in MODES}
@@ -88,7 +86,7 @@ def profile_environment() -> dict[str, str]:
 
     from aigid.core.compute import environment
 
-    return environment(**yaml.safe_load((bench.REPO / "params.yaml").read_text())["compute"])
+    return environment(**yaml.safe_load(PARAMS.read_text())["compute"])
 
 
 def main() -> None:
