@@ -4,16 +4,7 @@ import pytest
 import yaml
 
 from aigid.core.config import ParamsError, declared, flatten, load_params, scoped
-from conftest import REPO, _merge
-
-
-def write(tmp_path, over: dict | None = None, text: str | None = None):
-    """A params file: the committed params.yaml with ``over`` merged in, or ``text`` as it is."""
-    p = tmp_path / "params.yaml"
-    if text is None:
-        text = yaml.safe_dump(_merge(yaml.safe_load((REPO / "params.yaml").read_text()), over or {}))
-    p.write_text(text)
-    return p
+from helpers import REPO, write
 
 
 def test_committed_params_load_and_flatten():

@@ -14,17 +14,7 @@ from aigid.cli import main
 from aigid.core.data import to_rgb
 from aigid.detector.model import decide, load_detector, save_detector
 from aigid.stages.encoders import train_wordpiece
-from test_model import _tiny_detector
-
-
-def save_tiny_model(path):
-    torch.manual_seed(0)
-    save_detector(
-        _tiny_detector().eval(),
-        train_wordpiece(["a red circle"], 50),
-        CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-        path,
-    )
+from helpers import _tiny_detector, save_tiny_model
 
 
 def test_detect_folder_with_a_corrupt_file(tmp_path):

@@ -15,7 +15,7 @@ import yaml
 
 from aigid.core.config import ParamsError
 from aigid.stages.train import CHECKPOINT_FILES, checkpoint_files, last_complete_checkpoint, per_process_batch
-from conftest import tiny_params_dict
+from helpers import tiny_params_dict
 
 BIN = Path(sys.executable).parent
 

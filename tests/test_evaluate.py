@@ -10,7 +10,7 @@ from aigid.core.config import ParamsError, load_params
 from aigid.core.data import Collator, to_rgb
 from aigid.stages.evaluate import Perturbation, perturbations
 from aigid.tracking.metrics import ranking_scores, rates_at, threshold_at_fpr
-from test_config import write
+from helpers import _Recorder, write
 
 
 def test_threshold_at_fpr_is_the_lowest_with_at_most_the_target_rate():
@@ -49,20 +49,6 @@ def test_perturbations_change_the_image_as_named(tmp_path):
     assert Perturbation("resize", 0.5)(img).size == (30, 20) and Perturbation("resize", 1.5)(img).size == (90, 60)
     names = [p.name for p in perturbations(load_params(write(tmp_path)).evaluate)]
     assert names == ["jpeg_95", "jpeg_75", "jpeg_50", "blur_1", "blur_2", "resize_50", "resize_150"]
-
-
-class _Recorder:
-    """Stands in for the tokenizer and the image processor; keeps what the collator hands them."""
-
-    def __init__(self):
-        self.captions, self.images = [], []
-
-    def __call__(self, texts=None, images=None, **_):
-        if images is not None:
-            self.images += images
-            return {"pixel_values": torch.zeros(len(images), 3, 4, 4)}
-        self.captions += texts
-        return {"input_ids": torch.zeros(len(texts), 2, dtype=torch.long)}
 
 
 def _rows(n):
@@ -135,7 +121,7 @@ def test_only_the_training_loader_drops_captions_and_holdout_drops_its_class(tmp
     from transformers import TrainingArguments
 
     from aigid.stages.train import DetectorTrainer, drop_class
-    from test_model import _tiny_detector
+    from helpers import _tiny_detector
 
     ds = Dataset.from_dict({"Caption": ["a", "b", "c"], "Label_A": [0, 1, 1], "Label_B": [0, 3, 1]})
     evaluation, training = _Recorder(), _Recorder()

@@ -11,8 +11,7 @@ import pytest
 import torch
 import yaml
 
-from conftest import tiny_params_dict
-from test_faults import aigid, environment, finish
+from helpers import aigid, environment, finish, tiny_params_dict
 
 pytestmark = pytest.mark.slow
 

@@ -16,6 +16,7 @@ from aigid.detector.model import (
     multitask_loss,
     save_detector,
 )
+from helpers import _tiny_detector
 
 
 def test_loss_is_bce_plus_ce_over_ai_images_only():
@@ -63,35 +64,6 @@ def test_label_b_is_real_exactly_when_label_a_is_real():
     assert p.conf_a[0].item() == pytest.approx(1 - 1 / (1 + math.exp(3.0)))
     assert p.conf_b[0] == p.conf_a[0]  # real: B follows from A
     assert p.probs_b[:, 0].eq(0).all() and p.probs_b.sum(-1).allclose(torch.ones(4))
-
-
-CT2 = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")
-
-
-def _tiny_detector(fusion="concat"):
-    text = BertModel(
-        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
-        add_pooling_layer=False,
-    )
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            image_size=16,
-            patch_size=8,
-        )
-    )
-    return Detector(
-        DetectorConfig(
-            text_encoder_config=text.config,
-            vision_encoder_config=vision.config,
-            fusion_dim=8,
-            class_names=CT2,
-            fusion=fusion,
-        )
-    )
 
 
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
@@ -354,7 +326,7 @@ def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_wi
 
 def test_fusion_is_a_checked_choice(tmp_path):
     from aigid.core.config import ParamsError, load_params
-    from test_config import write
+    from helpers import write
 
     with pytest.raises(ParamsError, match=r"model\.fusion"):
         load_params(write(tmp_path, {"model": {"fusion": "attention"}}))

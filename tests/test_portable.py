@@ -20,7 +20,7 @@ from aigid.detector.model import load_detector
 from aigid.detector.scores import decide
 from aigid.serving.portable import GRAPH, WEIGHTS, Inputs, PortableDetector, Preprocessor
 from aigid.stages.export import export_graph
-from test_detect import save_tiny_model
+from helpers import save_tiny_model
 
 
 def _images() -> list[Image.Image]:

@@ -3,32 +3,12 @@ is removed. A real sqlite MLflow store and a tiny detector."""
 
 from __future__ import annotations
 
-import io
-import json
-
 import mlflow
 from click.testing import CliRunner
-from datasets import Dataset, DatasetDict
-from PIL import Image
 
 from aigid.cli import main
 from aigid.serving.registry import ALIAS, HASH_TAG, content_hash, register
-
-NAME = "aigid-detector"
-
-
-def _png() -> bytes:
-    buf = io.BytesIO()
-    Image.new("RGB", (20, 20), (200, 30, 30)).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def _versions():
-    return sorted(mlflow.MlflowClient().search_model_versions(f"name='{NAME}'"), key=lambda v: int(v.version))
-
-
-def _candidate() -> str:
-    return str(mlflow.MlflowClient().get_model_version_by_alias(NAME, ALIAS).version)
+from helpers import NAME, _candidate, _png, _register, _versions
 
 
 def test_the_same_model_is_registered_once_and_a_new_one_takes_the_alias(store):
@@ -68,37 +48,6 @@ def _race(seen, real, args):
         return next(seen)
     except StopIteration:
         return real(*args)
-
-
-def _report(threshold: float, balanced_accuracy: float = 0.8) -> dict:
-    """An evaluate report holding the numbers registration logs (every headline key)."""
-    scores = {
-        "task_a": {"f1_weighted": 0.9, "balanced_accuracy": balanced_accuracy},
-        "task_b": {"f1_weighted": 0.7, "f1_macro": 0.6},
-        "roc_auc": 0.95,
-        "operating_point": {"threshold": threshold, "test_tpr": 0.9},
-    }
-    return {"contaminated": False, "base": scores, "retrained": scores}
-
-
-def _register(store, threshold: float, balanced_accuracy: float = 0.8, caption: str = "x"):
-    """`aigid register` of the tiny model at ``threshold`` (a new version per threshold) with a report scoring
-    it ``balanced_accuracy`` on a one-row test split whose caption is ``caption``."""
-    (store / "report.json").write_text(json.dumps(_report(threshold, balanced_accuracy)))
-    DatasetDict(
-        test=Dataset.from_dict({"Image": [{"bytes": _png(), "path": None}], "Caption": [caption]})
-    ).save_to_disk(str(store / "prepared"))
-    args = [
-        "register",
-        "--model",
-        str(store / "model"),
-        "--report",
-        str(store / "report.json"),
-        "--data",
-        str(store / "prepared"),
-    ]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, result.output
 
 
 def test_register_command_is_idempotent(store):

@@ -7,7 +7,6 @@ import io
 import json
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
@@ -16,60 +15,7 @@ from PIL import Image
 
 from aigid.cli import main
 from aigid.core.data import open_dataset
-
-
-def save_image(path, seed: int, mode: str = "RGB", size=(24, 24), fmt: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).convert(mode).save(path, format=fmt or ("JPEG" if path.suffix == ".jpg" else "PNG"))
-
-
-def run(tmp_path, source, **prepare):
-    params = yaml.safe_load(open("params.yaml"))
-    params["prepare"].update(source=str(source), **prepare)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "prepared"
-    result = CliRunner().invoke(
-        main,
-        [
-            "prepare",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--raw",
-            str(tmp_path),
-            "--out",
-            str(out),
-            "--report",
-            str(tmp_path / "prepare.json"),
-            "--quarantine",
-            str(tmp_path / "quarantine.csv"),
-        ],
-    )
-    return result, out
-
-
-SOURCE_DIRS = ("coco_image", "sd21_image", "sdxl_image", "sd3_image", "dalle_image", "midjourney_image")
-
-
-def competition(root, table: str = "xlsx", n: int = 8):
-    """train/: captions table + six source folders; validation/: captions + labels tables + images/."""
-    captions = pd.DataFrame({"Index": range(n), "Caption": [f"scene {i}: a dog on a sofa" for i in range(n)]})
-    (root / "train").mkdir(parents=True)
-    if table == "xlsx":
-        captions.to_excel(root / "train" / "captions.xlsx", index=False)
-    else:
-        captions.to_csv(root / "train" / "captions.csv", index=False)
-    for k, folder in enumerate(SOURCE_DIRS):  # the competition's folder names, in Label_B order
-        for i in range(n):
-            save_image(root / "train" / folder / f"image_{i}.jpg", 100 * k + i)
-    val = pd.DataFrame({"Index": [0, 1, 2, 3], "Caption": ["a cat", "a car", "two birds", "a bus"]})
-    (root / "validation" / "images").mkdir(parents=True)
-    val.to_csv(root / "validation" / "captions.csv", index=False)
-    pd.DataFrame({"Index": [0, 1, 2, 3], "Label_A": [0, 1, 1, 1], "Label_B": [0, 3, 5, 1]}).to_excel(
-        root / "validation" / "labels.xlsx", index=False
-    )
-    for i in range(4):
-        save_image(root / "validation" / "images" / f"image_{i}.jpg", 900 + i)
+from helpers import competition, run, save_image
 
 
 @pytest.mark.parametrize("table", ["xlsx", "csv"])

@@ -21,9 +21,17 @@ import pytest
 import yaml
 
 from aigid.serving.registry import content_hash
-from conftest import REPO, S3_KEYS, free_port, local_server, make_bucket, mlflow_server, tiny_params_dict
-from test_faults import environment
-from test_registry import _png
+from helpers import (
+    REPO,
+    S3_KEYS,
+    _png,
+    environment,
+    free_port,
+    local_server,
+    make_bucket,
+    mlflow_server,
+    tiny_params_dict,
+)
 
 pytestmark = pytest.mark.slow
 NAME = "aigid-detector"
