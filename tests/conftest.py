@@ -15,7 +15,7 @@ from aigid.core import compute
 
 compute.apply(Path(__file__).resolve().parents[1] / "params.yaml")
 
-from helpers import REPO, free_port, local_server, save_tiny_model, sh, tiny_params_dict  # noqa: E402
+from helpers import REPO, aigid, finish, free_port, local_server, save_tiny_model, sh, tiny_params_dict  # noqa: E402
 
 
 @pytest.fixture
@@ -73,4 +73,17 @@ def project(tmp_path_factory) -> Path:
     sh("git", "add", "-A", cwd=root)
     sh("git", "commit", "-qm", "tiny pipeline", cwd=root)
     sh("dvc", "repro", cwd=root)
+    return root
+
+
+# Session-wide: the frozen-mode tests of several modules (features, cache, train, pseudolabel) only read it.
+@pytest.fixture(scope="session")
+def frozen(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("frozen")
+    params = tiny_params_dict()
+    params["train"]["freeze_encoders"] = True
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "data/raw").mkdir(parents=True)  # the raw data folder prepare depends on
+    for stage in ("prepare", "encoders", "features", "train", "pseudolabel", "retrain"):
+        finish(aigid(stage, cwd=root))
     return root

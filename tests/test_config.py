@@ -2,7 +2,9 @@
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from aigid.cli import main
 from aigid.core.config import ParamsError, declared, flatten, load_params, scoped
 from helpers import REPO, write
 
@@ -70,3 +72,57 @@ def test_a_stage_reads_only_its_declared_keys():
         view.threshold
     assert view.declared() == {"seed": 42, "train.num_workers": 0, "inference.precision": "auto"}
     assert declared(p, ("model",)) == {"model.fusion": "concat", "model.fusion_dim": 512, "model.max_text_length": 64}
+
+
+@pytest.mark.parametrize(
+    "over, key",
+    [
+        ({"train": {"caption_dropout": 1}}, "train.caption_dropout"),
+        ({"train": {"holdout": "real"}}, "train.holdout"),
+        ({"train": {"holdout": "flux"}}, "train.holdout"),
+        ({"evaluate": {"target_fpr": 0}}, "evaluate.target_fpr"),
+        ({"evaluate": {"jpeg_quality": [95, 101]}}, r"jpeg_quality\[1\]"),
+        ({"evaluate": {"blur_sigma": [1, "x"]}}, r"evaluate.blur_sigma\[1\]"),
+        ({"evaluate": {"resize_scale": 0.5}}, "evaluate.resize_scale"),
+    ],
+)
+def test_new_params_are_checked(tmp_path, over, key):
+    with pytest.raises(ParamsError, match=key):
+        load_params(write(tmp_path, over))
+
+
+def test_holdout_accepts_a_generator(tmp_path):
+    p = load_params(write(tmp_path, {"train": {"holdout": "sd3"}, "evaluate": {"blur_sigma": [1, 2.5]}}))
+    assert p.train.holdout == "sd3" and p.evaluate.blur_sigma == [1.0, 2.5]
+
+
+def test_fusion_is_a_checked_choice(tmp_path):
+    from aigid.core.config import ParamsError, load_params
+
+    with pytest.raises(ParamsError, match=r"model\.fusion"):
+        load_params(write(tmp_path, {"model": {"fusion": "attention"}}))
+    frozen = load_params(write(tmp_path, {"model": {"fusion": "cross_attention"}, "train": {"freeze_encoders": True}}))
+    assert frozen.model.fusion == "cross_attention" and frozen.train.freeze_encoders
+
+
+def test_malformed_params_value_names_the_key(tmp_path):
+    params = yaml.safe_load(open("params.yaml"))
+    params["train"]["learning_rate"] = "fast"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--data",
+            str(tmp_path),
+            "--encoders",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "model"),
+        ],
+    )
+    assert result.exit_code != 0
+    assert "train.learning_rate: Input should be a valid number" in result.output and "'fast'" in result.output
+    assert not (tmp_path / "model").exists()

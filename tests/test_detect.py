@@ -4,17 +4,14 @@ import csv
 import io
 
 import numpy as np
-import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
-from transformers import CLIPImageProcessor
 
 from aigid.cli import main
 from aigid.core.data import to_rgb
-from aigid.detector.model import decide, load_detector, save_detector
-from aigid.stages.encoders import train_wordpiece
-from helpers import _tiny_detector, save_tiny_model
+from aigid.detector.model import decide, load_detector
+from helpers import save_tiny_model
 
 
 def test_detect_folder_with_a_corrupt_file(tmp_path):
@@ -189,54 +186,6 @@ def test_precision_bf16_runs_the_model_in_bf16_on_the_cpu_and_auto_keeps_float32
     assert bad.exit_code != 0 and "fp16" in bad.output
 
 
-@pytest.mark.parametrize("fusion", ["concat", "cross_attention"])
-def test_a_bf16_pass_keeps_the_weights_autocast_casts_in_bf16_and_scores_as_autocast_on_float32(tmp_path, fusion):
-    from aigid.core.data import Collator
-    from aigid.detector.infer import RunOptions, predict_logits
-    from aigid.detector.runtime import autocast
-
-    torch.manual_seed(0)
-    save_detector(
-        _tiny_detector(fusion).eval(),
-        train_wordpiece(["a red circle", "a blue square"], 50),
-        CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
-        tmp_path / "model",
-    )
-    rng = np.random.default_rng(2)
-    rows = []
-    for i in range(6):
-        buf = io.BytesIO()
-        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(buf, "PNG")
-        rows.append({"Caption": ["a red circle", "a blue square", ""][i % 3], "Image": {"bytes": buf.getvalue()}})
-    cpu = torch.device("cpu")
-    # The reference: the float32 model in one autocast region, which casts its weights as it goes.
-    reference = load_detector(tmp_path / "model")
-    batch = Collator(reference.tokenizer, reference.processor, reference.model.config.max_text_length)(rows)
-    with torch.inference_mode(), autocast(cpu, "bf16"):
-        out = reference.model(**batch)
-    want = out.logits_a.float().numpy(), out.logits_b.float().numpy()
-
-    detector = load_detector(tmp_path / "model")
-    bf16 = RunOptions(batch_size=6, precision="bf16")
-    for _ in range(2):  # the second pass runs on the weights the first one stored
-        got = predict_logits(detector, rows, bf16)
-        assert np.array_equal(got[0], want[0]) and np.array_equal(got[1], want[1])
-    dtypes = {name: p.dtype for name, p in detector.model.named_parameters()}
-    linear = [n for n, m in detector.model.named_modules() if isinstance(m, torch.nn.Linear)]
-    assert linear and all(dtypes[f"{n}.weight"] == torch.bfloat16 for n in linear)
-    assert dtypes["vision_encoder.embeddings.patch_embedding.weight"] == torch.bfloat16
-    assert dtypes["text_encoder.embeddings.word_embeddings.weight"] == torch.float32
-    assert dtypes["vision_encoder.post_layernorm.weight"] == torch.float32
-    with pytest.raises(ValueError, match="stored in bf16 by a bf16 pass; load it again"):
-        predict_logits(detector, rows, RunOptions(batch_size=6, precision="fp32"))
-    with pytest.raises(ValueError, match="cannot save a detector with torch.bfloat16 weights"):
-        save_detector(detector.model, detector.tokenizer, detector.processor, tmp_path / "saved")
-    assert not (tmp_path / "saved").exists()
-    assert all(p.dtype == torch.float32 for p in reference.model.parameters())  # an fp32 pass stores nothing
-    predict_logits(reference, rows, RunOptions(batch_size=6, precision="auto"))
-    assert all(p.dtype == torch.float32 for p in reference.model.parameters())
-
-
 def test_detect_imports_no_dataset_table_tracking_params_or_model_library():
     """`datasets`, pandas, MLflow, scikit-learn and the params models (pydantic) cost a one-image `aigid detect`
     seconds of importing, so its module must not pull them in; nor torch and transformers, which it imports only
@@ -258,54 +207,3 @@ def test_detect_imports_no_dataset_table_tracking_params_or_model_library():
     code = f"import sys, aigid.cli, aigid.serving.detect; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
-
-
-def test_commands_import_without_collection_and_run_with_it():
-    """`aigid` imports a command with garbage collection off and freezes what the import made; the command itself
-    runs with collection on (a stage that ran with it off would never free reference cycles)."""
-    import gc
-
-    import click
-
-    before = gc.get_freeze_count()
-    ctx = click.Context(main)
-    try:
-        assert main.get_command(ctx, "promote") is not None
-        assert gc.isenabled()
-        assert gc.get_freeze_count() > before
-    finally:
-        gc.unfreeze()
-
-
-def test_detect_exits_without_teardown_after_the_exit_handlers_and_other_commands_tear_down(tmp_path):
-    """The `aigid` executable ends `detect` with its output flushed, its exit status and the exit handlers run,
-    but without the interpreter's teardown (a finaliser the teardown would call is not called); any other
-    command exits normally."""
-    import subprocess
-    import sys
-
-    save_tiny_model(tmp_path / "model")
-    Image.new("RGB", (20, 20), "red").save(tmp_path / "red.png")
-    code = """if True:
-        import atexit, os, sys
-        class Witness:
-            def __del__(self, write=os.write):  # the module's globals are gone by the time the teardown calls it
-                write(2, b"teardown\\n")
-        witness = Witness()
-        atexit.register(lambda: sys.stderr.write("exit handlers\\n"))
-        sys.argv = ["aigid", *sys.argv[1:]]
-        from aigid.cli import run
-        run()
-    """
-
-    def aigid(*args):
-        return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=tmp_path)
-
-    scored = aigid("detect", "--model", "model", "red.png", "missing.png")
-    assert scored.returncode == 3, scored.stderr  # some inputs could not be read
-    assert [r["path"] for r in csv.DictReader(io.StringIO(scored.stdout))] == ["red.png", "missing.png"]
-    assert scored.stderr.splitlines()[-1] == "exit handlers"
-    assert "teardown" not in scored.stderr
-    listed = aigid("--help")
-    assert listed.returncode == 0 and "detect" in listed.stdout
-    assert listed.stderr.splitlines() == ["exit handlers", "teardown"]

@@ -98,61 +98,6 @@ def test_load_refuses_a_directory_without_safetensors(tmp_path):
         load_detector(tmp_path)
 
 
-def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
-    """Hub names and local directories share one from_pretrained path; a local one runs offline."""
-    import yaml
-    from click.testing import CliRunner
-    from transformers import CLIPImageProcessor
-
-    from aigid.cli import main
-    from aigid.detector.model import build_detector
-    from aigid.stages.encoders import train_wordpiece
-
-    model = _tiny_detector()
-    model.text_encoder.save_pretrained(tmp_path / "bert")
-    train_wordpiece(["a red circle"], vocab_size=50).save_pretrained(tmp_path / "bert")
-    model.vision_encoder.save_pretrained(tmp_path / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
-        tmp_path / "clip"
-    )
-    params = yaml.safe_load(open("params.yaml"))
-    params["encoders"].update(text=str(tmp_path / "bert"), vision=str(tmp_path / "clip"))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(
-        main,
-        [
-            "encoders",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--data",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "enc"),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    detector, _, _ = build_detector(str(tmp_path / "enc/text"), str(tmp_path / "enc/vision"), 8, 16, ("real", "ai"))
-    for name, tensor in model.text_encoder.state_dict().items():
-        assert torch.equal(detector.text_encoder.state_dict()[name], tensor), name
-
-    params["encoders"]["text"] = str(tmp_path / "missing")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(
-        main,
-        [
-            "encoders",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--data",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "enc2"),
-        ],
-    )
-    assert result.exit_code != 0 and "encoders.text=" in result.output
-    assert not (tmp_path / "enc2").exists()
-
-
 def test_a_class_added_in_params_gives_head_b_one_more_output():
     from aigid.tracking.metrics import score
 
@@ -183,16 +128,6 @@ def test_a_class_added_in_params_gives_head_b_one_more_output():
     assert p.label_b.tolist() == [6, 0]
     s = score([1, 0], [6, 0], p.label_a.numpy(), p.label_b.numpy(), names)
     assert s["per_class"]["flux"]["task_b_recall"] == 1.0
-
-
-def test_demo_tokenizer_vocabulary_is_deterministic_and_covers_unseen_words():
-    from aigid.stages.encoders import train_wordpiece
-
-    captions = ["two red circles and a blue square on a green background", "a yellow triangle on a grey background"]
-    a, b = train_wordpiece(captions, 80), train_wordpiece(list(reversed(captions)) * 3, 80)
-    assert a.get_vocab() == train_wordpiece(captions, 80).get_vocab()
-    assert set(a.get_vocab()) == set(b.get_vocab())  # frequency ties are broken alphabetically
-    assert "[UNK]" not in a.tokenize("a green triangles")  # unseen words fall back to characters
 
 
 def test_each_distinct_caption_is_encoded_once_with_the_same_result():
@@ -322,13 +257,3 @@ def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_wi
     with torch.no_grad():
         b = loaded(input_ids=ids, attention_mask=(ids != 0).long(), pixel_values=pixels)
     assert torch.equal(out.logits_a, b.logits_a) and torch.equal(out.logits_b, b.logits_b)
-
-
-def test_fusion_is_a_checked_choice(tmp_path):
-    from aigid.core.config import ParamsError, load_params
-    from helpers import write
-
-    with pytest.raises(ParamsError, match=r"model\.fusion"):
-        load_params(write(tmp_path, {"model": {"fusion": "attention"}}))
-    frozen = load_params(write(tmp_path, {"model": {"fusion": "cross_attention"}, "train": {"freeze_encoders": True}}))
-    assert frozen.model.fusion == "cross_attention" and frozen.train.freeze_encoders

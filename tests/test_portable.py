@@ -15,9 +15,7 @@ from transformers import CLIPImageProcessorPil
 
 from aigid.cli import main
 from aigid.core.errors import DataError
-from aigid.detector.model import decide as torch_decide
 from aigid.detector.model import load_detector
-from aigid.detector.scores import decide
 from aigid.serving.portable import GRAPH, WEIGHTS, Inputs, PortableDetector, Preprocessor
 from aigid.stages.export import export_graph
 from helpers import save_tiny_model
@@ -69,20 +67,6 @@ def test_captions_are_tokenised_as_the_detectors_tokenizer_does(tmp_path):
     assert ours["input_ids"].shape[1] == detector.model.config.max_text_length  # the long caption was truncated
     assert np.array_equal(ours["input_ids"], theirs["input_ids"])
     assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
-
-
-def test_the_decision_rule_is_the_torch_one():
-    rng = np.random.default_rng(1)
-    logits_a = np.concatenate([rng.normal(0, 3, 200), [0.0, 100.0, -100.0, 1e4, -1e4]]).astype(np.float32)
-    logits_b = rng.normal(0, 3, (len(logits_a), 6)).astype(np.float32)
-    logits_b[0, 0] = 50.0  # a real-class logit never wins Task B
-    for threshold in (0.5, 0.9):
-        prob_ai, label_a, probs_b, label_b = decide(logits_a, logits_b, threshold)
-        expected = torch_decide(torch.from_numpy(logits_a), torch.from_numpy(logits_b), threshold)
-        assert np.allclose(prob_ai, expected.prob_ai.numpy(), rtol=0, atol=1e-6)
-        assert np.array_equal(label_a, expected.label_a.numpy().astype(bool))
-        assert np.allclose(probs_b, expected.probs_b.numpy(), rtol=0, atol=1e-6)
-        assert np.array_equal(label_b, expected.label_b.numpy())
 
 
 def _export(model_dir, out, captions=("a red circle", "two")):
@@ -155,27 +139,3 @@ def test_a_broken_portable_model_or_bf16_on_it_is_one_clear_line(tmp_path):
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
     assert f"{tmp_path / 'portable' / GRAPH}: onnxruntime cannot load it" in result.output
     assert len(result.output.strip().splitlines()) == 1
-
-
-def test_export_of_a_directory_that_is_no_detector_is_one_clear_line(tmp_path):
-    (tmp_path / "data").mkdir()
-    result = CliRunner().invoke(
-        main,
-        [
-            "export",
-            "--model",
-            str(tmp_path),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / "portable"),
-            "--report",
-            str(tmp_path / "r.json"),
-        ],
-    )
-    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
-    assert (
-        result.output.strip() == f"Error: {tmp_path}: no model.safetensors; not a detector directory written by "
-        "train or retrain"
-    )
-    assert not (tmp_path / "portable").exists() and not (tmp_path / "r.json").exists()

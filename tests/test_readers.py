@@ -1,9 +1,9 @@
-"""`prepare` on the layouts users bring: competition tables + source folders, class folders, bad files."""
+"""The readers of the layouts users bring (aigid.sources.readers), through `aigid prepare`: competition tables +
+source folders, class folders, and where a local source may lie."""
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import shutil
 
@@ -11,7 +11,6 @@ import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
-from PIL import Image
 
 from aigid.cli import main
 from aigid.core.data import open_dataset
@@ -93,60 +92,6 @@ def test_caption_path_outside_the_root_is_refused(tmp_path):
     assert result.exit_code != 0 and "points outside the dataset root" in result.output
 
 
-def _bad_files(root):
-    """One of each kind of bad file among good ones, in class folders."""
-    for i in range(8):
-        save_image(root / "real" / f"ok_{i}.png", i)
-        save_image(root / "sdxl" / f"ok_{i}.jpg", 50 + i)
-    (root / "real" / "empty.png").write_bytes(b"")
-    (root / "real" / "notes.png").write_text("this is not an image")
-    good = io.BytesIO()
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(good, format="JPEG")
-    (root / "sdxl" / "truncated.jpg").write_bytes(good.getvalue()[:150])
-    save_image(root / "sdxl" / "huge.png", 7, size=(300, 300))  # above max_pixels below
-    save_image(root / "sdxl" / "alpha.png", 8, mode="RGBA")  # converted, not rejected
-    save_image(root / "sdxl" / "gray.png", 9, mode="L")
-    save_image(root / "sdxl" / "cmyk.jpg", 10, mode="CMYK")
-
-
-def test_bad_files_stop_prepare_by_default(tmp_path):
-    _bad_files(tmp_path / "mine")
-    result, out = run(tmp_path, tmp_path / "mine", max_pixels=250 * 250)
-    assert result.exit_code != 0 and "real/empty.png" in result.output and "empty image file" in result.output
-    assert not out.exists()
-
-
-def test_on_bad_skip_quarantines_every_bad_file_with_its_reason(tmp_path):
-    _bad_files(tmp_path / "mine")
-    result, out = run(tmp_path, tmp_path / "mine", max_pixels=250 * 250, on_bad="skip")
-    assert result.exit_code == 0, result.output
-    report = list(csv.DictReader(open(tmp_path / "quarantine.csv")))
-    skipped = {r["file"].rsplit("/", 1)[-1]: r["reason"] for r in report if r["action"] == "skipped"}
-    assert set(skipped) == {"empty.png", "notes.png", "truncated.jpg", "huge.png"}
-    assert "empty image file" in skipped["empty.png"]
-    assert "cannot decode" in skipped["notes.png"] and "cannot decode" in skipped["truncated.jpg"]
-    assert "decompression-bomb guard" in skipped["huge.png"]
-    metrics = json.loads((tmp_path / "prepare.json").read_text())
-    assert metrics["skipped"]["total"] == 4
-    stored = sum(len(ds) for ds in open_dataset(out).values())
-    assert stored == 16 + 3  # good ones plus alpha, gray, CMYK
-
-
-def test_duplicate_images_across_splits_are_reported(tmp_path):
-    root = tmp_path / "mine"
-    for split in ("train", "test"):
-        for i in range(6):
-            save_image(root / split / "real" / f"r{i}.png", i)  # same pixels in both splits
-            save_image(root / split / "sdxl" / f"s{i}.png", 100 + i + (0 if split == "train" else 50))
-    result, _ = run(tmp_path, root)
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "prepare.json").read_text())
-    across = {k: v for k, v in metrics["duplicates"].items() if k.startswith("across_")}
-    assert sum(across.values()) == 6 and "across_train_test" in across  # validation was cut from train
-    report = list(csv.DictReader(open(tmp_path / "quarantine.csv")))
-    assert sum("duplicate" in r["reason"] for r in report) == 6
-
-
 def test_split_with_no_samples_is_an_error(tmp_path):
     root = tmp_path / "mine"
     class_folders(root, classes=("real", "sdxl"))
@@ -155,17 +100,6 @@ def test_split_with_no_samples_is_an_error(tmp_path):
         shutil.move(str(root / name), str(root / "train" / name))
     result, _ = run(tmp_path, root)
     assert result.exit_code != 0 and "no images in any class folder" in result.output
-
-
-def test_large_images_are_stored_resized_to_max_side(tmp_path):
-    root = tmp_path / "mine"
-    for name in ("real", "sdxl"):
-        for i in range(6):
-            save_image(root / name / f"{i}.png", i, size=(120, 90))
-    result, out = run(tmp_path, root, max_side=30)
-    assert result.exit_code == 0, result.output
-    image = open_dataset(out)["train"][0]["Image"]
-    assert Image.open(io.BytesIO(image["bytes"])).size == (40, 30)
 
 
 def test_an_unknown_source_folder_is_an_error_not_skipped(tmp_path):
