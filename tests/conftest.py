@@ -1,48 +1,21 @@
-"""Shared fixtures: the real code on a tiny configuration (small encoders, a few dozen generated images)."""
+"""Shared fixtures: the real code on a tiny configuration (small encoders, a few dozen generated images). The
+plain helpers they use, and the test modules share, are in helpers.py."""
 
 from __future__ import annotations
 
-import contextlib
-import os
-import signal
-import socket
-import subprocess
-import time
-import urllib.request
+import shutil
 from pathlib import Path
 
 import pytest
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-
 # The tests run stages in this process too: params.yaml's compute profile is set before anything imports torch,
 # as the `aigid` command line sets it before a stage's module is imported (aigid.core.compute).
-from aigid.core import compute  # noqa: E402
+from aigid.core import compute
 
-compute.apply(REPO / "params.yaml")
+compute.apply(Path(__file__).resolve().parents[1] / "params.yaml")
 
-# The committed params.yaml, shrunk: same keys, smaller numbers.
-TINY = {
-    "prepare": {"demo": {"captions": {"train": 24, "validation": 6, "test": 8, "unlabeled": 10}, "image_size": 32}},
-    "encoders": {
-        "demo": {"hidden_size": 32, "layers": 1, "heads": 2, "vocab_size": 300, "image_size": 32, "patch_size": 8}
-    },
-    "model": {"fusion_dim": 32},
-    "train": {"epochs": 2, "batch_size": 32, "learning_rate": 0.002},
-    "threshold": 0.2,  # a barely trained tiny model is never confident; keep some samples anyway
-}
-
-
-def _merge(base: dict, over: dict) -> dict:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
-    return out
-
-
-def tiny_params_dict() -> dict:
-    return _merge(yaml.safe_load((REPO / "params.yaml").read_text()), TINY)
+from helpers import REPO, aigid, finish, free_port, local_server, save_tiny_model, sh, tiny_params_dict  # noqa: E402
 
 
 @pytest.fixture
@@ -58,8 +31,6 @@ def store(tmp_path, monkeypatch):
     detector in ``model``."""
     import mlflow
 
-    from test_detect import save_tiny_model
-
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     monkeypatch.delenv("DVC_ROOT", raising=False)
@@ -68,59 +39,6 @@ def store(tmp_path, monkeypatch):
     save_tiny_model(tmp_path / "model")
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     return tmp_path
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextlib.contextmanager
-def local_server(cmd: list[str], ready_url: str, **popen):
-    """Run a server process until the block ends: ready once ``ready_url`` answers (within 3 minutes); stopped
-    with its children (the process group) afterwards. Its output goes to a file (a pipe nobody reads would
-    fill up and stall the server), shown when it does not start."""
-    import tempfile
-
-    with tempfile.TemporaryFile() as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, **popen)
-        try:
-            deadline = time.monotonic() + 180
-            while True:
-                try:
-                    urllib.request.urlopen(ready_url, timeout=2).close()
-                    break
-                except OSError:
-                    if proc.poll() is not None or time.monotonic() > deadline:
-                        os.killpg(proc.pid, signal.SIGKILL)
-                        proc.wait()
-                        log.seek(0)
-                        raise AssertionError(f"{' '.join(cmd[:3])} did not start:\n{log.read().decode()}") from None
-                    time.sleep(0.5)
-            yield proc
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGTERM)
-                proc.wait(timeout=30)
-
-
-@contextlib.contextmanager
-def mlflow_server(db: Path, artifacts: str, env: dict[str, str], port: int | None = None):
-    """`mlflow server` on 127.0.0.1 (a free port unless given) with a sqlite backend at ``db`` and artifacts proxied
-    to ``artifacts`` (a directory or an s3:// URL), run with ``env``; yields its URI and process."""
-    import sys
-
-    port = port or free_port()
-    uri = f"http://127.0.0.1:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    cmd += ["--backend-store-uri", f"sqlite:///{db}", "--artifacts-destination", artifacts]
-    with local_server(cmd, f"{uri}/health", env=env) as proc:
-        yield uri, proc
-
-
-# Credentials of the test S3 server (moto accepts any; these are the ones the tests pass and check for).
-S3_KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
 @pytest.fixture(scope="module")
@@ -137,15 +55,36 @@ def s3_server():
         yield endpoint
 
 
-def make_bucket(endpoint: str, name: str) -> str:
-    """Create bucket ``name`` on the S3 server at ``endpoint``; returns ``s3://name``."""
-    import boto3
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> Path:
+    """A fresh git + DVC repository holding this project's pipeline, its code and a tiny params.yaml."""
+    root = tmp_path_factory.mktemp("project")
+    for name in ("dvc.yaml", ".gitignore", "data/raw/README.md"):
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(REPO / name, root / name)
+    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+    params = tiny_params_dict()
+    params["train"]["holdout"] = "sd3"  # leave-one-generator-out, so evaluate reports an unseen generator
+    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    sh("git", "init", "-q", cwd=root)
+    sh("git", "config", "user.email", "ci@example.com", cwd=root)
+    sh("git", "config", "user.name", "ci", cwd=root)
+    sh("dvc", "init", "-q", cwd=root)
+    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")  # after `dvc init`, which writes its own
+    sh("git", "add", "-A", cwd=root)
+    sh("git", "commit", "-qm", "tiny pipeline", cwd=root)
+    sh("dvc", "repro", cwd=root)
+    return root
 
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id=S3_KEYS["AWS_ACCESS_KEY_ID"],
-        aws_secret_access_key=S3_KEYS["AWS_SECRET_ACCESS_KEY"],
-        region_name=S3_KEYS["AWS_DEFAULT_REGION"],
-    ).create_bucket(Bucket=name)
-    return f"s3://{name}"
+
+# Session-wide: the frozen-mode tests of several modules (features, cache, train, pseudolabel) only read it.
+@pytest.fixture(scope="session")
+def frozen(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("frozen")
+    params = tiny_params_dict()
+    params["train"]["freeze_encoders"] = True
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    (root / "data/raw").mkdir(parents=True)  # the raw data folder prepare depends on
+    for stage in ("prepare", "encoders", "features", "train", "pseudolabel", "retrain"):
+        finish(aigid(stage, cwd=root))
+    return root

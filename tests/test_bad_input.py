@@ -19,9 +19,7 @@ from PIL import Image as PILImage
 
 from aigid.cli import main
 from aigid.core.data import open_dataset
-from conftest import REPO
-from test_detect import save_tiny_model
-from test_sources import competition, run, save_image
+from helpers import REPO, competition, run, save_image, save_tiny_model
 
 RAW = Features({"Caption": Value("string"), "Image": Image(), "Label_A": Value("int64"), "Label_B": Value("int64")})
 

@@ -15,8 +15,7 @@ from aigid.core import compute
 from aigid.core.config import load_params
 from aigid.core.errors import ParamsError
 from aigid.detector.runtime import configure
-from conftest import REPO, tiny_params_dict
-from test_faults import aigid, environment, finish
+from helpers import REPO, aigid, environment, finish, tiny_params_dict
 
 # What another machine would do by itself: the widest vector unit for every library, another thread count.
 UNPINNED = {"ATEN_CPU_CAPABILITY": "avx512", "ONEDNN_MAX_CPU_ISA": "ALL", "MKL_CBWR": "AUTO", "OMP_NUM_THREADS": "1"}

@@ -2,18 +2,11 @@
 
 import pytest
 import yaml
+from click.testing import CliRunner
 
+from aigid.cli import main
 from aigid.core.config import ParamsError, declared, flatten, load_params, scoped
-from conftest import REPO, _merge
-
-
-def write(tmp_path, over: dict | None = None, text: str | None = None):
-    """A params file: the committed params.yaml with ``over`` merged in, or ``text`` as it is."""
-    p = tmp_path / "params.yaml"
-    if text is None:
-        text = yaml.safe_dump(_merge(yaml.safe_load((REPO / "params.yaml").read_text()), over or {}))
-    p.write_text(text)
-    return p
+from helpers import REPO, write
 
 
 def test_committed_params_load_and_flatten():
@@ -79,3 +72,47 @@ def test_a_stage_reads_only_its_declared_keys():
         view.threshold
     assert view.declared() == {"seed": 42, "train.num_workers": 0, "inference.precision": "auto"}
     assert declared(p, ("model",)) == {"model.fusion": "concat", "model.fusion_dim": 512, "model.max_text_length": 64}
+
+
+@pytest.mark.parametrize(
+    "over, key",
+    [
+        ({"train": {"caption_dropout": 1}}, "train.caption_dropout"),
+        ({"train": {"holdout": "real"}}, "train.holdout"),
+        ({"train": {"holdout": "flux"}}, "train.holdout"),
+        ({"evaluate": {"target_fpr": 0}}, "evaluate.target_fpr"),
+        ({"evaluate": {"robustness": {"blur": [1, "x"]}}}, r"evaluate.robustness.blur.1"),
+        ({"evaluate": {"robustness": {"resize": 0.5}}}, "evaluate.robustness.resize"),
+    ],
+)
+def test_new_params_are_checked(tmp_path, over, key):
+    with pytest.raises(ParamsError, match=key):
+        load_params(write(tmp_path, over))
+
+
+def test_holdout_accepts_a_generator(tmp_path):
+    p = load_params(write(tmp_path, {"train": {"holdout": "sd3"}, "evaluate": {"robustness": {"blur": [1, 2.5]}}}))
+    assert p.train.holdout == "sd3" and p.evaluate.robustness["blur"] == [1.0, 2.5]
+
+
+def test_malformed_params_value_names_the_key(tmp_path):
+    params = yaml.safe_load(open("params.yaml"))
+    params["train"]["learning_rate"] = "fast"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    result = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--params",
+            str(tmp_path / "params.yaml"),
+            "--data",
+            str(tmp_path),
+            "--encoders",
+            str(tmp_path),
+            "--out",
+            str(tmp_path / "model"),
+        ],
+    )
+    assert result.exit_code != 0
+    assert "train.learning_rate: Input should be a valid number" in result.output and "'fast'" in result.output
+    assert not (tmp_path / "model").exists()

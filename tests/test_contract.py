@@ -24,7 +24,7 @@ import yaml
 from aigid import cli
 from aigid.cli import COMMANDS
 from aigid.core.config import Params, load_params
-from conftest import REPO
+from helpers import REPO
 
 SRC = REPO / "src"
 DVC = yaml.safe_load((REPO / "dvc.yaml").read_text())

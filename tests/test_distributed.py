@@ -13,9 +13,7 @@ import mlflow
 import pytest
 import yaml
 
-from aigid.core.config import ParamsError
-from aigid.stages.train import CHECKPOINT_FILES, checkpoint_files, last_complete_checkpoint, per_process_batch
-from conftest import tiny_params_dict
+from helpers import tiny_params_dict
 
 BIN = Path(sys.executable).parent
 
@@ -47,24 +45,6 @@ def train_args(name: str) -> list[str]:
 def runs_in(store: Path) -> list:
     mlflow.set_tracking_uri(f"sqlite:///{store}")
     return mlflow.search_runs(experiment_names=["aigid"], output_format="list")
-
-
-def test_global_batch_is_shared_by_the_processes():
-    assert per_process_batch(256, 1) == 256 and per_process_batch(256, 8) == 32
-    with pytest.raises(ParamsError, match=r"train\.batch_size: 30 .* 4 processes"):
-        per_process_batch(30, 4)
-
-
-def test_a_complete_checkpoint_holds_every_rank_rng_state(tmp_path):
-    assert checkpoint_files(1) == CHECKPOINT_FILES
-    assert "rng_state.pth" not in checkpoint_files(2)
-    for step, files in ((5, checkpoint_files(2)), (10, checkpoint_files(2)[:-1])):  # rank 1 killed before its RNG
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        for name in files:
-            (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"")
-    assert last_complete_checkpoint(tmp_path, 2) == tmp_path / "checkpoint-5"
-    assert not (tmp_path / "checkpoint-10").exists()
-    assert last_complete_checkpoint(tmp_path, 1) is None  # single-process files are not there
 
 
 @pytest.mark.slow

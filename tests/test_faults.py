@@ -4,37 +4,16 @@ against a real MLflow server it logs there."""
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from conftest import free_port, mlflow_server, tiny_params_dict
+from helpers import aigid, environment, finish, free_port, mlflow_server, tiny_params_dict
 
 pytestmark = pytest.mark.slow
-
-
-def environment(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    return {**env, **extra}
-
-
-def aigid(*args: str, cwd: Path, **env: str) -> subprocess.Popen:
-    return subprocess.Popen(
-        ["aigid", *args], cwd=cwd, env=environment(**env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-    )
-
-
-def finish(proc: subprocess.Popen) -> str:
-    out, _ = proc.communicate(timeout=600)
-    assert proc.returncode == 0, out
-    return out
 
 
 def last_complete_checkpoint_in(root: Path):

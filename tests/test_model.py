@@ -17,6 +17,7 @@ from aigid.detector.model import (
     save_detector,
 )
 from aigid.detector.scores import decide
+from helpers import _tiny_detector
 
 
 def test_loss_is_bce_plus_ce_over_ai_images_only():
@@ -66,35 +67,6 @@ def test_label_b_is_real_exactly_when_label_a_is_real():
     assert (p.probs_b[:, 0] == 0).all() and np.allclose(p.probs_b.sum(-1), 1)
 
 
-CT2 = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")
-
-
-def _tiny_detector(fusion="concat"):
-    text = BertModel(
-        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
-        add_pooling_layer=False,
-    )
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            image_size=16,
-            patch_size=8,
-        )
-    )
-    return Detector(
-        DetectorConfig(
-            text_encoder_config=text.config,
-            vision_encoder_config=vision.config,
-            fusion_dim=8,
-            class_names=CT2,
-            fusion=fusion,
-        )
-    )
-
-
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     from transformers import CLIPImageProcessor
 
@@ -127,61 +99,6 @@ def test_load_refuses_a_directory_without_safetensors(tmp_path):
         load_detector(tmp_path)
 
 
-def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
-    """Hub names and local directories share one from_pretrained path; a local one runs offline."""
-    import yaml
-    from click.testing import CliRunner
-    from transformers import CLIPImageProcessor
-
-    from aigid.cli import main
-    from aigid.detector.model import build_detector
-    from aigid.stages.encoders import train_wordpiece
-
-    model = _tiny_detector()
-    model.text_encoder.save_pretrained(tmp_path / "bert")
-    train_wordpiece(["a red circle"], vocab_size=50).save_pretrained(tmp_path / "bert")
-    model.vision_encoder.save_pretrained(tmp_path / "clip")
-    CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}).save_pretrained(
-        tmp_path / "clip"
-    )
-    params = yaml.safe_load(open("params.yaml"))
-    params["encoders"].update(text=str(tmp_path / "bert"), vision=str(tmp_path / "clip"))
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(
-        main,
-        [
-            "encoders",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--data",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "enc"),
-        ],
-    )
-    assert result.exit_code == 0, result.output
-    detector, _, _, _ = build_detector(str(tmp_path / "enc/text"), str(tmp_path / "enc/vision"), 8, 16, ("real", "ai"))
-    for name, tensor in model.text_encoder.state_dict().items():
-        assert torch.equal(detector.text_encoder.state_dict()[name], tensor), name
-
-    params["encoders"]["text"] = str(tmp_path / "missing")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(
-        main,
-        [
-            "encoders",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--data",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "enc2"),
-        ],
-    )
-    assert result.exit_code != 0 and "encoders.text=" in result.output
-    assert not (tmp_path / "enc2").exists()
-
-
 def test_a_class_added_in_params_gives_head_b_one_more_output():
     from aigid.tracking.metrics import score
 
@@ -212,16 +129,6 @@ def test_a_class_added_in_params_gives_head_b_one_more_output():
     assert p.label_b.tolist() == [6, 0]
     s = score([1, 0], [6, 0], p.label_a, p.label_b, names)
     assert s["per_class"]["flux"]["task_b_recall"] == 1.0
-
-
-def test_demo_tokenizer_vocabulary_is_deterministic_and_covers_unseen_words():
-    from aigid.stages.encoders import train_wordpiece
-
-    captions = ["two red circles and a blue square on a green background", "a yellow triangle on a grey background"]
-    a, b = train_wordpiece(captions, 80), train_wordpiece(list(reversed(captions)) * 3, 80)
-    assert a.get_vocab() == train_wordpiece(captions, 80).get_vocab()
-    assert set(a.get_vocab()) == set(b.get_vocab())  # frequency ties are broken alphabetically
-    assert "[UNK]" not in a.tokenize("a green triangles")  # unseen words fall back to characters
 
 
 def test_each_distinct_caption_is_encoded_once_with_the_same_result():
@@ -356,7 +263,7 @@ def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_wi
 def test_fusion_is_a_name_in_the_fusion_table(tmp_path):
     from aigid.core.config import ParamsError, load_params
     from aigid.detector.model import FUSIONS
-    from test_config import write
+    from helpers import write
 
     params = load_params(write(tmp_path, {"model": {"fusion": "cross_atention"}}))  # the table checks, where used
     with pytest.raises(

@@ -12,9 +12,8 @@ import pytest
 import yaml
 
 from aigid.core.config import load_params
-from conftest import REPO
+from helpers import REPO, STAGES, sh
 from standins import bert_base, clip_vit_b32, defactify_parquet
-from test_pipeline import STAGES, sh
 
 pytestmark = pytest.mark.slow
 

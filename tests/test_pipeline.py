@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -15,53 +12,13 @@ import pytest
 import yaml
 
 from aigid.core.data import open_dataset
-from conftest import REPO, tiny_params_dict
+from helpers import STAGES, _env, _run, sh
 
 pytestmark = pytest.mark.slow
-STAGES = tuple(yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"])  # in dvc.yaml's order
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "DVC_"))}
-    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    return env
-
-
-def _run(cmd, cwd: Path) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-def sh(*cmd: str, cwd: Path) -> str:
-    proc = _run(cmd, cwd)
-    return proc.stdout + proc.stderr
 
 
 def _stdout(cmd, cwd: Path) -> str:
     return _run(cmd, cwd).stdout
-
-
-@pytest.fixture(scope="module")
-def project(tmp_path_factory) -> Path:
-    """A fresh git + DVC repository holding this project's pipeline, its code and a tiny params.yaml."""
-    root = tmp_path_factory.mktemp("project")
-    for name in ("dvc.yaml", ".gitignore", "data/raw/README.md"):
-        (root / name).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy(REPO / name, root / name)
-    shutil.copytree(REPO / "src", root / "src", ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
-    params = tiny_params_dict()
-    params["train"]["holdout"] = "sd3"  # leave-one-generator-out, so evaluate reports an unseen generator
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    sh("git", "init", "-q", cwd=root)
-    sh("git", "config", "user.email", "ci@example.com", cwd=root)
-    sh("git", "config", "user.name", "ci", cwd=root)
-    sh("dvc", "init", "-q", cwd=root)
-    shutil.copy(REPO / ".dvcignore", root / ".dvcignore")  # after `dvc init`, which writes its own
-    sh("git", "add", "-A", cwd=root)
-    sh("git", "commit", "-qm", "tiny pipeline", cwd=root)
-    sh("dvc", "repro", cwd=root)
-    return root
 
 
 def versions(root: Path | None = None, name: str = "aigid-detector") -> list:

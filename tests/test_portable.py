@@ -16,10 +16,9 @@ from transformers import CLIPImageProcessorPil
 from aigid.cli import main
 from aigid.core.errors import DataError
 from aigid.detector.model import load_detector
-from aigid.detector.scores import decide
 from aigid.serving.portable import GRAPH, WEIGHTS, Inputs, PortableDetector, Preprocessor
 from aigid.stages.export import export_graph
-from test_detect import save_tiny_model
+from helpers import save_tiny_model
 
 
 def _images() -> list[Image.Image]:
@@ -68,26 +67,6 @@ def test_captions_are_tokenised_as_the_detectors_tokenizer_does(tmp_path):
     assert ours["input_ids"].shape[1] == detector.model.config.max_text_length  # the long caption was truncated
     assert np.array_equal(ours["input_ids"], theirs["input_ids"])
     assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
-
-
-def test_the_decision_rule_is_torchs_sigmoid_and_softmax_over_the_ai_classes_without_overflow():
-    rng = np.random.default_rng(1)
-    logits_a = np.concatenate([rng.normal(0, 3, 200), [0.0, 100.0, -100.0, 1e4, -1e4]]).astype(np.float32)
-    logits_b = rng.normal(0, 3, (len(logits_a), 6)).astype(np.float32)
-    logits_b[0, 0] = 50.0  # a real-class logit never wins Task B
-    prob = torch.sigmoid(torch.from_numpy(logits_a))
-    masked = torch.from_numpy(logits_b).clone()
-    masked[:, 0] = float("-inf")
-    softmax = masked.softmax(dim=-1)
-    for threshold in (0.5, 0.9):
-        d = decide(logits_a, logits_b, threshold)
-        assert np.isfinite(d.prob_ai).all() and np.isfinite(d.probs_b).all()
-        assert np.allclose(d.prob_ai, prob.numpy(), rtol=0, atol=1e-6)
-        assert np.array_equal(d.label_a, (prob >= threshold).long().numpy())
-        assert np.allclose(d.probs_b, softmax.numpy(), rtol=0, atol=1e-6)
-        assert np.array_equal(d.label_b, np.where(d.label_a == 1, softmax.argmax(-1).numpy(), 0))
-        assert np.allclose(d.conf_a, torch.maximum(prob, 1 - prob).numpy(), rtol=0, atol=1e-6)
-        assert np.array_equal(d.conf_b, np.where(d.label_a == 1, d.probs_b.max(-1), d.conf_a))
 
 
 def _export(model_dir, out, captions=("a red circle", "two")):
@@ -160,27 +139,3 @@ def test_a_broken_portable_model_or_bf16_on_it_is_one_clear_line(tmp_path):
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
     assert f"{tmp_path / 'portable' / GRAPH}: onnxruntime cannot load it" in result.output
     assert len(result.output.strip().splitlines()) == 1
-
-
-def test_export_of_a_directory_that_is_no_detector_is_one_clear_line(tmp_path):
-    (tmp_path / "data").mkdir()
-    result = CliRunner().invoke(
-        main,
-        [
-            "export",
-            "--model",
-            str(tmp_path),
-            "--data",
-            str(tmp_path / "data"),
-            "--out",
-            str(tmp_path / "portable"),
-            "--report",
-            str(tmp_path / "r.json"),
-        ],
-    )
-    assert result.exit_code == 1 and result.exception.__class__ is SystemExit
-    assert (
-        result.output.strip() == f"Error: {tmp_path}: no model.safetensors; not a detector directory written by "
-        "train or retrain"
-    )
-    assert not (tmp_path / "portable").exists() and not (tmp_path / "r.json").exists()

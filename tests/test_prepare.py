@@ -1,5 +1,7 @@
-"""`prepare` on the real dataset's layout: good input is stored, bad input stops with the row and the reason."""
+"""The `prepare` stage (aigid.stages.prepare): good input is stored, bad input stops with the row and the reason or,
+with `on_bad: skip`, is quarantined; duplicates are reported, large images stored resized."""
 
+import csv
 import io
 import json
 
@@ -7,20 +9,23 @@ import numpy as np
 import pytest
 import yaml
 from click.testing import CliRunner
-from datasets import Dataset, DatasetDict, Features, Image, Value, load_from_disk
-from PIL import Image as PILImage
+from datasets import Dataset, DatasetDict, Features, Value, load_from_disk
+from datasets import Image as ImageFeature
+from PIL import Image
 
 from aigid.cli import main
+from aigid.core.data import open_dataset
+from helpers import run, save_image
 
 FEATURES = Features(
-    {"Caption": Value("string"), "Image": Image(), "Label_A": Value("int64"), "Label_B": Value("int64")}
+    {"Caption": Value("string"), "Image": ImageFeature(), "Label_A": Value("int64"), "Label_B": Value("int64")}
 )
 
 
 def png(seed: int, mode: str = "RGB") -> bytes:
     arr = np.random.default_rng(seed).integers(0, 255, (20, 20, 3), dtype=np.uint8)
     buf = io.BytesIO()
-    PILImage.fromarray(arr).convert(mode).save(buf, format="PNG")
+    Image.fromarray(arr).convert(mode).save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -99,13 +104,13 @@ def test_good_source_is_stored_with_a_validation_split_made_by_caption(tmp_path,
 
 def _cmyk_jpeg() -> bytes:
     buf = io.BytesIO()
-    PILImage.new("CMYK", (20, 20), (10, 200, 30, 0)).save(buf, format="JPEG")
+    Image.new("CMYK", (20, 20), (10, 200, 30, 0)).save(buf, format="JPEG")
     return buf.getvalue()
 
 
 def _truncated() -> bytes:
     buf = io.BytesIO()
-    PILImage.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(buf, "JPEG")
     return buf.getvalue()[:200]
 
 
@@ -164,29 +169,6 @@ def test_missing_image_file_is_named(tmp_path):
     assert not out.exists()
 
 
-def test_malformed_params_value_names_the_key(tmp_path):
-    params = yaml.safe_load(open("params.yaml"))
-    params["train"]["learning_rate"] = "fast"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--data",
-            str(tmp_path),
-            "--encoders",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "model"),
-        ],
-    )
-    assert result.exit_code != 0
-    assert "train.learning_rate: Input should be a valid number" in result.output and "'fast'" in result.output
-    assert not (tmp_path / "model").exists()
-
-
 def test_split_with_no_samples_is_named(tmp_path):
     src = tmp_path / "source"
     empty = Dataset.from_dict(rows(1), features=FEATURES).select([])
@@ -196,3 +178,68 @@ def test_split_with_no_samples_is_named(tmp_path):
     result, out = run_prepare(tmp_path, src)
     assert result.exit_code != 0 and "split test: no samples" in result.output
     assert not out.exists()
+
+
+def _bad_files(root):
+    """One of each kind of bad file among good ones, in class folders."""
+    for i in range(8):
+        save_image(root / "real" / f"ok_{i}.png", i)
+        save_image(root / "sdxl" / f"ok_{i}.jpg", 50 + i)
+    (root / "real" / "empty.png").write_bytes(b"")
+    (root / "real" / "notes.png").write_text("this is not an image")
+    good = io.BytesIO()
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(good, format="JPEG")
+    (root / "sdxl" / "truncated.jpg").write_bytes(good.getvalue()[:150])
+    save_image(root / "sdxl" / "huge.png", 7, size=(300, 300))  # above max_pixels below
+    save_image(root / "sdxl" / "alpha.png", 8, mode="RGBA")  # converted, not rejected
+    save_image(root / "sdxl" / "gray.png", 9, mode="L")
+    save_image(root / "sdxl" / "cmyk.jpg", 10, mode="CMYK")
+
+
+def test_bad_files_stop_prepare_by_default(tmp_path):
+    _bad_files(tmp_path / "mine")
+    result, out = run(tmp_path, tmp_path / "mine", max_pixels=250 * 250)
+    assert result.exit_code != 0 and "real/empty.png" in result.output and "empty image file" in result.output
+    assert not out.exists()
+
+
+def test_on_bad_skip_quarantines_every_bad_file_with_its_reason(tmp_path):
+    _bad_files(tmp_path / "mine")
+    result, out = run(tmp_path, tmp_path / "mine", max_pixels=250 * 250, on_bad="skip")
+    assert result.exit_code == 0, result.output
+    report = list(csv.DictReader(open(tmp_path / "quarantine.csv")))
+    skipped = {r["file"].rsplit("/", 1)[-1]: r["reason"] for r in report if r["action"] == "skipped"}
+    assert set(skipped) == {"empty.png", "notes.png", "truncated.jpg", "huge.png"}
+    assert "empty image file" in skipped["empty.png"]
+    assert "cannot decode" in skipped["notes.png"] and "cannot decode" in skipped["truncated.jpg"]
+    assert "decompression-bomb guard" in skipped["huge.png"]
+    metrics = json.loads((tmp_path / "prepare.json").read_text())
+    assert metrics["skipped"]["total"] == 4
+    stored = sum(len(ds) for ds in open_dataset(out).values())
+    assert stored == 16 + 3  # good ones plus alpha, gray, CMYK
+
+
+def test_duplicate_images_across_splits_are_reported(tmp_path):
+    root = tmp_path / "mine"
+    for split in ("train", "test"):
+        for i in range(6):
+            save_image(root / split / "real" / f"r{i}.png", i)  # same pixels in both splits
+            save_image(root / split / "sdxl" / f"s{i}.png", 100 + i + (0 if split == "train" else 50))
+    result, _ = run(tmp_path, root)
+    assert result.exit_code == 0, result.output
+    metrics = json.loads((tmp_path / "prepare.json").read_text())
+    across = {k: v for k, v in metrics["duplicates"].items() if k.startswith("across_")}
+    assert sum(across.values()) == 6 and "across_train_test" in across  # validation was cut from train
+    report = list(csv.DictReader(open(tmp_path / "quarantine.csv")))
+    assert sum("duplicate" in r["reason"] for r in report) == 6
+
+
+def test_large_images_are_stored_resized_to_max_side(tmp_path):
+    root = tmp_path / "mine"
+    for name in ("real", "sdxl"):
+        for i in range(6):
+            save_image(root / name / f"{i}.png", i, size=(120, 90))
+    result, out = run(tmp_path, root, max_side=30)
+    assert result.exit_code == 0, result.output
+    image = open_dataset(out)["train"][0]["Image"]
+    assert Image.open(io.BytesIO(image["bytes"])).size == (40, 30)

@@ -18,8 +18,7 @@ import pytest
 import yaml
 
 from aigid.core.data import open_dataset
-from conftest import REPO, S3_KEYS, free_port, make_bucket
-from test_pipeline import STAGES, _env, project  # noqa: F401  (project: the tiny pipeline, reproduced once)
+from helpers import REPO, S3_KEYS, STAGES, _env, free_port, make_bucket
 
 pytestmark = pytest.mark.slow
 EXPERIMENT = {"name": "higher-threshold", "threshold": 0.3, "features.batch_size": 64}
@@ -88,7 +87,7 @@ class Team:
 
 
 @pytest.fixture(scope="module")
-def team(project, s3_server) -> Team:  # noqa: F811
+def team(project, s3_server) -> Team:
     """The reproduced tiny pipeline with a DVC remote on the test server (URL committed, endpoint and keys in
     .dvc/config.local), its outputs committed, pushed with the run cache, and a bare git repository as origin."""
     s3 = s3_server

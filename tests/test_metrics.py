@@ -1,8 +1,11 @@
+"""Scores for Task A and Task B (aigid.tracking.metrics): balanced ones, per class, the threshold at a false
+positive rate, ranking and calibration."""
+
 import numpy as np
 import pytest
+import torch
 
-from aigid.stages.pseudolabel import select_confident
-from aigid.tracking.metrics import score, task_scores
+from aigid.tracking.metrics import ranking_scores, rates_at, score, task_scores, threshold_at_fpr
 
 
 def test_task_scores_match_hand_computed_values():
@@ -39,14 +42,6 @@ def test_per_class_detection_rates():
     assert "sd3" not in s["per_class"]  # no such images: no made-up row
 
 
-def test_selection_keeps_only_samples_strictly_above_the_threshold_on_both_tasks():
-    conf_a = np.array([0.80, 0.81, 0.95, 0.99, 0.7999])
-    conf_b = np.array([0.99, 0.81, 0.80, 0.90, 0.99])
-    assert select_confident(conf_a, conf_b, 0.8).tolist() == [1, 3]
-    assert select_confident(conf_a, conf_b, 0.79).tolist() == [0, 1, 2, 3, 4]
-    assert select_confident(conf_a, conf_b, 0.99).tolist() == []
-
-
 def test_binary_f1_is_the_ai_class_f1():
     # 4 real, 6 AI; AI: precision 5/6, recall 5/6. An all-AI model has a high binary F1 and a low macro one.
     labels_a = np.array([0, 0, 0, 0, 1, 1, 1, 1, 1, 1])
@@ -79,25 +74,26 @@ def test_calibration_error_by_hand_and_bins_as_scikit_learn_cuts_them():
     assert calibration([1, 1, 0, 0], [1.0, 1.0, 0.0, 0.0])[0]["ece"] == 0.0
 
 
-def test_class_quotas_keep_the_mix_and_never_exceed_what_is_available():
-    from aigid.stages.pseudolabel import class_quotas
+def test_threshold_at_fpr_is_the_lowest_with_at_most_the_target_rate():
+    rng = np.random.default_rng(0)
+    real = rng.random(200).astype(np.float32)
+    t = threshold_at_fpr(real, 0.05)
+    assert (real >= t).mean() <= 0.05  # at most 10 of 200 false positives
+    assert (real >= np.sort(real)[::-1][10]).mean() > 0.05  # any lower score as threshold would exceed it
+    assert (real >= t).sum() == 10
 
-    mix = np.array([1, 1, 1, 1, 1, 1]) / 6  # CT2's train split: one image per source
-    assert class_quotas(np.array([65, 97, 102, 37, 63, 78]), mix).tolist() == [37] * 6
-    assert class_quotas(np.array([10, 100, 100]), np.array([0.5, 0.25, 0.25])).tolist() == [10, 5, 5]
-    assert class_quotas(np.array([0, 50, 50]), np.array([0.2, 0.4, 0.4])).tolist() == [0, 0, 0]  # no real: none
-    assert class_quotas(np.array([7, 50, 0]), np.array([0.5, 0.5, 0.0])).tolist() == [7, 7, 0]  # no share: none
+
+def test_threshold_at_fpr_with_ties_never_exceeds_the_target():
+    real = np.array([0.9] * 5 + [0.1] * 15, dtype=np.float32)  # 5 of 20 tied at the top: 25%
+    t = threshold_at_fpr(real, 0.1)
+    assert (real >= t).mean() == 0.0 and t > 0.9
+    # Compared in float32, as the model's probabilities are, the step above 0.9 survives.
+    assert not (torch.tensor(real) >= t).any()
 
 
-def test_class_balanced_selection_keeps_the_most_confident_of_each_predicted_class():
-    from aigid.stages.pseudolabel import select_class_balanced
-
-    conf_a = np.array([0.99, 0.95, 0.90, 0.85, 0.97, 0.70, 0.99, 0.91])
-    conf_b = np.array([0.99, 0.95, 0.90, 0.85, 0.93, 0.99, 0.81, 0.99])
-    label_b = np.array([1, 1, 1, 1, 0, 0, 1, 0])
-    # Above 0.8: class 1 has rows 0, 1, 2, 3, 6; class 0 has rows 4, 7 (row 5 fails on Task A).
-    keep, quotas = select_class_balanced(conf_a, conf_b, label_b, 0.8, np.array([0.5, 0.5]))
-    assert quotas.tolist() == [2, 2]
-    assert keep.tolist() == [0, 1, 4, 7]  # class 1: rows 0 (0.99) and 1 (0.95)
-    keep, quotas = select_class_balanced(conf_a, conf_b, label_b, 0.8, np.array([0.2, 0.8]))
-    assert quotas.tolist() == [1, 5] and keep.tolist() == [0, 1, 2, 3, 4, 6]  # row 4 (0.93) beats row 7 (0.91)
+def test_rates_and_ranking_scores():
+    labels, prob = np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.7, 0.4])
+    assert rates_at(labels, prob, 0.5) == {"tpr": 0.5, "fpr": 0.5}
+    assert ranking_scores(labels, prob)["roc_auc"] == pytest.approx(0.75)
+    with pytest.raises(ValueError, match="both real and AI"):
+        ranking_scores([1, 1], [0.2, 0.3])

@@ -16,8 +16,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from aigid.cli import main
-from conftest import free_port, local_server
-from test_registry import _register
+from helpers import _register, free_port, local_server
 
 pytestmark = pytest.mark.slow
 

@@ -1,75 +1,20 @@
-"""`prepare` on the layouts users bring: competition tables + source folders, class folders, bad files."""
+"""The readers of the layouts users bring (aigid.sources.readers), through `aigid prepare`: competition tables +
+source folders, class folders, and where a local source may lie."""
 
 from __future__ import annotations
 
 import csv
-import io
 import json
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
-from PIL import Image
 
 from aigid.cli import main
 from aigid.core.data import open_dataset
-
-
-def save_image(path, seed: int, mode: str = "RGB", size=(24, 24), fmt: str | None = None) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    arr = np.random.default_rng(seed).integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)
-    Image.fromarray(arr).convert(mode).save(path, format=fmt or ("JPEG" if path.suffix == ".jpg" else "PNG"))
-
-
-def run(tmp_path, source, **prepare):
-    params = yaml.safe_load(open("params.yaml"))
-    params["prepare"].update(source=str(source), **prepare)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "prepared"
-    result = CliRunner().invoke(
-        main,
-        [
-            "prepare",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--raw",
-            str(tmp_path),
-            "--out",
-            str(out),
-            "--report",
-            str(tmp_path / "prepare.json"),
-            "--quarantine",
-            str(tmp_path / "quarantine.csv"),
-        ],
-    )
-    return result, out
-
-
-SOURCE_DIRS = ("coco_image", "sd21_image", "sdxl_image", "sd3_image", "dalle_image", "midjourney_image")
-
-
-def competition(root, table: str = "xlsx", n: int = 8):
-    """train/: captions table + six source folders; validation/: captions + labels tables + images/."""
-    captions = pd.DataFrame({"Index": range(n), "Caption": [f"scene {i}: a dog on a sofa" for i in range(n)]})
-    (root / "train").mkdir(parents=True)
-    if table == "xlsx":
-        captions.to_excel(root / "train" / "captions.xlsx", index=False)
-    else:
-        captions.to_csv(root / "train" / "captions.csv", index=False)
-    for k, folder in enumerate(SOURCE_DIRS):  # the competition's folder names, in Label_B order
-        for i in range(n):
-            save_image(root / "train" / folder / f"image_{i}.jpg", 100 * k + i)
-    val = pd.DataFrame({"Index": [0, 1, 2, 3], "Caption": ["a cat", "a car", "two birds", "a bus"]})
-    (root / "validation" / "images").mkdir(parents=True)
-    val.to_csv(root / "validation" / "captions.csv", index=False)
-    pd.DataFrame({"Index": [0, 1, 2, 3], "Label_A": [0, 1, 1, 1], "Label_B": [0, 3, 5, 1]}).to_excel(
-        root / "validation" / "labels.xlsx", index=False
-    )
-    for i in range(4):
-        save_image(root / "validation" / "images" / f"image_{i}.jpg", 900 + i)
+from helpers import competition, run, save_image
 
 
 def test_a_layout_not_in_the_table_is_one_line_naming_the_key(tmp_path):
@@ -157,60 +102,6 @@ def test_caption_path_outside_the_root_is_refused(tmp_path):
     assert result.exit_code != 0 and "points outside the dataset root" in result.output
 
 
-def _bad_files(root):
-    """One of each kind of bad file among good ones, in class folders."""
-    for i in range(8):
-        save_image(root / "real" / f"ok_{i}.png", i)
-        save_image(root / "sdxl" / f"ok_{i}.jpg", 50 + i)
-    (root / "real" / "empty.png").write_bytes(b"")
-    (root / "real" / "notes.png").write_text("this is not an image")
-    good = io.BytesIO()
-    Image.new("RGB", (64, 64), (1, 2, 3)).save(good, format="JPEG")
-    (root / "sdxl" / "truncated.jpg").write_bytes(good.getvalue()[:150])
-    save_image(root / "sdxl" / "huge.png", 7, size=(300, 300))  # above max_pixels below
-    save_image(root / "sdxl" / "alpha.png", 8, mode="RGBA")  # converted, not rejected
-    save_image(root / "sdxl" / "gray.png", 9, mode="L")
-    save_image(root / "sdxl" / "cmyk.jpg", 10, mode="CMYK")
-
-
-def test_bad_files_stop_prepare_by_default(tmp_path):
-    _bad_files(tmp_path / "mine")
-    result, out = run(tmp_path, tmp_path / "mine", max_pixels=250 * 250)
-    assert result.exit_code != 0 and "real/empty.png" in result.output and "empty image file" in result.output
-    assert not out.exists()
-
-
-def test_on_bad_skip_quarantines_every_bad_file_with_its_reason(tmp_path):
-    _bad_files(tmp_path / "mine")
-    result, out = run(tmp_path, tmp_path / "mine", max_pixels=250 * 250, on_bad="skip")
-    assert result.exit_code == 0, result.output
-    report = list(csv.DictReader(open(tmp_path / "quarantine.csv")))
-    skipped = {r["file"].rsplit("/", 1)[-1]: r["reason"] for r in report if r["action"] == "skipped"}
-    assert set(skipped) == {"empty.png", "notes.png", "truncated.jpg", "huge.png"}
-    assert "empty image file" in skipped["empty.png"]
-    assert "cannot decode" in skipped["notes.png"] and "cannot decode" in skipped["truncated.jpg"]
-    assert "decompression-bomb guard" in skipped["huge.png"]
-    metrics = json.loads((tmp_path / "prepare.json").read_text())
-    assert metrics["skipped"]["total"] == 4
-    stored = sum(len(ds) for ds in open_dataset(out).values())
-    assert stored == 16 + 3  # good ones plus alpha, gray, CMYK
-
-
-def test_duplicate_images_across_splits_are_reported(tmp_path):
-    root = tmp_path / "mine"
-    for split in ("train", "test"):
-        for i in range(6):
-            save_image(root / split / "real" / f"r{i}.png", i)  # same pixels in both splits
-            save_image(root / split / "sdxl" / f"s{i}.png", 100 + i + (0 if split == "train" else 50))
-    result, _ = run(tmp_path, root)
-    assert result.exit_code == 0, result.output
-    metrics = json.loads((tmp_path / "prepare.json").read_text())
-    across = {k: v for k, v in metrics["duplicates"].items() if k.startswith("across_")}
-    assert sum(across.values()) == 6 and "across_train_test" in across  # validation was cut from train
-    report = list(csv.DictReader(open(tmp_path / "quarantine.csv")))
-    assert sum("duplicate" in r["reason"] for r in report) == 6
-
-
 def test_split_with_no_samples_is_an_error(tmp_path):
     root = tmp_path / "mine"
     class_folders(root, classes=("real", "sdxl"))
@@ -219,17 +110,6 @@ def test_split_with_no_samples_is_an_error(tmp_path):
         shutil.move(str(root / name), str(root / "train" / name))
     result, _ = run(tmp_path, root)
     assert result.exit_code != 0 and "no images in any class folder" in result.output
-
-
-def test_large_images_are_stored_resized_to_max_side(tmp_path):
-    root = tmp_path / "mine"
-    for name in ("real", "sdxl"):
-        for i in range(6):
-            save_image(root / name / f"{i}.png", i, size=(120, 90))
-    result, out = run(tmp_path, root, max_side=30)
-    assert result.exit_code == 0, result.output
-    image = open_dataset(out)["train"][0]["Image"]
-    assert Image.open(io.BytesIO(image["bytes"])).size == (40, 30)
 
 
 def test_an_unknown_source_folder_is_an_error_not_skipped(tmp_path):

@@ -1,0 +1,77 @@
+"""The `pseudolabel` stage (aigid.stages.pseudolabel): which confident samples it keeps, by threshold or class
+balanced."""
+
+import json
+
+import numpy as np
+import pytest
+import yaml
+
+from aigid.stages.pseudolabel import select_confident
+from helpers import aigid, finish
+
+
+def test_selection_keeps_only_samples_strictly_above_the_threshold_on_both_tasks():
+    conf_a = np.array([0.80, 0.81, 0.95, 0.99, 0.7999])
+    conf_b = np.array([0.99, 0.81, 0.80, 0.90, 0.99])
+    assert select_confident(conf_a, conf_b, 0.8).tolist() == [1, 3]
+    assert select_confident(conf_a, conf_b, 0.79).tolist() == [0, 1, 2, 3, 4]
+    assert select_confident(conf_a, conf_b, 0.99).tolist() == []
+
+
+def test_class_quotas_keep_the_mix_and_never_exceed_what_is_available():
+    from aigid.stages.pseudolabel import class_quotas
+
+    mix = np.array([1, 1, 1, 1, 1, 1]) / 6  # CT2's train split: one image per source
+    assert class_quotas(np.array([65, 97, 102, 37, 63, 78]), mix).tolist() == [37] * 6
+    assert class_quotas(np.array([10, 100, 100]), np.array([0.5, 0.25, 0.25])).tolist() == [10, 5, 5]
+    assert class_quotas(np.array([0, 50, 50]), np.array([0.2, 0.4, 0.4])).tolist() == [0, 0, 0]  # no real: none
+    assert class_quotas(np.array([7, 50, 0]), np.array([0.5, 0.5, 0.0])).tolist() == [7, 7, 0]  # no share: none
+
+
+def test_class_balanced_selection_keeps_the_most_confident_of_each_predicted_class():
+    from aigid.stages.pseudolabel import select_class_balanced
+
+    conf_a = np.array([0.99, 0.95, 0.90, 0.85, 0.97, 0.70, 0.99, 0.91])
+    conf_b = np.array([0.99, 0.95, 0.90, 0.85, 0.93, 0.99, 0.81, 0.99])
+    label_b = np.array([1, 1, 1, 1, 0, 0, 1, 0])
+    # Above 0.8: class 1 has rows 0, 1, 2, 3, 6; class 0 has rows 4, 7 (row 5 fails on Task A).
+    keep, quotas = select_class_balanced(conf_a, conf_b, label_b, 0.8, np.array([0.5, 0.5]))
+    assert quotas.tolist() == [2, 2]
+    assert keep.tolist() == [0, 1, 4, 7]  # class 1: rows 0 (0.99) and 1 (0.95)
+    keep, quotas = select_class_balanced(conf_a, conf_b, label_b, 0.8, np.array([0.2, 0.8]))
+    assert quotas.tolist() == [1, 5] and keep.tolist() == [0, 1, 2, 3, 4, 6]  # row 4 (0.93) beats row 7 (0.91)
+
+
+@pytest.mark.slow
+def test_class_balanced_pseudo_labels_have_the_train_mix(frozen, tmp_path):
+    params = yaml.safe_load((frozen / "params.yaml").read_text())
+    params["pseudolabel"]["selection"] = "class_balanced"
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    finish(
+        aigid(
+            "pseudolabel",
+            "--model",
+            str(frozen / "models/base"),
+            "--data",
+            str(frozen / "data/prepared"),
+            "--features",
+            str(frozen / "data/features"),
+            "--out",
+            str(tmp_path / "pseudo"),
+            "--metrics",
+            str(tmp_path / "m.json"),
+            "--report",
+            str(tmp_path / "r.json"),
+            cwd=tmp_path,
+        )
+    )
+    report = json.loads((tmp_path / "r.json").read_text())
+    default = json.loads((frozen / "reports/pseudolabel.json").read_text())
+    assert report["selection"] == "class_balanced" and default["selection"] == "threshold"
+    assert report["passed_threshold"] == default["kept"] >= report["kept"]
+    per_class = report["per_class"].values()
+    assert [c["kept"] for c in per_class] == [c["quota"] for c in per_class]
+    assert len({c["quota"] for c in per_class}) == 1  # the tiny train split has one image per source
+    assert min(c["passed_threshold"] for c in per_class) == next(iter(per_class))["quota"]
+    assert report["kept"] == report["train_rows"] + report["validation_rows"] == sum(c["kept"] for c in per_class)
