@@ -19,13 +19,6 @@ from helpers import REPO, aigid, finish, free_port, local_server, save_tiny_mode
 
 
 @pytest.fixture
-def tiny_params_file(tmp_path: Path) -> Path:
-    path = tmp_path / "params.yaml"
-    path.write_text(yaml.safe_dump(tiny_params_dict(), sort_keys=False))
-    return path
-
-
-@pytest.fixture
 def store(tmp_path, monkeypatch):
     """A working directory with a sqlite MLflow store (experiment aigid), the committed params.yaml and a tiny
     detector in ``model``."""

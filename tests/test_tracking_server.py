@@ -21,10 +21,19 @@ import pytest
 import yaml
 
 from aigid.serving.registry import content_hash
-from helpers import REPO, S3_KEYS, environment, free_port, local_server, make_bucket, mlflow_server, tiny_params_dict
+from helpers import (
+    NAME,
+    REPO,
+    S3_KEYS,
+    environment,
+    free_port,
+    local_server,
+    make_bucket,
+    mlflow_server,
+    tiny_params_dict,
+)
 
 pytestmark = pytest.mark.slow
-NAME = "aigid-detector"
 TRACKED = ("train", "pseudolabel", "retrain", "evaluate")  # the stages that log to MLflow
 REPRO = ("dvc", "repro", "evaluate")  # after the first clone's: up to the registered model (export logs nothing)
 
