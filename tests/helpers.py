@@ -111,6 +111,23 @@ def save_tiny_model(path):
     )
 
 
+def export_portable(model_dir, out, captions=("a red circle", "two")):
+    """model_dir's detector as a portable directory at ``out`` (what the export stage writes, without its check)."""
+    from PIL import Image
+
+    from aigid.detector.model import load_detector
+    from aigid.serving.portable import Inputs
+    from aigid.stages.export import export_graph
+
+    detector = load_detector(model_dir)
+    out.mkdir()
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
+        (out / name).write_bytes((model_dir / name).read_bytes())
+    example = Inputs(model_dir)([Image.new("RGB", (20, 20), "red")] * len(captions), list(captions))
+    export_graph(detector.model, example, out)
+    return detector
+
+
 # ---------------------------------------------------------------------------- commands in a subprocess
 
 

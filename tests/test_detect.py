@@ -2,8 +2,10 @@
 
 import csv
 import io
+import json
 
 import numpy as np
+import pytest
 import torch
 from click.testing import CliRunner
 from PIL import Image
@@ -12,7 +14,7 @@ from aigid.cli import main
 from aigid.core.data import to_rgb
 from aigid.detector.model import load_detector
 from aigid.detector.scores import decide
-from helpers import save_tiny_model
+from helpers import export_portable, save_tiny_model
 
 
 def test_detect_folder_with_a_corrupt_file(tmp_path):
@@ -208,3 +210,52 @@ def test_detect_imports_no_dataset_table_tracking_params_or_model_library():
     code = f"import sys, aigid.cli, aigid.serving.detect; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def _project_models(root):
+    """A project's two scoring models: models/retrained and the exported models/portable."""
+    save_tiny_model(root / "models/retrained")
+    export_portable(root / "models/retrained", root / "models/portable")
+    Image.new("RGB", (16, 16), "red").save(root / "red.png")
+
+
+def test_without_model_detect_scores_with_the_exported_detector_on_a_cpu_and_says_so(tmp_path, monkeypatch):
+    from aigid.serving import detect
+
+    _project_models(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(detect, "gpu_present", lambda: False)
+    default = CliRunner().invoke(main, ["detect", "red.png", "--format", "json"])
+    assert default.exit_code == 0, default.output
+    assert default.stderr.splitlines()[0] == (
+        "scoring with models/portable (the exported detector: the quickest on a CPU; --model chooses another)"
+    )
+    chosen = CliRunner().invoke(main, ["detect", "red.png", "--format", "json", "--model", "models/portable"])
+    assert chosen.stdout == default.stdout and chosen.stderr == ""
+    torch_model = CliRunner().invoke(main, ["detect", "red.png", "--format", "json", "--model", "models/retrained"])
+    assert abs(json.loads(torch_model.stdout)[0]["prob_ai"] - json.loads(default.stdout)[0]["prob_ai"]) < 1e-5
+
+
+@pytest.mark.parametrize(
+    "gpu, precision, remove_portable, why",
+    [
+        (True, "auto", False, "a GPU is present"),
+        (False, "bf16", False, "--precision bf16 needs a torch model"),
+        (False, "auto", True, "models/portable is not there (the export stage writes it)"),
+    ],
+)
+def test_without_model_detect_scores_with_the_torch_model_where_it_is_the_one_to_use(
+    tmp_path, monkeypatch, gpu, precision, remove_portable, why
+):
+    import shutil
+
+    from aigid.serving import detect
+
+    _project_models(tmp_path)
+    if remove_portable:
+        shutil.rmtree(tmp_path / "models/portable")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(detect, "gpu_present", lambda: gpu)
+    result = CliRunner().invoke(main, ["detect", "red.png", "--precision", precision])
+    assert result.exit_code == 0, result.output
+    assert result.stderr.splitlines()[0] == f"scoring with models/retrained ({why}; --model chooses another)"

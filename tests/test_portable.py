@@ -17,8 +17,7 @@ from aigid.cli import main
 from aigid.core.errors import DataError
 from aigid.detector.model import load_detector
 from aigid.serving.portable import GRAPH, WEIGHTS, Inputs, PortableDetector, Preprocessor
-from aigid.stages.export import export_graph
-from helpers import save_tiny_model
+from helpers import export_portable, save_tiny_model
 
 
 def _images() -> list[Image.Image]:
@@ -69,20 +68,9 @@ def test_captions_are_tokenised_as_the_detectors_tokenizer_does(tmp_path):
     assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
 
 
-def _export(model_dir, out, captions=("a red circle", "two")):
-    """model_dir's detector as a portable directory at ``out`` (what the export stage writes, without its check)."""
-    detector = load_detector(model_dir)
-    out.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        (out / name).write_bytes((model_dir / name).read_bytes())
-    example = Inputs(model_dir)([Image.new("RGB", (20, 20), "red")] * len(captions), list(captions))
-    export_graph(detector.model, example, out)
-    return detector
-
-
 def test_the_graph_scores_as_torch_for_any_batch_and_caption_length(tmp_path):
     save_tiny_model(tmp_path / "model")
-    detector = _export(tmp_path / "model", tmp_path / "portable")
+    detector = export_portable(tmp_path / "model", tmp_path / "portable")
     assert (tmp_path / "portable" / GRAPH).is_file() and (tmp_path / "portable" / WEIGHTS).is_file()
     portable = PortableDetector(tmp_path / "portable")
     rng = np.random.default_rng(2)
@@ -98,7 +86,7 @@ def test_the_graph_scores_as_torch_for_any_batch_and_caption_length(tmp_path):
 
 def test_detect_on_a_portable_model_imports_no_torch_and_scores_as_the_torch_model(tmp_path):
     save_tiny_model(tmp_path / "model")
-    _export(tmp_path / "model", tmp_path / "portable")
+    export_portable(tmp_path / "model", tmp_path / "portable")
     rng = np.random.default_rng(3)
     for i in range(3):  # the processor's own size: both paths see the very same pixels
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
@@ -128,7 +116,7 @@ def test_detect_on_a_portable_model_imports_no_torch_and_scores_as_the_torch_mod
 
 def test_a_broken_portable_model_or_bf16_on_it_is_one_clear_line(tmp_path):
     save_tiny_model(tmp_path / "model")
-    _export(tmp_path / "model", tmp_path / "portable")
+    export_portable(tmp_path / "model", tmp_path / "portable")
     Image.new("RGB", (16, 16), "red").save(tmp_path / "red.png")
     result = CliRunner().invoke(
         main, ["detect", str(tmp_path / "red.png"), "--model", str(tmp_path / "portable"), "--precision", "bf16"]

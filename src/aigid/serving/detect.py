@@ -24,6 +24,8 @@ from aigid.detector.scores import output_columns, score_rows
 from aigid.serving.portable import PortableDetector, is_portable
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
+# The pipeline's two scoring models: the exported one (export stage) and the retrained one it was exported from.
+PORTABLE, RETRAINED = Path("models/portable"), Path("models/retrained")
 SOME_FAILED = 3  # exit status when some inputs could not be read
 
 
@@ -118,6 +120,30 @@ def scorer(model_dir: Path, batch_size: int, progress: bool, precision: str):
     return lambda images, texts, threshold: score_images(detector, images, texts, threshold, options)
 
 
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU is visible to this process, asked of the driver without importing torch."""
+    import os
+
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+def default_model(precision: str) -> tuple[Path, str]:
+    """The model `aigid detect` scores with when ``--model`` is not given, and why: the quickest the project has
+    for this machine. On a CPU that is the exported detector (onnxruntime, no torch to import: a one-image run
+    takes a fraction of a second instead of seconds); where a GPU is visible, or for ``--precision bf16``
+    (which only a torch model runs), the retrained torch model."""
+    if not is_portable(PORTABLE):
+        return RETRAINED, f"{PORTABLE} is not there (the export stage writes it)"
+    if precision == "bf16":
+        return RETRAINED, "--precision bf16 needs a torch model"
+    if gpu_present():
+        return RETRAINED, "a GPU is present"
+    return PORTABLE, "the exported detector: the quickest on a CPU"
+
+
 def threshold_from(spec: str) -> float:
     """The operating-point threshold in an evaluate metrics file: ``FILE`` (the retrained model's entry) or
     ``FILE:MODEL`` (``base`` or ``retrained``)."""
@@ -196,12 +222,11 @@ def render(rows: list[dict], fmt: str, fields: list[str]) -> str:
 @click.option(
     "--model",
     "model_spec",
-    default="models/retrained",
-    show_default=True,
-    help="Model directory written by train or retrain, a portable one written by export (e.g. "
-    "models/portable: scored without torch, starts in about a second), or a registered model from "
-    "the MLflow store: models:/<name>@<alias> (e.g. models:/aigid-detector@candidate) or "
-    "models:/<name>/<version>.",
+    help="Model directory written by train or retrain, a portable one written by export (scored without "
+    "torch), or a registered model from the MLflow store: models:/<name>@<alias> (e.g. "
+    "models:/aigid-detector@candidate) or models:/<name>/<version>. Default: models/portable on a CPU, "
+    "models/retrained where a GPU is present, for --precision bf16 or without models/portable (stderr "
+    "says which).",
 )
 @click.option("--caption", default="", help="One caption for every image (default: none).")
 @click.option(
@@ -256,7 +281,10 @@ def command(
             raise click.UsageError("give --threshold or --threshold-from, not both")
         threshold = threshold_from(threshold_spec)
     captions = read_captions(captions_file) if captions_file else None
-    model_dir = resolve_model(model_spec)
+    if model_spec is None:
+        model_dir, why = default_model(precision)
+        click.echo(f"scoring with {model_dir} ({why}; --model chooses another)", err=True)
+    model_dir = resolve_model(str(model_dir) if model_spec is None else model_spec)
     paths = expand(list(inputs))
     if not paths:
         raise click.ClickException(
