@@ -33,13 +33,17 @@ class Decision(NamedTuple):
 
 
 def decide(logits_a: np.ndarray, logits_b: np.ndarray, threshold: float = 0.5) -> Decision:
-    """The rule applied to logits of shape (rows,) and (rows, classes)."""
-    logits_a = np.asarray(logits_a, dtype=np.float32)
-    prob_ai = np.exp(-np.logaddexp(np.float32(0), -logits_a))  # the sigmoid, without overflow
+    """The rule applied to logits of shape (rows,) and (rows, classes).
+
+    The probabilities are computed in float64 and rounded to float32: numpy's float32 exp is vectorised
+    differently on different CPUs, whereas any float64 exp rounds to the same float32 value, so every machine
+    gets the same probabilities, labels and metrics (see docs/reproducibility.md)."""
+    logits_a = np.asarray(logits_a, dtype=np.float64)
+    prob_ai = np.exp(-np.logaddexp(0.0, -logits_a)).astype(np.float32)  # the sigmoid, without overflow
     label_a = (prob_ai >= threshold).astype(np.int64)
-    ai = np.asarray(logits_b, dtype=np.float32)[:, 1:]
+    ai = np.asarray(logits_b, dtype=np.float64)[:, 1:]
     exp = np.exp(ai - ai.max(axis=1, keepdims=True))
-    probs_b = np.concatenate([np.zeros((len(ai), 1), np.float32), exp / exp.sum(axis=1, keepdims=True)], axis=1)
+    probs_b = np.concatenate([np.zeros((len(ai), 1)), exp / exp.sum(axis=1, keepdims=True)], axis=1).astype(np.float32)
     label_b = np.where(label_a == 1, probs_b[:, 1:].argmax(axis=1) + 1, 0)
     conf_a = np.maximum(prob_ai, 1 - prob_ai)
     conf_b = np.where(label_a == 1, probs_b.max(axis=1), conf_a)
