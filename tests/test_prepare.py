@@ -7,13 +7,10 @@ import json
 
 import numpy as np
 import pytest
-import yaml
-from click.testing import CliRunner
 from datasets import Dataset, DatasetDict, Features, Value, load_from_disk
 from datasets import Image as ImageFeature
 from PIL import Image
 
-from aigid.cli import main
 from aigid.core.data import open_dataset
 from helpers import run, save_image
 
@@ -54,30 +51,6 @@ def write_source(tmp_path, train: dict, fmt: str = "disk"):
     return src
 
 
-def run_prepare(tmp_path, src):
-    params = yaml.safe_load(open("params.yaml"))
-    params["prepare"]["source"] = str(src)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "prepared"
-    result = CliRunner().invoke(
-        main,
-        [
-            "prepare",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--raw",
-            str(tmp_path),
-            "--out",
-            str(out),
-            "--report",
-            str(tmp_path / "prepare.json"),
-            "--quarantine",
-            str(tmp_path / "quarantine.csv"),
-        ],
-    )
-    return result, out
-
-
 @pytest.mark.parametrize("fmt", ["disk", "parquet"])
 def test_good_source_is_stored_with_a_validation_split_made_by_caption(tmp_path, fmt):
     train = rows(10)
@@ -86,7 +59,7 @@ def test_good_source_is_stored_with_a_validation_split_made_by_caption(tmp_path,
     train["Image"][9] = {"bytes": _cmyk_jpeg(), "path": "cmyk.jpg"}
     train["Caption"][12] = ""  # allowed
     train["Caption"][18] = "un café près de la tour, 東京"  # allowed
-    result, out = run_prepare(tmp_path, write_source(tmp_path, train, fmt))
+    result, out = run(tmp_path, write_source(tmp_path, train, fmt))
     assert result.exit_code == 0, result.output
     dsd = load_from_disk(str(out))
     assert set(dsd) == {"train", "validation", "test"}
@@ -137,7 +110,7 @@ def _truncated() -> bytes:
 def test_bad_row_stops_prepare_naming_the_row_and_leaves_no_output(tmp_path, break_it, message):
     train = rows(3)
     break_it(train)
-    result, out = run_prepare(tmp_path, write_source(tmp_path, train))
+    result, out = run(tmp_path, write_source(tmp_path, train))
     assert result.exit_code != 0
     assert result.output.startswith("Error: ")
     import re
@@ -151,7 +124,7 @@ def test_missing_column_is_named(tmp_path):
     del train["Label_B"]
     src = tmp_path / "source"
     DatasetDict(train=Dataset.from_dict(train), test=Dataset.from_dict(rows(1))).save_to_disk(str(src))
-    result, out = run_prepare(tmp_path, src)
+    result, out = run(tmp_path, src)
     assert result.exit_code != 0 and "split train: missing column(s) Label_B" in result.output
     assert not out.exists()
 
@@ -164,7 +137,7 @@ def test_missing_image_file_is_named(tmp_path):
     train = rows(2)
     train["Image"][3] = {"bytes": None, "path": str(tmp_path / "gone.jpg")}  # a path that points nowhere
     pq.write_table(pa.Table.from_pydict(train), src / "train-00000.parquet")
-    result, out = run_prepare(tmp_path, src)
+    result, out = run(tmp_path, src)
     assert result.exit_code != 0 and "gone.jpg" in result.output, result.output
     assert not out.exists()
 
@@ -175,7 +148,7 @@ def test_split_with_no_samples_is_named(tmp_path):
     DatasetDict(train=Dataset.from_dict(rows(3), features=FEATURES), test=empty).save_to_disk(
         str(src), num_shards={"test": 1}
     )
-    result, out = run_prepare(tmp_path, src)
+    result, out = run(tmp_path, src)
     assert result.exit_code != 0 and "split test: no samples" in result.output
     assert not out.exists()
 
