@@ -1,11 +1,10 @@
-"""Scores for Task A and Task B (aigid.tracking.metrics): balanced ones, per class, the threshold at a false
-positive rate, ranking and calibration."""
+"""Scores for Task A and Task B (aigid.tracking.metrics): balanced ones, per class, ranking, calibration and the
+three-way verdict."""
 
 import numpy as np
 import pytest
-import torch
 
-from aigid.tracking.metrics import ranking_scores, rates_at, score, task_scores, threshold_at_fpr
+from aigid.tracking.metrics import ranking_scores, rates_at, score, task_scores, verdict_scores
 
 
 def test_task_scores_match_hand_computed_values():
@@ -74,26 +73,21 @@ def test_calibration_error_by_hand_and_bins_as_scikit_learn_cuts_them():
     assert calibration([1, 1, 0, 0], [1.0, 1.0, 0.0, 0.0])[0]["ece"] == 0.0
 
 
-def test_threshold_at_fpr_is_the_lowest_with_at_most_the_target_rate():
-    rng = np.random.default_rng(0)
-    real = rng.random(200).astype(np.float32)
-    t = threshold_at_fpr(real, 0.05)
-    assert (real >= t).mean() <= 0.05  # at most 10 of 200 false positives
-    assert (real >= np.sort(real)[::-1][10]).mean() > 0.05  # any lower score as threshold would exceed it
-    assert (real >= t).sum() == 10
-
-
-def test_threshold_at_fpr_with_ties_never_exceeds_the_target():
-    real = np.array([0.9] * 5 + [0.1] * 15, dtype=np.float32)  # 5 of 20 tied at the top: 25%
-    t = threshold_at_fpr(real, 0.1)
-    assert (real >= t).mean() == 0.0 and t > 0.9
-    # Compared in float32, as the model's probabilities are, the step above 0.9 survives.
-    assert not (torch.tensor(real) >= t).any()
-
-
 def test_rates_and_ranking_scores():
     labels, prob = np.array([0, 0, 1, 1]), np.array([0.1, 0.6, 0.7, 0.4])
     assert rates_at(labels, prob, 0.5) == {"tpr": 0.5, "fpr": 0.5}
     assert ranking_scores(labels, prob)["roc_auc"] == pytest.approx(0.75)
     with pytest.raises(ValueError, match="both real and AI"):
         ranking_scores([1, 1], [0.2, 0.3])
+
+
+def test_verdict_scores_count_unsure_rows_as_undecided():
+    labels = np.array([0, 0, 0, 1, 1, 1])
+    verdict = np.array(["real", "ai", "unsure", "ai", "unsure", "real"])
+    assert verdict_scores(labels, verdict) == {
+        "coverage": pytest.approx(4 / 6),
+        "accuracy_decided": 0.5,  # real->real and ai->ai right; real->ai and ai->real wrong
+        "fpr_verdict": pytest.approx(1 / 3),
+        "fnr_verdict": pytest.approx(1 / 3),
+    }
+    assert verdict_scores([0, 1], ["unsure", "unsure"])["accuracy_decided"] is None

@@ -148,11 +148,19 @@ class Pseudolabel(Group):
     batch_size: int = Field(ge=1)
 
 
+class Verdict(Group):
+    target_fpr: float = Field(
+        gt=0,
+        lt=1,
+        description="the threshold (operating point): at most this share of real validation images called AI",
+    )
+    target_fnr: float = Field(
+        gt=0, lt=1, description="the lower threshold: at most this share of AI validation images called real"
+    )
+
+
 class Evaluate(Group):
     batch_size: int = Field(ge=1)
-    target_fpr: float = Field(
-        gt=0, lt=1, description="operating point: at most this false-positive rate on real validation images"
-    )
     robustness: dict[str, list[float]] = Field(
         description="robustness grid: perturbation -> its values (aigid.stages.evaluate.PERTURBATIONS, checked "
         "by evaluate)"
@@ -199,6 +207,7 @@ class Params(Group):
     train: Train
     features: Features
     pseudolabel: Pseudolabel
+    verdict: Verdict
     evaluate: Evaluate
     inference: Inference
     compute: Compute

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from aigid.core.data import Collator
 from aigid.detector.model import Loaded
 from aigid.detector.runtime import autocast, device
-from aigid.detector.scores import score_rows
+from aigid.detector.scores import Scoring, score_rows
 
 # The rows scored: a `datasets.Dataset` (memory-mapped Arrow, the stages) or a list of row dicts with the same
 # columns (detect, which so never imports `datasets`).
@@ -126,11 +126,12 @@ def score_images(
     detector: Loaded,
     images: list[bytes],
     captions: list[str],
-    threshold: float = 0.5,
+    scoring: Scoring,
+    threshold: float | None = None,
     options: RunOptions = RunOptions(),
 ) -> list[dict]:
-    """Score encoded images (already known to decode) in batches: one row of scores per image
-    (:func:`aigid.detector.scores.score_rows`)."""
+    """Score encoded images (already known to decode) in batches: one row of scores per image by the model's
+    rule, or at ``threshold`` (:func:`aigid.detector.scores.score_rows`)."""
     inputs = [{"Caption": c, "Image": {"bytes": b, "path": None}} for b, c in zip(images, captions)]
     logits_a, logits_b = predict_logits(detector, inputs, options)
-    return score_rows(logits_a, logits_b, list(detector.model.config.class_names), threshold, captions)
+    return score_rows(logits_a, logits_b, list(detector.model.config.class_names), captions, scoring, threshold)

@@ -1,8 +1,10 @@
 """The `evaluate` stage: base and retrained detectors on the labeled test split.
 
-For each model: both tasks' scores (balanced ones too), Task A ROC AUC and average precision with their
-curves, the operating point (the threshold with at most ``evaluate.target_fpr`` false positives on the
-validation split's real images, and the test split's rates there), scores with every caption blanked, a
+For each model: both tasks' scores (balanced ones too; labels at P(AI) 0.5), Task A ROC AUC and average precision
+with their curves, the calibration of P(AI) before and after the model's temperature (ECE, reliability rows), the
+model's own rule (its ``scoring.json``, fitted on validation by train/retrain): the operating point and the verdict
+with its unsure band, measured on validation and test (coverage, accuracy of the decided rows), scores with every
+caption blanked, a
 robustness grid (JPEG, blur, resize), Task A on a format-controlled copy of the test split (every image re-encoded
 as the same JPEG, per original file format) and, for a model trained with ``train.holdout``, the detection rate of
 the generator it never saw.
@@ -11,6 +13,7 @@ the generator it never saw.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,13 +23,14 @@ from PIL import Image as PILImage
 
 from aigid.core import stage
 from aigid.core.data import FILE_FORMATS, file_format, open_dataset
-from aigid.core.errors import ParamsError, choice
-from aigid.core.files import write_json
+from aigid.core.errors import DataError, ParamsError, choice
+from aigid.core.files import write_json, write_text
 from aigid.detector.infer import RunOptions, predict_logits
 from aigid.detector.model import load_detector
 from aigid.detector.runtime import configure
-from aigid.detector.scores import decide
-from aigid.serving.registry import log_report, register
+from aigid.detector.scores import SCORING_FILE, Scoring, decide
+from aigid.serving.card import model_card
+from aigid.serving.registry import Extras, log_report, register
 from aigid.tracking.metrics import (
     calibration,
     confusion_rows,
@@ -35,7 +39,7 @@ from aigid.tracking.metrics import (
     ranking_scores,
     rates_at,
     score,
-    threshold_at_fpr,
+    verdict_scores,
 )
 from aigid.tracking.runs import log_data, stage_run
 
@@ -47,6 +51,9 @@ class Paths:
     base: Path = stage.path("models/base", "Model written by train.", exists=True)
     retrained: Path = stage.path(
         "models/retrained", "Model written by retrain; logged to MLflow and registered.", exists=True
+    )
+    portable: Path = stage.path(
+        "models/portable", "The retrained model's exported form, registered with it.", exists=True
     )
     data: Path = stage.path(
         "data/prepared",
@@ -61,22 +68,23 @@ class Paths:
     plots: Path = stage.path(
         "metrics/plots", "Directory for plot rows: confusion matrices, ROC and precision-recall curves, robustness."
     )
+    card: Path = stage.path("reports/model_card.md", "The retrained model's card, registered with it.")
 
 
 def run(params, paths: Paths) -> dict:
     """Score the base and retrained models on the test split: both tasks, balanced metrics, per generator,
-    ROC/PR, the operating point at evaluate.target_fpr, without captions, under the robustness grid.
+    ROC/PR, calibration, the model's operating point and verdict, without captions, under the robustness grid.
 
-    The retrained model is then logged to this stage's MLflow run (with its test metrics) and registered as
-    a version of mlflow.registered_model with the alias @candidate (unless that very model is registered
-    already), labelling at its operating-point threshold.
+    The retrained model is then logged to this stage's MLflow run (with its test metrics, its exported form and
+    its model card) and registered as a version of mlflow.registered_model with the alias @candidate (unless
+    that very model is registered already).
     """
     configure(params.compute)
     perturbations(params.evaluate)  # a bad grid stops the stage before any scoring
     models = {"base": paths.base, "retrained": paths.retrained}
     data = open_dataset(paths.data)
     with stage_run("evaluate", params):
-        log_data(paths.data, data, {"test": "test", "validation": "validation"})
+        digest = log_data(paths.data, data, {"test": "test", "validation": "validation"})
         report, plots = evaluate(
             models,
             data,
@@ -86,12 +94,11 @@ def run(params, paths: Paths) -> dict:
             precision=params.inference.precision,
         )
         log_report(report, parent=True)
-        register(
-            paths.retrained,
-            params.mlflow.registered_model,
-            report["retrained"]["operating_point"]["threshold"],
-            data["test"],
-        )
+        name = params.mlflow.registered_model
+        card = model_card(name, paths.retrained, report["retrained"], digest, len(data["test"]))
+        threshold = report["retrained"]["operating_point"]["threshold"]
+        register(paths.retrained, name, threshold, data["test"], Extras(paths.portable, card))
+    write_text(paths.card, card)
     for name, rows in plots.items():
         write_json(paths.plots / f"{name}.json", rows)
     write_json(paths.report, report)
@@ -174,41 +181,40 @@ def blank_captions(ds):
 
 def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precision: str = "auto") -> tuple[dict, dict]:
     detector = load_detector(model_dir, precision)
+    rule = Scoring.load(model_dir)
+    if not rule.fitted:
+        raise DataError(f"{model_dir}: no {SCORING_FILE}; a model written by this version of train/retrain has one")
     model = detector.model
     names = tuple(model.config.class_names)
     test, validation = data["test"], data["validation"]
     labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
 
-    def predict(ds, perturb=None):
-        logits_a, logits_b = predict_logits(detector, ds, RunOptions(params.batch_size, num_workers, perturb=perturb))
-        return decide(logits_a, logits_b)
+    def logits(ds, perturb=None):
+        return predict_logits(detector, ds, RunOptions(params.batch_size, num_workers, perturb=perturb))
+
+    def predict(ds, perturb=None):  # labels at P(AI) 0.5, where the temperature changes none
+        return rule.decide(*logits(ds, perturb), threshold=0.5)
 
     def scores(pred) -> dict:
         return score(labels_a, labels_b, pred.label_a, pred.label_b, names)
 
-    pred = predict(test)
+    test_logits = logits(test)
+    pred = rule.decide(*test_logits, threshold=0.5)
     prob_ai = pred.prob_ai
     result = {**scores(pred), **ranking_scores(labels_a, prob_ai)}
     result["calibration"], reliability = calibration(labels_a, prob_ai)
+    uncalibrated, raw_reliability = calibration(labels_a, decide(*test_logits).prob_ai)
+    result["calibration"].update(temperature=rule.temperature, ece_uncalibrated=uncalibrated["ece"])
     plots = {
         "confusion_a": confusion_rows(labels_a, pred.label_a, ("real", "ai")),
         "confusion_b": confusion_rows(labels_b, pred.label_b, names),
         **curve_rows(labels_a, prob_ai),
         "reliability": reliability,
+        "reliability_uncalibrated": raw_reliability,
     }
-
-    # The operating point is chosen on validation and only measured on test.
-    val_labels_a, val_prob = np.asarray(validation["Label_A"]), predict(validation).prob_ai
-    threshold = threshold_at_fpr(val_prob[val_labels_a == 0], params.target_fpr)
-    val_rates, test_rates = rates_at(val_labels_a, val_prob, threshold), rates_at(labels_a, prob_ai, threshold)
-    result["operating_point"] = {
-        "target_fpr": params.target_fpr,
-        "threshold": threshold,
-        "validation_tpr": val_rates["tpr"],
-        "validation_fpr": val_rates["fpr"],
-        "test_tpr": test_rates["tpr"],
-        "test_fpr": test_rates["fpr"],
-    }
+    result["operating_point"], result["verdict"] = model_rule(
+        model_dir, rule, logits(validation), validation, test_logits, test
+    )
 
     blank = predict(blank_captions(test))
     result["captions"] = {
@@ -239,6 +245,22 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precisio
         seen = result["per_class"].get(holdout, {"n": 0, "task_a_recall": None})
         result["unseen_generator"] = {"name": holdout, "n": seen["n"], "detection_rate": seen["task_a_recall"]}
     return result, plots
+
+
+def model_rule(model_dir: Path, rule: Scoring, val_logits, validation, test_logits, test) -> tuple[dict, dict]:
+    """The model's operating point and verdict, as fitted on validation (its scoring.json) and measured on
+    validation and test: at the threshold, the true- and false-positive rates; with the unsure band, the share
+    of rows decided and how many of those are right."""
+    fitted = json.loads((model_dir / SCORING_FILE).read_text())["verdict"]
+    out = {}
+    for split, ds, split_logits in (("validation", validation, val_logits), ("test", test, test_logits)):
+        labels_a, d = np.asarray(ds["Label_A"]), rule.decide(*split_logits)
+        out[split] = {**rates_at(labels_a, d.prob_ai, rule.threshold), **verdict_scores(labels_a, d.verdict)}
+    operating_point = {"target_fpr": fitted["target_fpr"], "threshold": rule.threshold}
+    operating_point.update({f"{split}_{k}": out[split][k] for split in out for k in ("tpr", "fpr")})
+    verdict = {k: fitted[k] for k in ("threshold", "lower", "target_fpr", "target_fnr")}
+    verdict.update({f"{split}_{k}": v for split in out for k, v in out[split].items() if k not in ("tpr", "fpr")})
+    return operating_point, verdict
 
 
 def format_control(test, clean, controlled, quality: int, names: tuple[str, ...]) -> dict:

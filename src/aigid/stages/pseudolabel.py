@@ -170,6 +170,7 @@ def _label_pool(params, paths: Paths, ds) -> tuple[Decision, tuple[str, ...]]:
     else:
         options = RunOptions(params.pseudolabel.batch_size, params.train.num_workers)
         logits_a, logits_b = predict_logits(detector, ds, options)
+    # The paper's confidences: the raw sigmoid and softmax, not the model's calibrated P(AI) (its scoring.json).
     return decide(logits_a, logits_b), model.config.class_names
 
 

@@ -1,7 +1,9 @@
 """The `train` and `retrain` stages: fine-tune the detector with the Hugging Face Trainer.
 
 Evaluation every epoch, the best checkpoint chosen by weighted F1 on Task A (as the paper reports it; the
-reference code selected by binary F1), only the latest checkpoint kept, and the best model saved at the end.
+reference code selected by binary F1), only the latest checkpoint kept, and the best model saved at the end with
+its ``scoring.json`` (:class:`aigid.detector.scores.Scoring`): the temperature calibrating P(AI) and the verdict's
+two thresholds, fitted on the labelled validation split (never on pseudo-labels), and the data's source.
 
 Checkpoints live in ``checkpoints/<stage>/<fingerprint>``, outside the stage's DVC outputs. A run that was
 killed leaves them there, and the next run with the same params, data and encoders (same fingerprint)
@@ -34,13 +36,13 @@ from aigid.core.files import atomic_path, write_json
 from aigid.detector.cache import FeatureCollator, FeatureRows, open_features
 from aigid.detector.model import DetectorHeads, build_detector, save_detector
 from aigid.detector.runtime import configure
-from aigid.detector.scores import decide
-from aigid.tracking.metrics import score
+from aigid.detector.scores import SCORING_FILE, decide, fit_scoring
+from aigid.tracking.metrics import calibration, score
 from aigid.tracking.runs import is_main_process, log_data, log_results, stage_run
 
 log = logging.getLogger(__name__)
 BEST_METRIC = "f1_weighted_a"
-PARAMS = ("seed", "model", "train", "compute", "mlflow")
+PARAMS = ("seed", "model", "train", "verdict", "prepare.source", "compute", "mlflow")
 HEADLINE = ("f1_weighted_a", "f1_weighted_b", "best_epoch")  # the DVC metrics; the rest goes to the report
 
 
@@ -92,7 +94,7 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
     """
     data = open_dataset(paths.data)
     class_names = class_names_of(data["train"])
-    train_ds, val_ds, features_dir = training_rows(params, paths, data, class_names)
+    train_ds, val_ds, labelled_val, features_dir = training_rows(params, paths, data, class_names)
     # Under torchrun / accelerate launch this sets up the process group that the Trainer then uses for
     # DistributedDataParallel; a plain run is one process. Only rank 0 logs to MLflow and writes outputs.
     # Without CUDA, accelerate makes a launch multi-CPU (gloo) only when told to use the CPU.
@@ -135,12 +137,14 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
             "validation_rows": len(val_ds),
             **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in SCORES},
         }
+        scoring = fit_rule(params, trainer, labelled_val, {"train": len(train_ds), "validation": len(val_ds)})
+        metrics["scoring"] = {**scoring["calibration"], **scoring["verdict"]}
         if run is not None:
             log_results({k: metrics[k] for k in HEADLINE})
             mlflow.log_dict(metrics, "report.json")
         trainer.accelerator.wait_for_everyone()  # no rank still reads a checkpoint when rank 0 deletes them
         if trainer.is_world_process_zero():
-            save_best(detector, params.train.holdout, paths.out, stage_dir)
+            save_best(detector, params.train.holdout, scoring, paths.out, stage_dir)
     return {"metrics": metrics, "history": history, "run_id": run.info.run_id if run is not None else None}
 
 
@@ -150,23 +154,45 @@ SCORES = ("f1", "accuracy", "precision", "recall", "balanced")
 
 def training_rows(params, paths: Paths, data, class_names: tuple[str, ...]):
     """The train and validation rows (images and captions, or with ``train.freeze_encoders`` their cached
-    features), the pseudo-labelled additions included and the held-out class dropped; and the features
-    directory when it is an input."""
+    features), the pseudo-labelled additions included and the held-out class dropped; the labelled validation
+    rows alone (the scoring rule is fitted on them); and the features directory when it is an input."""
     t = params.train
     features_dir = paths.features
     if t.freeze_encoders:
-        train_ds, val_ds = _feature_splits(params, features_dir, paths.pseudo)
+        train_ds, val_ds, labelled = _feature_splits(params, features_dir, paths.pseudo)
     else:
         train_ds, val_ds = data["train"], data["validation"]
+        labelled = data["validation"]
         if paths.pseudo is not None:
             pseudo = open_dataset(paths.pseudo)
             train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
         features_dir = None  # not an input of full fine-tuning
+    splits = [train_ds, val_ds, labelled]
     if t.holdout != "none":  # after the pseudo-labels, so none predicted as the held-out class comes back
-        train_ds, val_ds = drop_class(train_ds, class_names, t.holdout), drop_class(val_ds, class_names, t.holdout)
+        splits = [drop_class(ds, class_names, t.holdout) for ds in splits]
     if t.freeze_encoders:
-        train_ds, val_ds = FeatureRows(train_ds), FeatureRows(val_ds)
-    return train_ds, val_ds, features_dir
+        splits = [FeatureRows(ds) for ds in splits]
+    return (*splits, features_dir)
+
+
+def fit_rule(params, trainer: Trainer, labelled_val, rows: dict[str, int]) -> dict:
+    """The best model's ``scoring.json`` (:func:`aigid.detector.scores.fit_scoring`) from its logits on the
+    labelled validation rows, with the calibration error of P(AI) there before and after."""
+    out = trainer.predict(labelled_val)
+    (logits_a, _), (labels_a, _) = out.predictions, out.label_ids
+    source = params.prepare.source
+    trained_on = {"source": source, "synthetic": source == "demo", "rows": rows, "params": _training_params(params)}
+    v = params.verdict
+    scoring = fit_scoring(logits_a, labels_a, v.target_fpr, v.target_fnr, trained_on)
+    temperature = scoring["calibration"]["temperature"]
+    for name, t in (("ece_uncalibrated", 1.0), ("ece", temperature)):
+        prob = decide(logits_a, np.zeros((len(labels_a), 2)), temperature=t).prob_ai
+        scoring["calibration"][name] = calibration(labels_a, prob)[0]["ece"]
+    return scoring
+
+
+def _training_params(params) -> dict:
+    return {k: v for k, v in params.declared().items() if k.startswith(("seed", "model.", "train."))}
 
 
 def training_arguments(params, stage: str, checkpoint_dir: Path, batch_size: int, cpu: bool) -> TrainingArguments:
@@ -242,12 +268,14 @@ def epoch_history(log_history: list[dict]) -> list[dict]:
     return history[:-1]
 
 
-def save_best(detector, holdout: str, model_dir: Path, stage_dir: Path) -> None:
-    """Write the detector (the best checkpoint's weights, loaded in place) and delete the stage's checkpoints."""
+def save_best(detector, holdout: str, scoring: dict, model_dir: Path, stage_dir: Path) -> None:
+    """Write the detector (the best checkpoint's weights, loaded in place) with its scoring rule and delete the
+    stage's checkpoints."""
     model, tokenizer, processor, _ = detector
     model.config.holdout = holdout  # evaluate reads it to report the unseen generator
     with atomic_path(model_dir) as tmp:
         save_detector(model, tokenizer, processor, tmp)
+        write_json(tmp / SCORING_FILE, scoring)
     shutil.rmtree(stage_dir, ignore_errors=True)
     with contextlib.suppress(OSError):
         stage_dir.parent.rmdir()  # only if no other stage's checkpoints are there
@@ -271,6 +299,7 @@ def _feature_splits(params, features_dir: Path | None, pseudo_dir: Path | None):
         raise DataError("train.freeze_encoders is true: pass the features stage output (--features)")
     feats = open_features(features_dir, params.model.fusion)
     train_ds, val_ds = feats["train"], feats["validation"]
+    labelled = val_ds
     if pseudo_dir is not None:
         pseudo, pool = open_dataset(pseudo_dir), feats[params.pseudolabel.pool]
         added = []
@@ -282,7 +311,7 @@ def _feature_splits(params, features_dir: Path | None, pseudo_dir: Path | None):
                 .cast(train_ds.features)
             )
         train_ds, val_ds = concatenate_datasets([train_ds, added[0]]), concatenate_datasets([val_ds, added[1]])
-    return train_ds, val_ds
+    return train_ds, val_ds, labelled
 
 
 class EpochCurves(TrainerCallback):

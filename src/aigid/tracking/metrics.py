@@ -26,6 +26,8 @@ HEADLINE = (
     "roc_auc",
     "operating_point.threshold",
     "operating_point.test_tpr",
+    "calibration.ece",
+    "verdict.test_coverage",
 )
 MODELS = ("base", "retrained")
 
@@ -125,19 +127,19 @@ def calibration(labels_a, prob_ai, bins: int = CALIBRATION_BINS) -> tuple[dict, 
     return {"ece": float(ece), "bins": bins, "binning": "equal-width on [0, 1]"}, rows
 
 
-def threshold_at_fpr(prob_real_images, target_fpr: float) -> float:
-    """The lowest threshold whose false-positive rate on these real images is at most ``target_fpr``.
-
-    An image is called AI when P(AI) >= threshold. With n real images, at most floor(target_fpr * n) may
-    score at or above it, so the threshold is the next float above the (k+1)-th highest real score; ties
-    at that score all fall below it, so the rate never exceeds the target. Float32 steps, as the model's
-    probabilities are float32: a float64 step would round back onto the score where they are compared.
-    """
-    p = np.sort(np.asarray(prob_real_images, dtype=np.float32))[::-1]
-    if len(p) == 0:
-        raise ValueError("no real images to set a false-positive rate on")
-    k = int(np.floor(target_fpr * len(p) + 1e-9))
-    return float(np.nextafter(p[k], np.float32(np.inf))) if k < len(p) else 0.0
+def verdict_scores(labels_a, verdict) -> dict[str, float | None]:
+    """A three-way verdict (real, unsure, ai) against the truth: the share of rows decided (coverage), the
+    share of decided rows that are right (None when none is), the share of real images called AI (fpr_verdict)
+    and of AI images called real (fnr_verdict)."""
+    labels_a, verdict = np.asarray(labels_a), np.asarray(verdict)
+    decided = verdict != "unsure"
+    right = (verdict == "ai") == (labels_a == 1)
+    return {
+        "coverage": float(decided.mean()),
+        "accuracy_decided": float(right[decided].mean()) if decided.any() else None,
+        "fpr_verdict": float((verdict[labels_a == 0] == "ai").mean()),
+        "fnr_verdict": float((verdict[labels_a == 1] == "real").mean()),
+    }
 
 
 def rates_at(labels_a, prob_ai, threshold: float) -> dict[str, float]:

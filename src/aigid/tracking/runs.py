@@ -321,12 +321,12 @@ def dvc_hash(path: Path) -> str:
     return obj.hash_info.value
 
 
-def log_data(path: Path, data, splits: dict[str, str]) -> None:
+def log_data(path: Path, data, splits: dict[str, str]) -> str:
     """Log splits of ``data`` (the DatasetDict at ``path``) as inputs of the active run: ``splits`` maps a split to its
     context (training, validation, test, pool). Each is an MLflow dataset named ``<path>:<split>`` with its
     rows, its source (the path) and, as digest, DVC's hash of ``path`` (:func:`dvc_hash`); the input is tagged
     with the split's own fingerprint (``fingerprint``: of its rows, as prepare computes it), which tells whether
-    two runs saw the same rows of one split."""
+    two runs saw the same rows of one split. Returns the digest."""
     from mlflow.data.huggingface_dataset import from_huggingface
 
     digest, name = dvc_hash(path), Path(path).as_posix()
@@ -337,3 +337,4 @@ def log_data(path: Path, data, splits: dict[str, str]) -> None:
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
             dataset = from_huggingface(ds, path=name, name=f"{name}:{split}", digest=digest)
             mlflow.log_input(dataset, context=context, tags={FINGERPRINT_TAG: data[split]._fingerprint})
+    return digest
