@@ -15,13 +15,24 @@ from aigid.core import compute
 
 compute.apply(Path(__file__).resolve().parents[1] / "params.yaml")
 
-from helpers import REPO, aigid, finish, free_port, local_server, save_tiny_model, sh, tiny_params_dict  # noqa: E402
+from helpers import (  # noqa: E402
+    CARD,
+    REPO,
+    aigid,
+    export_portable,
+    finish,
+    free_port,
+    local_server,
+    save_tiny_model,
+    sh,
+    tiny_params_dict,
+)
 
 
 @pytest.fixture
 def store(tmp_path, monkeypatch):
-    """A working directory with a sqlite MLflow store (experiment aigid), the committed params.yaml and a tiny
-    detector in ``model``."""
+    """A working directory with a sqlite MLflow store (experiment aigid), the committed params.yaml, a tiny
+    detector in ``model``, its exported form in ``portable`` and a model card in ``model_card.md``."""
     import mlflow
 
     monkeypatch.chdir(tmp_path)
@@ -30,6 +41,8 @@ def store(tmp_path, monkeypatch):
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("aigid")
     save_tiny_model(tmp_path / "model")
+    export_portable(tmp_path / "model", tmp_path / "portable")
+    (tmp_path / "model_card.md").write_text(CARD)
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     return tmp_path
 

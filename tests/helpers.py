@@ -101,7 +101,21 @@ def _tiny_detector(fusion="concat"):
     )
 
 
-def save_tiny_model(path):
+# A scoring rule as train writes one (scoring.json): calibration, the verdict's thresholds, the data's source.
+TINY_SCORING = {
+    "calibration": {"method": "temperature", "temperature": 1.7, "fit_on": "validation", "rows": 10},
+    "verdict": {"threshold": 0.52, "lower": 0.48, "target_fpr": 0.05, "target_fnr": 0.05},
+    "trained_on": {
+        "source": "data/raw/tiny",
+        "synthetic": False,
+        "rows": {"train": 10, "validation": 10},
+        "params": {},
+    },
+}
+
+
+def save_tiny_model(path, scoring: dict | None = TINY_SCORING):
+    """The tiny detector saved as train saves one, with ``scoring`` as its scoring.json (None: none)."""
     torch.manual_seed(0)
     save_detector(
         _tiny_detector().eval(),
@@ -109,6 +123,8 @@ def save_tiny_model(path):
         CLIPImageProcessor(size={"shortest_edge": 16}, crop_size={"height": 16, "width": 16}),
         path,
     )
+    if scoring is not None:
+        (Path(path) / "scoring.json").write_text(json.dumps(scoring))
 
 
 def export_portable(model_dir, out, captions=("a red circle", "two")):
@@ -121,8 +137,9 @@ def export_portable(model_dir, out, captions=("a red circle", "two")):
 
     detector = load_detector(model_dir)
     out.mkdir()
-    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json"):
-        (out / name).write_bytes((model_dir / name).read_bytes())
+    for name in ("config.json", "tokenizer.json", "tokenizer_config.json", "preprocessor_config.json", "scoring.json"):
+        if (model_dir / name).is_file():
+            (out / name).write_bytes((model_dir / name).read_bytes())
     example = Inputs(model_dir)([Image.new("RGB", (20, 20), "red")] * len(captions), list(captions))
     export_graph(detector.model, example, out)
     return detector
@@ -265,8 +282,13 @@ def _report(threshold: float, balanced_accuracy: float = 0.8) -> dict:
         "task_b": {"f1_weighted": 0.7, "f1_macro": 0.6},
         "roc_auc": 0.95,
         "operating_point": {"threshold": threshold, "test_tpr": 0.9},
+        "calibration": {"ece": 0.03},
+        "verdict": {"test_coverage": 0.8},
     }
     return {"contaminated": False, "base": scores, "retrained": scores}
+
+
+CARD = "---\nlibrary_name: aigid\n---\n\n# aigid-detector\n\nA tiny test model.\n"
 
 
 def _register(store, threshold: float, balanced_accuracy: float = 0.8, caption: str = "x"):
@@ -284,6 +306,10 @@ def _register(store, threshold: float, balanced_accuracy: float = 0.8, caption: 
         str(store / "report.json"),
         "--data",
         str(store / "prepared"),
+        "--portable",
+        str(store / "portable"),
+        "--card",
+        str(store / "model_card.md"),
     ]
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output

@@ -319,7 +319,7 @@ def test_detect_with_nothing_scored_fails_and_keeps_the_header(tmp_path, model):
     bad = detect(tmp_path / "bad", model=model)
     assert "none of the 2 input(s) could be scored" in one_line_error(bad)
     header = good.stdout.splitlines()[0]
-    assert bad.stdout.splitlines()[0] == header and header.startswith("path,error,prob_ai,label,generator")
+    assert bad.stdout.splitlines()[0] == header and header.startswith("path,error,verdict,prob_ai,label,generator")
     rows = list(csv.DictReader(io.StringIO(bad.stdout)))
     assert [r["prob_ai"] for r in rows] == ["", ""] and all(r["error"] for r in rows)
 

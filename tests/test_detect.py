@@ -13,8 +13,8 @@ from PIL import Image
 from aigid.cli import main
 from aigid.core.data import to_rgb
 from aigid.detector.model import load_detector
-from aigid.detector.scores import decide
-from helpers import export_portable, save_tiny_model
+from aigid.detector.scores import DEMO_NOTICE, Scoring
+from helpers import TINY_SCORING, export_portable, save_tiny_model
 
 
 def test_detect_folder_with_a_corrupt_file(tmp_path):
@@ -58,10 +58,11 @@ def test_detect_folder_with_a_corrupt_file(tmp_path):
             **tokenizer(["a red circle"] * len(names), return_tensors="pt", padding=True),
             pixel_values=processor(images=images, return_tensors="pt")["pixel_values"],
         )
-    expected = decide(out.logits_a, out.logits_b)
+    expected = Scoring.load(tmp_path / "model").decide(out.logits_a, out.logits_b)  # its calibration and verdict
     for i, name in enumerate(names):
         row = rows[name]
         assert abs(float(row["prob_ai"]) - float(expected.prob_ai[i])) < 1e-5
+        assert row["verdict"] == expected.verdict[i] and float(row["threshold"]) == 0.52
         assert row["generator"] == model.config.class_names[int(expected.label_b[i])]
         probs = [float(row[f"p_{n}"]) for n in model.config.class_names]
         assert abs(sum(probs) - 1) < 1e-5
@@ -220,11 +221,11 @@ def _project_models(root):
 
 
 def test_without_model_detect_scores_with_the_exported_detector_on_a_cpu_and_says_so(tmp_path, monkeypatch):
-    from aigid.serving import detect
+    from aigid.serving import scorer
 
     _project_models(tmp_path)
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(detect, "gpu_present", lambda: False)
+    monkeypatch.setattr(scorer, "gpu_present", lambda: False)
     default = CliRunner().invoke(main, ["detect", "red.png", "--format", "json"])
     assert default.exit_code == 0, default.output
     assert default.stderr.splitlines()[0] == (
@@ -249,13 +250,45 @@ def test_without_model_detect_scores_with_the_torch_model_where_it_is_the_one_to
 ):
     import shutil
 
-    from aigid.serving import detect
+    from aigid.serving import scorer
 
     _project_models(tmp_path)
     if remove_portable:
         shutil.rmtree(tmp_path / "models/portable")
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(detect, "gpu_present", lambda: gpu)
+    monkeypatch.setattr(scorer, "gpu_present", lambda: gpu)
     result = CliRunner().invoke(main, ["detect", "red.png", "--precision", precision])
     assert result.exit_code == 0, result.output
     assert result.stderr.splitlines()[0] == f"scoring with models/retrained ({why}; --model chooses another)"
+
+
+def test_the_verdict_uses_the_models_own_thresholds_and_a_threshold_is_one_cut(tmp_path):
+    """Without --threshold: ai at or above the model's threshold, real below its lower one, unsure between (the
+    tiny model's rule: 0.52 and 0.48 at temperature 1.7); with it, one cut and no unsure."""
+    rule = dict(TINY_SCORING, verdict={"threshold": 0.6, "lower": 0.2, "target_fpr": 0.05, "target_fnr": 0.05})
+    save_tiny_model(tmp_path / "model", rule)
+    rng = np.random.default_rng(3)
+    for i in range(12):
+        Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+    args = ["detect", str(tmp_path / "*.png"), "--model", str(tmp_path / "model"), "--format", "json"]
+    rows = json.loads(CliRunner().invoke(main, args).stdout)
+    for r in rows:
+        want = "ai" if r["prob_ai"] >= 0.6 else "real" if r["prob_ai"] < 0.2 else "unsure"
+        assert r["verdict"] == want and r["threshold"] == 0.6 and r["label"] == ("ai" if want == "ai" else "real")
+    assert "unsure" in {r["verdict"] for r in rows}
+    cut = json.loads(CliRunner().invoke(main, args + ["--threshold", "0.4"]).stdout)
+    assert [r["prob_ai"] for r in cut] == [r["prob_ai"] for r in rows]  # the same calibrated P(AI)
+    assert all(r["verdict"] == ("ai" if r["prob_ai"] >= 0.4 else "real") for r in cut)
+
+
+def test_a_model_trained_on_the_demo_or_without_a_rule_says_so_once_per_run(tmp_path):
+    save_tiny_model(tmp_path / "demo", dict(TINY_SCORING, trained_on={"source": "demo", "synthetic": True}))
+    save_tiny_model(tmp_path / "old", None)
+    for i in range(3):
+        Image.new("RGB", (20, 20), (200, 30 * i, 30)).save(tmp_path / f"{i}.png")
+    images = str(tmp_path / "*.png")
+    demo = CliRunner().invoke(main, ["detect", images, "--model", str(tmp_path / "demo")])
+    assert demo.exit_code == 0 and demo.stderr == f"note: {DEMO_NOTICE}\n"
+    old = CliRunner().invoke(main, ["detect", images, "--model", str(tmp_path / "old")])
+    assert old.exit_code == 0 and old.stderr.count("note:") == 1 and "uncalibrated" in old.stderr
+    assert {r["verdict"] for r in csv.DictReader(io.StringIO(old.stdout))} <= {"real", "ai"}

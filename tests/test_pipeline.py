@@ -103,9 +103,9 @@ def test_evaluate_reports_curves_operating_point_captions_robustness_and_the_uns
         assert (project / f"metrics/plots/pr_{model}.json").is_file()
         rows = json.loads((project / f"metrics/plots/robustness_{model}.json").read_text())
         assert {r["condition"] for r in rows} == conditions
-        assert 0.0 <= result["task_a"]["f1_binary"] <= 1.0 and 0.0 <= result["calibration"]["ece"] <= 1.0
         reliability = json.loads((project / f"metrics/plots/reliability_{model}.json").read_text())
         assert sum(r["count"] for r in reliability) == evaluation["test_rows"]
+        _check_calibration_and_verdict(project, model, result)
         control = result["format_control"]
         assert control["jpeg_quality"] == 90 and set(control["per_class"]) == set(result["per_class"])
         assert (
@@ -115,6 +115,23 @@ def test_evaluate_reports_curves_operating_point_captions_robustness_and_the_uns
     html = sh("dvc", "plots", "show", "--json", cwd=project)
     assert "Robustness, detection rate per class (retrained)" in html and "Task A ROC on the test split" in html
     assert "Task A reliability of P(AI)" in html
+
+
+def _check_calibration_and_verdict(project: Path, model: str, result: dict) -> None:
+    """The model's rule (its scoring.json, fitted by train/retrain on validation) is what evaluate measures: its
+    thresholds meet their targets on validation, the band between them is the unsure verdict."""
+    rule = json.loads((project / f"models/{model}/scoring.json").read_text())
+    assert rule["trained_on"]["source"] == "demo" and rule["trained_on"]["synthetic"] is True
+    cal, verdict, op = result["calibration"], result["verdict"], result["operating_point"]
+    assert cal["temperature"] == rule["calibration"]["temperature"] != 1.0
+    assert {"ece", "ece_uncalibrated"} <= set(cal)
+    assert verdict["threshold"] == op["threshold"] == rule["verdict"]["threshold"]
+    assert verdict["lower"] == rule["verdict"]["lower"] <= verdict["threshold"]
+    assert verdict["validation_fpr_verdict"] <= verdict["target_fpr"] == 0.05
+    assert verdict["validation_fnr_verdict"] <= verdict["target_fnr"] == 0.05
+    assert verdict["validation_coverage"] == rule["verdict"]["validation_coverage"]
+    raw = json.loads((project / f"metrics/plots/reliability_uncalibrated_{model}.json").read_text())
+    assert sum(r["count"] for r in raw) == sum(r["n"] for r in result["per_class"].values())
 
 
 def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(project, tmp_path):
@@ -127,6 +144,9 @@ def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(proje
     (version,) = versions()
     assert mlflow.MlflowClient().get_model_version_by_alias("aigid-detector", "candidate").version == version.version
     assert len(version.tags["model_hash"]) == 64 and version.tags["git_commit"] != ""
+    card = (project / "reports/model_card.md").read_text()  # the model card, as the version's description too
+    assert card.startswith("---\n") and "model-index:" in card and "## Calibration and verdict" in card
+    assert "synthetic demo data" in card and version.description == card
     model = mlflow.pyfunc.load_model("models:/aigid-detector@candidate")
     image = next((project / "mlartifacts").rglob("input_example.json"))  # the logged example: a test image
     example = json.loads(image.read_text())
@@ -134,7 +154,7 @@ def test_retrained_model_is_registered_loadable_by_name_and_used_by_detect(proje
     out = model.predict(frame)
     evaluation = json.loads((project / "metrics/evaluate.json").read_text())
     threshold = evaluation["retrained"]["operating_point"]["threshold"]
-    assert list(out.columns[:5]) == ["error", "prob_ai", "label", "generator", "threshold"]
+    assert list(out.columns[:6]) == ["error", "verdict", "prob_ai", "label", "generator", "threshold"]
     assert out["error"][0] == "" and out["threshold"][0] == threshold
     png = tmp_path / "x.png"
     png.write_bytes(base64.b64decode(frame["image"][0]))

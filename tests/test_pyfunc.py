@@ -1,5 +1,6 @@
-"""The registered model over HTTP: `mlflow models serve` answers /invocations with the rows `aigid detect` writes,
-and a corrupt image is a row with its error, never a server error."""
+"""The registered model over HTTP: `mlflow models serve` answers /invocations with the rows `aigid detect` writes
+(on the registered model, its torch directory and its exported form alike), and a corrupt image is a row with its
+error, never a server error."""
 
 from __future__ import annotations
 
@@ -104,6 +105,15 @@ def test_served_model_scores_like_detect_and_names_the_corrupt_row(server, store
         assert all(mine[k] == pytest.approx(theirs[k], abs=1e-6) for k in theirs if k.startswith("p_"))
     assert [list(r) for r in served] == [[k for k in r if k != "path"] for r in detected]  # the same columns
     assert detected[2]["error"] and detected[2]["prob_ai"] is None
+
+    # The three scoring paths: served (the registered exported form), `aigid detect` on the torch model directory
+    # and on the exported one: the same calibrated P(AI) and verdict.
+    for local in ("model", "portable"):
+        args = ["detect", *(str(tmp_path / n) for n in list(files)[:2]), "--model", str(store / local)]
+        scored = json.loads(CliRunner().invoke(main, [*args, "--caption", caption, "--format", "json", "-q"]).stdout)
+        for mine, theirs in zip(served[:2], scored):
+            assert mine["prob_ai"] == pytest.approx(theirs["prob_ai"], abs=1e-5)
+            assert mine["verdict"] == theirs["verdict"]
 
     # No caption column at all: every image is scored with an empty caption; a request without images is a 400.
     status, body = _post(f"{server}/invocations", {"dataframe_split": {"columns": ["image"], "data": [rows[0][:1]]}})

@@ -8,7 +8,6 @@ inputs could not be read (their rows carry the reason in ``error``, the others a
 from __future__ import annotations
 
 import csv
-import gc
 import glob
 import io
 import json
@@ -19,9 +18,10 @@ import click
 
 from aigid.core.data import DataError, decode_rgb
 from aigid.core.precision import PRECISIONS
-from aigid.core.stage import clean_errors, quiet_transformers
-from aigid.detector.scores import output_columns, score_rows
-from aigid.serving.portable import PortableDetector, is_portable
+from aigid.core.stage import clean_errors
+from aigid.detector.scores import Scoring, output_columns
+from aigid.serving.portable import GRAPH, is_portable
+from aigid.serving.scorer import quickest, scorer
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # The pipeline's two scoring models: the exported one (export stage) and the retrained one it was exported from.
@@ -55,12 +55,13 @@ def detect(
     captions: dict[str, str] | None = None,
     *,
     caption: str = "",
-    threshold: float = 0.5,
+    threshold: float | None = None,
     batch_size: int = 64,
     progress: bool = False,
     precision: str = "auto",
 ) -> list[dict]:
-    """One row per path: P(AI), the decision at ``threshold``, the generator and every class probability.
+    """One row per path: the verdict, calibrated P(AI), the label, the generator and every class probability, by
+    the model's own rule (its scoring.json) or, with ``threshold``, at that one cut.
 
     A file that cannot be read gets a row with its ``error`` and no scores; the rest are still scored.
     ``progress`` shows bars (files checked, batches scored) on stderr. A portable detector directory
@@ -89,59 +90,22 @@ def detect(
     return rows
 
 
-def scorer(model_dir: Path, batch_size: int, progress: bool, precision: str):
-    """``score(images, captions, threshold) -> rows`` for the detector in ``model_dir``, loaded."""
-    if is_portable(model_dir):
-        if precision == "bf16":
-            raise DataError(
-                f"{model_dir}: a portable detector runs in float32; --precision bf16 needs a model "
-                f"directory written by train or retrain"
-            )
-        portable = PortableDetector(model_dir)
-        return lambda images, texts, threshold: score_rows(
-            *portable.logits(images, texts, batch_size, progress), portable.class_names, threshold, texts
-        )
-    # torch and transformers make hundreds of thousands of objects while they import, which the garbage collector
-    # would walk again and again during the import and at every later collection: they are imported with
-    # collection off, and what they made is frozen out of later collections (docs/performance.md has the
-    # measurement; a portable model never imports them).
-    gc.disable()
-    try:
-        from aigid.detector.infer import RunOptions, score_images
-        from aigid.detector.model import load_detector
-        from aigid.detector.runtime import configure
-    finally:
-        gc.freeze()
-        gc.enable()
-    quiet_transformers()
-    configure()
-    detector = load_detector(model_dir, precision)
-    options = RunOptions(batch_size, progress=progress)
-    return lambda images, texts, threshold: score_images(detector, images, texts, threshold, options)
-
-
-def gpu_present() -> bool:
-    """Whether an NVIDIA GPU is visible to this process, asked of the driver without importing torch."""
-    import os
-
-    if os.environ.get("CUDA_VISIBLE_DEVICES", None) in ("", "-1"):
-        return False
-    gpus = Path("/proc/driver/nvidia/gpus")
-    return gpus.is_dir() and any(gpus.iterdir())
-
-
 def default_model(precision: str) -> tuple[Path, str]:
-    """The model `aigid detect` scores with when ``--model`` is not given, and why: the quickest the project has
-    for this machine. On a CPU that is the exported detector (onnxruntime, no torch to import: a one-image run
-    takes a fraction of a second instead of seconds); where a GPU is visible, or for ``--precision bf16``
-    (which only a torch model runs), the retrained torch model."""
-    if not is_portable(PORTABLE):
-        return RETRAINED, f"{PORTABLE} is not there (the export stage writes it)"
-    if precision == "bf16":
-        return RETRAINED, "--precision bf16 needs a torch model"
-    if gpu_present():
-        return RETRAINED, "a GPU is present"
-    return PORTABLE, "the exported detector: the quickest on a CPU"
+    """The model `aigid detect` scores with when ``--model`` is not given, and why: of the pipeline's retrained
+    model and its export, the quicker here (:func:`quickest`)."""
+    return quickest(RETRAINED, PORTABLE, precision, f"{PORTABLE} is not there (the export stage writes it)")
+
+
+def choose_model(spec: str | None, precision: str = "auto") -> tuple[Path, str | None]:
+    """The model directory to score with for ``--model spec`` (None: the default), and why when the choice was
+    made here: without ``--model`` and for a registered model, which carries its exported form too."""
+    if spec is None:
+        model_dir, why = default_model(precision)
+        return resolve_model(str(model_dir)), why
+    if spec.startswith("models:/"):
+        torch_dir, portable_dir = download_registered(spec)
+        return quickest(torch_dir, portable_dir, precision, "the registered version has no exported form")
+    return resolve_model(spec), None
 
 
 def threshold_from(spec: str) -> float:
@@ -161,18 +125,24 @@ def threshold_from(spec: str) -> float:
 
 
 def resolve_model(spec: str) -> Path:
-    """A model directory, or ``models:/<name>@<alias>`` / ``models:/<name>/<version>`` from the MLflow registry,
-    downloaded."""
-    if not spec.startswith("models:/"):
-        path = Path(spec)
-        if not path.is_dir():
-            raise DataError(f"{spec}: no such model directory")
-        if not (path / "model.safetensors").is_file() and not is_portable(path):
-            raise DataError(
-                f"{spec}: no model.safetensors or model.onnx; not a model directory written by "
-                f"`aigid train`, `aigid retrain` or `aigid export` (e.g. models/retrained)"
-            )
-        return path
+    """A model directory (checked to hold a detector), or ``models:/<name>@<alias>`` /
+    ``models:/<name>/<version>`` from the MLflow registry, downloaded (its torch detector)."""
+    if spec.startswith("models:/"):
+        return download_registered(spec)[0]
+    path = Path(spec)
+    if not path.is_dir():
+        raise DataError(f"{spec}: no such model directory")
+    if not (path / "model.safetensors").is_file() and not is_portable(path):
+        raise DataError(
+            f"{spec}: no model.safetensors or model.onnx; not a model directory written by "
+            f"`aigid train`, `aigid retrain` or `aigid export` (e.g. models/retrained)"
+        )
+    return path
+
+
+def download_registered(spec: str) -> tuple[Path, Path | None]:
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` from the MLflow registry, downloaded: its torch
+    detector directory and its exported form (None for a version registered without one)."""
     import mlflow
 
     from aigid.tracking.runs import bound_http_retries, check_reachable, tracking_uri
@@ -191,7 +161,8 @@ def resolve_model(spec: str) -> Path:
     found = [p.parent for p in local.rglob("model.safetensors")]
     if len(found) != 1:
         raise DataError(f"{spec}: expected one detector directory in the model's artifacts, found {len(found)}")
-    return found[0]
+    exported = [p.parent for p in local.rglob(GRAPH)]
+    return found[0], exported[0] if len(exported) == 1 else None
 
 
 def read_captions(path: Path) -> dict[str, str]:
@@ -238,17 +209,17 @@ def render(rows: list[dict], fmt: str, fields: list[str]) -> str:
 @click.option(
     "--threshold",
     type=click.FloatRange(0, 1),
-    default=0.5,
-    show_default=True,
-    help="Call an image AI when P(AI) is at least this.",
+    help="One cut instead of the model's own thresholds: the verdict is ai when P(AI) is at least this, else "
+    "real (no unsure). Default: the model's verdict (ai at or above its operating point, real below its lower "
+    "threshold, unsure between), fitted on validation and stored with the model.",
 )
 @click.option(
     "--threshold-from",
     "threshold_spec",
     metavar="FILE[:MODEL]",
-    help="Use the operating point evaluate chose instead of --threshold: the threshold with at most "
-    "evaluate.target_fpr false positives on real validation images, read from FILE (e.g. "
-    "metrics/evaluate.json) for MODEL (retrained (default) or base).",
+    help="One cut (as --threshold) at a model's operating point as evaluate reports it (at most "
+    "verdict.target_fpr of real validation images called AI), read from FILE (e.g. metrics/evaluate.json) "
+    "for MODEL (retrained (default) or base).",
 )
 @click.option("--batch-size", type=click.IntRange(1), default=64, show_default=True)
 @click.option(
@@ -277,14 +248,15 @@ def command(
     if out is not None and not out.parent.is_dir():
         raise click.ClickException(f"--out {out}: the folder {out.parent} does not exist")
     if threshold_spec:
-        if ctx.get_parameter_source("threshold") == click.core.ParameterSource.COMMANDLINE:
+        if threshold is not None:
             raise click.UsageError("give --threshold or --threshold-from, not both")
         threshold = threshold_from(threshold_spec)
     captions = read_captions(captions_file) if captions_file else None
-    if model_spec is None:
-        model_dir, why = default_model(precision)
+    model_dir, why = choose_model(model_spec, precision)
+    if why:
         click.echo(f"scoring with {model_dir} ({why}; --model chooses another)", err=True)
-    model_dir = resolve_model(str(model_dir) if model_spec is None else model_spec)
+    for notice in Scoring.load(model_dir).notices(model_spec or str(model_dir)):
+        click.echo(f"note: {notice}", err=True)
     paths = expand(list(inputs))
     if not paths:
         raise click.ClickException(

@@ -1,14 +1,18 @@
 """The registered model's code: an MLflow pyfunc model, logged from this file (models-from-code).
 
-MLflow runs this file when it loads the model (``mlflow.pyfunc.load_model``, ``mlflow models serve``); the
-model directory comes as the artifact ``model_dir`` and is loaded with :func:`aigid.detector.model.load_detector`
-(safetensors only), the operating-point threshold as the model config's ``threshold``.
+MLflow runs this file when it loads the model (``mlflow.pyfunc.load_model``, ``mlflow models serve``,
+``mlflow.pyfunc.spark_udf``). The model comes as the artifacts ``model_dir`` (the torch detector) and
+``portable_dir`` (its exported form, when registered with one): like `aigid detect`, the model scores with the
+quicker of the two for the machine (:func:`aigid.serving.scorer.quickest`: the exported one on a CPU, the
+torch one where a GPU is visible), by the model's own rule (its ``scoring.json``: calibrated P(AI), the verdict
+with its unsure band). A version registered before models carried that rule labels at the model config's
+``threshold``.
 
 ``predict`` takes a DataFrame with ``image`` (the encoded image file: base64 text or bytes) and ``caption``
 (optional, may be empty) and returns one row per input row, with the columns of `aigid detect` but ``path``:
-``error`` (empty when the image was scored), ``prob_ai``, ``label``, ``generator``, ``threshold``,
-``caption`` and ``p_<class>`` for every class. A row whose image does not decode gets its error (naming the
-row) and empty scores; the other rows are still scored.
+``error`` (empty when the image was scored), ``verdict``, ``prob_ai``, ``label``, ``generator``,
+``threshold``, ``caption`` and ``p_<class>`` for every class. A row whose image does not decode gets its error
+(naming the row) and empty scores; the other rows are still scored.
 
 MLflow executes this file as a module of its own, hence the absolute imports; the package comes with the model
 as code.
@@ -18,6 +22,8 @@ from __future__ import annotations
 
 import base64
 import binascii
+import logging
+from pathlib import Path
 
 import pandas as pd
 from mlflow.models import set_model
@@ -25,16 +31,41 @@ from mlflow.pyfunc import PythonModel
 
 from aigid.core.data import DataError, decode_rgb
 
+log = logging.getLogger(__name__)
+
 
 class DetectorModel(PythonModel):
     def load_context(self, context):
-        from aigid.detector.model import load_detector
+        from aigid.detector.scores import Scoring
+        from aigid.serving.scorer import quickest
 
-        self.detector = load_detector(context.artifacts["model_dir"])
-        self.threshold = float((context.model_config or {}).get("threshold", 0.5))
+        portable = context.artifacts.get("portable_dir")
+        model_dir, why = quickest(
+            Path(context.artifacts["model_dir"]),
+            Path(portable) if portable else None,
+            "auto",
+            "registered without an exported form",
+        )
+        log.info("scoring with %s (%s)", model_dir, why)
+        threshold = (
+            None if Scoring.load(model_dir).fitted else float((context.model_config or {}).get("threshold", 0.5))
+        )
+        self.load(model_dir, threshold)
+
+    def load(self, model_dir: Path, threshold: float | None = None) -> None:
+        """Load the detector in ``model_dir``, scoring by its rule or at ``threshold``."""
+        import json
+
+        from aigid.detector.scores import Scoring
+        from aigid.serving.scorer import scorer
+
+        self.score = scorer(model_dir, 64, False, "auto")
+        self.threshold = threshold
+        self.class_names = json.loads((Path(model_dir) / "config.json").read_text())["class_names"]
+        for notice in Scoring.load(model_dir).notices("the registered model"):
+            log.warning(notice)
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
-        from aigid.detector.infer import score_images
         from aigid.detector.scores import output_columns
 
         captions = (
@@ -52,9 +83,9 @@ class DetectorModel(PythonModel):
                 row["error"] = str(err)
             rows.append(row)
         good = [row for row in rows if not row["error"]]
-        for row, scores in zip(good, score_images(self.detector, images, texts, self.threshold) if images else []):
+        for row, scores in zip(good, self.score(images, texts, self.threshold) if images else []):
             row.update(scores)
-        frame = pd.DataFrame(rows, columns=output_columns(self.detector.model.config.class_names))
+        frame = pd.DataFrame(rows, columns=output_columns(self.class_names))
         return frame.astype(object).where(frame.notna(), None)  # an unscored row's scores are null, not NaN
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from aigid.core import stage
 from aigid.core.data import open_dataset
-from aigid.serving.registry import find_version, identity, log_report, register_new
+from aigid.serving.registry import Extras, find_version, identity, log_report, register_new
 from aigid.tracking.runs import log_data, open_store, stage_run
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,8 @@ class Paths:
     data: Path = stage.path(
         "data/prepared", "Prepared dataset: its first test image is the input example.", exists=True
     )
+    portable: Path = stage.path("models/portable", "The model's exported form, registered with it.", exists=True)
+    card: Path = stage.path("reports/model_card.md", "The model card evaluate wrote.", exists=True)
 
 
 def run(params, paths: Paths) -> dict:
@@ -49,7 +51,8 @@ def run(params, paths: Paths) -> dict:
     with stage_run("register", params):
         log_report(report)
         log_data(paths.data, data, {"test": "test"})
-        version_, created = register_new(paths.model, name, threshold, data["test"], key)
+        extras = Extras(paths.portable, paths.card.read_text())
+        version_, created = register_new(paths.model, name, threshold, data["test"], key, extras)
     return {"version": version_, "created": created}
 
 

@@ -13,7 +13,9 @@ registers a version holds its test metrics (DVC keys) and its test split as a da
 (:mod:`aigid.serving.promote`) compares before moving ``@champion``.
 
 The model is logged from code (:mod:`aigid.serving.pyfunc`, which documents its input and output); the model
-directory travels as an artifact, the aigid package as code, the operating-point threshold as model config.
+directory travels as an artifact (``model_dir``) with its exported form (``portable_dir``, what a CPU scores
+with), each with the model card as its ``README.md``; the aigid package as code, the operating-point threshold as
+model config. The card is the version's description too.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import functools
 import hashlib
 import logging
 import math
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -94,20 +99,32 @@ def log_report(report: dict, parent: bool = False) -> None:
     mlflow.log_dict(report, "report.json")
 
 
-def register(model_dir: Path, name: str, threshold: float, test) -> tuple[str, bool]:
+@dataclass(frozen=True)
+class Extras:
+    """What travels with a registered detector besides its directory: its exported form and its model card."""
+
+    portable: Path | None = None
+    card: str = ""
+
+
+def register(model_dir: Path, name: str, threshold: float, test, extras: Extras = Extras()) -> tuple[str, bool]:
     """Log ``model_dir`` to the active run and register it under ``name`` with the alias @candidate, unless a
     version with the same content exists. Returns the version and whether this call created it."""
     key = identity(model_dir, threshold)
     existing = find_version(name, key)
     if existing is not None:
         return existing, False
-    return register_new(model_dir, name, threshold, test, key)
+    return register_new(model_dir, name, threshold, test, key, extras)
 
 
-def register_new(model_dir: Path, name: str, threshold: float, test, key: Identity) -> tuple[str, bool]:
+def register_new(
+    model_dir: Path, name: str, threshold: float, test, key: Identity, extras: Extras = Extras()
+) -> tuple[str, bool]:
     """Log and register a model no version holds yet (``key``), tag it and give it @candidate."""
-    info = log_detector(model_dir, name, threshold, test[0]["Image"]["bytes"], test[0]["Caption"])
+    info = log_detector(model_dir, name, threshold, test[0]["Image"]["bytes"], test[0]["Caption"], extras)
     client, created = mlflow.MlflowClient(), str(info.registered_model_version)
+    if extras.card:
+        client.update_model_version(name, created, description=description(extras.card))
     tags = mlflow.active_run().data.tags
     for tag, value in (
         (HASH_TAG, key.model_hash),
@@ -129,6 +146,7 @@ def register_new(model_dir: Path, name: str, threshold: float, test, key: Identi
 
 REQUIREMENTS = (
     "mlflow",
+    "onnxruntime",
     "torch",
     "torchvision",
     "transformers",
@@ -145,33 +163,67 @@ REQUIREMENTS = (
 )
 
 
+# The longest description a registry backend stores (MLflow's SQL schema: 5000 characters).
+DESCRIPTION_LIMIT = 5000
+
+
+def description(card: str) -> str:
+    """The model card as a version's description; a longer card ends with where the whole one is."""
+    if len(card) <= DESCRIPTION_LIMIT:
+        return card
+    tail = "\n\n(The whole card is the README.md of the model's artifacts.)"
+    return card[: DESCRIPTION_LIMIT - len(tail)].rsplit("\n", 1)[0] + tail
+
+
+def _with_card(directory: Path, card: str, into: Path) -> Path:
+    """``directory``'s files linked (copied across file systems) into ``into``, with the card as README.md."""
+    into.mkdir()
+    for file in sorted(Path(directory).iterdir()):
+        if file.is_file():
+            try:
+                os.link(file, into / file.name)
+            except OSError:
+                shutil.copy2(file, into / file.name)
+    if card:
+        (into / "README.md").write_text(card)
+    return into
+
+
 def log_detector(
-    model_dir: Path, registered_name: str, threshold: float, example_image: bytes, example_caption: str = ""
+    model_dir: Path,
+    registered_name: str,
+    threshold: float,
+    example_image: bytes,
+    example_caption: str = "",
+    extras: Extras = Extras(),
 ):
-    """Log ``model_dir`` to the active run as a pyfunc model (the code in :mod:`aigid.serving.pyfunc`) and register it
-    as a new version of the name."""
+    """Log ``model_dir`` (and its exported form) to the active run as a pyfunc model (the code in
+    :mod:`aigid.serving.pyfunc`) and register it as a new version of the name."""
     from mlflow.models import ModelSignature, infer_signature
     from mlflow.types import ColSpec, Schema
 
-    from aigid.detector.model import load_detector
     from aigid.serving import pyfunc
 
     example = pd.DataFrame({"image": [base64.b64encode(example_image).decode()], "caption": [example_caption]})
     model = pyfunc.DetectorModel()
-    model.detector, model.threshold = load_detector(model_dir), threshold
+    model.load(model_dir)
     output = model.predict(None, example)
     # A request may leave the caption out: the input example has one, the signature does not require it.
     inputs = Schema([ColSpec("string", "image"), ColSpec("string", "caption", required=False)])
     signature = ModelSignature(inputs=inputs, outputs=infer_signature(example, output).outputs)
-    return mlflow.pyfunc.log_model(
-        name="model",
-        python_model=pyfunc.__file__,
-        artifacts={"model_dir": str(model_dir)},
-        code_paths=[str(Path(__file__).parent)],
-        model_config={"threshold": threshold},
-        signature=signature,
-        input_example=example,
-        registered_model_name=registered_name,
-        # Explicit pins: inferring requirements would load and run the model once more, slowly.
-        pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
-    )
+    with tempfile.TemporaryDirectory(prefix="aigid-register-") as tmp:
+        artifacts = {"model_dir": str(_with_card(model_dir, extras.card, Path(tmp) / "detector"))}
+        if extras.portable is not None:
+            artifacts["portable_dir"] = str(_with_card(extras.portable, extras.card, Path(tmp) / "portable"))
+        return mlflow.pyfunc.log_model(
+            name="model",
+            python_model=pyfunc.__file__,
+            artifacts=artifacts,
+            code_paths=[str(Path(__file__).parent)],
+            model_config={"threshold": threshold},
+            signature=signature,
+            input_example=example,
+            registered_model_name=registered_name,
+            # Explicit pins: inferring requirements would load and run the model once more, slowly.
+            pip_requirements=[f"{name}=={version(name)}" for name in REQUIREMENTS],
+        )
