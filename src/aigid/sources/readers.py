@@ -14,7 +14,8 @@
   ``prepare.class_names`` and ``prepare.class_aliases``.
 
 Rows carry ``{"bytes": None, "path": <file>}``; the checks of the prepare stage read and validate each file.
-:func:`load_source` also reads the other sources: the hub (at a pinned revision), arrow and parquet.
+:func:`load_source` also reads the other sources: the hub (at a pinned revision), arrow and parquet (also as
+a dataset downloaded from the hub: one folder per config).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from datasets import Dataset, DatasetDict
 
@@ -97,15 +98,17 @@ def load_source(params, raw: Path | None = None, rejected: list[Rejected] | None
 
 
 def read_parquet(root: Path) -> DatasetDict:
-    """``<split>.parquet``, ``<split>-*.parquet`` or ``<split>/*.parquet`` files as splits. A file whose split
+    """``<split>.parquet``, ``<split>-*.parquet`` or ``<split>/*.parquet`` files as splits, in ``root`` or in its
+    config folder (:func:`_config_folder`); the shards of a split are read in name order. A file whose split
     cannot be told, a file without rows, and files whose columns differ are errors naming the files."""
     import pyarrow.parquet as pq
     from datasets import load_dataset
 
     files: dict[str, list[str]] = {}
     columns: dict[Path, list[str]] = {}
-    for file in sorted(root.rglob("*.parquet")):
-        rel = file.relative_to(root)
+    base = _config_folder(root)
+    for file in sorted(base.rglob("*.parquet")):
+        rel = file.relative_to(base)
         split = rel.parts[0] if len(rel.parts) > 1 else file.stem.split("-")[0]
         if split not in SPLITS:
             raise DataError(
@@ -127,6 +130,44 @@ def read_parquet(root: Path) -> DatasetDict:
             f"columns ({', '.join(RAW_COLUMNS)})"
         )
     return load_dataset("parquet", data_files=files)
+
+
+def _config_folder(root: Path) -> Path:
+    """Where the parquet files of a dataset are: ``root``, or the Hub's layout, one folder per config
+    (``data/`` for the default one) of ``<split>-NNNNN-of-NNNNN.parquet``. Of several config folders, the one
+    README.md's ``configs:`` header makes the default is read; without one, choosing is up to the user."""
+    tops = {f.relative_to(root).parts[0] for f in root.rglob("*.parquet")}
+    configs = sorted(t for t in tops if t not in SPLITS and (root / t).is_dir())
+    if not configs or len(configs) < len(tops):  # no config folders, or also other files: split by name
+        return root
+    default = configs[0] if len(configs) == 1 else _default_config(root)
+    if default not in configs:
+        raise DataError(
+            f"{root}: parquet files of {len(configs)} configs ({', '.join(c + '/' for c in configs)}) and no "
+            f"default one in README.md's configs: header; choose one with prepare.source={root / configs[0]}"
+        )
+    return root / default
+
+
+def _default_config(root: Path) -> str | None:
+    """The folder of the default config in ``root/README.md``'s YAML header, by the Hub's rule (the config
+    marked ``default: true``, the one named ``default``, or the only one); None without one."""
+    from datasets.data_files import sanitize_patterns
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub.repocard import metadata_load
+    from yaml import YAMLError
+
+    card = root / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        configs = MetadataConfigs.from_dataset_card_data(metadata_load(card) or {})
+        name = configs.get_default_config_name()
+        patterns = sanitize_patterns(configs[name].get("data_files", [])) if name else {}
+    except (ValueError, YAMLError):  # a malformed header, or several defaults: none is chosen
+        return None
+    folders = {PurePosixPath(p).parts[0] for split in patterns.values() for p in split}
+    return folders.pop() if len(folders) == 1 else None
 
 
 def _from_hub(source: str, revision: str) -> tuple[DatasetDict, str | None]:
