@@ -200,7 +200,7 @@ def test_a_dataset_downloaded_from_the_hub_is_read_with_its_shards_in_order(tmp_
     assert {s: list(ds["Caption"]) for s, ds in dsd.items()} == {s: captions["data", s] for s in HUB_SPLITS}
     assert list(dsd["train"]["Label_B"]) == list(range(6)) * 4
     report = json.loads((tmp_path / "prepare.json").read_text())
-    assert report["layout"] == "parquet" and report["splits_made_by_caption"] == []
+    assert report["layout"] == "parquet" and report["splits_made_by_caption"] == [] and report["ignored"] == {}
 
 
 @pytest.mark.parametrize("default", ["named default", "default: true"])
@@ -225,3 +225,20 @@ def test_several_configs_and_no_default_is_one_line_naming_them(tmp_path):
     result, out = run(tmp_path, tmp_path / "defactify" / "small")  # the message's way to choose one
     assert result.exit_code == 0, result.output
     assert list(open_dataset(out)["train"]["Caption"]) == captions["small", "train"]
+
+
+def test_beside_split_folders_a_file_is_counted_and_another_folder_is_an_error(tmp_path):
+    root = tmp_path / "mine"
+    for split in ("train", "test"):
+        class_folders(root / split, classes=("real", "sdxl"))
+    (root / "README.md").write_text("photos of 2024")
+    (root / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "__MACOSX" / "train").mkdir(parents=True)
+    result, out = run(tmp_path, root)
+    assert result.exit_code == 0, result.output
+    ignored = json.loads((tmp_path / "prepare.json").read_text())["ignored"]
+    assert ignored == {".DS_Store": 1, "__MACOSX": 1, "not in a class folder": 3}  # README.md, 2 captions.csv
+    shutil.move(str(root / "test"), str(root / "val"))  # a misnamed split is never left out
+    result, out = run(tmp_path, root)
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "/mine/val: not a split folder (train, validation, test, unlabeled)" in result.output
