@@ -4,6 +4,8 @@ with `on_bad: skip`, is quarantined; duplicates are reported, large images store
 import csv
 import io
 import json
+import os
+import tempfile
 
 import numpy as np
 import pytest
@@ -216,3 +218,95 @@ def test_large_images_are_stored_resized_to_max_side(tmp_path):
     assert result.exit_code == 0, result.output
     image = open_dataset(out)["train"][0]["Image"]
     assert Image.open(io.BytesIO(image["bytes"])).size == (40, 30)
+
+
+def _good_folders(root):
+    for i in range(6):
+        save_image(root / "real" / f"ok_{i}.png", i)
+        save_image(root / "sdxl" / f"ok_{i}.jpg", 50 + i)
+
+
+# What a class-folder dataset may hold that is not an image: made in `root`, named as the quarantine names it.
+BAD_ENTRIES = {
+    "gone.png": (lambda root: (root / "real" / "gone.png").symlink_to("missing.png"), "broken symbolic link"),
+    "loop.png": (lambda root: (root / "real" / "loop.png").symlink_to("loop.png"), "symbolic link loop"),
+    "x.png": (lambda root: (root / "sdxl" / "x.png").mkdir(), "a folder, not an image file"),
+    "notes.txt": (lambda root: (root / "sdxl" / "notes.txt").write_text("shot on a phone"), "cannot decode image"),
+}
+
+
+@pytest.mark.parametrize("name", BAD_ENTRIES)
+def test_an_entry_that_is_not_an_image_stops_prepare_in_one_line_naming_it(tmp_path, name):
+    make, reason = BAD_ENTRIES[name]
+    _good_folders(tmp_path / "mine")
+    make(tmp_path / "mine")
+    result, out = run(tmp_path, tmp_path / "mine")
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.count("\n") == 1 and f"/{name}): {reason}" in result.output, result.output
+
+
+def _permissions_hold() -> bool:
+    """Whether this process is refused a file it may not read (root, or CAP_DAC_OVERRIDE, reads anything)."""
+    with tempfile.NamedTemporaryFile() as f:
+        os.chmod(f.name, 0)
+        try:
+            open(f.name).close()
+        except PermissionError:
+            return True
+        return False
+
+
+@pytest.mark.skipif(not _permissions_hold(), reason="this process reads a file whatever its permissions (root)")
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+def test_an_unreadable_image_file_is_a_bad_row(tmp_path, on_bad):
+    _good_folders(tmp_path / "mine")
+    save_image(tmp_path / "mine" / "real" / "locked.png", 99)
+    (tmp_path / "mine" / "real" / "locked.png").chmod(0)
+    result, _ = run(tmp_path, tmp_path / "mine", on_bad=on_bad)
+    if on_bad == "error":
+        assert result.exit_code == 1 and "/locked.png): cannot read image file: Permission denied" in result.output
+    else:
+        assert result.exit_code == 0, result.output
+        report = list(csv.DictReader(open(tmp_path / "quarantine.csv")))
+        assert [(r["file"].rsplit("/", 1)[-1], r["reason"]) for r in report] == [
+            ("locked.png", "cannot read image file: Permission denied")
+        ]
+
+
+def _junk(root):
+    """What operating systems and archivers leave in a folder, and a README beside the class folders."""
+    for name in ("real", "sdxl"):
+        save_image(root / "__MACOSX" / name / f"._ok_{name}.png", 7)  # zip's resource forks
+    (root / "real" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "sdxl" / "Thumbs.db").write_bytes(b"\xd0\xcf\x11\xe0")
+    (root / "sdxl" / "._ok_1.jpg").write_bytes(b"\0\5\26\7")  # AppleDouble
+    (root / "README.md").write_text("my photos")
+
+
+@pytest.mark.parametrize("on_bad", ["error", "skip"])
+def test_os_junk_is_ignored_and_counted_and_every_other_entry_is_a_row(tmp_path, on_bad):
+    root = tmp_path / "mine"
+    _good_folders(root)
+    _junk(root)
+    if on_bad == "skip":
+        for make, _ in BAD_ENTRIES.values():
+            make(root)
+    result, out = run(tmp_path, root, on_bad=on_bad)
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "prepare.json").read_text())
+    assert report["ignored"] == {".DS_Store": 1, "Thumbs.db": 1, "__MACOSX": 1, "hidden": 1, "not in a class folder": 1}
+    assert sum(len(ds) for ds in open_dataset(out).values()) == 12
+    quarantined = list(csv.DictReader(open(tmp_path / "quarantine.csv")))
+    skipped = {r["file"].rsplit("/", 1)[-1]: r["reason"] for r in quarantined if r["action"] == "skipped"}
+    assert report["skipped"]["total"] == len(skipped) == (4 if on_bad == "skip" else 0)
+    assert all(skipped[name].startswith(reason) for name, (_, reason) in BAD_ENTRIES.items() if on_bad == "skip")
+
+
+@pytest.mark.skipif(not _permissions_hold(), reason="this process reads a folder whatever its permissions (root)")
+def test_an_unreadable_class_folder_is_one_line_naming_it(tmp_path):
+    _good_folders(tmp_path / "mine")
+    (tmp_path / "mine" / "sdxl").chmod(0)
+    result, out = run(tmp_path, tmp_path / "mine", on_bad="skip")
+    (tmp_path / "mine" / "sdxl").chmod(0o755)
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.strip().endswith("/sdxl: cannot list the folder (Permission denied)"), result.output

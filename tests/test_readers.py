@@ -7,10 +7,13 @@ import csv
 import json
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import yaml
 from click.testing import CliRunner
+from datasets import Dataset, Features, Image, Value
+from PIL import Image as PILImage
 
 from aigid.cli import main
 from aigid.core.data import open_dataset
@@ -142,3 +145,100 @@ def test_a_local_source_outside_the_raw_data_folder_is_refused(tmp_path):
     )
     assert result.exit_code != 0 and not (tmp_path / "prepared").exists()
     assert f"must be inside {tmp_path / 'raw'}/" in result.output and "dvc add" in result.output
+
+
+HUB_FEATURES = Features(
+    {"Image": Image(), "Caption": Value("string"), "Label_A": Value("int64"), "Label_B": Value("int64")}
+)
+HUB_SPLITS = ("train", "validation", "test")
+
+
+def hub_card(configs: dict[str, str], default: str | None) -> str:
+    """README.md as `push_to_hub` writes it: a YAML header with the features and ``configs`` (config name ->
+    its folder; ``default: true`` on ``default``), then the card's text."""
+    features = [{"name": c, "dtype": "image" if c == "Image" else f.dtype} for c, f in HUB_FEATURES.items()]
+    entries = []
+    for name, folder in configs.items():
+        entries.append({"config_name": name, **({"default": True} if name == default else {})})
+        entries[-1]["data_files"] = [{"split": s, "path": f"{folder}/{s}-*"} for s in HUB_SPLITS]
+    header = yaml.safe_dump({"dataset_info": {"features": features}, "configs": entries}, sort_keys=False)
+    return f"---\n{header}---\n\n# Defactify: MS COCOAI\n"
+
+
+def hub_download(root, configs=None, default=None) -> dict:
+    """The Defactify repository as `hf download --repo-type dataset --local-dir root` leaves it: README.md and,
+    per config folder, ``<split>-NNNNN-of-NNNNN.parquet`` with the columns Image, Caption, Label_A, Label_B (train:
+    4 captions in two shards; validation, test: 2 captions in one). Returns each (folder, split)'s captions."""
+    configs = configs or {"default": "data"}
+    rng = np.random.default_rng(0)
+    captions = {}
+    for folder in configs.values():
+        (root / folder).mkdir(parents=True)
+        for split, n, shards in zip(HUB_SPLITS, (4, 2, 2), (2, 1, 1)):
+            text = [f"{folder} {split} {c}: a red house by the sea" for c in reversed(range(n)) for _ in range(6)]
+            pixels = rng.integers(0, 255, (len(text), 16, 16, 3), dtype=np.uint8)
+            rows = {"Image": [PILImage.fromarray(p) for p in pixels], "Caption": text}
+            rows |= {
+                "Label_A": [int(i % 6 > 0) for i in range(len(text))],
+                "Label_B": [i % 6 for i in range(len(text))],
+            }
+            ds = Dataset.from_dict(rows, features=HUB_FEATURES)
+            for i in range(shards):
+                name = f"{split}-{i:05d}-of-{shards:05d}.parquet"
+                ds.shard(shards, i, contiguous=True).to_parquet(str(root / folder / name))
+            captions[folder, split] = text
+    (root / "README.md").write_text(hub_card(configs, default))
+    (root / ".gitattributes").write_text("*.parquet filter=lfs diff=lfs merge=lfs -text\n")
+    return captions
+
+
+def test_a_dataset_downloaded_from_the_hub_is_read_with_its_shards_in_order(tmp_path):
+    captions = hub_download(tmp_path / "defactify")
+    result, out = run(tmp_path, tmp_path / "defactify")
+    assert result.exit_code == 0, result.output
+    dsd = open_dataset(out)
+    assert {s: list(ds["Caption"]) for s, ds in dsd.items()} == {s: captions["data", s] for s in HUB_SPLITS}
+    assert list(dsd["train"]["Label_B"]) == list(range(6)) * 4
+    report = json.loads((tmp_path / "prepare.json").read_text())
+    assert report["layout"] == "parquet" and report["splits_made_by_caption"] == [] and report["ignored"] == {}
+
+
+@pytest.mark.parametrize("default", ["named default", "default: true"])
+def test_of_several_configs_the_readme_default_is_read(tmp_path, default):
+    """The Hub's rule: the config marked ``default: true``, else the one named ``default``."""
+    if default == "named default":
+        configs, marked, folder = {"default": "data", "small": "small"}, None, "data"
+    else:
+        configs, marked, folder = {"full": "full", "small": "small"}, "full", "full"
+    captions = hub_download(tmp_path / "defactify", configs, marked)
+    result, out = run(tmp_path, tmp_path / "defactify")
+    assert result.exit_code == 0, result.output
+    assert list(open_dataset(out)["train"]["Caption"]) == captions[folder, "train"]
+
+
+def test_several_configs_and_no_default_is_one_line_naming_them(tmp_path):
+    captions = hub_download(tmp_path / "defactify", {"full": "full", "small": "small"})
+    result, out = run(tmp_path, tmp_path / "defactify")
+    assert result.exit_code == 1 and not out.exists()
+    assert result.output.count("\n") == 1, result.output
+    assert "2 configs (full/, small/)" in result.output and "prepare.source=" in result.output
+    result, out = run(tmp_path, tmp_path / "defactify" / "small")  # the message's way to choose one
+    assert result.exit_code == 0, result.output
+    assert list(open_dataset(out)["train"]["Caption"]) == captions["small", "train"]
+
+
+def test_beside_split_folders_a_file_is_counted_and_another_folder_is_an_error(tmp_path):
+    root = tmp_path / "mine"
+    for split in ("train", "test"):
+        class_folders(root / split, classes=("real", "sdxl"))
+    (root / "README.md").write_text("photos of 2024")
+    (root / "train" / ".DS_Store").write_bytes(b"\0\0\0\1Bud1")
+    (root / "__MACOSX" / "train").mkdir(parents=True)
+    result, out = run(tmp_path, root)
+    assert result.exit_code == 0, result.output
+    ignored = json.loads((tmp_path / "prepare.json").read_text())["ignored"]
+    assert ignored == {".DS_Store": 1, "__MACOSX": 1, "not in a class folder": 3}  # README.md, 2 captions.csv
+    shutil.move(str(root / "test"), str(root / "val"))  # a misnamed split is never left out
+    result, out = run(tmp_path, root)
+    assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
+    assert "/mine/val: not a split folder (train, validation, test, unlabeled)" in result.output

@@ -11,20 +11,25 @@
 - ``folders``: one folder per class, ``<root>/<class>/*`` (or ``<root>/<split>/<class>/*``), with an optional
   ``<root>/captions.csv`` (columns ``file``, ``caption``; ``file`` relative to the root or a bare file name).
   Images without a caption get an empty caption. Folder names map to classes through
-  ``prepare.class_names`` and ``prepare.class_aliases``.
+  ``prepare.class_names`` and ``prepare.class_aliases``. Every entry of a class folder is a sample (one that is
+  no image file is a bad row); OS and archiver junk (:data:`JUNK`) and files beside the class folders are
+  counted as ``ignored``.
 
 Rows carry ``{"bytes": None, "path": <file>}``; the checks of the prepare stage read and validate each file.
-:func:`load_source` also reads the other sources: the hub (at a pinned revision), arrow and parquet.
+:func:`load_source` also reads the other sources: the hub (at a pinned revision), arrow and parquet (also as
+a dataset downloaded from the hub: one folder per config).
 """
 
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from datasets import Dataset, DatasetDict
+from PIL import Image as PILImage
 
 from aigid.core.data import RAW_COLUMNS, DataError, open_dataset, schema
 from aigid.core.errors import choice
@@ -32,6 +37,8 @@ from aigid.sources.tables import FIRST_ROW, duplicates, integers, read_table
 
 SPLITS = ("train", "validation", "test", "unlabeled")
 SOURCE_SUFFIX = "_image"  # competition source folders: coco_image, sd21_image, ...
+# The file suffixes of the formats Pillow opens: a folder named like an image is a bad row, not a folder to walk.
+IMAGE_SUFFIXES = frozenset(x for x, fmt in PILImage.registered_extensions().items() if fmt in PILImage.OPEN)
 
 
 @dataclass
@@ -53,6 +60,7 @@ class Reader:
     aliases: dict[str, str]
     on_bad: str = "error"
     rejected: list[Rejected] = field(default_factory=list)
+    ignored: Counter = field(default_factory=Counter)  # entries that are never samples, by reason (JUNK)
 
     def bad_keys(self, messages: dict, split: str, path: Path) -> set:
         """Duplicated keys of a table: an error, or with on_bad: skip every row holding them quarantined."""
@@ -93,19 +101,22 @@ def load_source(params, raw: Path | None = None, rejected: list[Rejected] | None
     reader = Reader(
         tuple(params.class_names), dict(params.class_aliases), params.on_bad, rejected if rejected is not None else []
     )
-    return LAYOUTS[layout].read(path, reader), origin
+    dsd = LAYOUTS[layout].read(path, reader)
+    return dsd, {**origin, "ignored": dict(sorted(reader.ignored.items()))}
 
 
 def read_parquet(root: Path) -> DatasetDict:
-    """``<split>.parquet``, ``<split>-*.parquet`` or ``<split>/*.parquet`` files as splits. A file whose split
+    """``<split>.parquet``, ``<split>-*.parquet`` or ``<split>/*.parquet`` files as splits, in ``root`` or in its
+    config folder (:func:`_config_folder`); the shards of a split are read in name order. A file whose split
     cannot be told, a file without rows, and files whose columns differ are errors naming the files."""
     import pyarrow.parquet as pq
     from datasets import load_dataset
 
     files: dict[str, list[str]] = {}
     columns: dict[Path, list[str]] = {}
-    for file in sorted(root.rglob("*.parquet")):
-        rel = file.relative_to(root)
+    base = _config_folder(root)
+    for file in sorted(base.rglob("*.parquet")):
+        rel = file.relative_to(base)
         split = rel.parts[0] if len(rel.parts) > 1 else file.stem.split("-")[0]
         if split not in SPLITS:
             raise DataError(
@@ -127,6 +138,44 @@ def read_parquet(root: Path) -> DatasetDict:
             f"columns ({', '.join(RAW_COLUMNS)})"
         )
     return load_dataset("parquet", data_files=files)
+
+
+def _config_folder(root: Path) -> Path:
+    """Where the parquet files of a dataset are: ``root``, or the Hub's layout, one folder per config
+    (``data/`` for the default one) of ``<split>-NNNNN-of-NNNNN.parquet``. Of several config folders, the one
+    README.md's ``configs:`` header makes the default is read; without one, choosing is up to the user."""
+    tops = {f.relative_to(root).parts[0] for f in root.rglob("*.parquet")}
+    configs = sorted(t for t in tops if t not in SPLITS and (root / t).is_dir())
+    if not configs or len(configs) < len(tops):  # no config folders, or also other files: split by name
+        return root
+    default = configs[0] if len(configs) == 1 else _default_config(root)
+    if default not in configs:
+        raise DataError(
+            f"{root}: parquet files of {len(configs)} configs ({', '.join(c + '/' for c in configs)}) and no "
+            f"default one in README.md's configs: header; choose one with prepare.source={root / configs[0]}"
+        )
+    return root / default
+
+
+def _default_config(root: Path) -> str | None:
+    """The folder of the default config in ``root/README.md``'s YAML header, by the Hub's rule (the config
+    marked ``default: true``, the one named ``default``, or the only one); None without one."""
+    from datasets.data_files import sanitize_patterns
+    from datasets.utils.metadata import MetadataConfigs
+    from huggingface_hub.repocard import metadata_load
+    from yaml import YAMLError
+
+    card = root / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        configs = MetadataConfigs.from_dataset_card_data(metadata_load(card) or {})
+        name = configs.get_default_config_name()
+        patterns = sanitize_patterns(configs[name].get("data_files", [])) if name else {}
+    except (ValueError, YAMLError):  # a malformed header, or several defaults: none is chosen
+        return None
+    folders = {PurePosixPath(p).parts[0] for split in patterns.values() for p in split}
+    return folders.pop() if len(folders) == 1 else None
 
 
 def _from_hub(source: str, revision: str) -> tuple[DatasetDict, str | None]:
@@ -152,7 +201,10 @@ def resolved_revision(data_files) -> str | None:
 
 def inside(root: Path, relative: str, what: str) -> Path:
     """``root / relative``, refusing anything that resolves outside ``root`` (``../``, absolute paths, links)."""
-    path = (root / relative).resolve()
+    try:
+        path = (root / relative).resolve()
+    except RuntimeError:  # a symbolic link loop: nothing can be read through it, and prepare says so
+        return root / relative
     if not path.is_relative_to(root.resolve()):
         raise DataError(f"{what}: {relative!r} points outside the dataset root {root}")
     return path
@@ -237,11 +289,56 @@ def read_competition(root: Path, reader: Reader) -> DatasetDict:
     return DatasetDict({s: _competition_split(d, s, reader) for s, d in splits.items()})
 
 
+# Entries of a class-folder dataset that are never samples (what operating systems and archivers leave), by
+# lower-case name -> the name counted under `ignored` in reports/prepare.json; any other name starting with "."
+# is counted as "hidden". A folder counts once; its contents are not read.
+JUNK = {n.lower(): n for n in ("__MACOSX", ".DS_Store", "Thumbs.db", "desktop.ini")}
+NOT_IN_A_CLASS_FOLDER = "not in a class folder"
+
+
+def _listing(folder: Path, ignored: Counter) -> list[Path]:
+    """The entries of ``folder`` in name order, less the junk, which is counted in ``ignored``."""
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as err:
+        raise DataError(f"{folder}: cannot list the folder ({err.strerror or err})") from None
+    kept = []
+    for entry in entries:
+        junk = JUNK.get(entry.name.lower()) or ("hidden" if entry.name.startswith(".") else None)
+        if junk:
+            ignored[junk] += 1
+        else:
+            kept.append(entry)
+    return kept
+
+
+def _samples(folder: Path, ignored: Counter) -> list[Path]:
+    """Every entry of a class folder that is a sample, depth first in name order: files and links (a broken
+    one too, and a folder named like an image: prepare reports why it cannot be read); other folders are
+    walked."""
+    found = []
+    for entry in _listing(folder, ignored):
+        if entry.is_dir() and not entry.is_symlink() and entry.suffix.lower() not in IMAGE_SUFFIXES:
+            found += _samples(entry, ignored)
+        else:
+            found.append(entry)
+    return found
+
+
+def _loose(file: Path, root: Path, ignored: Counter) -> None:
+    """A file beside the class (or split) folders is no sample: counted, unless it is the root's captions.csv."""
+    if file != root / "captions.csv":
+        ignored[NOT_IN_A_CLASS_FOLDER] += 1
+
+
 def _folder_split(root: Path, split_dir: Path, captions: dict[str, str], reader: Reader) -> Dataset:
     rows: tuple[list, list, list, list] = ([], [], [], [])
-    for class_dir in sorted(p for p in split_dir.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for class_dir in _listing(split_dir, reader.ignored):
+        if not class_dir.is_dir():
+            _loose(class_dir, root, reader.ignored)
+            continue
         label_b = class_index(class_dir.name, reader.class_names, reader.aliases, str(class_dir))
-        for file in sorted(f for f in class_dir.rglob("*") if f.is_file() and not f.name.startswith(".")):
+        for file in _samples(class_dir, reader.ignored):
             inside(root, str(file.relative_to(root)), str(class_dir))  # a symlink out of the root is refused
             rel = file.relative_to(root).as_posix()
             caption = captions.get(rel, captions.get(file.name, ""))
@@ -250,6 +347,19 @@ def _folder_split(root: Path, split_dir: Path, captions: dict[str, str], reader:
     if not rows[0]:
         raise DataError(f"{split_dir}: no images in any class folder")
     return _rows(*rows)
+
+
+def _split_dirs(root: Path, ignored: Counter) -> dict[str, Path]:
+    """The split folders of ``root``, or ``{"train": root}`` without any. Beside split folders, another folder
+    is an error (a misnamed split is never left out) and a file is counted in ``ignored``."""
+    if not any((root / s).is_dir() for s in SPLITS):
+        return {"train": root}
+    for entry in _listing(root, ignored):
+        if entry.is_dir() and entry.name not in SPLITS:
+            raise DataError(f"{entry}: not a split folder ({', '.join(SPLITS)}); rename it or move it out of {root}")
+        if not entry.is_dir():
+            _loose(entry, root, ignored)
+    return {s: root / s for s in SPLITS if (root / s).is_dir()}
 
 
 def read_folders(root: Path, reader: Reader) -> DatasetDict:
@@ -262,7 +372,7 @@ def read_folders(root: Path, reader: Reader) -> DatasetDict:
             inside(root, file, f"{table} row {row + FIRST_ROW}")
             if file not in bad:
                 captions[file] = caption
-    splits = {s: root / s for s in SPLITS if (root / s).is_dir()} or {"train": root}
+    splits = _split_dirs(root, reader.ignored)
     return DatasetDict({s: _folder_split(root, d, captions, reader) for s, d in splits.items()})
 
 

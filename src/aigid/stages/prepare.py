@@ -8,9 +8,12 @@ stage: adding, changing or removing a file there reruns prepare and everything a
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import io
 import logging
+import os
+import stat
 import tempfile
 import time
 from collections import defaultdict
@@ -50,7 +53,7 @@ class Paths:
     report: Path = stage.path(
         "reports/prepare.json",
         "Report: rows, captions and classes per split, shared "
-        "captions, duplicates, skipped rows, bytes per sample, source revision, fingerprint.",
+        "captions, duplicates, skipped rows, ignored entries, bytes per sample, source revision, fingerprint.",
     )
     quarantine: Path = stage.path(
         "reports/quarantine.csv",
@@ -156,6 +159,8 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     report["bytes_per_sample"] = stored / rows
     # The reference implementation stored every image as a float32 3xHxW tensor.
     report["float32_tensor_bytes_per_sample"] = tensor_bytes / rows
+    if origin.get("ignored"):
+        log.info("ignored, not samples: %s", ", ".join(f"{n} {what}" for what, n in origin["ignored"].items()))
     log.info(
         "prepared %d rows (%d skipped) in %.1f s: %.0f images/s, %.0f bytes per sample",
         rows,
@@ -179,6 +184,8 @@ def checked_image(image: dict, opts: CheckOptions) -> bytes:
     """
     if opts.root is not None and image.get("bytes") is None and image.get("path"):
         image = {"bytes": None, "path": str(inside(opts.root, image["path"], "Image path"))}
+    if image.get("bytes") is None and image.get("path") and (problem := not_a_file(Path(image["path"]))):
+        raise DataError(problem)
     data, img = open_image(image, opts.max_pixels)
     rgb = to_rgb(img)  # fails here, not in training, if the mode cannot be converted
     if opts.max_side and min(img.size) > opts.max_side:
@@ -188,6 +195,20 @@ def checked_image(image: dict, opts: CheckOptions) -> bytes:
         rgb.resize(size, PILImage.BICUBIC).save(buf, format="PNG")
         data = buf.getvalue()
     return data
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` is no image file, for what reading it would misname or wait on: a broken or looping
+    symbolic link, a folder, a pipe or device. None for a file, or for a missing one (reading it says so)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"broken symbolic link (to {os.readlink(path)}, which does not exist)" if path.is_symlink() else None
+    except OSError as err:
+        return f"symbolic link loop ({err.strerror})" if err.errno == errno.ELOOP else None
+    if stat.S_ISDIR(mode):
+        return "a folder, not an image file" + (" (a link to a folder is not followed)" if path.is_symlink() else "")
+    return None if stat.S_ISREG(mode) else "not a regular file (a pipe, socket or device)"
 
 
 def _check_row(caption, image, a, b, opts: CheckOptions) -> bytes:
