@@ -306,6 +306,8 @@ def test_pseudo_labelling_the_test_split_flags_evaluate_as_contaminated(project,
         str(tmp_path / "r.json"),
         "--plots",
         str(tmp_path / "plots"),
+        "--card",
+        str(tmp_path / "card.md"),
         cwd=project,
     )
     assert json.loads((tmp_path / "e.json").read_text())["contaminated"] is True

@@ -212,8 +212,9 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precisio
         "reliability": reliability,
         "reliability_uncalibrated": raw_reliability,
     }
+    fitted_on = _without(validation, names, getattr(model.config, "holdout", "none"))  # as train fitted the rule
     result["operating_point"], result["verdict"] = model_rule(
-        model_dir, rule, logits(validation), validation, test_logits, test
+        model_dir, rule, logits(fitted_on), fitted_on, test_logits, test
     )
 
     blank = predict(blank_captions(test))
@@ -247,10 +248,18 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precisio
     return result, plots
 
 
+def _without(ds, names: tuple[str, ...], holdout: str):
+    """The rows of ``ds`` but those of the held-out generator (``none``: all)."""
+    if holdout == "none":
+        return ds
+    return ds.select(np.flatnonzero(np.asarray(ds["Label_B"]) != names.index(holdout)))
+
+
 def model_rule(model_dir: Path, rule: Scoring, val_logits, validation, test_logits, test) -> tuple[dict, dict]:
     """The model's operating point and verdict, as fitted on validation (its scoring.json) and measured on
-    validation and test: at the threshold, the true- and false-positive rates; with the unsure band, the share
-    of rows decided and how many of those are right."""
+    validation (the rows it was fitted on: a held-out generator's left out) and test: at the threshold, the
+    true- and false-positive rates; with the unsure band, the share of rows decided and how many of those are
+    right."""
     fitted = json.loads((model_dir / SCORING_FILE).read_text())["verdict"]
     out = {}
     for split, ds, split_logits in (("validation", validation, val_logits), ("test", test, test_logits)):
