@@ -1,9 +1,13 @@
 """`aigid app` (aigid.serving.app): the page scores uploaded images as `aigid detect` scores the same files, a file
-that is not an image gets its reason in its own row, and no failure shows a traceback."""
+that is not an image gets its reason in its own row, and no failure shows a traceback. The page itself is driven in
+a headless Chromium (Debian's package, which .ci/run installs) through Playwright."""
 
+import csv
 import io
 import json
 import re
+import shutil
+import subprocess
 
 import click
 import pytest
@@ -12,8 +16,9 @@ from PIL import Image
 from aigid.serving import app as app_module
 from aigid.serving.app import create_app, listen_port
 from aigid.serving.detect import columns, detect, render
-from helpers import CT2, free_port, save_tiny_model
+from helpers import CT2, environment, export_portable, free_port, local_server, save_tiny_model
 
+CHROMIUM = shutil.which("chromium")
 BAD = "bad.jpg: cannot decode image: not a recognised image format"
 
 
@@ -82,3 +87,57 @@ def test_a_just_stopped_servers_port_is_free_a_taken_default_gives_way_and_a_tak
         assert listen_port("127.0.0.1", port, given=False) == 0
         with pytest.raises(click.ClickException, match=f"--port {port}: in use by another program"):
             listen_port("127.0.0.1", port, given=True)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(CHROMIUM is None, reason="no chromium executable on PATH (.ci/run installs Debian's chromium)")
+def test_the_page_in_a_browser_shows_detects_scores_and_a_corrupt_files_reason_and_downloads_them(tmp_path):
+    from playwright.sync_api import sync_playwright
+
+    save_tiny_model(tmp_path / "models/retrained")
+    export_portable(tmp_path / "models/retrained", tmp_path / "models/portable")
+    paths = _images(tmp_path)
+    options = ["--caption", "a red circle", "--out", "detect.csv", "-q"]  # detect and app: the same default model
+    run = subprocess.run(["aigid", "detect", "photo.jpg", *options], cwd=tmp_path, env=environment(), text=True)
+    assert run.returncode == 0
+    expected = next(csv.DictReader((tmp_path / "detect.csv").open()))
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    server = ["aigid", "app", "--host", "127.0.0.1", "--port", str(port)]
+    with local_server(server, url, cwd=tmp_path, env=environment()), sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.fill("#caption", "a red circle")
+            page.set_input_files("#files", [str(p) for p in paths])
+            page.wait_for_selector("#csv:not([hidden])", timeout=60_000)
+            photo, bad = page.locator("#results tbody tr").all()
+            shown = {
+                "file": photo.locator(".file").inner_text(),
+                "verdict": photo.locator(".verdict").inner_text(),
+                "prob_ai": float(photo.locator(".prob-ai").get_attribute("data-value")),
+                "generator": photo.locator(".generator").inner_text(),
+                "bad": [bad.locator(".file").inner_text(), bad.locator(".error").inner_text()],
+            }
+            with page.expect_download() as download:
+                page.click("#csv")
+            downloaded = list(csv.DictReader(open(download.value.path())))
+            text = page.content()
+            # A failed request whose answer is not the app's (a proxy's error page, say) is one line too.
+            page.route("**/score", lambda route: route.fulfill(status=502, body="Traceback (most recent call last)"))
+            page.set_input_files("#files", [str(paths[0])])
+            page.wait_for_selector("#message:not([hidden])")
+            failure = [page.inner_text("#message"), page.content()]
+        finally:
+            browser.close()
+
+    assert shown["file"] == "photo.jpg" and shown["generator"] == expected["generator"]
+    assert shown["verdict"] == expected.get("verdict", expected["label"])
+    assert abs(shown["prob_ai"] - float(expected["prob_ai"])) < 1e-5
+    assert shown["bad"] == ["bad.jpg", BAD]
+    assert "Traceback" not in text
+    assert failure[0].startswith("502") and "Traceback" not in failure[1]
+    assert downloaded[0] == expected
+    assert downloaded[1]["path"] == "bad.jpg" and downloaded[1]["error"] == BAD and not downloaded[1]["prob_ai"]
