@@ -21,11 +21,11 @@ from aigid.core.stage import quiet_transformers
 STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate", "export")
 # command name -> module defining `command`: the stages, then the tools.
 COMMANDS = {name: f"aigid.stages.{name}" for name in STAGES} | {
-    name: f"aigid.serving.{name}" for name in ("detect", "promote", "register")
+    name: f"aigid.serving.{name}" for name in ("detect", "app", "promote", "register")
 }
-# Commands that import transformers only where they need it (detect on a portable model never does), and call
+# Commands that import transformers only where they need it (detect and app on a portable model never do), and call
 # quiet_transformers there; for every other command the group does it.
-OWN_IMPORTS = frozenset({"detect"})
+OWN_IMPORTS = frozenset({"detect", "app"})
 
 
 class LazyGroup(click.Group):
