@@ -16,7 +16,7 @@ from PIL import Image
 from aigid.serving import app as app_module
 from aigid.serving.app import create_app, listen_port
 from aigid.serving.detect import columns, detect, render
-from helpers import CT2, environment, export_portable, free_port, local_server, save_tiny_model
+from helpers import CT2, TINY_SCORING, environment, export_portable, free_port, local_server, save_tiny_model
 
 CHROMIUM = shutil.which("chromium")
 BAD = "bad.jpg: cannot decode image: not a recognised image format"
@@ -39,12 +39,12 @@ def _upload(client, paths, caption=""):
 def test_an_upload_is_scored_as_detect_scores_the_file_and_a_corrupt_one_gets_its_reason(tmp_path):
     save_tiny_model(tmp_path / "model")
     paths = _images(tmp_path)
-    response = _upload(create_app(tmp_path / "model", 0.5, 64, "auto").test_client(), paths, "a red circle")
+    response = _upload(create_app(tmp_path / "model", None, 64, "auto").test_client(), paths, "a red circle")
     assert response.status_code == 200 and b"Traceback" not in response.data
     body = response.get_json()
     fields = columns(CT2)
     assert body["columns"] == fields
-    expected = detect(paths, tmp_path / "model", caption="a red circle", threshold=0.5)
+    expected = detect(paths, tmp_path / "model", caption="a red circle")  # the model's own rule, as the app's
     for row, path in zip(expected, paths):  # the page names an upload by its file name, not its path
         row["path"], row["error"] = path.name, row["error"].replace(f"{tmp_path}/", "")
     assert expected[1]["error"] == BAD
@@ -94,7 +94,7 @@ def test_a_just_stopped_servers_port_is_free_a_taken_default_gives_way_and_a_tak
 def test_the_page_in_a_browser_shows_detects_scores_and_a_corrupt_files_reason_and_downloads_them(tmp_path):
     from playwright.sync_api import sync_playwright
 
-    save_tiny_model(tmp_path / "models/retrained")
+    save_tiny_model(tmp_path / "models/retrained", dict(TINY_SCORING, trained_on={"source": "demo", "synthetic": True}))
     export_portable(tmp_path / "models/retrained", tmp_path / "models/portable")
     paths = _images(tmp_path)
     options = ["--caption", "a red circle", "--out", "detect.csv", "-q"]  # detect and app: the same default model
@@ -124,7 +124,7 @@ def test_the_page_in_a_browser_shows_detects_scores_and_a_corrupt_files_reason_a
             with page.expect_download() as download:
                 page.click("#csv")
             downloaded = list(csv.DictReader(open(download.value.path())))
-            text = page.content()
+            text, notice = page.content(), page.inner_text(".notice")
             # A failed request whose answer is not the app's (a proxy's error page, say) is one line too.
             page.route("**/score", lambda route: route.fulfill(status=502, body="Traceback (most recent call last)"))
             page.set_input_files("#files", [str(paths[0])])
@@ -138,6 +138,7 @@ def test_the_page_in_a_browser_shows_detects_scores_and_a_corrupt_files_reason_a
     assert abs(shown["prob_ai"] - float(expected["prob_ai"])) < 1e-5
     assert shown["bad"] == ["bad.jpg", BAD]
     assert "Traceback" not in text
+    assert "trained on the embedded synthetic demo data" in notice  # said once, above the table
     assert failure[0].startswith("502") and "Traceback" not in failure[1]
     assert downloaded[0] == expected
     assert downloaded[1]["path"] == "bad.jpg" and downloaded[1]["error"] == BAD and not downloaded[1]["prob_ai"]

@@ -28,8 +28,10 @@ from werkzeug.serving import make_server, select_address_family
 
 from aigid.core.data import DataError, decode_rgb
 from aigid.core.stage import clean_errors
-from aigid.serving.detect import columns, default_model, render, resolve_model, scorer
+from aigid.detector.scores import Scoring
+from aigid.serving.detect import choose_model, columns, render
 from aigid.serving.detect import command as detect_command
+from aigid.serving.scorer import scorer
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 7860
@@ -37,9 +39,9 @@ DEFAULT_PORT = 7860
 DETECT_OPTIONS = ("model_spec", "threshold", "batch_size", "precision")
 
 
-def score_uploads(score, uploads: list[tuple[str, bytes]], caption: str, threshold: float) -> list[dict]:
+def score_uploads(score, uploads: list[tuple[str, bytes]], caption: str, threshold: float | None) -> list[dict]:
     """One row per uploaded ``(file name, bytes)``: the reason in ``error`` where the bytes are not a readable
-    image, the scores of ``score`` (see :func:`aigid.serving.detect.scorer`) for the others."""
+    image, the scores of ``score`` (see :func:`aigid.serving.scorer.scorer`) for the others."""
     rows, images = [], []
     for name, data in uploads:
         row = {"path": name, "error": ""}
@@ -65,11 +67,13 @@ def one_line(err: Exception) -> str:
     return " ".join(text.split())
 
 
-def create_app(model_dir: Path, threshold: float, batch_size: int, precision: str) -> Flask:
+def create_app(model_dir: Path, threshold: float | None, batch_size: int, precision: str) -> Flask:
     """The page (``GET /``) and its scoring endpoint (``POST /score``: files ``files``, form field ``caption``;
     answers the columns, the rows and their CSV) for the detector in ``model_dir``, loaded here, once; the other
-    arguments are `aigid detect`'s options of those names."""
+    arguments are `aigid detect`'s options of those names. What a user must know about the model's scores (it
+    was trained on the synthetic demo, or it has no scoring rule) stands above the table."""
     score = scorer(model_dir, batch_size, False, precision)
+    notices = Scoring.load(model_dir).notices(str(model_dir))
     fields = columns(json.loads((model_dir / "config.json").read_text())["class_names"])
     page = files(__package__).joinpath("app.html").read_text()
     lock = threading.Lock()  # the server is threaded and the loaded model is shared: one scoring at a time
@@ -77,7 +81,7 @@ def create_app(model_dir: Path, threshold: float, batch_size: int, precision: st
 
     @app.get("/")
     def index():
-        return render_template_string(page, model=str(model_dir))
+        return render_template_string(page, model=str(model_dir), notices=notices)
 
     @app.post("/score")
     def score_files():
@@ -125,10 +129,9 @@ def listen_port(host: str, port: int, given: bool) -> int:
 def command(ctx, host, port, model_spec, threshold, batch_size, precision) -> None:
     """Serve a web page that scores the images you drop on it: verdict, P(AI), generator and class probabilities
     per image, and the table as CSV. The model is loaded once, at start; Ctrl+C stops the server."""
-    if model_spec is None:
-        model_dir, why = default_model(precision)
+    model_dir, why = choose_model(model_spec, precision)
+    if why:
         click.echo(f"scoring with {model_dir} ({why}; --model chooses another)", err=True)
-    model_dir = resolve_model(str(model_dir) if model_spec is None else model_spec)
     given = ctx.get_parameter_source("port") == click.core.ParameterSource.COMMANDLINE
     app = create_app(model_dir, threshold, batch_size, precision)
     server = make_server(host, listen_port(host, port, given), app, threaded=True)
