@@ -21,11 +21,11 @@ from aigid.core.stage import quiet_transformers
 STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate", "export")
 # command name -> module defining `command`: the stages, then the tools.
 COMMANDS = {name: f"aigid.stages.{name}" for name in STAGES} | {
-    name: f"aigid.serving.{name}" for name in ("detect", "promote", "register")
+    name: f"aigid.serving.{name.replace('-', '_')}" for name in ("detect", "promote", "register", "score-table")
 }
-# Commands that import transformers only where they need it (detect on a portable model never does), and call
-# quiet_transformers there; for every other command the group does it.
-OWN_IMPORTS = frozenset({"detect"})
+# Commands that import transformers only where they need it (detect on a portable model never does; score-table
+# loads the model on Spark's executors), and call quiet_transformers there; for every other command the group does it.
+OWN_IMPORTS = frozenset({"detect", "score-table"})
 
 
 class LazyGroup(click.Group):
