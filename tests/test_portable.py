@@ -127,3 +127,12 @@ def test_a_broken_portable_model_or_bf16_on_it_is_one_clear_line(tmp_path):
     assert result.exit_code == 1 and result.exception.__class__ is SystemExit
     assert f"{tmp_path / 'portable' / GRAPH}: onnxruntime cannot load it" in result.output
     assert len(result.output.strip().splitlines()) == 1
+
+
+def test_omp_num_threads_is_the_graphs_thread_count_as_spark_sets_it_per_task(tmp_path, monkeypatch):
+    save_tiny_model(tmp_path / "model")
+    export_portable(tmp_path / "model", tmp_path / "portable")
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    assert PortableDetector(tmp_path / "portable").session.get_session_options().intra_op_num_threads == 0  # default
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert PortableDetector(tmp_path / "portable").session.get_session_options().intra_op_num_threads == 1

@@ -21,11 +21,12 @@ from aigid.core.stage import quiet_transformers
 STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate", "export")
 # command name -> module defining `command`: the stages, then the tools.
 COMMANDS = {name: f"aigid.stages.{name}" for name in STAGES} | {
-    name: f"aigid.serving.{name}" for name in ("detect", "app", "promote", "register")
+    name: f"aigid.serving.{name.replace('-', '_')}" for name in ("detect", "app", "promote", "register", "score-table")
 }
-# Commands that import transformers only where they need it (detect and app on a portable model never do), and call
-# quiet_transformers there; for every other command the group does it.
-OWN_IMPORTS = frozenset({"detect", "app"})
+# Commands that import transformers only where they need it (detect and app on a portable model never do;
+# score-table loads the model on Spark's executors), and call quiet_transformers there; for every other command the
+# group does it.
+OWN_IMPORTS = frozenset({"detect", "app", "score-table"})
 
 
 class LazyGroup(click.Group):

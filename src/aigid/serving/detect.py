@@ -145,12 +145,7 @@ def download_registered(spec: str) -> tuple[Path, Path | None]:
     detector directory and its exported form (None for a version registered without one)."""
     import mlflow
 
-    from aigid.tracking.runs import bound_http_retries, check_reachable, tracking_uri
-
-    bound_http_retries()
-    uri = tracking_uri()
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
+    uri = registry_store()
     try:
         local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
     except Exception as err:  # the registry raises several types; all mean "cannot get this model"
@@ -163,6 +158,20 @@ def download_registered(spec: str) -> tuple[Path, Path | None]:
         raise DataError(f"{spec}: expected one detector directory in the model's artifacts, found {len(found)}")
     exported = [p.parent for p in local.rglob(GRAPH)]
     return found[0], exported[0] if len(exported) == 1 else None
+
+
+def registry_store() -> str:
+    """Point MLflow at the store registered models are read from (MLFLOW_TRACKING_URI, else the project's
+    mlflow.db), checked to answer; return its URI."""
+    import mlflow
+
+    from aigid.tracking.runs import bound_http_retries, check_reachable, tracking_uri
+
+    bound_http_retries()
+    uri = tracking_uri()
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
 
 
 def read_captions(path: Path) -> dict[str, str]:

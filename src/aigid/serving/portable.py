@@ -16,6 +16,7 @@ The torch path runs transformers' torchvision-backed processor, whose pixels agr
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -128,8 +129,15 @@ class PortableDetector:
             raise DataError(f"{path}: no {GRAPH}; not a portable detector written by `aigid export`")
         self.inputs = Inputs(path)
         self.class_names = self.inputs.class_names
+        options = onnxruntime.SessionOptions()
+        # OMP_NUM_THREADS, when set, is the thread count, as for a torch model (Spark sets it to each task's cores,
+        # spark.task.cpus); else onnxruntime's default, one per physical core.
+        if os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            options.intra_op_num_threads = int(os.environ["OMP_NUM_THREADS"])
         try:
-            self.session = onnxruntime.InferenceSession(str(path / GRAPH), providers=["CPUExecutionProvider"])
+            self.session = onnxruntime.InferenceSession(
+                str(path / GRAPH), sess_options=options, providers=["CPUExecutionProvider"]
+            )
         except Exception as err:  # onnxruntime raises its own exception types for a bad or truncated graph
             raise DataError(f"{path / GRAPH}: onnxruntime cannot load it ({type(err).__name__}: {err})") from None
 
