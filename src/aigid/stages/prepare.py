@@ -98,24 +98,24 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     class_names = tuple(params.class_names)
     origin: dict = {"source": params.source}
     rejected: list[Rejected] = []
-    if params.source == "demo":
-        from aigid.sources.demo import SOURCES, generate_demo
-
-        if len(class_names) != SOURCES:
-            raise DataError(
-                f"prepare.source=demo generates {SOURCES} classes (real and five generators); "
-                f"prepare.class_names has {len(class_names)}"
-            )
-        raw_splits = generate_demo(params.demo.captions, image_size=params.demo.image_size, seed=seed)
-    else:
-        raw_splits, origin = load_source(params, raw, rejected)
-    if "train" not in raw_splits:
-        raise DataError(f"{params.source}: no train split (splits: {', '.join(raw_splits) or 'none'})")
-    # Image paths inside arrow/parquet rows are relative to the dataset and may not leave it.
-    root = Path(params.source) if origin.get("layout") in ("arrow", "parquet") else None
-    opts = CheckOptions(class_names, params.on_bad, params.max_pixels, params.max_side, root)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out_dir.parent) as cache:
+        if params.source == "demo":
+            from aigid.sources.demo import SOURCES, generate_demo
+
+            if len(class_names) != SOURCES:
+                raise DataError(
+                    f"prepare.source=demo generates {SOURCES} classes (real and five generators); "
+                    f"prepare.class_names has {len(class_names)}"
+                )
+            raw_splits = generate_demo(params.demo.captions, params.demo.image_size, seed, cache_dir=cache)
+        else:
+            raw_splits, origin = load_source(params, raw, rejected)
+        if "train" not in raw_splits:
+            raise DataError(f"{params.source}: no train split (splits: {', '.join(raw_splits) or 'none'})")
+        # Image paths inside arrow/parquet rows are relative to the dataset and may not leave it.
+        root = Path(params.source) if origin.get("layout") in ("arrow", "parquet") else None
+        opts = CheckOptions(class_names, params.on_bad, params.max_pixels, params.max_side, root)
         splits = {name: check_split(ds, name, cache, opts, rejected) for name, ds in raw_splits.items()}
         made = []
         for name, fraction in (("test", params.test_fraction), ("validation", params.validation_fraction)):
