@@ -12,6 +12,7 @@ import csv
 import glob
 import io
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -37,22 +38,39 @@ def columns(class_names) -> list[str]:
     return ["path", *output_columns(class_names)]
 
 
-def expand(inputs: list[str]) -> list[Path]:
-    """Files as given, folders searched recursively for images, globs expanded; order kept, no repeats."""
-    found: list[Path] = []
+def expand(inputs: list[str]) -> list[str]:
+    """Files as given, folders searched recursively for images, globs expanded; order kept, no repeats. The paths
+    are kept as strings (normalised as Path writes them, a folder's sorted as Paths sort), so that a folder of a
+    hundred thousand images costs a few MB."""
+    found: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(_images_in(path), key=_parts)
         elif path.exists():
-            found.append(path)
+            found.append(str(path))
         else:
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            found += matches or [path]  # a missing file is reported as a row, not dropped
+            matches = sorted((str(Path(p)) for p in glob.glob(item, recursive=True) if Path(p).is_file()), key=_parts)
+            found += matches or [str(path)]  # a missing file is reported as a row, not dropped
     return list(dict.fromkeys(found))
 
 
-def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None = None, **options) -> list[dict]:
+def _images_in(folder: Path) -> Iterator[str]:
+    """The image files below ``folder`` (symbolic links to files included, to folders not followed), as
+    ``folder.rglob`` finds them, without the set of every path it keeps."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(parent, name)
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and os.path.isfile(full):
+                yield full
+
+
+def _parts(path: str) -> str:
+    """The sort key of a normalised path that orders as Paths do, by their parts: the separator sorts first."""
+    return path.replace("/", "\0")
+
+
+def detect(paths: list[Path | str], model_dir: Path, captions: dict[str, str] | None = None, **options) -> list[dict]:
     """One row per path: the verdict, calibrated P(AI), the label, the generator and every class probability, by
     the model's own rule (its scoring.json) or, with ``threshold``, at that one cut; ``options`` are
     :func:`iter_detect`'s.
@@ -65,7 +83,7 @@ def detect(paths: list[Path], model_dir: Path, captions: dict[str, str] | None =
 
 
 def iter_detect(
-    paths: list[Path],
+    paths: list[Path | str],
     model_dir: Path,
     captions: dict[str, str] | None = None,
     *,
@@ -85,6 +103,7 @@ def iter_detect(
     chunk = batch_size * max(1, CHUNK_IMAGES // batch_size)
     rows, images, texts = [], [], []
     for path in tqdm(paths, desc="reading", unit="file", file=sys.stderr, disable=not progress):
+        path = Path(path)
         row = {"path": str(path), "error": ""}
         try:
             data = path.read_bytes()
