@@ -1,13 +1,51 @@
 """The feature cache of frozen-encoder mode (aigid.detector.cache), on the tiny pipeline run frozen (the
-``frozen`` fixture, conftest.py): batches of cached rows, and scores from features equal to scores from images."""
+``frozen`` fixture, conftest.py): batches of cached rows, and scores from features equal to scores from images; and
+the batch-by-batch writer of the features stage, which must give the rows the in-memory table gives."""
 
 import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.slow
+
+def _batches(order, text, image, size):
+    """What iter_features yields: rows visited in ``order``, ``size`` at a time, with their features."""
+    for start in range(0, len(order), size):
+        rows = order[start : start + size]
+        yield rows, [text[i] for i in rows] if isinstance(text, list) else text[rows], image[rows]
 
 
+@pytest.mark.parametrize("tokens", [False, True])
+@pytest.mark.parametrize("visit", ["in order", "shuffled"])
+def test_features_written_batch_by_batch_equal_the_table_made_in_memory(tmp_path, tokens, visit):
+    from datasets import Dataset
+
+    from aigid.core.data import open_dataset, save_dataset
+    from aigid.detector.cache import feature_table, write_features
+
+    rng = np.random.default_rng(0)
+    n = 23
+    rows = Dataset.from_dict({"Label_A": (np.arange(n) % 2).tolist(), "Label_B": (np.arange(n) % 6).tolist()})
+    image = rng.normal(size=(n, 5)).astype(np.float32)
+    text = (
+        [rng.normal(size=(int(rng.integers(1, 6)), 4)).astype(np.float32) for _ in range(n)]
+        if tokens
+        else rng.normal(size=(n, 4)).astype(np.float32)
+    )
+    order = np.arange(n) if visit == "in order" else rng.permutation(n)
+    written = write_features(_batches(order, text, image, 3), rows, tmp_path / "split.arrow")
+    whole = feature_table(text, image, rows)
+    assert written.features == whole.features
+    assert written.with_format("arrow")[:].equals(whole.with_format("arrow")[:])
+    from datasets import DatasetDict
+
+    save_dataset(DatasetDict(train=written), tmp_path / "chunked")
+    save_dataset(DatasetDict(train=whole), tmp_path / "whole")
+    stored = [(tmp_path / d / "train/data-00000-of-00001.arrow").read_bytes() for d in ("chunked", "whole")]
+    assert stored[0] == stored[1]
+    assert len(open_dataset(tmp_path / "chunked")["train"]) == n
+
+
+@pytest.mark.slow
 def test_frozen_model_predicts_the_same_from_images_and_from_features(frozen):
     from aigid.core.data import open_dataset
     from aigid.detector.cache import open_features, predict_from_features
@@ -23,6 +61,7 @@ def test_frozen_model_predicts_the_same_from_images_and_from_features(frozen):
     assert torch.allclose(torch.from_numpy(b1), torch.from_numpy(b2), atol=1e-4)
 
 
+@pytest.mark.slow
 def test_batches_of_cached_features_are_the_rows_pseudo_labelled_ones_included(frozen):
     from aigid.core.config import load_params
     from aigid.core.data import open_dataset

@@ -7,8 +7,10 @@ cached; training and pseudo-labelling read it (:func:`open_features`, :class:`Fe
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +20,7 @@ from datasets import Dataset, DatasetDict
 
 from aigid.core.data import DataError, open_dataset, save_dataset
 from aigid.core.errors import choice
-from aigid.detector.infer import RunOptions, encode_features
+from aigid.detector.infer import RunOptions, iter_features
 from aigid.detector.model import FUSIONS, build_detector
 from aigid.detector.runtime import configure
 
@@ -52,6 +54,45 @@ def feature_table(text: np.ndarray | list[np.ndarray], image: np.ndarray, rows: 
     )
 
 
+def write_features(batches, rows: Dataset, path: Path) -> Dataset:
+    """The features of ``batches`` (:func:`aigid.detector.infer.iter_features`: row indices, text and image
+    features per batch, in any order that visits every row once) with the rows' labels, written to the Arrow file
+    ``path`` one batch at a time and read back memory-mapped, in ``rows``' order: the same rows as
+    :func:`feature_table` makes in memory."""
+    labels_a, labels_b = np.asarray(rows["Label_A"]), np.asarray(rows["Label_B"])
+    order, writer, digest = [], None, hashlib.sha256()
+    with pa.OSFile(str(path), "wb") as sink:
+        for indices, text, image in batches:
+            batch = pa.record_batch(
+                {
+                    "text_features": _ragged(text) if isinstance(text, list) else _fixed(text),
+                    "image_features": _fixed(image),
+                    "Label_A": pa.array(labels_a[indices], pa.int64()),
+                    "Label_B": pa.array(labels_b[indices], pa.int64()),
+                }
+            )
+            writer = writer or pa.ipc.new_stream(sink, batch.schema)
+            writer.write_batch(batch)
+            order.append(indices)
+            for column in batch.columns:
+                for buffer in column.buffers():
+                    if buffer is not None:
+                        digest.update(buffer)
+        if writer is None:
+            raise DataError(f"no rows to encode for {path.stem}")
+        writer.close()
+    visited = np.concatenate(order)
+    digest.update(visited.tobytes())
+    # Named by its content, as an in-memory table is, not by the temporary file's path.
+    fingerprint = digest.hexdigest()[:16]
+    table = Dataset.from_file(str(path))
+    if np.array_equal(visited, np.arange(len(visited))):
+        return Dataset(table.data, info=table.info, fingerprint=fingerprint)
+    where = np.empty_like(visited)  # back to the rows' order
+    where[visited] = np.arange(len(visited))
+    return table.select(where, new_fingerprint=fingerprint)
+
+
 def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) -> dict:
     if not params.train.freeze_encoders:
         save_dataset(
@@ -75,17 +116,22 @@ def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) 
     options = RunOptions(params.features.batch_size, params.train.num_workers)
     tokens = choice(FUSIONS, params.model.fusion, "model.fusion").tokens
     splits = {}
-    for name, ds in data.items():
-        text, image = encode_features(detector, ds, options, tokens=tokens)
-        splits[name] = feature_table(text, image, ds)
-        log.info("encoded %d %s rows", len(ds), name)
-    save_dataset(DatasetDict(splits), out_dir, {MARKER: json.dumps({"computed": True, "tokens": tokens}) + "\n"})
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    # Each split is written batch by batch to a file here, then saved in place: memory stays flat as rows grow.
+    with tempfile.TemporaryDirectory(prefix=".features-", dir=out_dir.parent) as scratch:
+        for name, ds in data.items():
+            batches = iter_features(detector, ds, options, tokens=tokens)
+            splits[name] = write_features(batches, ds, Path(scratch) / f"{name}.arrow")
+            log.info("encoded %d %s rows", len(ds), name)
+        info = {MARKER: json.dumps({"computed": True, "tokens": tokens}) + "\n"}
+        save_dataset(DatasetDict(splits), out_dir, info)
+    first = splits[next(iter(splits))].with_format("numpy")[0]
     return {
         "computed": True,
         "tokens": tokens,
         "rows": {k: len(v) for k, v in splits.items()},
-        "text_dim": int((text[0] if tokens else text).shape[-1]),
-        "image_dim": int(image.shape[1]),
+        "text_dim": int(first["text_features"].shape[-1]),
+        "image_dim": int(first["image_features"].shape[-1]),
     }
 
 

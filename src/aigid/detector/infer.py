@@ -9,7 +9,7 @@ are visited grouped by caption, so the images of one caption share a batch and B
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -45,16 +45,14 @@ class RunOptions:
     perturb: Callable | None = None
 
 
-def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list:
-    """``step(model, batch)`` -> a tuple of per-row tensors, for every batch in caption order; each output
-    concatenated and put back in the dataset's order as float32 numpy. An output may also be a list of one
-    tensor per row (rows of different lengths): it comes back as a list of float32 arrays, in the dataset's
-    order."""
+def _batches(detector: Loaded, dataset: Rows, options: RunOptions, step, order: np.ndarray) -> Iterator[tuple]:
+    """For every batch, in the caption ``order``: the dataset rows it holds and ``step(model, batch)``'s outputs
+    for them as float32 numpy, each an array of the rows' values or, where ``step`` gives one tensor per row
+    (rows of different lengths), a list of one array per row."""
     from tqdm import tqdm
 
     dev = device()
     model = detector.model.to(dev).eval()
-    order = caption_order(dataset)
     collate = Collator(detector.tokenizer, detector.processor, model.config.max_text_length, perturb=options.perturb)
     loader = DataLoader(
         Subset(dataset, order.tolist()),
@@ -64,27 +62,46 @@ def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list:
         pin_memory=dev.type == "cuda",
         collate_fn=collate,
     )
-    outputs = None
+    start = 0
     # One autocast region for the whole pass; the weights it would cast were stored in bf16 at load.
     with autocast(dev, detector.precision):
         for batch in tqdm(loader, desc="scoring", unit="batch", file=sys.stderr, disable=not options.progress):
             batch = {k: v.to(dev, non_blocking=True) for k, v in batch.items() if not k.startswith("labels_")}
             values = step(model, batch)
-            outputs = outputs or [[] for _ in values]
-            for chunks, value in zip(outputs, values):
-                if isinstance(value, list):
-                    chunks.extend(row.float().cpu().numpy() for row in value)
-                else:
-                    chunks.append(value.float().cpu())
+            rows = order[start : start + len(values[0])]
+            start += len(rows)
+            yield (
+                rows,
+                [
+                    [row.float().cpu().numpy() for row in value]
+                    if isinstance(value, list)
+                    else value.float().cpu().numpy()
+                    for value in values
+                ],
+            )
+
+
+def _run(detector: Loaded, dataset: Rows, options: RunOptions, step) -> list:
+    """``step(model, batch)`` -> a tuple of per-row tensors, for every batch in caption order; each output
+    concatenated and put back in the dataset's order as float32 numpy. An output may also be a list of one
+    tensor per row (rows of different lengths): it comes back as a list of float32 arrays, in the dataset's
+    order."""
+    order = caption_order(dataset)
+    outputs, per_row = None, None
+    for _, values in _batches(detector, dataset, options, step, order):
+        outputs = outputs or [[] for _ in values]
+        per_row = [isinstance(value, list) for value in values]
+        for chunks, value in zip(outputs, values):
+            chunks.extend(value) if isinstance(value, list) else chunks.append(value)
     restored = []
-    for chunks in outputs or []:
-        if chunks and isinstance(chunks[0], np.ndarray):  # one array per row
+    for chunks, rows_given in zip(outputs or [], per_row or []):
+        if rows_given:  # one array per row
             rows = [None] * len(chunks)
             for visited, row in zip(order, chunks):
                 rows[visited] = row
             restored.append(rows)
             continue
-        values = torch.cat(chunks).numpy()
+        values = np.concatenate(chunks)
         restored.append(np.empty_like(values))
         restored[-1][order] = values
     return restored
@@ -120,6 +137,19 @@ def encode_features(detector: Loaded, dataset: Rows, options: RunOptions = RunOp
     features are the caption's [CLS] feature, or with ``tokens`` a list holding, per row, the feature of each of
     its caption's tokens (padding dropped) as a (tokens, dim) array."""
     return tuple(_run(detector, dataset, options, _token_features if tokens else _features))
+
+
+@torch.inference_mode()
+def iter_features(
+    detector: Loaded, dataset: Rows, options: RunOptions = RunOptions(), tokens: bool = False
+) -> Iterator[tuple[np.ndarray, np.ndarray | list[np.ndarray], np.ndarray]]:
+    """:func:`encode_features` one batch at a time, in caption order (:func:`caption_order`), so that nothing
+    grows with the dataset: per batch, the dataset rows it holds, their text features and their image
+    features."""
+    for rows, (text, image) in _batches(
+        detector, dataset, options, _token_features if tokens else _features, caption_order(dataset)
+    ):
+        yield rows, text, image
 
 
 def score_images(

@@ -7,11 +7,14 @@ inputs could not be read (their rows carry the reason in ``error``, the others a
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import glob
 import io
 import json
+import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import click
@@ -27,6 +30,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".ti
 # The pipeline's two scoring models: the exported one (export stage) and the retrained one it was exported from.
 PORTABLE, RETRAINED = Path("models/portable"), Path("models/retrained")
 SOME_FAILED = 3  # exit status when some inputs could not be read
+CHUNK_IMAGES = 4096  # images read and scored at a time by iter_detect
 
 
 def columns(class_names) -> list[str]:
@@ -34,23 +38,52 @@ def columns(class_names) -> list[str]:
     return ["path", *output_columns(class_names)]
 
 
-def expand(inputs: list[str]) -> list[Path]:
-    """Files as given, folders searched recursively for images, globs expanded; order kept, no repeats."""
-    found: list[Path] = []
+def expand(inputs: list[str]) -> list[str]:
+    """Files as given, folders searched recursively for images, globs expanded; order kept, no repeats. The paths
+    are kept as strings (normalised as Path writes them, a folder's sorted as Paths sort), so that a folder of a
+    hundred thousand images costs a few MB."""
+    found: list[str] = []
     for item in inputs:
         path = Path(item)
         if path.is_dir():
-            found += sorted(p for p in path.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+            found += sorted(_images_in(path), key=_parts)
         elif path.exists():
-            found.append(path)
+            found.append(str(path))
         else:
-            matches = sorted(Path(p) for p in glob.glob(item, recursive=True) if Path(p).is_file())
-            found += matches or [path]  # a missing file is reported as a row, not dropped
+            matches = sorted((str(Path(p)) for p in glob.glob(item, recursive=True) if Path(p).is_file()), key=_parts)
+            found += matches or [str(path)]  # a missing file is reported as a row, not dropped
     return list(dict.fromkeys(found))
 
 
-def detect(
-    paths: list[Path],
+def _images_in(folder: Path) -> Iterator[str]:
+    """The image files below ``folder`` (symbolic links to files included, to folders not followed), as
+    ``folder.rglob`` finds them, without the set of every path it keeps."""
+    for parent, _, names in os.walk(folder):
+        for name in names:
+            full = os.path.join(parent, name)
+            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and os.path.isfile(full):
+                yield full
+
+
+def _parts(path: str) -> str:
+    """The sort key of a normalised path that orders as Paths do, by their parts: the separator sorts first."""
+    return path.replace("/", "\0")
+
+
+def detect(paths: list[Path | str], model_dir: Path, captions: dict[str, str] | None = None, **options) -> list[dict]:
+    """One row per path: the verdict, calibrated P(AI), the label, the generator and every class probability, by
+    the model's own rule (its scoring.json) or, with ``threshold``, at that one cut; ``options`` are
+    :func:`iter_detect`'s.
+
+    A file that cannot be read gets a row with its ``error`` and no scores; the rest are still scored.
+    ``progress`` shows bars (files checked, batches scored) on stderr. A portable detector directory
+    (:mod:`aigid.serving.portable`) is scored by onnxruntime, in float32, without importing torch; any other by torch.
+    """
+    return list(iter_detect(paths, model_dir, captions, **options))
+
+
+def iter_detect(
+    paths: list[Path | str],
     model_dir: Path,
     captions: dict[str, str] | None = None,
     *,
@@ -59,20 +92,18 @@ def detect(
     batch_size: int = 64,
     progress: bool = False,
     precision: str = "auto",
-) -> list[dict]:
-    """One row per path: the verdict, calibrated P(AI), the label, the generator and every class probability, by
-    the model's own rule (its scoring.json) or, with ``threshold``, at that one cut.
-
-    A file that cannot be read gets a row with its ``error`` and no scores; the rest are still scored.
-    ``progress`` shows bars (files checked, batches scored) on stderr. A portable detector directory
-    (:mod:`aigid.serving.portable`) is scored by onnxruntime, in float32, without importing torch; any other by torch.
-    """
+) -> Iterator[dict]:
+    """:func:`detect`'s rows as they are scored, in the paths' order. Files are read and scored a chunk at a time
+    (a whole number of batches, so the batches are those of one pass over every file): memory stays flat however
+    many files there are."""
     from tqdm import tqdm
 
     score = scorer(model_dir, batch_size, progress, precision)
     captions = captions or {}
+    chunk = batch_size * max(1, CHUNK_IMAGES // batch_size)
     rows, images, texts = [], [], []
     for path in tqdm(paths, desc="reading", unit="file", file=sys.stderr, disable=not progress):
+        path = Path(path)
         row = {"path": str(path), "error": ""}
         try:
             data = path.read_bytes()
@@ -83,6 +114,14 @@ def detect(
             texts.append(captions.get(str(path), captions.get(path.name, caption)))
             images.append(data)
         rows.append(row)
+        if len(images) == chunk:
+            yield from _scored(rows, images, texts, score, threshold)
+            rows, images, texts = [], [], []
+    yield from _scored(rows, images, texts, score, threshold)
+
+
+def _scored(rows: list[dict], images: list[bytes], texts: list[str], score, threshold: float | None) -> list[dict]:
+    """``rows`` with the scores of their readable files (``images``, with their captions ``texts``)."""
     if images:
         good = [r for r in rows if not r["error"]]
         for row, scores in zip(good, score(images, texts, threshold)):
@@ -188,13 +227,35 @@ def read_captions(path: Path) -> dict[str, str]:
 
 def render(rows: list[dict], fmt: str, fields: list[str]) -> str:
     """CSV or JSON with ``fields`` in every row (empty, or null in JSON, where an input was not scored)."""
-    if fmt == "json":
-        return json.dumps([{k: r.get(k) for k in fields} for r in rows], indent=2) + "\n"
     buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=fields)
-    writer.writeheader()
-    writer.writerows(rows)
+    write_rows(iter(rows), buf, fmt, fields)
     return buf.getvalue()
+
+
+def write_rows(rows: Iterator[dict], out, fmt: str, fields: list[str]) -> int:
+    """Write ``rows`` to ``out`` (anything with ``write(text)``) as :func:`render` renders them, one row at a
+    time; return how many there were."""
+    if fmt == "json":  # json.dumps(list, indent=2), a row at a time
+        n = 0
+        for n, row in enumerate(rows, 1):
+            item = json.dumps({k: row.get(k) for k in fields}, indent=2).replace("\n", "\n  ")
+            out.write(("[\n  " if n == 1 else ",\n  ") + item)
+        out.write("\n]\n" if n else "[]\n")
+        return n
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    n = 0
+    for row in rows:
+        writer.writerow(row)
+        n += 1
+    return n
+
+
+class _Echo:
+    """Standard output as a stream for :func:`write_rows`, through click (which tests capture)."""
+
+    def write(self, text: str) -> None:
+        click.echo(text, nl=False)
 
 
 @click.command(name="detect")
@@ -271,7 +332,7 @@ def command(
         raise click.ClickException(
             f"no image files in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    rows = detect(
+    rows = iter_detect(
         paths,
         model_dir,
         captions,
@@ -281,14 +342,19 @@ def command(
         progress=not quiet and sys.stderr.isatty(),
         precision=precision,
     )
-    text = render(rows, fmt, columns(json.loads((model_dir / "config.json").read_text())["class_names"]))
-    if out:
-        out.write_text(text)
-    else:
-        click.echo(text, nl=False)
-    failed = sum(bool(r["error"]) for r in rows)
-    if failed == len(rows):
-        raise click.ClickException(f"none of the {len(rows)} input(s) could be scored (the error column says why)")
+    failed = 0
+
+    def counted():
+        nonlocal failed
+        for row in rows:
+            failed += bool(row["error"])
+            yield row
+
+    fields = columns(json.loads((model_dir / "config.json").read_text())["class_names"])
+    with out.open("w") if out else contextlib.nullcontext(_Echo()) as stream:
+        total = write_rows(counted(), stream, fmt, fields)
+    if failed == total:
+        raise click.ClickException(f"none of the {total} input(s) could be scored (the error column says why)")
     if failed:
-        click.echo(f"{failed} of {len(rows)} input(s) could not be read (the error column says why)", err=True)
+        click.echo(f"{failed} of {total} input(s) could not be read (the error column says why)", err=True)
         ctx.exit(SOME_FAILED)

@@ -9,9 +9,12 @@ alike are saved as JPEG or PNG at random, so the file format says nothing about 
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, DatasetDict
+from datasets.arrow_writer import ArrowWriter
 from PIL import Image as PILImage
 from PIL import ImageDraw, ImageEnhance, ImageFilter
 
@@ -129,23 +132,51 @@ def encode(img: PILImage.Image, rng: np.random.Generator) -> bytes:
     return buf.getvalue()
 
 
-def generate_demo(split_sizes: dict[str, int], image_size: int = 64, seed: int = 0) -> DatasetDict:
-    """``split_sizes`` maps split -> number of captions; each caption gives 6 rows (one per source)."""
+def generate_demo(
+    split_sizes: dict[str, int], image_size: int = 64, seed: int = 0, cache_dir: str | None = None
+) -> DatasetDict:
+    """``split_sizes`` maps split -> number of captions; each caption gives 6 rows (one per source).
+
+    With ``cache_dir`` (a folder that must outlive the result), each split is written there as Arrow while it is
+    generated and read back memory-mapped, so memory stays flat however many captions; without, it is built in
+    memory. The rows are the same either way.
+    """
     rng = np.random.default_rng(seed)
-    splits, caption_id, used = {}, 0, set()
+    used: set[str] = set()
+    next_id = iter(range(sum(split_sizes.values())))
+    splits = {}
     for split, n_captions in split_sizes.items():
-        rows = {name: [] for name in FEATURES}
-        for _ in range(n_captions):
-            caption, scene = random_scene(rng)
-            while caption in used:  # as in COCO, one caption text describes one scene only
-                caption, scene = random_scene(rng)
-            used.add(caption)
-            for source in range(SOURCES):
-                rows["Caption"].append(caption)
-                rows["Image"].append({"bytes": encode(apply_trace(source, scene, image_size, rng), rng), "path": None})
-                rows["Label_A"].append(int(source > 0))
-                rows["Label_B"].append(source)
-                rows["caption_id"].append(caption_id)
-            caption_id += 1
-        splits[split] = Dataset.from_dict(rows, features=FEATURES)
+        rows = _rows(n_captions, image_size, rng, used, next_id)
+        if cache_dir is None:
+            columns = {name: [] for name in FEATURES}
+            for row in rows:
+                for name, value in row.items():
+                    columns[name].append(value)
+            splits[split] = Dataset.from_dict(columns, features=FEATURES)
+            continue
+        path = str(Path(cache_dir) / f"demo-{split}.arrow")
+        with ArrowWriter(features=FEATURES, path=path) as writer:
+            for row in rows:
+                writer.write(row)
+            writer.finalize()
+        splits[split] = Dataset.from_file(path)
     return DatasetDict(splits)
+
+
+def _rows(n_captions: int, image_size: int, rng: np.random.Generator, used: set[str], next_id) -> Iterator[dict]:
+    """The rows of ``n_captions`` new captions (not in ``used``, which grows), 6 per caption, ids from
+    ``next_id``."""
+    for _ in range(n_captions):
+        caption, scene = random_scene(rng)
+        while caption in used:  # as in COCO, one caption text describes one scene only
+            caption, scene = random_scene(rng)
+        used.add(caption)
+        caption_id = next(next_id)
+        for source in range(SOURCES):
+            yield {
+                "Caption": caption,
+                "Image": {"bytes": encode(apply_trace(source, scene, image_size, rng), rng), "path": None},
+                "Label_A": int(source > 0),
+                "Label_B": source,
+                "caption_id": caption_id,
+            }

@@ -16,6 +16,7 @@ import os
 import stat
 import tempfile
 import time
+from array import array
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,24 +99,24 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     class_names = tuple(params.class_names)
     origin: dict = {"source": params.source}
     rejected: list[Rejected] = []
-    if params.source == "demo":
-        from aigid.sources.demo import SOURCES, generate_demo
-
-        if len(class_names) != SOURCES:
-            raise DataError(
-                f"prepare.source=demo generates {SOURCES} classes (real and five generators); "
-                f"prepare.class_names has {len(class_names)}"
-            )
-        raw_splits = generate_demo(params.demo.captions, image_size=params.demo.image_size, seed=seed)
-    else:
-        raw_splits, origin = load_source(params, raw, rejected)
-    if "train" not in raw_splits:
-        raise DataError(f"{params.source}: no train split (splits: {', '.join(raw_splits) or 'none'})")
-    # Image paths inside arrow/parquet rows are relative to the dataset and may not leave it.
-    root = Path(params.source) if origin.get("layout") in ("arrow", "parquet") else None
-    opts = CheckOptions(class_names, params.on_bad, params.max_pixels, params.max_side, root)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out_dir.parent) as cache:
+        if params.source == "demo":
+            from aigid.sources.demo import SOURCES, generate_demo
+
+            if len(class_names) != SOURCES:
+                raise DataError(
+                    f"prepare.source=demo generates {SOURCES} classes (real and five generators); "
+                    f"prepare.class_names has {len(class_names)}"
+                )
+            raw_splits = generate_demo(params.demo.captions, params.demo.image_size, seed, cache_dir=cache)
+        else:
+            raw_splits, origin = load_source(params, raw, rejected)
+        if "train" not in raw_splits:
+            raise DataError(f"{params.source}: no train split (splits: {', '.join(raw_splits) or 'none'})")
+        # Image paths inside arrow/parquet rows are relative to the dataset and may not leave it.
+        root = Path(params.source) if origin.get("layout") in ("arrow", "parquet") else None
+        opts = CheckOptions(class_names, params.on_bad, params.max_pixels, params.max_side, root)
         splits = {name: check_split(ds, name, cache, opts, rejected) for name, ds in raw_splits.items()}
         made = []
         for name, fraction in (("test", params.test_fraction), ("validation", params.validation_fraction)):
@@ -300,46 +301,71 @@ def scan_stored(data_dir: Path, class_names: tuple[str, ...]) -> tuple[dict[str,
     """Images with identical bytes (within one split, and across two: a leak worth knowing about), the bytes
     the same images would take as float32 3xHxW tensors, a fingerprint of the stored rows (split, caption,
     labels and image bytes, in order): the same data gives the same fingerprint on any machine, and the file
-    formats per split and class (:func:`format_summary`)."""
-    seen: dict[str, tuple[str, int]] = {}
-    found: dict[str, list[tuple]] = defaultdict(list)
+    formats per split and class (:func:`format_summary`).
+
+    Per row it keeps only its image's digest and a few numbers in arrays, so memory grows by some 50 bytes a row.
+    """
+    digests = bytearray()  # every image's sha256, in the order read: all splits one after the other
+    starts: list[tuple[str, int]] = []  # (split, index of its first row in ``digests``)
     tensor_bytes = 0
     fingerprint = hashlib.sha256()
     formats: dict = {}
-    for split, ds in open_dataset(data_dir).items():
-        files: dict[int, list[tuple]] = defaultdict(list)  # Label_B -> (format, bytes, shorter side) per image
+    data = open_dataset(data_dir)
+    for split, ds in data.items():
+        starts.append((split, len(digests) // 32))
+        labels, kinds, sizes, sides = (array("q") for _ in range(4))  # per image: Label_B, format, bytes, side
         for start in range(0, len(ds), 512):
             batch = ds[start : start + 512]
-            for i, (image, file) in enumerate(zip(batch["Image"], batch["source_file"])):
+            for i, image in enumerate(batch["Image"]):
                 with PILImage.open(io.BytesIO(image["bytes"])) as img:  # reads the header only
                     tensor_bytes += 3 * img.width * img.height * 4
-                    kind = file_format(image["bytes"])
-                    files[batch["Label_B"][i]].append((kind, len(image["bytes"]), min(img.size)))
-                digest = hashlib.sha256(image["bytes"]).hexdigest()
+                    labels.append(batch["Label_B"][i])
+                    kinds.append(FILE_FORMATS.index(file_format(image["bytes"])))
+                    sizes.append(len(image["bytes"]))
+                    sides.append(min(img.size))
+                digest = hashlib.sha256(image["bytes"])
+                digests += digest.digest()
                 fingerprint.update(
-                    repr((split, batch["Caption"][i], batch["Label_A"][i], batch["Label_B"][i], digest)).encode()
+                    repr(
+                        (split, batch["Caption"][i], batch["Label_A"][i], batch["Label_B"][i], digest.hexdigest())
+                    ).encode()
                 )
-                if digest in seen:
-                    first = seen[digest]
-                    kind = "within_" + split if first[0] == split else f"across_{first[0]}_{split}"
-                    found[kind].append((split, start + i, file, first))
-                else:
-                    seen[digest] = (split, start + i)
-        formats[split] = {class_names[k]: format_summary(files[k]) for k in sorted(files)}
-    return dict(found), tensor_bytes, fingerprint.hexdigest(), formats
+        labels, kinds, sizes, sides = (np.frombuffer(a, np.int64) for a in (labels, kinds, sizes, sides))
+        formats[split] = {
+            class_names[k]: format_summary(kinds[labels == k], sizes[labels == k], sides[labels == k])
+            for k in np.unique(labels).tolist()
+        }
+    return _duplicates(data, digests, starts), tensor_bytes, fingerprint.hexdigest(), formats
 
 
-def format_summary(files: list[tuple[str, int, int]]) -> dict:
-    """What the images of one class look like as files: how many are JPEG, PNG or another format, and the
-    median file size (bytes) and shorter side (pixels). A class whose format or size differs from the others
-    lets a detector learn the file instead of the image (e.g. "JPEG = real"); evaluate's format-controlled
-    test measures whether it did."""
-    kinds = [f for f, _, _ in files]
+def _duplicates(data, digests: bytearray, starts: list[tuple[str, int]]) -> dict[str, list[tuple]]:
+    """Each image whose bytes an earlier one has (``digests``: one sha256 per row of every split, in order), under
+    its kind (``within_<split>`` or ``across_<first split>_<split>``), in the order read: (split, row, source
+    file, (split, row) of the first image with those bytes)."""
+    keys = np.frombuffer(bytes(digests), dtype="S32")
+    _, first, inverse = np.unique(keys, return_index=True, return_inverse=True)
+    split_of = np.searchsorted([start for _, start in starts], np.arange(len(keys)), side="right") - 1
+    found: dict[str, list[tuple]] = defaultdict(list)
+    for index in np.flatnonzero(first[inverse] != np.arange(len(keys))).tolist():
+        split, start = starts[split_of[index]]
+        first_split, first_start = starts[split_of[first[inverse[index]]]]
+        first_row = int(first[inverse[index]]) - first_start
+        kind = "within_" + split if first_split == split else f"across_{first_split}_{split}"
+        file = data[split][index - start]["source_file"]
+        found[kind].append((split, index - start, file, (first_split, first_row)))
+    return dict(found)
+
+
+def format_summary(kinds: np.ndarray, sizes: np.ndarray, sides: np.ndarray) -> dict:
+    """What the images of one class look like as files, given each one's format (an index into FILE_FORMATS),
+    size (bytes) and shorter side (pixels): how many are JPEG, PNG or another format, and the median file size
+    and shorter side. A class whose format or size differs from the others lets a detector learn the file
+    instead of the image (e.g. "JPEG = real"); evaluate's format-controlled test measures whether it did."""
     return {
-        "n": len(files),
-        **{kind: kinds.count(kind) for kind in FILE_FORMATS},
-        "median_bytes": float(np.median([b for _, b, _ in files])),
-        "median_shorter_side": float(np.median([s for _, _, s in files])),
+        "n": len(kinds),
+        **{kind: int((kinds == i).sum()) for i, kind in enumerate(FILE_FORMATS)},
+        "median_bytes": float(np.median(sizes)),
+        "median_shorter_side": float(np.median(sides)),
     }
 
 
