@@ -99,7 +99,9 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     resumed_steps, steps[:] = len(steps), []
     unbroken = run("unbroken", "ck2")
     assert resumed_steps == len(steps) * (params.train.epochs - 1) / params.train.epochs  # only the epochs left
+    resumed_rule, unbroken_rule = resumed["metrics"].pop("scoring"), unbroken["metrics"].pop("scoring")
     assert resumed["metrics"] == pytest.approx(unbroken["metrics"])
+    assert resumed_rule == pytest.approx(unbroken_rule)  # the same model, so the same scoring rule
     assert len(resumed["history"]) == params.train.epochs
     for epoch_resumed, epoch_unbroken in zip(resumed["history"], unbroken["history"]):
         assert epoch_resumed == pytest.approx(epoch_unbroken)
