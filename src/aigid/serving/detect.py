@@ -95,11 +95,16 @@ def iter_detect(
 ) -> Iterator[dict]:
     """:func:`detect`'s rows as they are scored, in the paths' order. Files are read and scored a chunk at a time
     (a whole number of batches, so the batches are those of one pass over every file): memory stays flat however
-    many files there are."""
+    many files there are. The model is loaded here, before any row: a model that cannot be loaded fails before
+    anything is written."""
+    score = scorer(model_dir, batch_size, progress, precision)
+    return _rows(paths, score, captions or {}, caption, threshold, batch_size, progress)
+
+
+def _rows(paths, score, captions: dict[str, str], caption: str, threshold, batch_size: int, progress: bool):
+    """The rows of :func:`iter_detect`, scored by ``score``."""
     from tqdm import tqdm
 
-    score = scorer(model_dir, batch_size, progress, precision)
-    captions = captions or {}
     chunk = batch_size * max(1, CHUNK_IMAGES // batch_size)
     rows, images, texts = [], [], []
     for path in tqdm(paths, desc="reading", unit="file", file=sys.stderr, disable=not progress):

@@ -59,7 +59,7 @@ def list_images(source: str) -> tuple[Path, ...] | None:
         raise DataError(
             f"{source}: no image files and no .parquet files (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
         )
-    return tuple(images)
+    return tuple(Path(p) for p in images)
 
 
 def result_type(model: str):
