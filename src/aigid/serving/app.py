@@ -29,7 +29,7 @@ from werkzeug.serving import make_server, select_address_family
 from aigid.core.data import DataError, decode_rgb
 from aigid.core.stage import clean_errors
 from aigid.detector.scores import Scoring
-from aigid.serving.detect import choose_model, columns, render
+from aigid.serving.detect import choose_model, columns, render, scored
 from aigid.serving.detect import command as detect_command
 from aigid.serving.scorer import scorer
 
@@ -52,11 +52,7 @@ def score_uploads(score, uploads: list[tuple[str, bytes]], caption: str, thresho
         else:
             images.append(data)
         rows.append(row)
-    if images:
-        good = [r for r in rows if not r["error"]]
-        for row, scores in zip(good, score(images, [caption] * len(images), threshold)):
-            row.update(scores)
-    return rows
+    return scored(rows, images, [caption] * len(images), score, threshold)
 
 
 def one_line(err: Exception) -> str:

@@ -120,13 +120,14 @@ def _rows(paths, score, captions: dict[str, str], caption: str, threshold, batch
             images.append(data)
         rows.append(row)
         if len(images) == chunk:
-            yield from _scored(rows, images, texts, score, threshold)
+            yield from scored(rows, images, texts, score, threshold)
             rows, images, texts = [], [], []
-    yield from _scored(rows, images, texts, score, threshold)
+    yield from scored(rows, images, texts, score, threshold)
 
 
-def _scored(rows: list[dict], images: list[bytes], texts: list[str], score, threshold: float | None) -> list[dict]:
-    """``rows`` with the scores of their readable files (``images``, with their captions ``texts``)."""
+def scored(rows: list[dict], images: list[bytes], texts: list[str], score, threshold: float | None) -> list[dict]:
+    """``rows`` (``path`` and ``error`` each) with the scores of ``score`` (:func:`aigid.serving.scorer.scorer`)
+    on their readable files: ``images`` and their captions ``texts``, one per row without an error, in order."""
     if images:
         good = [r for r in rows if not r["error"]]
         for row, scores in zip(good, score(images, texts, threshold)):
