@@ -3,6 +3,7 @@ plain helpers they use, and the test modules share, are in helpers.py."""
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
@@ -27,6 +28,12 @@ from helpers import (  # noqa: E402
     sh,
     tiny_params_dict,
 )
+
+
+@pytest.fixture(autouse=True, scope="session")
+def model_cache(tmp_path_factory):
+    """Registered versions that tests download are kept in a folder of the session, not in the user's cache."""
+    os.environ["AIGID_CACHE"] = str(tmp_path_factory.mktemp("aigid-cache"))
 
 
 @pytest.fixture

@@ -47,3 +47,52 @@ def test_a_registered_version_carries_its_exported_form_and_card_and_detect_scor
     torch_rows = json.loads(torch_model.stdout)
     (row,) = json.loads(registered.stdout)
     assert abs(row["prob_ai"] - torch_rows[0]["prob_ai"]) < 1e-5 and row["verdict"] == torch_rows[0]["verdict"]
+
+
+def test_a_registered_version_is_downloaded_once_and_a_moved_alias_is_followed(store, monkeypatch, tmp_path):
+    from aigid.serving import detect
+
+    monkeypatch.setenv("AIGID_CACHE", str(tmp_path / "cache"))
+    downloads = []
+    real_download = mlflow.artifacts.download_artifacts
+
+    def counted(**kwargs):
+        downloads.append(kwargs["artifact_uri"])
+        return real_download(**kwargs)
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", counted)
+    _register(store, 0.4)
+    uri = f"models:/{NAME}@{ALIAS}"
+    first = detect.download_registered(uri)
+    assert detect.download_registered(uri) == first and downloads == [f"models:/{NAME}/1"]
+    assert first[0].is_relative_to(tmp_path / "cache" / "models")
+    assert (first[0] / "model.safetensors").is_file() and (first[1] / "model.onnx").is_file()
+
+    _register(store, 0.3)  # a new version takes the alias
+    second = detect.download_registered(uri)
+    assert downloads == [f"models:/{NAME}/1", f"models:/{NAME}/2"] and second != first
+    assert second[0].relative_to(tmp_path / "cache" / "models").parts[0].startswith(f"{NAME}-v2-")
+    assert detect.download_registered(f"models:/{NAME}/1") == first and len(downloads) == 2
+
+
+def test_a_download_cut_short_leaves_nothing_that_looks_finished(store, monkeypatch, tmp_path):
+    monkeypatch.setenv("AIGID_CACHE", str(tmp_path / "cache"))
+    _register(store, 0.4)
+
+    def cut_short(artifact_uri, dst_path):
+        (Path(dst_path) / "detector").mkdir()
+        (Path(dst_path) / "detector" / "model.safetensors").write_bytes(b"half")
+        raise ConnectionError("connection reset by peer")
+
+    monkeypatch.setattr(mlflow.artifacts, "download_artifacts", cut_short)
+    result = CliRunner().invoke(main, ["detect", "a.png", "--model", f"models:/{NAME}@{ALIAS}"])
+    assert result.exit_code == 1 and "cannot download the model" in result.output
+    assert "connection reset by peer" in result.output and "Traceback" not in result.output
+    assert list((tmp_path / "cache" / "models").iterdir()) == []
+
+    (tmp_path / "file").write_text("")  # a cache that cannot be made: the error names it and the way out
+    monkeypatch.setenv("AIGID_CACHE", str(tmp_path / "file"))
+    result = CliRunner().invoke(main, ["detect", "a.png", "--model", f"models:/{NAME}@{ALIAS}"])
+    assert result.exit_code == 1, result.output
+    assert f"cannot keep the downloaded model in {tmp_path / 'file' / 'models'}" in result.output
+    assert "set AIGID_CACHE" in result.output and "Traceback" not in result.output

@@ -186,13 +186,14 @@ def resolve_model(spec: str) -> Path:
 
 
 def download_registered(spec: str) -> tuple[Path, Path | None]:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` from the MLflow registry, downloaded: its torch
-    detector directory and its exported form (None for a version registered without one)."""
-    import mlflow
-
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` from the MLflow registry, downloaded once per
+    version into :func:`model_cache` (an alias is resolved to its version each time, so a moved alias is
+    followed): its torch detector directory and its exported form (None for a version registered without one)."""
     uri = registry_store()
     try:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=spec))
+        local = _cached_version(spec, uri)
+    except DataError:
+        raise
     except Exception as err:  # the registry raises several types; all mean "cannot get this model"
         raise DataError(
             f"{spec}: cannot download the model from {uri} ({type(err).__name__}: {err}); "
@@ -203,6 +204,56 @@ def download_registered(spec: str) -> tuple[Path, Path | None]:
         raise DataError(f"{spec}: expected one detector directory in the model's artifacts, found {len(found)}")
     exported = [p.parent for p in local.rglob(GRAPH)]
     return found[0], exported[0] if len(exported) == 1 else None
+
+
+def model_cache() -> Path:
+    """Where registered versions are kept once downloaded: ``$AIGID_CACHE/models``, by default
+    ``~/.cache/aigid/models`` (``$XDG_CACHE_HOME/aigid/models`` where that is set). A version's files never change
+    in the registry, so a copy stays valid; deleting the folder only costs a download."""
+    root = os.environ.get("AIGID_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aigid"
+    return Path(root) / "models"
+
+
+def _cached_version(spec: str, uri: str) -> Path:
+    """The artifacts of the registered version ``spec`` names, downloaded into :func:`model_cache` unless there
+    already. A version is known by the store, its name and number, and the run and time it was created: a store
+    made anew at the same address, whose version 1 is another model, gets its own copy."""
+    import hashlib
+    import shutil
+    import tempfile
+
+    import mlflow
+    from mlflow.store.artifact.utils.models import get_model_name_and_version
+
+    client = mlflow.MlflowClient()
+    found = get_model_name_and_version(client, spec)
+    if len(found) == 1:  # models:/<logged model id> (MLflow 3): fixed once logged, as a version is
+        source, label, key = spec, found[0], repr((uri, spec))
+    else:
+        name, version = found
+        mv = client.get_model_version(name, version)
+        source, label = f"models:/{name}/{version}", f"{name}-v{version}"
+        key = repr((uri, name, str(version), mv.run_id, mv.creation_timestamp, mv.source))
+    local = model_cache() / f"{label}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+    if local.is_dir():
+        return local
+    try:
+        local.parent.mkdir(parents=True, exist_ok=True)
+        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=local.parent))
+    except OSError as err:
+        raise DataError(
+            f"{spec}: cannot keep the downloaded model in {local.parent} ({err.strerror}); set AIGID_CACHE "
+            f"to a folder this user can write"
+        ) from None
+    try:
+        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(scratch))
+        scratch.rename(local)  # whole or not at all: a download cut short never looks finished
+    except OSError:
+        if not local.is_dir():  # another process finished the same download first: use its copy
+            raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return local
 
 
 def registry_store() -> str:
