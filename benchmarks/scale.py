@@ -16,7 +16,8 @@ own process (wall time; max RSS from the kernel's rusage, as ``/usr/bin/time -f 
 50 ms, the peaks of its anonymous memory and of the pages of memory-mapped files such as the Arrow tables, which
 max RSS counts too): `aigid prepare`, `aigid encoders`, `aigid features` in
 frozen-encoder mode for both fusions (``model.fusion: concat`` and ``cross_attention``, the second into
-``data/features_xattn``), one epoch of `aigid train`, `aigid pseudolabel` over the pool, one epoch of
+``data/features_xattn``), one epoch of `aigid train`, `aigid pseudolabel` over the pool (and, last, once more
+with ``threshold: 0.01``, which keeps and writes every pool row: ``pseudolabel_all``), one epoch of
 `aigid retrain`, `aigid export`, `aigid evaluate` (robustness grid shrunk to JPEG quality 75 and blur 1: see
 ``GRID``) and `aigid detect` on a folder of the pool's images written as files, scored by the exported
 (portable) model. Every stage runs under the params' ``compute`` profile, as ``aigid <stage>`` applies it.
@@ -55,7 +56,7 @@ HUB_DIR = "data/raw/defactify"
 SHARES = {"train": 0.20, "validation": 0.05, "test": 0.05, "unlabeled": 0.70}
 GRID = {"jpeg": [75], "blur": [1]}  # evaluate.robustness for the run (params.yaml's grid has 7 points)
 STAGES = ("prepare", "encoders", "features", "features_xattn", "train", "pseudolabel", "retrain", "export")
-STAGES += ("evaluate", "detect")
+STAGES += ("evaluate", "detect", "pseudolabel_all")
 
 
 def captions(rows: int) -> dict[str, int]:
@@ -71,6 +72,8 @@ def write_params(work: Path, rows: int) -> None:
     params["train"].update(freeze_encoders=True, epochs=1)
     params["evaluate"]["robustness"] = GRID
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    # pseudolabel_all: every pool row passes the threshold, and is written with its pseudo-labels
+    (work / "params_all.yaml").write_text(yaml.safe_dump({**params, "threshold": 0.01}, sort_keys=False))
     params["model"]["fusion"] = "cross_attention"
     (work / "params_xattn.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
 
@@ -78,6 +81,9 @@ def write_params(work: Path, rows: int) -> None:
 def command(stage: str) -> list[str]:
     if stage == "features_xattn":
         return ["aigid", "features", "--params", "params_xattn.yaml", "--out", "data/features_xattn"]
+    if stage == "pseudolabel_all":
+        out = ["--out", "data/pseudolabel_all", "--metrics", "pseudolabel_all.json", "--report", "reports/all.json"]
+        return ["aigid", "pseudolabel", "--params", "params_all.yaml", *out]
     if stage == "detect":
         return ["aigid", "detect", "images", "--model", "models/portable", "--out", "scores.csv", "--quiet"]
     return ["aigid", stage]
