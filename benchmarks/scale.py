@@ -13,25 +13,30 @@ reader (``prepare.source: data/raw/defactify``).
 
 Then, with params.yaml's values except those below, it runs the real commands one after the other, each as its
 own process (wall time; max RSS from the kernel's rusage, as ``/usr/bin/time -f %M`` gives it; and, sampled every
-50 ms, the peaks of its anonymous memory and of the pages of memory-mapped files such as the Arrow tables, which
-max RSS counts too): `aigid prepare`, `aigid encoders`, `aigid features` in
+50 ms over the process and those it starts, the peaks of their anonymous memory, of their pages of memory-mapped
+files such as the Arrow tables, which max RSS counts too, and of the two summed, ``processes_mb``): `aigid prepare`,
+`aigid encoders`, `aigid features` in
 frozen-encoder mode for both fusions (``model.fusion: concat`` and ``cross_attention``, the second into
 ``data/features_xattn``), one epoch of `aigid train`, `aigid pseudolabel` over the pool (and, last, once more
 with ``threshold: 0.01``, which keeps and writes every pool row: ``pseudolabel_all``), one epoch of
 `aigid retrain`, `aigid export`, `aigid evaluate` (robustness grid shrunk to JPEG quality 75 and blur 1: see
-``GRID``) and `aigid detect` on a folder of the pool's images written as files, scored by the exported
-(portable) model. Every stage runs under the params' ``compute`` profile, as ``aigid <stage>`` applies it.
+``GRID``), `aigid detect` on a folder of the pool's images written as files, scored by the exported
+(portable) model, and `aigid score-table` on the same folder on Spark, ``local[1]`` and ``local[2]``
+(``spark_local1``, ``spark_local2``), with the version evaluate registered (its exported form, as detect's). For
+Spark, max RSS is its largest process's; ``processes_mb`` sums the driver, the JVM and the Python workers.
+Every stage runs under the params' ``compute`` profile, as ``aigid <stage>`` applies it.
 
 With ``--cold`` (root, Linux), the page cache is written back and dropped (``/proc/sys/vm/drop_caches``) before
 every stage, which then runs in a memory cgroup of its own: max RSS no longer depends on which files an earlier
 stage left cached (the kernel maps cached pages around each one a process touches), the files the stage reads are
 charged to it rather than to the stage that wrote them, and ``group_peak_mb`` is the most the group was charged,
 page cache included. With ``--cap-from`` (implies ``--cold``), that cgroup is limited to ``--cap-ratio`` (1.2)
-times the max RSS the same stage had in an earlier run's ``--json`` (the 10,000-image run): the kernel, not a
+times the memory the same stage had in an earlier run's ``--json`` (the 10,000-image run; max RSS, or
+``processes_mb`` where larger): the kernel, not a
 measurement, then holds the stage to the target. Page cache is reclaimed at the limit (``limit_hits`` counts how
 often); a stage whose anonymous memory outgrew it would be killed, and the run stops there.
 
-Not part of the test suite or CI: it takes minutes at 10,000 images and about an hour at 100,000 on 2 cores.
+Not part of the test suite or CI: on 2 cores it takes about 5 minutes at 10,000 images and 15 at 100,000.
 """
 
 from __future__ import annotations
@@ -53,10 +58,12 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 SHARD_ROWS = 10_000  # rows per parquet shard (the Hub cuts at 500 MB; these images are small)
 HUB_DIR = "data/raw/defactify"
+SPARK_CONF = ("--conf", "spark.ui.enabled=false")
 SHARES = {"train": 0.20, "validation": 0.05, "test": 0.05, "unlabeled": 0.70}
 GRID = {"jpeg": [75], "blur": [1]}  # evaluate.robustness for the run (params.yaml's grid has 7 points)
 STAGES = ("prepare", "encoders", "features", "features_xattn", "train", "pseudolabel", "retrain", "export")
-STAGES += ("evaluate", "detect", "pseudolabel_all")
+STAGES += ("evaluate", "detect", "spark_local1", "spark_local2", "pseudolabel_all")
+IMAGES = ("detect", "spark_local1", "spark_local2")  # the stages that score the pool's images as files
 
 
 def captions(rows: int) -> dict[str, int]:
@@ -84,6 +91,9 @@ def command(stage: str) -> list[str]:
     if stage == "pseudolabel_all":
         out = ["--out", "data/pseudolabel_all", "--metrics", "pseudolabel_all.json", "--report", "reports/all.json"]
         return ["aigid", "pseudolabel", "--params", "params_all.yaml", *out]
+    if stage.startswith("spark_local"):  # the same files on Spark, with the model evaluate registered
+        master = f"local[{stage[-1]}]"
+        return ["aigid", "score-table", "images", "--out", f"{stage}.parquet", "--master", master, *SPARK_CONF]
     if stage == "detect":
         return ["aigid", "detect", "images", "--model", "models/portable", "--out", "scores.csv", "--quiet"]
     return ["aigid", stage]
@@ -129,13 +139,24 @@ def write_images(work: Path) -> int:
 
 
 def _rss(pid: int) -> tuple[int, int]:
-    """The process's resident memory now, in KiB: anonymous (what it allocated) and file-backed (the pages of the
-    files it has memory-mapped, such as Arrow tables, which the kernel can drop and read again)."""
+    """The resident memory now of the process and every process it started (Spark's JVM and Python workers), in
+    KiB, summed: anonymous (what they allocated) and file-backed (the pages of the files they have memory-mapped,
+    such as Arrow tables, which the kernel can drop and read again)."""
+    import psutil
+
     try:
-        fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines())
-    except (OSError, ValueError):
+        pids = [pid, *(child.pid for child in psutil.Process(pid).children(recursive=True))]
+    except psutil.Error:
         return 0, 0
-    return tuple(int(fields.get(k, "0 kB").split()[0]) for k in ("RssAnon", "RssFile"))
+    anon = mapped = 0
+    for each in pids:
+        try:
+            fields = dict(line.split(":", 1) for line in Path(f"/proc/{each}/status").read_text().splitlines())
+        except (OSError, ValueError):
+            continue
+        anon += int(fields.get("RssAnon", "0 kB").split()[0])
+        mapped += int(fields.get("RssFile", "0 kB").split()[0])
+    return anon, mapped
 
 
 class MemoryGroup:
@@ -208,13 +229,13 @@ def run_stage(work: Path, stage: str, log, cold: bool = False, cap_mb: int | Non
     proc = subprocess.Popen(
         command(stage), cwd=work, stdout=log, stderr=subprocess.STDOUT, preexec_fn=cap.enter if cap else None
     )
-    anon = mapped = 0
+    anon = mapped = tree = 0
     while True:
         pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
         if pid:
             break
         now_anon, now_mapped = _rss(proc.pid)
-        anon, mapped = max(anon, now_anon), max(mapped, now_mapped)
+        anon, mapped, tree = max(anon, now_anon), max(mapped, now_mapped), max(tree, now_anon + now_mapped)
         time.sleep(0.05)
     wall = time.perf_counter() - started
     proc.returncode = os.waitstatus_to_exitcode(status)
@@ -224,6 +245,7 @@ def run_stage(work: Path, stage: str, log, cold: bool = False, cap_mb: int | Non
         "peak_mb": round(usage.ru_maxrss / 1024),
         "anon_mb": round(anon / 1024),
         "mapped_mb": round(mapped / 1024),
+        "processes_mb": round(tree / 1024),
     }
     if cap:
         result |= {"cap_mb": cap_mb, **cap.usage()} if cap_mb else cap.usage()
@@ -235,10 +257,12 @@ def run_stage(work: Path, stage: str, log, cold: bool = False, cap_mb: int | Non
 
 
 def caps(path: Path | None, ratio: float) -> dict[str, int]:
-    """Each stage's memory cap: ``ratio`` times its max RSS in the results at ``path``."""
+    """Each stage's memory cap: ``ratio`` times its memory in the results at ``path``: its max RSS, or for a stage
+    of several processes (Spark's driver, JVM and workers) the peak of their sum where that is larger."""
     if path is None:
         return {}
-    return {r["stage"]: math.ceil(ratio * r["peak_mb"]) for r in json.loads(path.read_text())}
+    results = json.loads(path.read_text())
+    return {r["stage"]: math.ceil(ratio * max(r["peak_mb"], r.get("processes_mb", 0))) for r in results}
 
 
 def aside(function, *args):
@@ -278,7 +302,7 @@ def main() -> None:
             print(f"# {HUB_DIR}: {rows} in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
         with (work / "stages.log").open("a") as log:
             for stage in stages:
-                if stage == "detect" and not (work / "images").is_dir():
+                if stage in IMAGES and not (work / "images").is_dir():
                     aside(write_images, work)
                 cold = args.cold or bool(limits)
                 results.append({"rows": args.rows, **run_stage(work, stage, log, cold, limits.get(stage))})
