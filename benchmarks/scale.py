@@ -315,6 +315,8 @@ def main() -> None:
             for stage in stages:
                 if stage in IMAGES and not (work / "images").is_dir():
                     aside(write_images, work)
+                if stage.startswith("spark_local"):  # score-table does not overwrite a table
+                    shutil.rmtree(work / f"{stage}.parquet", ignore_errors=True)
                 cold = args.cold or bool(limits)
                 results.append({"rows": args.rows, **run_stage(work, stage, log, cold, limits.get(stage))})
                 r = results[-1]
