@@ -7,12 +7,13 @@ import json
 from pathlib import Path
 
 import mlflow
+import pytest
 from click.testing import CliRunner
 from PIL import Image
 
 from aigid.cli import main
 from aigid.serving.registry import ALIAS
-from helpers import CARD, NAME, _candidate, _register, _versions
+from helpers import CARD, NAME, _candidate, _register, _versions, environment, mlflow_server
 
 
 def test_register_command_is_idempotent(store):
@@ -49,9 +50,31 @@ def test_a_registered_version_carries_its_exported_form_and_card_and_detect_scor
     assert abs(row["prob_ai"] - torch_rows[0]["prob_ai"]) < 1e-5 and row["verdict"] == torch_rows[0]["verdict"]
 
 
-def test_a_registered_version_is_downloaded_once_and_a_moved_alias_is_followed(store, monkeypatch, tmp_path):
+@pytest.fixture
+def served(store, monkeypatch):
+    """The registry behind `mlflow server` on 127.0.0.1 (artifacts proxied to a folder of its own): a store on
+    another machine, as a team's, whose files a client downloads."""
+    with mlflow_server(store / "served.db", str(store / "served-artifacts"), environment()) as (uri, _):
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        mlflow.set_tracking_uri(uri)
+        mlflow.set_experiment("aigid")
+        yield store
+
+
+def test_a_store_on_this_machine_is_read_in_place(store, monkeypatch, tmp_path):
     from aigid.serving import detect
 
+    monkeypatch.setenv("AIGID_CACHE", str(tmp_path / "cache"))
+    _register(store, 0.4)
+    torch_dir, portable_dir = detect.download_registered(f"models:/{NAME}@{ALIAS}")
+    assert torch_dir.is_relative_to(store / "mlruns") and portable_dir.is_relative_to(store / "mlruns")
+    assert not (tmp_path / "cache").exists()
+
+
+def test_a_registered_version_is_downloaded_once_and_a_moved_alias_is_followed(served, monkeypatch, tmp_path):
+    from aigid.serving import detect
+
+    store = served
     monkeypatch.setenv("AIGID_CACHE", str(tmp_path / "cache"))
     downloads = []
     real_download = mlflow.artifacts.download_artifacts
@@ -75,9 +98,10 @@ def test_a_registered_version_is_downloaded_once_and_a_moved_alias_is_followed(s
     assert detect.download_registered(f"models:/{NAME}/1") == first and len(downloads) == 2
 
 
-def test_a_download_cut_short_leaves_nothing_that_looks_finished(store, monkeypatch, tmp_path):
+def test_a_download_cut_short_leaves_nothing_that_looks_finished(served, monkeypatch, tmp_path):
     monkeypatch.setenv("AIGID_CACHE", str(tmp_path / "cache"))
-    _register(store, 0.4)
+    _register(served, 0.4)
+    Image.new("RGB", (20, 20), (10, 200, 30)).save(served / "a.png")
 
     def cut_short(artifact_uri, dst_path):
         (Path(dst_path) / "detector").mkdir()

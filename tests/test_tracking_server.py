@@ -218,11 +218,24 @@ def test_detect_and_serve_the_champion_from_the_second_clone(first, second, serv
     (local,) = json.loads(run(*detect, "--model", str(home / "models/retrained"), cwd=second, uri=server.uri).stdout)
     # MLflow's default: the files straight from the bucket, at addresses the server signs; then all through the
     # server, as where the clients cannot reach the bucket.
-    for route in ({}, {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"}):
-        (row,) = json.loads(
-            run(*detect, "--model", f"models:/{NAME}@champion", cwd=second, uri=server.uri, **route).stdout
-        )
-        assert row["error"] == "" and row["prob_ai"] == pytest.approx(local["prob_ai"], abs=1e-6)
+    # Each route into a cache of its own: a version is downloaded once per cache, then read from it.
+    for i, route in enumerate(({}, {"MLFLOW_ENABLE_PROXY_MULTIPART_DOWNLOAD": "false"})):
+        cache = tmp_path / f"cache{i}"
+        for _ in range(2):
+            (row,) = json.loads(
+                run(
+                    *detect,
+                    "--model",
+                    f"models:/{NAME}@champion",
+                    cwd=second,
+                    uri=server.uri,
+                    AIGID_CACHE=str(cache),
+                    **route,
+                ).stdout
+            )
+            assert row["error"] == "" and row["prob_ai"] == pytest.approx(local["prob_ai"], abs=1e-6)
+        (kept,) = (cache / "models").iterdir()
+        assert kept.name.startswith(f"{NAME}-v{champion}-")
 
     port = free_port()
     url = f"http://127.0.0.1:{port}"

@@ -186,9 +186,10 @@ def resolve_model(spec: str) -> Path:
 
 
 def download_registered(spec: str) -> tuple[Path, Path | None]:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` from the MLflow registry, downloaded once per
-    version into :func:`model_cache` (an alias is resolved to its version each time, so a moved alias is
-    followed): its torch detector directory and its exported form (None for a version registered without one)."""
+    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` from the MLflow registry: read in place from a
+    store on this machine, downloaded once per version into :func:`model_cache` from any other (an alias is
+    resolved to its version each time, so a moved alias is followed): its torch detector directory and its
+    exported form (None for a version registered without one)."""
     uri = registry_store()
     try:
         local = _cached_version(spec, uri)
@@ -215,12 +216,14 @@ def model_cache() -> Path:
 
 
 def _cached_version(spec: str, uri: str) -> Path:
-    """The artifacts of the registered version ``spec`` names, downloaded into :func:`model_cache` unless there
-    already. A version is known by the store, its name and number, and the run and time it was created: a store
-    made anew at the same address, whose version 1 is another model, gets its own copy."""
+    """The artifacts of the registered version ``spec`` names: in place where the store keeps them on this
+    machine, else downloaded into :func:`model_cache` unless there already. A version is known by the store,
+    its name and number, and the run and time it was created: a store made anew at the same address, whose
+    version 1 is another model, gets its own copy."""
     import hashlib
     import shutil
     import tempfile
+    from urllib.parse import urlparse
 
     import mlflow
     from mlflow.store.artifact.utils.models import get_model_name_and_version
@@ -234,6 +237,9 @@ def _cached_version(spec: str, uri: str) -> Path:
         mv = client.get_model_version(name, version)
         source, label = f"models:/{name}/{version}", f"{name}-v{version}"
         key = repr((uri, name, str(version), mv.run_id, mv.creation_timestamp, mv.source))
+        if urlparse(client.get_model_version_download_uri(name, version)).scheme in ("", "file"):
+            # A store whose files are on this machine (the project's mlflow.db): MLflow gives their own folder.
+            return Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
     local = model_cache() / f"{label}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if local.is_dir():
         return local
