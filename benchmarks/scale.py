@@ -104,6 +104,7 @@ def command(stage: str) -> list[str]:
 def write_hub(work: Path, rows: int) -> dict[str, int]:
     """The demo generator's rows as a Hub dataset repository is downloaded (see the module's docstring): rows per
     split. Written shard by shard from memory-mapped Arrow, so that memory stays flat."""
+    from aigid.core.data import RAW_COLUMNS
     from aigid.sources.demo import generate_demo
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
@@ -113,7 +114,7 @@ def write_hub(work: Path, rows: int) -> dict[str, int]:
     with tempfile.TemporaryDirectory(prefix=".demo-", dir=work) as cache:
         dsd = generate_demo(captions(rows), params["prepare"]["demo"]["image_size"], params["seed"], cache)
         for split, ds in dsd.items():
-            ds = ds.select_columns(["Image", "Caption", "Label_A", "Label_B"])  # Defactify's columns
+            ds = ds.select_columns(list(RAW_COLUMNS))  # Defactify's columns: no caption ids
             shards = math.ceil(len(ds) / SHARD_ROWS)
             for i in range(shards):
                 name = f"{split}-{i:05d}-of-{shards:05d}.parquet"

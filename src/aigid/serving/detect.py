@@ -236,10 +236,10 @@ def _cached_version(spec: str, uri: str) -> Path:
         name, version = found
         mv = client.get_model_version(name, version)
         source, label = f"models:/{name}/{version}", f"{name}-v{version}"
-        key = repr((uri, name, str(version), mv.run_id, mv.creation_timestamp, mv.source))
         if urlparse(client.get_model_version_download_uri(name, version)).scheme in ("", "file"):
             # A store whose files are on this machine (the project's mlflow.db): MLflow gives their own folder.
             return Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+        key = repr((uri, name, str(version), mv.run_id, mv.creation_timestamp, mv.source))
     local = model_cache() / f"{label}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if local.is_dir():
         return local
