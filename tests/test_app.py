@@ -91,12 +91,13 @@ def test_a_request_past_a_limit_or_without_files_is_one_line_naming_it_and_nothi
     assert client.application.config["MAX_CONTENT_LENGTH"] == 1_000_000
     size = "413 Request Entity Too Large: the request is larger than 1 MB, the most this server takes at once "
     size += "(aigid app --max-request-mb): send fewer or smaller files at a time"
-    many = "413 Request Entity Too Large: the request holds more than 3 files, the most this server takes at once "
-    many += "(aigid app --max-files): send fewer at a time"
+    many = "413 Request Entity Too Large: the request holds more than 3 files (or 4 form parts), the most this "
+    many += "server takes at once (aigid app --max-files): send fewer at a time"
     answers = {
         "over 1 MB": _post(client, [("big.png", b"x" * 1_000_001)]),
         "4 files": _post(client, [(f"{i}.png", b"x") for i in range(4)], caption="c"),  # Werkzeug's parts limit
         "4 files, no caption": _post(client, [(f"{i}.png", b"x") for i in range(4)]),  # 4 parts: under it
+        "5 text parts": _post(client, [], **{f"x{i}": "1" for i in range(5)}),
         "no files": _post(client, [], caption="a caption"),
         "no form": client.post("/score"),
         "a long caption": _post(client, [("a.png", b"x")], caption="c" * (MAX_CAPTION + 1)),
@@ -107,6 +108,7 @@ def test_a_request_past_a_limit_or_without_files_is_one_line_naming_it_and_nothi
         "over 1 MB": (413, size),
         "4 files": (413, many),
         "4 files, no caption": (413, many),
+        "5 text parts": (413, many),
         "no files": (400, no_files),
         "no form": (400, no_files),
         "a long caption": (
@@ -276,8 +278,8 @@ def test_the_page_says_its_limits_refuses_a_drop_past_them_in_one_line_and_downl
 
     assert said.startswith("At most 2 files and 1 MB at once; images of up to 89,478,485 pixels each")
     assert shown == {
-        "many": "3 files chosen: the request holds more than 2 files, the most this server takes at once "
-        "(aigid app --max-files): send fewer at a time",
+        "many": "3 files chosen: the request holds more than 2 files (or 3 form parts), the most this server takes "
+        "at once (aigid app --max-files): send fewer at a time",
         "large": "1.5 MB chosen: the request is larger than 1 MB, the most this server takes at once "
         "(aigid app --max-request-mb): send fewer or smaller files at a time",
     }

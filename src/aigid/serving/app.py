@@ -68,8 +68,8 @@ class Limits:
 
     def too_many(self) -> str:
         return (
-            f"the request holds more than {self.max_files} files, the most this server takes at once "
-            "(aigid app --max-files): send fewer at a time"
+            f"the request holds more than {self.max_files} files (or {self.max_files + 1} form parts), the most this "
+            "server takes at once (aigid app --max-files): send fewer at a time"
         )
 
 
