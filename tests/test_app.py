@@ -4,10 +4,12 @@ is one line naming it, the downloaded CSV never runs a formula, and no failure s
 is driven in a headless Chromium (Debian's package, which .ci/run installs) through Playwright."""
 
 import csv
+import errno
 import io
 import json
 import re
 import shutil
+import socket
 import subprocess
 
 import click
@@ -17,7 +19,7 @@ from PIL import Image
 
 from aigid.cli import main
 from aigid.serving import app as app_module
-from aigid.serving.app import MAX_CAPTION, Limits, create_app, listen_port
+from aigid.serving.app import MAX_CAPTION, Limits, cannot_listen, create_app, listen_port
 from aigid.serving.detect import columns, detect, render
 from helpers import CT2, TINY_SCORING, environment, export_portable, free_port, local_server, save_tiny_model
 
@@ -171,9 +173,24 @@ def test_a_host_that_is_not_this_machines_is_one_line_before_the_model_loads(tmp
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_a_just_stopped_servers_port_is_free_a_taken_default_gives_way_and_a_taken_chosen_one_is_an_error():
-    import socket
+def test_each_reason_a_server_cannot_listen_is_one_line_naming_the_option_at_fault():
+    said = {
+        "in use": cannot_listen("127.0.0.1", 8080, OSError(errno.EADDRINUSE, "Address already in use")),
+        "privileged": cannot_listen("127.0.0.1", 80, OSError(errno.EACCES, "Permission denied")),
+        "unknown name": cannot_listen("nowhere", 80, socket.gaierror(socket.EAI_NONAME, "Name or service not known")),
+        "other": cannot_listen("::1", 80, OSError(errno.EAFNOSUPPORT, "Address family not supported by protocol")),
+    }
+    assert {k: e.message for k, e in said.items()} == {
+        "in use": "--port 8080: in use by another program; choose another",
+        "privileged": "--port 80: this user may not listen on it (ports below 1024 need privileges); choose another",
+        "unknown name": "--host nowhere: not an address, nor a name this machine resolves (Name or service not known)",
+        "other": "--host ::1 --port 80: cannot listen there (Address family not supported by protocol)",
+    }
+    with pytest.raises(click.ClickException, match=r"^--host unix:///tmp/s: a Unix socket is not served; "):
+        listen_port("unix:///tmp/s", 80, given=False)
 
+
+def test_a_just_stopped_servers_port_is_free_a_taken_default_gives_way_and_a_taken_chosen_one_is_an_error():
     port = free_port()
     with socket.create_server(("127.0.0.1", port)) as server, socket.create_connection(("127.0.0.1", port)):
         server.accept()[0].close()  # the server closes first: its side of the connection waits (TIME_WAIT)

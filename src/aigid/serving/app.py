@@ -187,8 +187,11 @@ def cannot_listen(host: str, port: int, err: OSError) -> click.ClickException:
 def listen_port(host: str, port: int, given: bool) -> int:
     """``port``, or 0 (a free one) when it is the default and another program already listens there. A host or
     port that cannot be listened on for any other reason is a :func:`cannot_listen` error."""
+    family = select_address_family(host, port)
+    if family == getattr(socket, "AF_UNIX", None):  # werkzeug's unix:// form
+        raise click.ClickException(f"--host {host}: a Unix socket is not served; give an IP address or a host name")
     try:
-        with socket.socket(select_address_family(host, port)) as probe:
+        with socket.socket(family) as probe:
             probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server: a port just closed is free
             probe.bind((host, port))
     except OSError as err:
