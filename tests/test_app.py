@@ -138,6 +138,18 @@ def test_a_request_past_a_limit_or_without_files_is_one_line_naming_it_and_nothi
     assert f'maxlength="{MAX_CAPTION}"' in page
 
 
+def test_an_image_past_the_pixel_guard_or_an_empty_file_is_a_row_with_its_error_and_the_others_are_scored(tmp_path):
+    save_tiny_model(tmp_path / "model")
+    bomb = io.BytesIO()
+    Image.new("1", (10_000, 10_000)).save(bomb, "PNG")  # 100,000,000 pixels in 12 kB
+    photo = _images(tmp_path)[0].read_bytes()
+    uploads = [("bomb.png", bomb.getvalue()), ("empty.jpg", b""), ("photo.jpg", photo)]
+    rows = _post(create_app(tmp_path / "model", None, 64, "auto").test_client(), uploads).get_json()["rows"]
+    assert rows[0]["error"].startswith("bomb.png: decompression-bomb guard: ") and rows[0]["prob_ai"] is None
+    assert rows[1]["error"] == "empty.jpg: empty image file" and rows[1]["prob_ai"] is None
+    assert not rows[2]["error"] and 0 <= rows[2]["prob_ai"] <= 1
+
+
 def test_the_default_limits_are_64_mb_and_1000_files_and_the_options_set_them():
     assert (Limits().max_bytes, Limits().max_files) == (64_000_000, 1000)
     options = {p.name: p.default for p in app_module.command.params}

@@ -153,9 +153,8 @@ def create_app(
     @app.post("/score")
     def score_files():
         uploads, caption = received(limits)
-        uploads = [(f.filename or "upload", f.read()) for f in uploads]
-        with lock:
-            rows = score_uploads(score, uploads, caption, threshold)
+        with lock:  # a request waiting here keeps its files as Werkzeug parsed them: on disk past 500 kB each
+            rows = score_uploads(score, [(f.filename or "upload", f.read()) for f in uploads], caption, threshold)
         table = [{k: r.get(k) for k in fields} for r in rows]
         cells = [{k: as_text(v) for k, v in r.items()} for r in rows]
         return {"columns": fields, "rows": table, "csv": render(cells, "csv", fields)}
