@@ -378,6 +378,8 @@ def competition(root, table: str = "xlsx", n: int = 8):
 class _Recorder:
     """Stands in for the tokenizer and the image processor; keeps what the collator hands them."""
 
+    size = {"shortest_edge": 4}  # the image processor's setting the collator decodes images to
+
     def __init__(self):
         self.captions, self.images = [], []
 

@@ -3,6 +3,10 @@
 import csv
 import io
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -11,7 +15,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from aigid.cli import main
-from aigid.core.data import to_rgb
+from aigid.core.data import Collator
 from aigid.detector.model import load_detector
 from aigid.detector.scores import DEMO_NOTICE, Scoring
 from helpers import TINY_SCORING, export_portable, save_tiny_model
@@ -52,12 +56,11 @@ def test_detect_folder_with_a_corrupt_file(tmp_path):
 
     model, tokenizer, processor, _ = load_detector(tmp_path / "model")
     names = sorted(modes)  # detect walks a folder in sorted order
-    images = [to_rgb(Image.open(folder / n)) for n in names]
+    # The training collator's batch: detect decodes each image as training does (big.png reduced by 50 to 48x32).
+    rows_in = [{"Caption": "a red circle", "Image": {"path": str(folder / n)}} for n in names]
+    batch = Collator(tokenizer, processor, model.config.max_text_length)(rows_in)
     with torch.no_grad():
-        out = model(
-            **tokenizer(["a red circle"] * len(names), return_tensors="pt", padding=True),
-            pixel_values=processor(images=images, return_tensors="pt")["pixel_values"],
-        )
+        out = model(**batch)
     expected = Scoring.load(tmp_path / "model").decide(out.logits_a, out.logits_b)  # its calibration and verdict
     for i, name in enumerate(names):
         row = rows[name]
@@ -292,3 +295,43 @@ def test_a_model_trained_on_the_demo_or_without_a_rule_says_so_once_per_run(tmp_
     old = CliRunner().invoke(main, ["detect", images, "--model", str(tmp_path / "old")])
     assert old.exit_code == 0 and old.stderr.count("note:") == 1 and "uncalibrated" in old.stderr
     assert {r["verdict"] for r in csv.DictReader(io.StringIO(old.stdout))} <= {"real", "ai"}
+
+
+def test_files_decoded_in_parallel_give_the_rows_of_one_thread_in_their_order(tmp_path, monkeypatch):
+    from aigid.serving import detect as detect_module
+
+    save_tiny_model(tmp_path / "model")
+    rng = np.random.default_rng(3)
+    paths = []
+    for i in range(9):
+        w, h = [(20, 20), (900, 300), (64, 700)][i % 3]
+        path = tmp_path / f"{i}.{'jpg' if i % 2 else 'png'}"
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(path)
+        paths.append(path)
+    (tmp_path / "4.png").write_bytes(b"not an image")
+    rows = {}
+    for threads in (1, 4):
+        monkeypatch.setattr(detect_module, "DECODE_THREADS", threads)
+        rows[threads] = detect_module.detect(paths, tmp_path / "model", caption="a red circle", batch_size=2)
+    assert rows[4] == rows[1]
+    assert [r["path"] for r in rows[4]] == [str(p) for p in paths]
+    assert [bool(r["error"]) for r in rows[4]] == [i == 4 for i in range(9)]
+
+
+def test_a_pipe_or_a_device_is_a_row_error_at_once(tmp_path):
+    """Reading /dev/zero never ends and opening a pipe waits for a writer: each is refused before it is opened
+    (the run is bounded: were either read, it would be stopped after 300 s and fail)."""
+    save_tiny_model(tmp_path / "model")
+    pipe = tmp_path / "pipe.png"
+    os.mkfifo(pipe)
+    Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "ok.png")
+    aigid = str(Path(sys.executable).with_name("aigid"))
+    command = [aigid, "detect", str(pipe), "/dev/zero", str(tmp_path / "ok.png"), "--model", str(tmp_path / "model")]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 3, result.stderr
+    rows = list(csv.DictReader(io.StringIO(result.stdout)))
+    assert [r["error"] for r in rows] == [
+        f"{pipe}: not a regular file (a pipe, socket or device)",
+        "/dev/zero: not a regular file (a pipe, socket or device)",
+        "",
+    ]

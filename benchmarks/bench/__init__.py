@@ -7,6 +7,7 @@
 - infer: inference images/s against one-image-at-a-time and against the vision encoder alone;
 - preprocess: decode + image processor images/s of one DataLoader worker;
 - detect: `aigid detect one.jpg` as a whole process, and the portable detector's images/s;
+- decode: peak memory of detect, the served model and the page on 9000x9000 PNGs, detect's images/s on JPEGs;
 - report: the table.
 
 A child process imports only its step's module (run.STEPS), so that its peak memory is its own step's; prepare.py

@@ -26,6 +26,7 @@ STEPS = {
     "infer": ("infer", "child_infer", ("work", "config", "workers")),
     "preprocess": ("preprocess", "child_preprocess", ("work",)),
     "detect": ("detect", "child_detect", ("work",)),
+    "decode": ("decode", "child_decode", ("work",)),
 }
 
 
@@ -40,7 +41,7 @@ def run_child(args: list[str]) -> dict:
 def measure(config: str, scale: int, steps: int, workers: int, root: Path) -> dict:
     """Every measurement of one (config, size) pair, in order: each step reads what the ones before it wrote
     under ``root/config-scale``. Preprocessing and detect run at size N only (their rates do not depend on
-    it), the epoch comparison for demo at size N only."""
+    it), the epoch comparison and reading big images for scoring (decode) for demo at size N only."""
     work = root / f"{config}-{scale}"
     work.mkdir(parents=True, exist_ok=True)
     common = ["--work", str(work), "--config", config]
@@ -54,6 +55,8 @@ def measure(config: str, scale: int, steps: int, workers: int, root: Path) -> di
     if scale == 1:
         result.update(run_child(["preprocess", *common]))
         result.update(run_child(["detect", *common]))
+        if config == "demo":  # on the detector the detect step exported
+            result.update(run_child(["decode", *common]))
     return result
 
 

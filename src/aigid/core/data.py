@@ -9,7 +9,12 @@ are decoded batch by batch in the DataLoader workers by :class:`Collator`.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import io
+import os
+import stat
+import threading
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -59,17 +64,57 @@ def class_names_of(ds: Dataset) -> tuple[str, ...]:
 
 
 MAX_PIXELS = 89_478_485  # Pillow's own decompression-bomb limit; prepare.max_pixels sets it for prepared data
+# A reduced image keeps its shorter side at least this many times the encoder's input side, so that the image
+# processor's own (antialiased) resize still makes the last step, from between 2 and 4 times its size.
+REDUCE_MARGIN = 2
+# An image that is decoded at more than this many pixels (one that neither `draft` nor its size lets be read
+# smaller) waits for the one being decoded before it: at most one such image's full pixels exist at a time,
+# whatever the number of threads decoding.
+WHOLE_DECODE_PIXELS = 16_000_000
+_whole_decode = threading.Lock()
 
 
-def open_image(image: dict, max_pixels: int) -> tuple[bytes, PILImage.Image]:
+def input_side(size) -> int:
+    """The side an image processor resizes to, from its ``size`` setting (a dict or transformers' SizeDict): the
+    shortest edge, or the larger of height and width."""
+    edge = size.get("shortest_edge")
+    return int(edge) if edge else int(max(size["height"], size["width"]))
+
+
+def not_a_file(path: Path) -> str | None:
+    """Why ``path`` is no image file, for what reading it would misname or wait on: a broken or looping
+    symbolic link, a folder, a pipe, socket or device (``stat``, without opening it). None for a file, or for
+    a missing one (reading it says so)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return f"broken symbolic link (to {os.readlink(path)}, which does not exist)" if path.is_symlink() else None
+    except OSError as err:
+        return f"symbolic link loop ({err.strerror})" if err.errno == errno.ELOOP else None
+    if stat.S_ISDIR(mode):
+        return "a folder, not an image file" + (" (a link to a folder is not followed)" if path.is_symlink() else "")
+    return None if stat.S_ISREG(mode) else "not a regular file (a pipe, socket or device)"
+
+
+def read_file(path: str | Path) -> bytes:
+    """The bytes of the image file ``path``; a DataError for anything that is not a regular file, checked before
+    it is opened (reading a device never ends, opening a pipe waits for a writer)."""
+    if problem := not_a_file(Path(path)):
+        raise DataError(problem)
+    try:
+        return Path(path).read_bytes()
+    except OSError as err:
+        raise DataError(f"cannot read image file: {err.strerror or err}") from None
+
+
+def open_image(image: dict, max_pixels: int, side: int | None = None) -> tuple[bytes, PILImage.Image]:
+    """The encoded bytes of a stored image (``bytes``, else read from ``path``) and the image decoded: whole, or
+    with ``side`` reduced as it is read (:func:`reduce_to`)."""
     data, path = image.get("bytes"), image.get("path")
     if data is None:
         if not path:
             raise DataError("no image bytes and no path")
-        try:
-            data = Path(path).read_bytes()
-        except OSError as err:
-            raise DataError(f"cannot read image file: {err.strerror or err}") from None
+        data = read_file(path)
     if len(data) == 0:
         raise DataError("empty image file")
     try:
@@ -81,7 +126,7 @@ def open_image(image: dict, max_pixels: int) -> tuple[bytes, PILImage.Image]:
                     f"image of {img.width}x{img.height} pixels is larger than {max_pixels} pixels "
                     f"(decompression-bomb guard)"
                 )
-            img.load()
+            img = reduce_to(img, side) if side else _loaded(img)
     except (PILImage.DecompressionBombError, PILImage.DecompressionBombWarning) as err:
         raise DataError(f"decompression-bomb guard: {err}") from None
     except PILImage.UnidentifiedImageError:
@@ -91,9 +136,41 @@ def open_image(image: dict, max_pixels: int) -> tuple[bytes, PILImage.Image]:
     return data, img
 
 
+def _factor(size: tuple[int, int], side: int) -> int:
+    """The integer factor an image of ``size`` can be reduced by and keep REDUCE_MARGIN x ``side`` pixels."""
+    return max(1, min(size) // (REDUCE_MARGIN * side))
+
+
+def _loaded(img: PILImage.Image) -> PILImage.Image:
+    """``img`` decoded, one whole-size decode at a time above WHOLE_DECODE_PIXELS."""
+    with _whole_decode if img.width * img.height > WHOLE_DECODE_PIXELS else contextlib.nullcontext():
+        img.load()
+    return img
+
+
+def reduce_to(img: PILImage.Image, side: int) -> PILImage.Image:
+    """An opened image decoded in RGB, reduced by an integer factor as far as it keeps REDUCE_MARGIN x ``side``
+    pixels on its shorter side: a JPEG is decoded at 1/2, 1/4 or 1/8 scale by libjpeg (``draft``: the whole
+    image's pixels never exist), any image is then shrunk by :meth:`PIL.Image.Image.reduce` (block averages) and
+    its whole pixels dropped at once."""
+    if (factor := _factor(img.size, side)) > 1:  # sizes rounded up: libjpeg's scale stays at most the factor
+        img.draft(img.mode, (-(-img.width // factor), -(-img.height // factor)))  # a no-op but for JPEG
+    with _whole_decode if img.width * img.height > WHOLE_DECODE_PIXELS else contextlib.nullcontext():
+        img.load()
+        rgb = to_rgb(img)
+        if (factor := _factor(rgb.size, side)) > 1:
+            rgb = rgb.reduce(factor)
+        if rgb is not img:
+            img.close()  # the whole pixels go now, before the next whole-size decode may start
+    return rgb
+
+
 def to_rgb(img: PILImage.Image) -> PILImage.Image:
-    """8-bit RGB. 16-bit grayscale ("I;16*", and "I" as Pillow opens 16-bit PNGs) is scaled from 0..65535 to
-    0..255: a plain convert("RGB") clips every value above 255 to white."""
+    """8-bit RGB (the image itself where it is RGB already). 16-bit grayscale ("I;16*", and "I" as Pillow opens
+    16-bit PNGs) is scaled from 0..65535 to 0..255: a plain convert("RGB") clips every value above 255 to
+    white."""
+    if img.mode == "RGB":
+        return img
     if img.mode.startswith("I;16") or (img.mode == "I" and img.getextrema()[1] > 255):
         wide = np.asarray(img, dtype=np.float64)
         img = PILImage.fromarray(np.clip(np.round(wide / 257.0), 0, 255).astype(np.uint8), mode="L")
@@ -113,10 +190,21 @@ def file_format(data: bytes) -> str:
     return kind if kind in FILE_FORMATS else "other"
 
 
-def decode_rgb(image: dict, origin: str = "", max_pixels: int = MAX_PIXELS) -> PILImage.Image:
-    """Decode one stored image to RGB. Raises DataError naming ``origin``; never substitutes a blank image."""
+def decode_rgb(
+    image: dict | bytes | PILImage.Image, origin: str = "", max_pixels: int = MAX_PIXELS, side: int | None = None
+) -> PILImage.Image:
+    """Decode one image (a stored one, ``bytes`` or ``path``, or encoded bytes) to RGB, the one decode of
+    training, evaluation, export and every scoring path: with ``side`` (the encoder's input side,
+    :func:`input_side` of its image processor) reduced as it is read (:func:`reduce_to`), without it whole. An
+    image given already decoded (a :class:`PIL.Image.Image`, from this function at the same ``side``) is returned
+    as it is. Raises DataError naming ``origin``; never substitutes a blank image."""
+    if isinstance(image, PILImage.Image):
+        return image
+    if isinstance(image, bytes):
+        image = {"bytes": image}
     try:
-        return to_rgb(open_image(image, max_pixels)[1])
+        img = open_image(image, max_pixels, side)[1]
+        return img if side else to_rgb(img)
     except DataError as err:
         raise DataError(f"{origin or image.get('path') or 'image'}: {err}") from None
 
@@ -174,11 +262,13 @@ class Collator:
 
     def __init__(self, tokenizer, processor, max_length: int, perturb=None, caption_dropout: float = 0.0):
         self.tokenizer, self.processor, self.max_length = tokenizer, processor, max_length
+        self.side = input_side(processor.size)  # images are decoded reduced to what the processor needs
         self.perturb, self.caption_dropout = perturb, caption_dropout
 
     def images(self, rows: list[dict]) -> torch.Tensor:
-        """The rows' images decoded, perturbed and put through the image processor: ``pixel_values``."""
-        images = [decode_rgb(r["Image"], r.get("source_file") or "image") for r in rows]
+        """The rows' images decoded (:func:`decode_rgb`, reduced to the processor's side; an image given decoded
+        is taken as it is), perturbed and put through the image processor: ``pixel_values``."""
+        images = [decode_rgb(r["Image"], r.get("source_file") or "image", side=self.side) for r in rows]
         if self.perturb is not None:
             images = [self.perturb(img) for img in images]
         return self.processor(images=images, return_tensors="pt")["pixel_values"]

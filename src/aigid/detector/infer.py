@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader, Subset
 
 from aigid.core.data import Collator
@@ -154,14 +155,15 @@ def iter_features(
 
 def score_images(
     detector: Loaded,
-    images: list[bytes],
+    images: list[bytes | Image.Image],
     captions: list[str],
     scoring: Scoring,
     threshold: float | None = None,
     options: RunOptions = RunOptions(),
 ) -> list[dict]:
-    """Score encoded images (already known to decode) in batches: one row of scores per image by the model's
-    rule, or at ``threshold`` (:func:`aigid.detector.scores.score_rows`)."""
-    inputs = [{"Caption": c, "Image": {"bytes": b, "path": None}} for b, c in zip(images, captions)]
+    """Score images in batches: encoded (already known to decode) or decoded already by
+    :func:`aigid.core.data.decode_rgb` at the detector's side; one row of scores per image by the model's rule,
+    or at ``threshold`` (:func:`aigid.detector.scores.score_rows`)."""
+    inputs = [{"Caption": c, "Image": image} for image, c in zip(images, captions)]
     logits_a, logits_b = predict_logits(detector, inputs, options)
     return score_rows(logits_a, logits_b, list(detector.model.config.class_names), captions, scoring, threshold)

@@ -23,14 +23,16 @@ from aigid.core.data import DataError, decode_rgb
 from aigid.core.precision import PRECISIONS
 from aigid.core.stage import clean_errors
 from aigid.detector.scores import Scoring, output_columns
-from aigid.serving.portable import GRAPH, is_portable
+from aigid.serving.portable import GRAPH, decode_side, is_portable
 from aigid.serving.scorer import quickest, scorer
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # The pipeline's two scoring models: the exported one (export stage) and the retrained one it was exported from.
 PORTABLE, RETRAINED = Path("models/portable"), Path("models/retrained")
 SOME_FAILED = 3  # exit status when some inputs could not be read
-CHUNK_IMAGES = 4096  # images read and scored at a time by iter_detect
+# Threads that read and decode files (Pillow lets go of the GIL while it decodes): a few, since each may hold one
+# image's encoded bytes and, below aigid.core.data.WHOLE_DECODE_PIXELS, its whole pixels.
+DECODE_THREADS = min(4, os.cpu_count() or 1)
 
 
 def columns(class_names) -> list[str]:
@@ -93,36 +95,51 @@ def iter_detect(
     progress: bool = False,
     precision: str = "auto",
 ) -> Iterator[dict]:
-    """:func:`detect`'s rows as they are scored, in the paths' order. Files are read and scored a chunk at a time
-    (a whole number of batches, so the batches are those of one pass over every file): memory stays flat however
-    many files there are. The model is loaded here, before any row: a model that cannot be loaded fails before
+    """:func:`detect`'s rows as they are scored, in the paths' order. Files are read, decoded and scored a batch at
+    a time (:func:`_rows`): memory is bounded by the batch, however many files there are and however large. The
+    model is loaded here, before any row: a model that cannot be loaded fails before
     anything is written."""
     score = scorer(model_dir, batch_size, progress, precision)
-    return _rows(paths, score, captions or {}, caption, threshold, batch_size, progress)
+    side = decode_side(model_dir)
+    return _rows(paths, score, captions or {}, caption, threshold, batch_size, progress, side)
 
 
-def _rows(paths, score, captions: dict[str, str], caption: str, threshold, batch_size: int, progress: bool):
-    """The rows of :func:`iter_detect`, scored by ``score``."""
+def _rows(paths, score, captions: dict[str, str], caption: str, threshold, batch_size: int, progress: bool, side: int):
+    """The rows of :func:`iter_detect`, scored by ``score``. Files are read and decoded, reduced to ``side``
+    (:func:`aigid.core.data.decode_rgb`), by :data:`DECODE_THREADS` threads, a batch at a time; the next batch is
+    decoded while one is scored. Memory holds two batches of reduced images; a file's bytes live only while it
+    is decoded."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from tqdm import tqdm
 
-    chunk = batch_size * max(1, CHUNK_IMAGES // batch_size)
+    bar = tqdm(total=len(paths), desc="reading", unit="file", file=sys.stderr, disable=not progress)
+    with bar, ThreadPoolExecutor(DECODE_THREADS) as pool:
+        pending = []
+        for start in range(0, len(paths), batch_size):
+            batch = [
+                (Path(p), pool.submit(decode_rgb, {"path": str(p)}, str(Path(p)), side=side))
+                for p in paths[start : start + batch_size]
+            ]
+            yield from _scored_batch(pending, score, captions, caption, threshold, bar)
+            pending = batch
+        yield from _scored_batch(pending, score, captions, caption, threshold, bar)
+
+
+def _scored_batch(batch: list, score, captions: dict[str, str], caption: str, threshold, bar) -> list[dict]:
+    """The rows of ``batch`` (each a path and the future of its decoded image), scored."""
     rows, images, texts = [], [], []
-    for path in tqdm(paths, desc="reading", unit="file", file=sys.stderr, disable=not progress):
-        path = Path(path)
+    for path, decoding in batch:
         row = {"path": str(path), "error": ""}
         try:
-            data = path.read_bytes()
-            decode_rgb({"bytes": data}, str(path))
-        except (OSError, DataError) as err:
+            images.append(decoding.result())
+        except DataError as err:
             row["error"] = str(err)
         else:
             texts.append(captions.get(str(path), captions.get(path.name, caption)))
-            images.append(data)
         rows.append(row)
-        if len(images) == chunk:
-            yield from scored(rows, images, texts, score, threshold)
-            rows, images, texts = [], [], []
-    yield from scored(rows, images, texts, score, threshold)
+        bar.update()
+    return scored(rows, images, texts, score, threshold)
 
 
 def scored(rows: list[dict], images: list[bytes], texts: list[str], score, threshold: float | None) -> list[dict]:

@@ -23,7 +23,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from aigid.core.data import decode_rgb
+from aigid.core.data import decode_rgb, input_side
 from aigid.core.errors import DataError
 
 GRAPH = "model.onnx"
@@ -34,6 +34,16 @@ OUTPUTS = ("logits_a", "logits_b")
 
 def is_portable(path: Path) -> bool:
     return (Path(path) / GRAPH).is_file()
+
+
+def decode_side(model_dir: Path) -> int:
+    """The side images are decoded reduced to (:func:`aigid.core.data.decode_rgb`) for the detector in
+    ``model_dir``, torch or portable: both keep their image processor's ``preprocessor_config.json``."""
+    path = Path(model_dir) / "preprocessor_config.json"
+    try:
+        return input_side(json.loads(path.read_text())["size"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise DataError(f"{path}: no image processor size to decode images to ({err})") from None
 
 
 class Preprocessor:
@@ -51,6 +61,7 @@ class Preprocessor:
                 "shortest_edge, or height and width)"
             )
         self.size, self.resample = size, Image.Resampling(cfg.get("resample", Image.Resampling.BICUBIC))
+        self.side = input_side(size)  # what images are decoded reduced to (aigid.core.data.decode_rgb)
         self.crop = (crop["height"], crop["width"]) if cfg.get("do_center_crop") else None
         smallest = size.get("shortest_edge") or min(size["height"], size["width"])
         if self.crop and max(self.crop) > smallest:
@@ -142,16 +153,17 @@ class PortableDetector:
             raise DataError(f"{path / GRAPH}: onnxruntime cannot load it ({type(err).__name__}: {err})") from None
 
     def logits(
-        self, images: list[bytes], captions: list[str], batch_size: int = 64, progress: bool = False
+        self, images: list[bytes | Image.Image], captions: list[str], batch_size: int = 64, progress: bool = False
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Head A and head B logits of encoded images (already known to decode), scored ``batch_size`` at a
-        time."""
+        """Head A and head B logits of images, scored ``batch_size`` at a time: encoded (already known to
+        decode), decoded a batch at a time, or decoded already by :func:`decode_rgb` at :func:`decode_side`."""
         from tqdm import tqdm
 
         chunks_a, chunks_b = [], []
         starts = range(0, len(images), batch_size)
         for start in tqdm(starts, desc="scoring", unit="batch", file=sys.stderr, disable=not progress):
-            decoded = [decode_rgb({"bytes": b}) for b in images[start : start + batch_size]]
+            side = self.inputs.preprocess.side
+            decoded = [decode_rgb(image, side=side) for image in images[start : start + batch_size]]
             logits_a, logits_b = self.session.run(
                 list(OUTPUTS), self.inputs(decoded, captions[start : start + batch_size])
             )

@@ -57,9 +57,11 @@ class DetectorModel(PythonModel):
         import json
 
         from aigid.detector.scores import Scoring
+        from aigid.serving.portable import decode_side
         from aigid.serving.scorer import scorer
 
         self.score = scorer(model_dir, 64, False, "auto")
+        self.side = decode_side(model_dir)  # images are decoded once, reduced to what the model needs
         self.threshold = threshold
         self.class_names = json.loads((Path(model_dir) / "config.json").read_text())["class_names"]
         for notice in Scoring.load(model_dir).notices("the registered model"):
@@ -77,7 +79,7 @@ class DetectorModel(PythonModel):
         for i, (value, caption) in enumerate(zip(model_input["image"], captions)):
             row = {"error": "", "caption": caption}
             try:
-                images.append(image_bytes(value, i))
+                images.append(decoded_image(value, i, self.side))
                 texts.append(caption)
             except DataError as err:
                 row["error"] = str(err)
@@ -89,14 +91,13 @@ class DetectorModel(PythonModel):
         return frame.astype(object).where(frame.notna(), None)  # an unscored row's scores are null, not NaN
 
 
-def image_bytes(value, row: int) -> bytes:
-    """Raw bytes or a base64 string, checked to decode as an image (the error names the row)."""
+def decoded_image(value, row: int, side: int):
+    """Raw bytes or a base64 string, decoded reduced to ``side`` (the error names the row)."""
     try:
         data = value if isinstance(value, bytes) else base64.b64decode(value, validate=True)
     except (binascii.Error, TypeError, ValueError):
         raise DataError(f"row {row}: image is neither bytes nor a base64 string") from None
-    decode_rgb({"bytes": data}, f"row {row}")
-    return data
+    return decode_rgb(data, f"row {row}", side=side)
 
 
 set_model(DetectorModel())

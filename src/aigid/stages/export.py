@@ -118,7 +118,8 @@ def run(params, paths: Paths) -> dict:
         for file in sorted(paths.model.iterdir()):
             if file.is_file() and file.name != "model.safetensors":
                 shutil.copy2(file, tmp / file.name)
-        inputs = Inputs(paths.model)([decode_rgb({"bytes": b}) for b in images], captions)
+        prepare = Inputs(paths.model)  # images decoded as the torch detector's collator decodes them
+        inputs = prepare([decode_rgb(b, side=prepare.preprocess.side) for b in images], captions)
         export_graph(detector.model, inputs, tmp)
         logits = PortableDetector(tmp).session.run(list(OUTPUTS), inputs)  # the portable path on these rows
         graph = _graph_difference(detector.model, logits, inputs)

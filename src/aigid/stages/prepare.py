@@ -8,12 +8,9 @@ stage: adding, changing or removing a file there reruns prepare and everything a
 from __future__ import annotations
 
 import csv
-import errno
 import hashlib
 import io
 import logging
-import os
-import stat
 import tempfile
 import time
 from array import array
@@ -185,8 +182,6 @@ def checked_image(image: dict, opts: CheckOptions) -> bytes:
     """
     if opts.root is not None and image.get("bytes") is None and image.get("path"):
         image = {"bytes": None, "path": str(inside(opts.root, image["path"], "Image path"))}
-    if image.get("bytes") is None and image.get("path") and (problem := not_a_file(Path(image["path"]))):
-        raise DataError(problem)
     data, img = open_image(image, opts.max_pixels)
     rgb = to_rgb(img)  # fails here, not in training, if the mode cannot be converted
     if opts.max_side and min(img.size) > opts.max_side:
@@ -196,20 +191,6 @@ def checked_image(image: dict, opts: CheckOptions) -> bytes:
         rgb.resize(size, PILImage.BICUBIC).save(buf, format="PNG")
         data = buf.getvalue()
     return data
-
-
-def not_a_file(path: Path) -> str | None:
-    """Why ``path`` is no image file, for what reading it would misname or wait on: a broken or looping
-    symbolic link, a folder, a pipe or device. None for a file, or for a missing one (reading it says so)."""
-    try:
-        mode = path.stat().st_mode
-    except FileNotFoundError:
-        return f"broken symbolic link (to {os.readlink(path)}, which does not exist)" if path.is_symlink() else None
-    except OSError as err:
-        return f"symbolic link loop ({err.strerror})" if err.errno == errno.ELOOP else None
-    if stat.S_ISDIR(mode):
-        return "a folder, not an image file" + (" (a link to a folder is not followed)" if path.is_symlink() else "")
-    return None if stat.S_ISREG(mode) else "not a regular file (a pipe, socket or device)"
 
 
 def _check_row(caption, image, a, b, opts: CheckOptions) -> bytes:
