@@ -38,6 +38,7 @@ from aigid.core.stage import clean_errors
 from aigid.detector.scores import Scoring
 from aigid.serving.detect import choose_model, columns, render, scored
 from aigid.serving.detect import command as detect_command
+from aigid.serving.portable import decode_side
 from aigid.serving.scorer import scorer
 
 log = logging.getLogger(__name__)
@@ -101,18 +102,21 @@ def as_text(value):
     return "'" + value if isinstance(value, str) and value.startswith(FORMULA_STARTS) else value
 
 
-def score_uploads(score, uploads: list[tuple[str, bytes]], caption: str, threshold: float | None) -> list[dict]:
+def score_uploads(
+    score, uploads: list[tuple[str, bytes]], caption: str, threshold: float | None, side: int | None = None
+) -> list[dict]:
     """One row per uploaded ``(file name, bytes)``: the reason in ``error`` where the bytes are not a readable
-    image, the scores of ``score`` (see :func:`aigid.serving.scorer.scorer`) for the others."""
+    image, the scores of ``score`` (see :func:`aigid.serving.scorer.scorer`) for the others. Each image is
+    decoded once, reduced to ``side`` (the model's :func:`aigid.serving.portable.decode_side`) as it is read."""
     rows, images = [], []
     for name, data in uploads:
         row = {"path": name, "error": ""}
         try:
-            decode_rgb({"bytes": data}, name)
+            image = decode_rgb({"bytes": data}, name, side=side)
         except DataError as err:
             row["error"] = str(err)
         else:
-            images.append(data)
+            images.append(image)
         rows.append(row)
     return scored(rows, images, [caption] * len(images), score, threshold)
 
@@ -134,6 +138,7 @@ def create_app(
     options of those names. What a user must know about the model's scores (it was trained on the synthetic demo,
     or it has no scoring rule) stands above the table."""
     score = scorer(model_dir, batch_size, False, precision)
+    side = decode_side(model_dir)
     notices = Scoring.load(model_dir).notices(str(model_dir))
     fields = columns(json.loads((model_dir / "config.json").read_text())["class_names"])
     page = files(__package__).joinpath("app.html").read_text()
@@ -154,7 +159,8 @@ def create_app(
     def score_files():
         uploads, caption = received(limits)
         with lock:  # a request waiting here keeps its files as Werkzeug parsed them: on disk past 500 kB each
-            rows = score_uploads(score, [(f.filename or "upload", f.read()) for f in uploads], caption, threshold)
+            files = [(f.filename or "upload", f.read()) for f in uploads]
+            rows = score_uploads(score, files, caption, threshold, side)
         table = [{k: r.get(k) for k in fields} for r in rows]
         cells = [{k: as_text(v) for k, v in r.items()} for r in rows]
         return {"columns": fields, "rows": table, "csv": render(cells, "csv", fields)}

@@ -142,9 +142,10 @@ def _scored_batch(batch: list, score, captions: dict[str, str], caption: str, th
     return scored(rows, images, texts, score, threshold)
 
 
-def scored(rows: list[dict], images: list[bytes], texts: list[str], score, threshold: float | None) -> list[dict]:
+def scored(rows: list[dict], images: list, texts: list[str], score, threshold: float | None) -> list[dict]:
     """``rows`` (``path`` and ``error`` each) with the scores of ``score`` (:func:`aigid.serving.scorer.scorer`)
-    on their readable files: ``images`` and their captions ``texts``, one per row without an error, in order."""
+    on their readable files: ``images`` (encoded bytes or images decoded by :func:`aigid.core.data.decode_rgb`) and
+    their captions ``texts``, one per row without an error, in order."""
     if images:
         good = [r for r in rows if not r["error"]]
         for row, scores in zip(good, score(images, texts, threshold)):
