@@ -27,7 +27,7 @@ class Group(BaseModel):
 
 class DemoData(Group):
     captions: dict[str, int] = Field(
-        description="captions per split of the generated dataset (6 images each); needs train"
+        description="captions per split of the generated dataset (one image per class each); needs train"
     )
     image_size: int = Field(ge=16, description="side of the generated images, pixels")
 

@@ -1,9 +1,9 @@
 """The NAU-QMUL detector: BERT reads the caption, a CLIP vision encoder reads the image.
 
 Their features are fused into a shared space and fed to two heads: Task A (real vs AI, one logit) and Task B
-(which of six classes made the image). The fusion is ``config.fusion``, one of :data:`FUSIONS`: ``concat``
-(the paper: concatenated and projected by one fully connected layer) or ``cross_attention`` (the image
-attends over the caption's tokens). A new fusion is one class in :data:`FUSIONS`.
+(which class of ``config.class_names``, prepare.class_names, made the image). The fusion is ``config.fusion``,
+one of :data:`FUSIONS`: ``concat`` (the paper: concatenated and projected by one fully connected layer) or
+``cross_attention`` (the image attends over the caption's tokens). A new fusion is one class in :data:`FUSIONS`.
 
 A trained detector is one self-contained directory written by :func:`save_detector`: safetensors weights,
 the detector config (which embeds both encoder configs), the tokenizer and the image processor.
@@ -116,8 +116,8 @@ class CrossAttentionFusion(nn.Module):
         return self.out(torch.cat([self.norm(query + attended).squeeze(1), image], dim=-1))
 
 
-# model.fusion -> the module; a new fusion is a class with the same constructor and forward and its name here
-# (and in aigid.core.config.Model.fusion).
+# model.fusion -> the module; a new fusion is a class with the same constructor and forward and its name here.
+# The params schema keeps model.fusion as a string: choice() checks it against this table where it is used.
 FUSIONS = {"concat": ConcatFusion, "cross_attention": CrossAttentionFusion}
 
 
@@ -153,7 +153,7 @@ class Detector(PreTrainedModel):
         """Text ([CLS], or with ``tokens`` every token's feature) and image (pooled) features, the encoders'
         whole contribution. ``share_captions=False`` encodes every row's caption, for a graph without
         data-dependent shapes (the ONNX export)."""
-        if share_captions:  # the six images of a caption share it: BERT reads each distinct caption of the batch once
+        if share_captions:  # the images of a caption share it: BERT reads each distinct caption of the batch once
             unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
             first = torch.full((len(unique),), len(input_ids), device=input_ids.device).scatter_reduce(
                 0, inverse, torch.arange(len(input_ids), device=input_ids.device), reduce="amin"

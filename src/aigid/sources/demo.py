@@ -1,8 +1,8 @@
 """The embedded demo dataset: generated offline, in the shape of CT2/Defactify.
 
-Every caption describes a simple scene (coloured shapes on a background) and comes with six images: one
-"real" photo and one re-rendering by each of five simulated generators. Each source leaves its own kind of
-trace at a random strength, modelled on artefacts reported for real generators; real and generated images
+Every caption describes a simple scene (coloured shapes on a background) and comes with one image per entry
+of :data:`TRACES`: a "real" photo and one re-rendering by each simulated generator. Each source leaves its own
+kind of trace at a random strength, modelled on artefacts reported for real generators; real and generated images
 alike are saved as JPEG or PNG at random, so the file format says nothing about the label.
 """
 
@@ -20,7 +20,6 @@ from PIL import ImageDraw, ImageEnhance, ImageFilter
 
 from aigid.core.data import RAW_COLUMNS, schema
 
-SOURCES = 6  # Label_B 0 (real) and five simulated generators, in the order of prepare.class_names
 PALETTE = {
     "red": (200, 40, 40),
     "blue": (40, 70, 200),
@@ -92,34 +91,62 @@ def _pil(a: np.ndarray) -> PILImage.Image:
     return PILImage.fromarray(np.uint8(np.clip(np.rint(a), 0, 255)))
 
 
-def apply_trace(source: int, scene: dict, size: int, rng: np.random.Generator) -> PILImage.Image:
-    """One image of ``scene`` as ``source`` would make it."""
+def camera(scene: dict, size: int, rng: np.random.Generator) -> PILImage.Image:
+    """Real: sensor noise, sometimes a little optical blur."""
+    img = _pil(render(scene, size, rng))
+    if rng.random() < 0.3:
+        img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.7)))
+    return _pil(np.asarray(img, float) + rng.normal(0, rng.uniform(5, 14), (size, size, 3)))
+
+
+def upsampled(scene: dict, size: int, rng: np.random.Generator) -> PILImage.Image:
+    """SD 2.1: decoder upsampling -> 2x2 blocks and a faint checkerboard."""
     yy, xx = np.mgrid[0:size, 0:size]
-    if source == 0:  # camera: sensor noise, sometimes a little optical blur
-        img = _pil(render(scene, size, rng))
-        if rng.random() < 0.3:
-            img = img.filter(ImageFilter.GaussianBlur(rng.uniform(0.3, 0.7)))
-        return _pil(np.asarray(img, float) + rng.normal(0, rng.uniform(5, 14), (size, size, 3)))
-    if source == 1:  # SD 2.1: decoder upsampling -> 2x2 blocks and a faint checkerboard
-        small = render(scene, size // 2, rng)
-        up = small.repeat(2, axis=0).repeat(2, axis=1)[:size, :size]
-        checker = ((xx + yy) % 2 * 2 - 1)[..., None] * rng.uniform(1, 6)
-        return _pil(up + checker)
-    if source == 2:  # SDXL: over-smoothed, noise-free surfaces
-        return _pil(render(scene, size, rng)).filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.6)))
-    if source == 3:  # SD 3: periodic spectral peaks from a faint grid
-        period = rng.choice([4, 8])
-        grid = np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period)
-        return _pil(render(scene, size, rng) + grid[..., None] * rng.uniform(2, 8))
-    if source == 4:  # DALL-E 3: colour statistics (saturated, warm), mildly smoothed
-        img = ImageEnhance.Color(_pil(render(scene, size, rng))).enhance(rng.uniform(1.2, 1.8))
-        warm = np.array([1, 0.3, -1]) * rng.uniform(4, 16)
-        return _pil(np.asarray(img.filter(ImageFilter.GaussianBlur(0.5)), float) + warm)
-    # Midjourney 6: contrast curve, sharpening halos, vignette
+    small = render(scene, size // 2, rng)
+    up = small.repeat(2, axis=0).repeat(2, axis=1)[:size, :size]
+    checker = ((xx + yy) % 2 * 2 - 1)[..., None] * rng.uniform(1, 6)
+    return _pil(up + checker)
+
+
+def smoothed(scene: dict, size: int, rng: np.random.Generator) -> PILImage.Image:
+    """SDXL: over-smoothed, noise-free surfaces."""
+    return _pil(render(scene, size, rng)).filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.6)))
+
+
+def gridded(scene: dict, size: int, rng: np.random.Generator) -> PILImage.Image:
+    """SD 3: periodic spectral peaks from a faint grid."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    period = rng.choice([4, 8])
+    grid = np.sin(2 * np.pi * xx / period) * np.sin(2 * np.pi * yy / period)
+    return _pil(render(scene, size, rng) + grid[..., None] * rng.uniform(2, 8))
+
+
+def saturated(scene: dict, size: int, rng: np.random.Generator) -> PILImage.Image:
+    """DALL-E 3: colour statistics (saturated, warm), mildly smoothed."""
+    img = ImageEnhance.Color(_pil(render(scene, size, rng))).enhance(rng.uniform(1.2, 1.8))
+    warm = np.array([1, 0.3, -1]) * rng.uniform(4, 16)
+    return _pil(np.asarray(img.filter(ImageFilter.GaussianBlur(0.5)), float) + warm)
+
+
+def vignetted(scene: dict, size: int, rng: np.random.Generator) -> PILImage.Image:
+    """Midjourney 6: contrast curve, sharpening halos, vignette."""
+    yy, xx = np.mgrid[0:size, 0:size]
     img = ImageEnhance.Contrast(_pil(render(scene, size, rng))).enhance(rng.uniform(1.2, 1.7))
     img = img.filter(ImageFilter.UnsharpMask(radius=2, percent=int(rng.uniform(60, 200)), threshold=0))
     r2 = ((xx - size / 2) ** 2 + (yy - size / 2) ** 2) / (size / 2) ** 2
     return _pil(np.asarray(img, float) * (1 - rng.uniform(0.1, 0.35) * r2)[..., None])
+
+
+# The simulated sources, in Label_B order (the committed prepare.class_names): class -> how it renders a scene.
+# A new simulated generator is one function and one entry here (docs/contributing.md, recipe 1b).
+TRACES = {
+    "real": camera,
+    "sd21": upsampled,
+    "sdxl": smoothed,
+    "sd3": gridded,
+    "dalle3": saturated,
+    "midjourney6": vignetted,
+}
 
 
 def encode(img: PILImage.Image, rng: np.random.Generator) -> bytes:
@@ -135,7 +162,7 @@ def encode(img: PILImage.Image, rng: np.random.Generator) -> bytes:
 def generate_demo(
     split_sizes: dict[str, int], image_size: int = 64, seed: int = 0, cache_dir: str | None = None
 ) -> DatasetDict:
-    """``split_sizes`` maps split -> number of captions; each caption gives 6 rows (one per source).
+    """``split_sizes`` maps split -> number of captions; each caption gives one row per source (:data:`TRACES`).
 
     With ``cache_dir`` (a folder that must outlive the result), each split is written there as Arrow while it is
     generated and read back memory-mapped, so memory stays flat however many captions; without, it is built in
@@ -164,7 +191,7 @@ def generate_demo(
 
 
 def _rows(n_captions: int, image_size: int, rng: np.random.Generator, used: set[str], next_id) -> Iterator[dict]:
-    """The rows of ``n_captions`` new captions (not in ``used``, which grows), 6 per caption, ids from
+    """The rows of ``n_captions`` new captions (not in ``used``, which grows), one per source, ids from
     ``next_id``."""
     for _ in range(n_captions):
         caption, scene = random_scene(rng)
@@ -172,10 +199,10 @@ def _rows(n_captions: int, image_size: int, rng: np.random.Generator, used: set[
             caption, scene = random_scene(rng)
         used.add(caption)
         caption_id = next(next_id)
-        for source in range(SOURCES):
+        for source, trace in enumerate(TRACES.values()):
             yield {
                 "Caption": caption,
-                "Image": {"bytes": encode(apply_trace(source, scene, image_size, rng), rng), "path": None},
+                "Image": {"bytes": encode(trace(scene, image_size, rng), rng), "path": None},
                 "Label_A": int(source > 0),
                 "Label_B": source,
                 "caption_id": caption_id,

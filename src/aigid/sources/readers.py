@@ -29,16 +29,13 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
 from datasets import Dataset, DatasetDict
-from PIL import Image as PILImage
 
-from aigid.core.data import RAW_COLUMNS, DataError, open_dataset, schema
+from aigid.core.data import RAW_COLUMNS, DataError, image_suffixes, open_dataset, schema
 from aigid.core.errors import choice
 from aigid.sources.tables import FIRST_ROW, duplicates, integers, read_table
 
 SPLITS = ("train", "validation", "test", "unlabeled")
 SOURCE_SUFFIX = "_image"  # competition source folders: coco_image, sd21_image, ...
-# The file suffixes of the formats Pillow opens: a folder named like an image is a bad row, not a folder to walk.
-IMAGE_SUFFIXES = frozenset(x for x, fmt in PILImage.registered_extensions().items() if fmt in PILImage.OPEN)
 
 
 @dataclass
@@ -318,7 +315,7 @@ def _samples(folder: Path, ignored: Counter) -> list[Path]:
     walked."""
     found = []
     for entry in _listing(folder, ignored):
-        if entry.is_dir() and not entry.is_symlink() and entry.suffix.lower() not in IMAGE_SUFFIXES:
+        if entry.is_dir() and not entry.is_symlink() and entry.suffix.lower() not in image_suffixes():
             found += _samples(entry, ignored)
         else:
             found.append(entry)

@@ -99,11 +99,11 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out_dir.parent) as cache:
         if params.source == "demo":
-            from aigid.sources.demo import SOURCES, generate_demo
+            from aigid.sources.demo import TRACES, generate_demo
 
-            if len(class_names) != SOURCES:
+            if len(class_names) != len(TRACES):
                 raise DataError(
-                    f"prepare.source=demo generates {SOURCES} classes (real and five generators); "
+                    f"prepare.source=demo generates {len(TRACES)} classes ({', '.join(TRACES)}); "
                     f"prepare.class_names has {len(class_names)}"
                 )
             raw_splits = generate_demo(params.demo.captions, params.demo.image_size, seed, cache_dir=cache)
