@@ -1,8 +1,7 @@
-"""Datasets and the training collator (aigid.core.data): caption dropout, perturbations applied to decoded
-images, 16-bit images."""
+"""Datasets and the training collator (aigid.core.data): perturbations applied to decoded images, 16-bit
+images."""
 
 import numpy as np
-import torch
 from PIL import Image
 
 from aigid.core.data import Collator, to_rgb
@@ -24,18 +23,6 @@ def _collate(rows, **kw):
     rec = _Recorder()
     Collator(rec, rec, 16, **kw)(rows)
     return rec
-
-
-def test_caption_dropout_rate_and_determinism():
-    rows = _rows(4000)
-    torch.manual_seed(1)
-    first = _collate(rows, caption_dropout=0.1).captions
-    torch.manual_seed(1)
-    again = _collate(rows, caption_dropout=0.1).captions
-    assert first == again
-    assert 0.08 < first.count("") / len(rows) < 0.12
-    assert all(c in ("", f"caption {i}") for i, c in enumerate(first))
-    assert _collate(rows[:50]).captions == [r["Caption"] for r in rows[:50]]  # off by default (evaluation)
 
 
 def test_collator_applies_the_perturbation_to_decoded_images():
