@@ -65,7 +65,7 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     from safetensors.torch import load_file
     from transformers import Trainer
 
-    from aigid.core.config import load_params, scoped
+    from aigid.core.config import load_params, view
     from aigid.stages import train
     from aigid.stages.train import fit
 
@@ -79,7 +79,7 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     monkeypatch.chdir(tmp_path)  # the MLflow store of these runs
     for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
-    params = scoped(load_params(frozen / "params.yaml"), train.PARAMS)
+    params = view(load_params(frozen / "params.yaml"), train.PARAMS)
 
     def run(out: str, checkpoints: str):
         paths = train.Paths(
