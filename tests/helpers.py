@@ -75,7 +75,7 @@ def write(tmp_path, over: dict | None = None, text: str | None = None):
 CT2 = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6")
 
 
-def _tiny_detector(fusion="concat"):
+def _tiny_detector(fusion="concat", class_names=CT2):
     text = BertModel(
         BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
         add_pooling_layer=False,
@@ -95,7 +95,7 @@ def _tiny_detector(fusion="concat"):
             text_encoder_config=text.config,
             vision_encoder_config=vision.config,
             fusion_dim=8,
-            class_names=CT2,
+            class_names=class_names,
             fusion=fusion,
         )
     )

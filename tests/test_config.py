@@ -5,7 +5,7 @@ import yaml
 from click.testing import CliRunner
 
 from aigid.cli import main
-from aigid.core.config import ParamsError, declared, flatten, load_params, scoped
+from aigid.core.config import ParamsError, Train, declared, flatten, load_params, view
 from helpers import REPO, write
 
 
@@ -64,13 +64,20 @@ def test_a_partial_params_file_names_every_missing_key(tmp_path):
 
 def test_a_stage_reads_only_its_declared_keys():
     p = load_params(REPO / "params.yaml")
-    view = scoped(p, ("seed", "train.num_workers", "inference"))
-    assert view.seed == 42 and view.train.num_workers == 0 and view.inference.precision == "auto"
+    seen = view(p, ("seed", "train.num_workers", "inference"))
+    assert seen.seed == 42 and seen.train.num_workers == 0 and seen.inference.precision == "auto"
+    assert seen.inference is p.inference  # a whole group is params.yaml's own model, typed
     with pytest.raises(ParamsError, match=r"train\.epochs.*does not declare"):
-        view.train.epochs
+        seen.train.epochs
     with pytest.raises(ParamsError, match=r"threshold"):
-        view.threshold
-    assert view.declared() == {"seed": 42, "train.num_workers": 0, "inference.precision": "auto"}
+        seen.threshold
+    assert not hasattr(seen, "threshold")
+    assert seen.declared() == {"seed": 42, "train.num_workers": 0, "inference.precision": "auto"}
+    assert seen.train.declared() == {"train.num_workers": 0}
+    with pytest.raises(ValueError):
+        seen.seed = 1  # read-only
+    whole = view(p, ("train",))
+    assert isinstance(whole.train, Train) and whole.declared() == declared(p, ("train",))
     assert declared(p, ("model",)) == {"model.fusion": "concat", "model.fusion_dim": 512, "model.max_text_length": 64}
 
 

@@ -3,7 +3,7 @@
 - code: each stage's `src/aigid` deps are the import closure of its command (derived here from the source), a
   package directory standing for its modules where every one of them is in the closure (so a directory dep
   never reruns a stage for code it does not run), single files otherwise;
-- params: each stage's `params:` equal the PARAMS its module declares (and reads: see aigid.core.config.Scoped);
+- params: each stage's `params:` equal the PARAMS its module declares (and reads: see aigid.core.config.View);
 - paths: each stage's command passes its paths as the defaults of its options, and every input it reads or
   output it writes is a declared dep or out;
 - configs: every shipped config file is a complete, valid params file;
@@ -129,7 +129,7 @@ def test_a_directory_dep_is_listed_only_where_the_stage_runs_all_of_it():
 
 
 # The packages from the bottom up (aigid/__init__.py): each imports only from itself and the ranks below it.
-LAYERS = {"core": 0, "detector": 1, "sources": 1, "tracking": 2, "serving": 3, "stages": 4, "cli": 5}
+LAYERS = {"core": 0, "detector": 1, "sources": 1, "training": 2, "tracking": 2, "serving": 3, "stages": 4, "cli": 5}
 
 
 def test_imports_point_down_the_layers():

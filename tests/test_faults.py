@@ -17,10 +17,10 @@ pytestmark = pytest.mark.slow
 
 
 def last_complete_checkpoint_in(root: Path):
-    from aigid.stages.train import CHECKPOINT_FILES
+    from aigid.training.trainer import is_complete
 
     for checkpoint in (root / "checkpoints").glob("train/*/checkpoint-*"):
-        if all((checkpoint / name).is_file() for name in CHECKPOINT_FILES):
+        if is_complete(checkpoint, checkpoint.parent.name, 1):  # the folder is named by the fingerprint
             return checkpoint
     return None
 

@@ -5,19 +5,16 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from transformers import BertConfig, BertModel, CLIPVisionConfig, CLIPVisionModel
 
 from aigid.core.errors import DataError
 from aigid.detector.model import (
-    Detector,
-    DetectorConfig,
     DetectorHeads,
     load_detector,
     multitask_loss,
     save_detector,
 )
 from aigid.detector.scores import decide
-from helpers import _tiny_detector
+from helpers import CT2, _tiny_detector
 
 
 def test_loss_is_bce_plus_ce_over_ai_images_only():
@@ -102,26 +99,8 @@ def test_load_refuses_a_directory_without_safetensors(tmp_path):
 def test_a_class_added_in_params_gives_head_b_one_more_output():
     from aigid.tracking.metrics import score
 
-    text = BertModel(
-        BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
-        add_pooling_layer=False,
-    )
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=16,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            intermediate_size=32,
-            image_size=16,
-            patch_size=8,
-        )
-    )
-    names = ("real", "sd21", "sdxl", "sd3", "dalle3", "midjourney6", "flux")
-    model = Detector(
-        DetectorConfig(
-            text_encoder_config=text.config, vision_encoder_config=vision.config, fusion_dim=8, class_names=names
-        )
-    )
+    names = (*CT2, "flux")
+    model = _tiny_detector(class_names=names)
     assert model.head_b.out_features == 7
     logits_b = torch.zeros(2, 7)
     logits_b[:, 6] = 5.0

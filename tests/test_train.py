@@ -1,34 +1,38 @@
-"""The `train` and `retrain` stages (aigid.stages.train): the training loader, held-out classes, the global batch
-shared by processes, complete checkpoints and resuming from one."""
+"""Training (aigid.training.trainer) and the `train` and `retrain` stages (aigid.stages.train): caption dropout on
+the training rows only, held-out classes, the global batch shared by processes, complete checkpoints and resuming
+from one."""
+
+import json
 
 import pytest
 import torch
 
 from aigid.core.config import ParamsError
-from aigid.stages.train import CHECKPOINT_FILES, checkpoint_files, last_complete_checkpoint, per_process_batch
-from helpers import _Recorder, _tiny_detector
+from aigid.training.trainer import (
+    MARK,
+    DropCaptions,
+    drop_class,
+    is_complete,
+    per_process_batch,
+    resumable_checkpoint,
+)
 
 
-def test_only_the_training_loader_drops_captions_and_holdout_drops_its_class(tmp_path):
+def test_caption_dropout_rate_and_determinism_on_the_training_rows_only_and_holdout_drops_its_class():
     from datasets import Dataset
-    from transformers import TrainingArguments
 
-    from aigid.stages.train import DetectorTrainer, drop_class
-
-    ds = Dataset.from_dict({"Caption": ["a", "b", "c"], "Label_A": [0, 1, 1], "Label_B": [0, 3, 1]})
-    evaluation, training = _Recorder(), _Recorder()
-    trainer = DetectorTrainer(
-        model=_tiny_detector(),
-        train_dataset=ds,
-        eval_dataset=ds,
-        data_collator=evaluation,
-        train_collator=training,
-        args=TrainingArguments(output_dir=str(tmp_path), report_to=[], remove_unused_columns=False),
-    )
-    assert trainer.get_train_dataloader().collate_fn is training
-    assert trainer.get_eval_dataloader().collate_fn is evaluation and trainer.data_collator is evaluation
+    ds = Dataset.from_dict({"Caption": [f"caption {i}" for i in range(4000)], "Label_B": [0, 3, 1, 2] * 1000})
+    training = ds.with_transform(DropCaptions(0.1))
+    batches = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        batches.append([r["Caption"] for r in training.__getitems__(list(range(4000)))])  # one batch, one call
+    assert batches[0] == batches[1]
+    assert 0.08 < batches[0].count("") / 4000 < 0.12
+    assert all(c in ("", f"caption {i}") for i, c in enumerate(batches[0]))
+    assert ds["Caption"][:3] == ["caption 0", "caption 1", "caption 2"]  # the rows themselves (validation) keep theirs
     names = ("real", "sd21", "sdxl", "sd3")
-    assert drop_class(ds, names, "sd3")["Caption"] == ["a", "c"]
+    assert drop_class(ds.select(range(4)), names, "sd3")["Caption"] == ["caption 0", "caption 2", "caption 3"]
     with pytest.raises(ValueError, match="train.holdout='flux'"):
         drop_class(ds, names, "flux")
 
@@ -39,16 +43,21 @@ def test_global_batch_is_shared_by_the_processes():
         per_process_batch(30, 4)
 
 
-def test_a_complete_checkpoint_holds_every_rank_rng_state(tmp_path):
-    assert checkpoint_files(1) == CHECKPOINT_FILES
-    assert "rng_state.pth" not in checkpoint_files(2)
-    for step, files in ((5, checkpoint_files(2)), (10, checkpoint_files(2)[:-1])):  # rank 1 killed before its RNG
-        (tmp_path / f"checkpoint-{step}").mkdir()
-        for name in files:
-            (tmp_path / f"checkpoint-{step}" / name).write_bytes(b"")
-    assert last_complete_checkpoint(tmp_path, 2) == tmp_path / "checkpoint-5"
+def test_a_checkpoint_is_resumed_only_when_every_process_marked_it_for_the_same_fingerprint(tmp_path):
+    def checkpoint(step: int, ranks: range, key: str = "abc"):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        (folder / "model.safetensors").write_bytes(b"")
+        for rank in ranks:
+            (folder / MARK.format(rank=rank)).write_text(json.dumps({"fingerprint": key}))
+
+    checkpoint(5, range(2))
+    checkpoint(10, range(1))  # rank 1 killed before it marked its part
+    assert resumable_checkpoint(tmp_path, "abc", 2) == str(tmp_path / "checkpoint-5")
     assert not (tmp_path / "checkpoint-10").exists()
-    assert last_complete_checkpoint(tmp_path, 1) is None  # single-process files are not there
+    assert not is_complete(tmp_path / "checkpoint-5", "other", 2)  # another fingerprint's checkpoint
+    assert resumable_checkpoint(tmp_path, "abc", 3) is None and not (tmp_path / "checkpoint-5").exists()
+    assert resumable_checkpoint(tmp_path / "none", "abc") is None
 
 
 @pytest.mark.slow
@@ -56,9 +65,9 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     from safetensors.torch import load_file
     from transformers import Trainer
 
-    from aigid.core.config import load_params, scoped
+    from aigid.core.config import load_params, view
     from aigid.stages import train
-    from aigid.stages.train import CHECKPOINT_FILES, fit
+    from aigid.stages.train import fit
 
     class Killed(Exception):
         pass
@@ -70,7 +79,7 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     monkeypatch.chdir(tmp_path)  # the MLflow store of these runs
     for name in ("DVC_ROOT", "MLFLOW_TRACKING_URI"):
         monkeypatch.delenv(name, raising=False)
-    params = scoped(load_params(frozen / "params.yaml"), train.PARAMS)
+    params = view(load_params(frozen / "params.yaml"), train.PARAMS)
 
     def run(out: str, checkpoints: str):
         paths = train.Paths(
@@ -87,15 +96,15 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
         run("killed", "ck")
     monkeypatch.setattr(Trainer, "_save_checkpoint", save)
     (checkpoint,) = (tmp_path / "ck").glob("*/checkpoint-*")
-    assert all((checkpoint / name).is_file() for name in CHECKPOINT_FILES)
+    assert is_complete(checkpoint, checkpoint.parent.name, 1)
     assert {k.split(".")[0] for k in load_file(checkpoint / "model.safetensors")} == {"fusion", "head_a", "head_b"}
 
     steps = []
     step = Trainer.training_step
     monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **kw: steps.append(1) or step(self, *a, **kw))
-    with caplog.at_level("INFO", logger="aigid.stages.train"):
+    with caplog.at_level("INFO", logger="aigid.training.trainer"):
         resumed = run("killed", "ck")
-    assert "resuming train from the last checkpoint" in caplog.text
+    assert "resuming from the last checkpoint" in caplog.text
     resumed_steps, steps[:] = len(steps), []
     unbroken = run("unbroken", "ck2")
     assert resumed_steps == len(steps) * (params.train.epochs - 1) / params.train.epochs  # only the epochs left

@@ -3,18 +3,19 @@
 params.yaml is the only place values live: every key must be present (an empty or partial file is refused,
 naming the missing keys), unknown keys are refused with a did-you-mean, and a wrong value stops the stage
 with a message naming its dotted key. Each stage reads only the keys it declares (its ``PARAMS``, the same
-list as its ``params:`` in dvc.yaml); :func:`scoped` enforces that, and :func:`declared` gives the values it
-logs to MLflow and fingerprints its checkpoints with.
+list as its ``params:`` in dvc.yaml); :func:`view` gives the stage exactly those, as pydantic models, and
+:meth:`View.declared` the values it logs to MLflow and fingerprints its checkpoints with.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from aigid.core.compute import DEVICES
 from aigid.core.errors import ParamsError
@@ -303,37 +304,59 @@ def declared(params: Params, keys: tuple[str, ...]) -> dict[str, Any]:
     return {k: v for k, v in flatten(params).items() if any(_covers(d, k) for d in keys)}
 
 
-class Scoped:
-    """Read access to the declared keys of the params, and to nothing else.
+class UndeclaredKey(ParamsError, AttributeError):
+    """A stage read a params key it does not declare (an AttributeError too, so ``hasattr`` answers False)."""
 
-    A stage runs on ``scoped(params, PARAMS)``: reading a key outside its declared list raises ParamsError,
-    so the list in dvc.yaml (checked against ``PARAMS`` by a test) cannot silently fall behind the code.
+
+class View(BaseModel):
+    """A stage's params: the pydantic models of the keys it declares, in params.yaml's order, and nothing else.
+
+    A stage runs on ``view(params, PARAMS)``: a whole group (``train``) is params.yaml's own model
+    (:class:`Train`), a dotted key (``prepare.source``) a view of that group with the one field. Reading a key
+    outside the declared list raises :class:`UndeclaredKey`, so the list in dvc.yaml (checked against
+    ``PARAMS`` by a test) cannot silently fall behind the code.
     """
 
-    def __init__(self, obj: BaseModel, keys: tuple[str, ...], prefix: str = ""):
-        object.__setattr__(self, "_obj", obj)
-        object.__setattr__(self, "_keys", keys)
-        object.__setattr__(self, "_prefix", prefix)
+    model_config = ConfigDict(frozen=True)
+    scope: ClassVar[str] = ""  # the dotted prefix of a group's view ("prepare.")
+    keys: ClassVar[tuple[str, ...]] = ()  # what the stage declared
 
-    def __getattr__(self, name: str):
-        key = self._prefix + name
-        value = getattr(self._obj, name)
-        if any(_covers(d, key) for d in self._keys):
-            return value
-        if any(d.startswith(key + ".") for d in self._keys):
-            return Scoped(value, self._keys, key + ".")
-        raise ParamsError(
-            f"this stage reads params key {key}, which it does not declare "
-            f"(declared: {', '.join(self._keys)}); add it to the stage's PARAMS and dvc.yaml"
+    def __getattr__(self, name: str):  # only reached for a name the view does not have
+        if name.startswith("_"):
+            return super().__getattr__(name)
+        raise UndeclaredKey(
+            f"this stage reads params key {self.scope}{name}, which it does not declare "
+            f"(declared: {', '.join(self.keys)}); add it to the stage's PARAMS and dvc.yaml"
         )
-
-    def __setattr__(self, name, value):
-        raise AttributeError("params are read-only")
 
     def declared(self) -> dict[str, Any]:
         """The declared keys and their values, flattened: what the stage logs and fingerprints."""
-        return declared(self._obj, self._keys)
+        return flatten(self, self.scope)
 
 
-def scoped(params: Params, keys: tuple[str, ...]) -> Scoped:
-    return Scoped(params, keys)
+@functools.cache
+def view_model(keys: tuple[str, ...], model: type[BaseModel] = Params, scope: str = "") -> type[View]:
+    """The :class:`View` model of ``keys`` within ``model`` (the fields of ``scope``)."""
+    fields: dict[str, Any] = {}
+    for name, info in model.model_fields.items():
+        key = scope + name
+        if any(_covers(d, key) for d in keys):
+            fields[name] = (info.annotation, info)
+        elif any(d.startswith(key + ".") for d in keys):
+            fields[name] = (view_model(keys, info.annotation, key + "."), ...)
+    cls = create_model(f"{model.__name__}View", __base__=View, **fields)
+    cls.scope, cls.keys = scope, keys
+    return cls
+
+
+def view(params: BaseModel, keys: tuple[str, ...]) -> View:
+    """``params`` as the stage that declares ``keys`` sees them (no copy of the values, no validation again)."""
+    return _fill(view_model(tuple(keys)), params)
+
+
+def _fill(cls: type[View], obj: BaseModel) -> View:
+    values = {}
+    for name, info in cls.model_fields.items():
+        value, sub = getattr(obj, name), info.annotation
+        values[name] = _fill(sub, value) if isinstance(sub, type) and issubclass(sub, View) else value
+    return cls.model_construct(**values)

@@ -263,16 +263,14 @@ def concat(*parts: Dataset) -> Dataset:
 class Collator:
     """Turns rows into model inputs: decodes images (in DataLoader workers), pads text to the batch's longest.
 
-    ``perturb`` (evaluation's robustness grid) transforms each decoded image. ``caption_dropout`` replaces
-    each caption by "" with that probability; only the training loader gets a collator with it (see
-    train.py). The draws come from torch's global generator, which the Trainer seeds (and DataLoader seeds
-    per worker from it) and saves in its checkpoints: the same seed drops the same captions, resumed or not.
+    ``perturb`` (evaluation's robustness grid) transforms each decoded image. Caption dropout is a transform of
+    the training rows (:class:`aigid.training.trainer.DropCaptions`), not the collator's.
     """
 
-    def __init__(self, tokenizer, processor, max_length: int, perturb=None, caption_dropout: float = 0.0):
+    def __init__(self, tokenizer, processor, max_length: int, perturb=None):
         self.tokenizer, self.processor, self.max_length = tokenizer, processor, max_length
         self.side = input_side(processor.size)  # images are decoded reduced to what the processor needs
-        self.perturb, self.caption_dropout = perturb, caption_dropout
+        self.perturb = perturb
 
     def images(self, rows: list[dict]) -> torch.Tensor:
         """The rows' images decoded (:func:`decode_rgb`, reduced to the processor's side; an image given decoded
@@ -286,9 +284,6 @@ class Collator:
         import torch
 
         captions = [r["Caption"] or "" for r in rows]
-        if self.caption_dropout > 0:
-            drop = (torch.rand(len(rows)) < self.caption_dropout).tolist()
-            captions = ["" if d else c for c, d in zip(captions, drop)]
         batch = dict(
             self.tokenizer(captions, padding=True, truncation=True, max_length=self.max_length, return_tensors="pt")
         )

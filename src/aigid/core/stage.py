@@ -22,11 +22,12 @@ def path(default: str, help: str, exists: bool = False):
 
 
 def load(params_file: Path, keys: tuple[str, ...]):
-    """The params of ``params_file``, readable only at ``keys``; a bad file is one clean line."""
-    from aigid.core.config import load_params, scoped  # here: detect uses this module's clean_errors, not the params
+    """The params of ``params_file`` as the stage that declares ``keys`` sees them (:class:`aigid.core.config.View`);
+    a bad file is one clean line."""
+    from aigid.core.config import load_params, view  # here: detect uses this module's clean_errors, not the params
 
     try:
-        return scoped(load_params(params_file), keys)
+        return view(load_params(params_file), keys)
     except ParamsError as err:
         raise click.ClickException(str(err)) from None
 

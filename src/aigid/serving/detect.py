@@ -19,14 +19,13 @@ from pathlib import Path
 
 import click
 
-from aigid.core.data import DataError, decode_rgb
+from aigid.core.data import DataError, decode_rgb, image_suffixes
 from aigid.core.precision import PRECISIONS
 from aigid.core.stage import clean_errors
 from aigid.detector.scores import Scoring, output_columns
 from aigid.serving.portable import GRAPH, decode_side, is_portable
 from aigid.serving.scorer import quickest, scorer
 
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 # The pipeline's two scoring models: the exported one (export stage) and the retrained one it was exported from.
 PORTABLE, RETRAINED = Path("models/portable"), Path("models/retrained")
 SOME_FAILED = 3  # exit status when some inputs could not be read
@@ -59,11 +58,13 @@ def expand(inputs: list[str]) -> list[str]:
 
 def _images_in(folder: Path) -> Iterator[str]:
     """The image files below ``folder`` (symbolic links to files included, to folders not followed), as
-    ``folder.rglob`` finds them, without the set of every path it keeps."""
+    ``folder.rglob`` finds them, without the set of every path it keeps. An image file is one of a format
+    Pillow opens (:func:`aigid.core.data.image_suffixes`, as prepare reads folders)."""
+    suffixes = image_suffixes()
     for parent, _, names in os.walk(folder):
         for name in names:
             full = os.path.join(parent, name)
-            if os.path.splitext(name)[1].lower() in IMAGE_SUFFIXES and os.path.isfile(full):
+            if os.path.splitext(name)[1].lower() in suffixes and os.path.isfile(full):
                 yield full
 
 
@@ -411,7 +412,7 @@ def command(
     paths = expand(list(inputs))
     if not paths:
         raise click.ClickException(
-            f"no image files in {', '.join(inputs)} (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"no image files in {', '.join(inputs)} (none of the formats Pillow opens: .jpg, .png, .webp, ...)"
         )
     rows = iter_detect(
         paths,

@@ -26,7 +26,7 @@ import click
 
 from aigid.core.data import DataError
 from aigid.core.stage import clean_errors
-from aigid.serving.detect import IMAGE_SUFFIXES, SOME_FAILED, expand, registry_store
+from aigid.serving.detect import SOME_FAILED, expand, registry_store
 
 DEFAULT_MODEL = "models:/aigid-detector@candidate"
 ROW, SCORES = "_row", "_scores"  # working columns: the input's order, the model's struct of outputs
@@ -57,7 +57,7 @@ def list_images(source: str) -> tuple[Path, ...] | None:
     images = expand([source])
     if not images:
         raise DataError(
-            f"{source}: no image files and no .parquet files (looked for {', '.join(sorted(IMAGE_SUFFIXES))})"
+            f"{source}: no image files and no .parquet files (image files: the formats Pillow opens, .jpg, .png, ...)"
         )
     return tuple(Path(p) for p in images)
 

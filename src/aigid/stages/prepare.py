@@ -94,23 +94,10 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     """
     started = time.perf_counter()
     class_names = tuple(params.class_names)
-    origin: dict = {"source": params.source}
     rejected: list[Rejected] = []
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out_dir.parent) as cache:
-        if params.source == "demo":
-            from aigid.sources.demo import TRACES, generate_demo
-
-            if len(class_names) != len(TRACES):
-                raise DataError(
-                    f"prepare.source=demo generates {len(TRACES)} classes ({', '.join(TRACES)}); "
-                    f"prepare.class_names has {len(class_names)}"
-                )
-            raw_splits = generate_demo(params.demo.captions, params.demo.image_size, seed, cache_dir=cache)
-        else:
-            raw_splits, origin = load_source(params, raw, rejected)
-        if "train" not in raw_splits:
-            raise DataError(f"{params.source}: no train split (splits: {', '.join(raw_splits) or 'none'})")
+        raw_splits, origin = read_source(params, seed, raw, cache, rejected)
         # Image paths inside arrow/parquet rows are relative to the dataset and may not leave it.
         root = Path(params.source) if origin.get("layout") in ("arrow", "parquet") else None
         opts = CheckOptions(class_names, params.on_bad, params.max_pixels, params.max_side, root)
@@ -128,19 +115,62 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     duplicates, tensor_bytes, fingerprint, formats = scan_stored(out_dir, class_names)
     if quarantine is not None:
         write_quarantine(quarantine, rejected, duplicates)
-    report: dict = {
+    stored = sum(f.stat().st_size for f in out_dir.rglob("*.arrow"))
+    rows = sum(len(ds) for ds in dsd.values())
+    report = {
         **origin,
         "fingerprint": fingerprint,
         "splits_made_by_caption": made,
-        "splits": {},
-        "skipped": {"total": len(rejected)},
-        "duplicates": {},
+        **contents(dsd, class_names, rejected, duplicates),
+        "formats": formats,
+        "bytes_per_sample": stored / rows,
+        # The reference implementation stored every image as a float32 3xHxW tensor.
+        "float32_tensor_bytes_per_sample": tensor_bytes / rows,
     }
+    if origin.get("ignored"):
+        log.info("ignored, not samples: %s", ", ".join(f"{n} {what}" for what, n in origin["ignored"].items()))
+    rate = checked_rows / elapsed
+    log.info(
+        "prepared %d rows (%d skipped) in %.1f s: %.0f images/s, %.0f bytes per sample",
+        rows,
+        len(rejected),
+        elapsed,
+        rate,
+        stored / rows,
+    )
+    return report
+
+
+def read_source(params, seed: int, raw: Path | None, cache: str, rejected: list[Rejected]) -> tuple[dict, dict]:
+    """The raw splits of ``prepare.source`` (the generated demo, or a dataset read by its layout) and what the
+    report says of their origin; rows a reader refuses go to ``rejected``."""
+    if params.source == "demo":
+        from aigid.sources.demo import TRACES, generate_demo
+
+        if len(params.class_names) != len(TRACES):
+            raise DataError(
+                f"prepare.source=demo generates {len(TRACES)} classes ({', '.join(TRACES)}); "
+                f"prepare.class_names has {len(params.class_names)}"
+            )
+        raw_splits = generate_demo(params.demo.captions, params.demo.image_size, seed, cache_dir=cache)
+        origin = {"source": params.source}
+    else:
+        raw_splits, origin = load_source(params, raw, rejected)
+    if "train" not in raw_splits:
+        raise DataError(f"{params.source}: no train split (splits: {', '.join(raw_splits) or 'none'})")
+    return raw_splits, origin
+
+
+def contents(dsd: DatasetDict, class_names: tuple[str, ...], rejected: list[Rejected], duplicates: dict) -> dict:
+    """The report's account of the stored splits: rows, captions and classes per split, skipped rows per split,
+    duplicated images, and captions two splits share."""
+    skipped = {"total": len(rejected)}
     for r in rejected:
-        report["skipped"][r.split] = report["skipped"].get(r.split, 0) + 1
+        skipped[r.split] = skipped.get(r.split, 0) + 1
+    out: dict = {"splits": {}, "skipped": skipped, "duplicates": {k: len(v) for k, v in duplicates.items()}}
     for name, ds in dsd.items():
         labels = list(ds["Label_B"])
-        report["splits"][name] = {
+        out["splits"][name] = {
             "rows": len(ds),
             "captions": len(set(ds["caption_id"])),
             "per_class": {n: labels.count(k) for k, n in enumerate(class_names)},
@@ -148,26 +178,8 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     names = list(dsd)
     for i, a in enumerate(names):
         for b in names[i + 1 :]:
-            report[f"shared_captions_{a}_{b}"] = len(set(dsd[a]["Caption"]) & set(dsd[b]["Caption"]))
-    for kind, pairs in duplicates.items():
-        report["duplicates"][kind] = len(pairs)
-    stored = sum(f.stat().st_size for f in out_dir.rglob("*.arrow"))
-    rows = sum(len(ds) for ds in dsd.values())
-    report["formats"] = formats
-    report["bytes_per_sample"] = stored / rows
-    # The reference implementation stored every image as a float32 3xHxW tensor.
-    report["float32_tensor_bytes_per_sample"] = tensor_bytes / rows
-    if origin.get("ignored"):
-        log.info("ignored, not samples: %s", ", ".join(f"{n} {what}" for what, n in origin["ignored"].items()))
-    log.info(
-        "prepared %d rows (%d skipped) in %.1f s: %.0f images/s, %.0f bytes per sample",
-        rows,
-        len(rejected),
-        elapsed,
-        checked_rows / elapsed,
-        stored / rows,
-    )
-    return report
+            out[f"shared_captions_{a}_{b}"] = len(set(dsd[a]["Caption"]) & set(dsd[b]["Caption"]))
+    return out
 
 
 def where(split: str, row: int, image: dict | None = None) -> str:
@@ -210,27 +222,16 @@ def check_split(
 ) -> Dataset:
     """Check columns, labels and every image of one split; return it in the prepared schema.
 
-    Rows are streamed to an Arrow file under ``cache_dir`` (which must outlive the returned dataset), so
-    memory stays flat however large the split is. A bad row stops
-    with a DataError naming the split, row and file, or, with ``opts.on_bad == "skip"``, is left out and
-    appended to ``rejected``. Nothing is ever replaced by a made-up sample.
+    Rows are streamed to an Arrow file under ``cache_dir`` (which must outlive the returned dataset), so memory
+    stays flat however large the split is. A bad row stops with a DataError naming the split, row and file, or,
+    with ``opts.on_bad == "skip"``, is left out and appended to ``rejected``. No sample is ever made up.
     """
-    from datasets import ClassLabel
     from datasets.exceptions import DatasetGenerationError
 
-    missing = [c for c in RAW_COLUMNS if c not in ds.column_names]
-    if missing:
-        raise DataError(f"split {split}: missing column(s) {', '.join(missing)} (found: {', '.join(ds.column_names)})")
-    if len(ds) == 0:
-        raise DataError(f"split {split}: no samples")
-    for col in ("Label_A", "Label_B"):
-        if isinstance(ds.features[col], ClassLabel):
-            ds = ds.cast_column(col, Value("int64"))
-    ds = ds.cast_column("Image", Image(decode=False))
+    ds = raw_columns(ds, split)
     has_ids = "caption_id" in ds.column_names
     rejected = rejected if rejected is not None else []
     skipped_before = len(rejected)
-
     content: list[bytes] = []  # one digest per stored row (a list: `datasets` pickles the generator to hash it)
 
     def rows():
@@ -276,6 +277,21 @@ def check_split(
     # code, so that any edit of this module changed data/prepared and reran the whole pipeline.
     fingerprint = hashlib.sha256(repr((split, opts.class_names)).encode() + b"".join(content)).hexdigest()[:16]
     return out.select(range(len(out)), new_fingerprint=fingerprint)
+
+
+def raw_columns(ds: Dataset, split: str) -> Dataset:
+    """One split's rows with the raw columns checked and typed: labels as integers, images as encoded bytes."""
+    from datasets import ClassLabel
+
+    missing = [c for c in RAW_COLUMNS if c not in ds.column_names]
+    if missing:
+        raise DataError(f"split {split}: missing column(s) {', '.join(missing)} (found: {', '.join(ds.column_names)})")
+    if len(ds) == 0:
+        raise DataError(f"split {split}: no samples")
+    for col in ("Label_A", "Label_B"):
+        if isinstance(ds.features[col], ClassLabel):
+            ds = ds.cast_column(col, Value("int64"))
+    return ds.cast_column("Image", Image(decode=False))
 
 
 def scan_stored(data_dir: Path, class_names: tuple[str, ...]) -> tuple[dict[str, list[tuple]], int, str, dict]:

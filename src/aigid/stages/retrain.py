@@ -1,6 +1,6 @@
 """The `retrain` stage: a fresh detector from the same encoders, on the original plus pseudo-labelled data.
 
-The training itself is the `train` stage's (:func:`aigid.stages.train.fit`); retrain adds the pseudo-labelled
+The stage is the `train` stage's (:func:`aigid.stages.train.fit`); retrain adds the pseudo-labelled
 train/validation additions and reads ``pseudolabel.pool`` (in frozen-encoder mode their features are looked
 up in that split's cached features).
 """
@@ -35,7 +35,7 @@ class Paths(train.Paths):
 
 def run(params, paths: Paths) -> dict:
     """Train a fresh detector from the same encoders on the original plus pseudo-labelled data."""
-    return train.run(params, paths, "retrain")
+    return train.run(params, paths, "retrain", paths.pseudo)
 
 
 command = stage.command("retrain", run, Paths, PARAMS)

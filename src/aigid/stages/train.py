@@ -1,47 +1,48 @@
-"""The `train` and `retrain` stages: fine-tune the detector with the Hugging Face Trainer.
+"""The `train` and `retrain` stages: fine-tune the detector (:mod:`aigid.training.trainer`) in an MLflow run.
 
-Evaluation every epoch, the best checkpoint chosen by weighted F1 on Task A (as the paper reports it; the
-reference code selected by binary F1), only the latest checkpoint kept, and the best model saved at the end with
-its ``scoring.json`` (:class:`aigid.detector.scores.Scoring`): the temperature calibrating P(AI) and the verdict's
-two thresholds, fitted on the labelled validation split (never on pseudo-labels), and the data's source.
+The stage gathers the rows (the prepared splits, or with ``train.freeze_encoders`` their cached features, plus
+retrain's pseudo-labelled additions), hands them to :func:`aigid.training.train_detector`, logs the
+run, and saves the best model with its ``scoring.json`` (:class:`aigid.detector.scores.Scoring`): the
+temperature calibrating P(AI) and the verdict's two thresholds, fitted on the labelled validation split (never
+on pseudo-labels), and the data's source.
 
 Checkpoints live in ``checkpoints/<stage>/<fingerprint>``, outside the stage's DVC outputs. A run that was
 killed leaves them there, and the next run with the same params, data and encoders (same fingerprint)
-resumes from the last one instead of starting over; they are deleted when the stage completes.
+resumes from the last complete one instead of starting over; they are deleted when the stage completes.
 """
 
 from __future__ import annotations
 
 import contextlib
-import functools
 import hashlib
 import json
-import logging
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
 import numpy as np
-import torch
-from accelerate import PartialState
-from accelerate.utils import broadcast_object_list
 from datasets import concatenate_datasets
-from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
+from transformers import Trainer, TrainerCallback
 
 from aigid.core import stage
-from aigid.core.data import Collator, DataError, class_names_of, concat, open_dataset
-from aigid.core.errors import ParamsError
+from aigid.core.data import DataError, class_names_of, concat, open_dataset
 from aigid.core.files import atomic_path, write_json
-from aigid.detector.cache import FeatureCollator, FeatureRows, open_features
-from aigid.detector.model import DetectorHeads, build_detector, save_detector
+from aigid.detector.cache import FeatureRows, open_features
+from aigid.detector.model import save_detector
 from aigid.detector.runtime import configure
 from aigid.detector.scores import SCORING_FILE, decide, fit_scoring
 from aigid.tracking.metrics import calibration, score
 from aigid.tracking.runs import is_main_process, log_data, log_results, stage_run
+from aigid.training.trainer import (
+    TrainingRows,
+    drop_class,
+    launch,
+    train_detector,
+    trainer_settings,
+    training_arguments,
+)
 
-log = logging.getLogger(__name__)
-BEST_METRIC = "f1_weighted_a"
 PARAMS = ("seed", "model", "train", "verdict", "prepare.source", "compute", "mlflow")
 HEADLINE = ("f1_weighted_a", "f1_weighted_b", "best_epoch")  # the DVC metrics; the rest goes to the report
 
@@ -59,13 +60,13 @@ class Paths:
     )
     report: Path = stage.path("reports/train.json", "Every validation metric of the best checkpoint.")
     history: Path = stage.path("metrics/train_history.json", "Per-epoch validation metrics (a DVC plot).")
-    pseudo = None  # retrain's paths add the pseudo-labelled additions
 
 
-def run(params, paths: Paths, stage_name: str = "train") -> dict:
-    """Train the detector on the prepared train split (Trainer; best checkpoint by weighted F1 on Task A)."""
+def run(params, paths: Paths, stage_name: str = "train", pseudo: Path | None = None) -> dict:
+    """Train the detector on the prepared train split (Trainer; best checkpoint by weighted F1 on Task A), with
+    ``pseudo`` (retrain) on the pseudo-labelled additions too."""
     configure(params.compute)
-    result = fit(params, paths, stage_name)
+    result = fit(params, paths, stage_name, pseudo)
     if is_main_process():  # under torchrun every rank gets here; rank 0 writes
         write_json(paths.metrics, {k: result["metrics"][k] for k in HEADLINE})
         write_json(paths.report, result["metrics"])
@@ -84,87 +85,56 @@ def compute_metrics(eval_pred, class_names: tuple[str, ...]) -> dict[str, float]
     return {f"{name}_{task[-1]}": value for task in ("task_a", "task_b") for name, value in s[task].items()}
 
 
-def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None = None) -> dict:
-    """Train a fresh detector from the starting encoders; write the best one to ``paths.out``.
+def fit(params, paths: Paths, stage: str = "train", pseudo: Path | None = None, checkpoint_dir: Path | None = None):
+    """Train a fresh detector from the starting encoders (:func:`aigid.training.train_detector`) in the
+    stage's MLflow run; write the best one to ``paths.out`` with its scoring rule.
 
-    With ``paths.pseudo`` (the retrain stage), the pseudo-labelled train/validation additions are concatenated
-    to the original splits. With ``train.freeze_encoders`` the rows are the cached encoder features in
+    With ``pseudo`` (the retrain stage), the pseudo-labelled train/validation additions are concatenated to the
+    original splits. With ``train.freeze_encoders`` the rows are the cached encoder features in
     ``paths.features`` and only the fusion layer and heads learn. Returns the best checkpoint's validation
     metrics and the per-epoch history.
     """
     data = open_dataset(paths.data)
     class_names = class_names_of(data["train"])
-    train_ds, val_ds, labelled_val, features_dir = training_rows(params, paths, data, class_names)
-    # Under torchrun / accelerate launch this sets up the process group that the Trainer then uses for
-    # DistributedDataParallel; a plain run is one process. Only rank 0 logs to MLflow and writes outputs.
-    # Without CUDA, accelerate makes a launch multi-CPU (gloo) only when told to use the CPU.
-    cpu = not torch.cuda.is_available() and torch.distributed.is_torchelastic_launched()
-    launch = PartialState(cpu=cpu)
+    train_ds, val_ds, labelled_val, features_dir = training_rows(params, paths, data, class_names, pseudo)
+    state = launch()  # only rank 0 of a multi-process launch logs to MLflow and writes outputs
     stage_dir = checkpoint_dir or Path("checkpoints") / stage
-    checkpoint_dir = stage_dir / fingerprint(
-        params, paths.data, paths.encoders, paths.pseudo, features_dir, processes=launch.num_processes
-    )
-    # Rank 0 picks (and cleans) the checkpoint to resume from; every rank resumes from that one.
-    resume = last_complete_checkpoint(checkpoint_dir, launch.num_processes) if launch.is_main_process else None
-    resume = broadcast_object_list([resume])[0]
-    if resume and launch.is_main_process:
-        log.info("resuming %s from the last checkpoint in %s (%s)", stage, checkpoint_dir, resume.name)
+    key = fingerprint(params, paths.data, paths.encoders, pseudo, features_dir, processes=state.num_processes)
+    args = training_arguments(params.train, params.seed, stage, stage_dir / key, state)
     with stage_run(stage, params) as run:  # None on the ranks other than 0
-        set_seed(params.seed)  # before the fusion layer and heads are initialised
-        detector = build_detector(
-            str(paths.encoders / "text"),
-            str(paths.encoders / "vision"),
-            params.model.fusion_dim,
-            params.model.max_text_length,
-            class_names,
-            params.model.fusion,
-        )
-        args = training_arguments(
-            params, stage, checkpoint_dir, per_process_batch(params.train.batch_size, launch.num_processes), cpu
-        )
-        curves = EpochCurves()
-        trainer = detector_trainer(params, detector, args, train_ds, val_ds, class_names, [curves] if run else None)
         if run is not None:
-            log_inputs(data, paths, paths.pseudo)
-            mlflow.log_params(trainer_settings(args, launch.num_processes))
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        curves.active = False  # the evaluation below repeats the best epoch
-        best = trainer.evaluate()  # the best checkpoint is loaded at this point; every rank takes part
-        history = epoch_history(trainer.state.log_history)
-        metrics = {
-            "best_epoch": _best_epoch(history),
-            "train_rows": len(train_ds),
-            "validation_rows": len(val_ds),
-            **{k[5:]: v for k, v in best.items() if k.startswith("eval_") and k[5:].split("_")[0] in SCORES},
-        }
-        scoring = fit_rule(params, trainer, labelled_val, {"train": len(train_ds), "validation": len(val_ds)})
-        metrics["scoring"] = {**scoring["calibration"], **scoring["verdict"]}
+            log_inputs(data, paths, pseudo)
+            mlflow.log_params(trainer_settings(args, state.num_processes))
+        rows = TrainingRows(train_ds, val_ds, class_names)
+        callbacks = [EpochCurves()] if run is not None else []
+        trained = train_detector(
+            paths.encoders, rows, params.model, params.train, args, key, compute_metrics, callbacks
+        )
+        sizes = {"train": len(train_ds), "validation": len(val_ds)}
+        scoring = fit_rule(params, trained.trainer, labelled_val, sizes)
+        metrics = {**trained.metrics, "scoring": {**scoring["calibration"], **scoring["verdict"]}}
         if run is not None:
             log_results({k: metrics[k] for k in HEADLINE})
             mlflow.log_dict(metrics, "report.json")
-        trainer.accelerator.wait_for_everyone()  # no rank still reads a checkpoint when rank 0 deletes them
-        if trainer.is_world_process_zero():
-            save_best(detector, params.train.holdout, scoring, paths.out, stage_dir)
-    return {"metrics": metrics, "history": history, "run_id": run.info.run_id if run is not None else None}
+        trained.trainer.accelerator.wait_for_everyone()  # no rank still reads a checkpoint when rank 0 deletes them
+        if trained.trainer.is_world_process_zero():
+            save_best(trained.detector, params.train.holdout, scoring, paths.out, stage_dir)
+    return {"metrics": metrics, "history": trained.history, "run_id": run.info.run_id if run is not None else None}
 
 
-# The validation scores a report keeps (f1_weighted_a, balanced_accuracy_b, ...; not loss or timings).
-SCORES = ("f1", "accuracy", "precision", "recall", "balanced")
-
-
-def training_rows(params, paths: Paths, data, class_names: tuple[str, ...]):
+def training_rows(params, paths: Paths, data, class_names: tuple[str, ...], pseudo_dir: Path | None):
     """The train and validation rows (images and captions, or with ``train.freeze_encoders`` their cached
     features), the pseudo-labelled additions included and the held-out class dropped; the labelled validation
     rows alone (the scoring rule is fitted on them); and the features directory when it is an input."""
     t = params.train
     features_dir = paths.features
     if t.freeze_encoders:
-        train_ds, val_ds, labelled = _feature_splits(params, features_dir, paths.pseudo)
+        train_ds, val_ds, labelled = feature_splits(params, features_dir, pseudo_dir)
     else:
         train_ds, val_ds = data["train"], data["validation"]
         labelled = data["validation"]
-        if paths.pseudo is not None:
-            pseudo = open_dataset(paths.pseudo)
+        if pseudo_dir is not None:
+            pseudo = open_dataset(pseudo_dir)
             train_ds, val_ds = concat(train_ds, pseudo["train"]), concat(val_ds, pseudo["validation"])
         features_dir = None  # not an input of full fine-tuning
     splits = [train_ds, val_ds, labelled]
@@ -195,79 +165,6 @@ def _training_params(params) -> dict:
     return {k: v for k, v in params.declared().items() if k.startswith(("seed", "model.", "train."))}
 
 
-def training_arguments(params, stage: str, checkpoint_dir: Path, batch_size: int, cpu: bool) -> TrainingArguments:
-    """The Trainer's arguments: params.yaml's settings, an evaluation and a checkpoint per epoch, the best epoch
-    by weighted Task A F1 loaded at the end."""
-    t = params.train
-    return TrainingArguments(
-        output_dir=str(checkpoint_dir),
-        run_name=stage,
-        report_to="none",
-        seed=params.seed,
-        learning_rate=t.learning_rate,
-        weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio,  # a float in [0, 1) is a ratio of all steps
-        per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=batch_size,
-        num_train_epochs=t.epochs,
-        eval_strategy="epoch",
-        save_strategy="epoch",
-        logging_strategy="epoch",
-        save_total_limit=1,
-        load_best_model_at_end=True,
-        metric_for_best_model=BEST_METRIC,
-        greater_is_better=True,
-        remove_unused_columns=False,
-        label_names=["labels_a", "labels_b"],
-        dataloader_num_workers=t.num_workers,
-        dataloader_persistent_workers=t.num_workers > 0,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        bf16=torch.cuda.is_available(),
-        use_cpu=cpu,
-        ddp_find_unused_parameters=False,
-        disable_tqdm=True,
-    )
-
-
-def detector_trainer(params, detector, args, train_ds, val_ds, class_names, callbacks) -> DetectorTrainer:
-    """The Trainer of the detector, or with ``train.freeze_encoders`` of its fusion layer and heads alone (the
-    detector's own modules, updated in place) on cached features: captions were encoded once, so there is
-    nothing to drop either."""
-    model, tokenizer, processor, _ = detector
-    if params.train.freeze_encoders:
-        model.freeze_encoders()
-        trained, collator, train_collator = DetectorHeads(model), FeatureCollator(), FeatureCollator()
-    else:
-        length = params.model.max_text_length
-        trained, collator = model, Collator(tokenizer, processor, length)
-        train_collator = Collator(tokenizer, processor, length, caption_dropout=params.train.caption_dropout)
-    return DetectorTrainer(
-        model=trained,
-        args=args,
-        train_dataset=train_ds,
-        eval_dataset=val_ds,
-        data_collator=collator,
-        train_collator=train_collator,
-        compute_metrics=functools.partial(compute_metrics, class_names=class_names),
-        processing_class=tokenizer,
-        callbacks=callbacks,
-    )
-
-
-def epoch_history(log_history: list[dict]) -> list[dict]:
-    """Each epoch's validation scores from the Trainer's log, without timings (the same params on the same
-    machine give identical files) and without the final evaluation, which repeats the best epoch."""
-    history = [
-        {
-            "epoch": h["epoch"],
-            **{k[5:]: v for k, v in h.items() if k.startswith("eval_") and not k.endswith(("runtime", "per_second"))},
-        }
-        for h in log_history
-        if "eval_loss" in h
-    ]
-    return history[:-1]
-
-
 def save_best(detector, holdout: str, scoring: dict, model_dir: Path, stage_dir: Path) -> None:
     """Write the detector (the best checkpoint's weights, loaded in place) with its scoring rule and delete the
     stage's checkpoints."""
@@ -281,18 +178,7 @@ def save_best(detector, holdout: str, scoring: dict, model_dir: Path, stage_dir:
         stage_dir.parent.rmdir()  # only if no other stage's checkpoints are there
 
 
-def per_process_batch(batch_size: int, processes: int) -> int:
-    """train.batch_size is the global batch (the paper's 256): each of the launched processes takes its share,
-    so an optimizer step sees the same number of samples however many processes run."""
-    if batch_size % processes:
-        raise ParamsError(
-            f"train.batch_size: {batch_size} is the global batch and must divide evenly over the "
-            f"{processes} processes launched; use a multiple of {processes}"
-        )
-    return batch_size // processes
-
-
-def _feature_splits(params, features_dir: Path | None, pseudo_dir: Path | None):
+def feature_splits(params, features_dir: Path | None, pseudo_dir: Path | None):
     """Train and validation rows as cached features; pseudo-labelled rows are looked up in the pool's features
     by their ``pool_row`` and carry their predicted labels."""
     if features_dir is None:
@@ -317,13 +203,10 @@ def _feature_splits(params, features_dir: Path | None, pseudo_dir: Path | None):
 class EpochCurves(TrainerCallback):
     """Per-epoch curves in the stage's MLflow run, ``history/<name>`` at step = epoch: every validation score
     (``history/f1_weighted_a``, ``history/f1_weighted_b``, ...) and the training loss, as train_history.json
-    holds them. Logs only while ``active`` and only on rank 0 (its run is the active one)."""
-
-    def __init__(self):
-        self.active = True
+    holds them. Logs only on rank 0 (its run is the active one)."""
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        if not (self.active and state.is_world_process_zero and logs):
+        if not (state.is_world_process_zero and logs):
             return
         values = {
             f"history/{k.removeprefix('eval_')}": float(v)
@@ -339,72 +222,12 @@ class EpochCurves(TrainerCallback):
             mlflow.log_metrics(values, step=round(state.epoch or 0))
 
 
-def trainer_settings(args: TrainingArguments, processes: int) -> dict:
-    """The Trainer's settings that params.yaml does not set, as params of the run (the rest of its arguments
-    follow from params.yaml or do not change the model)."""
-    return {
-        "trainer.optim": args.optim.value,
-        "trainer.lr_scheduler_type": args.lr_scheduler_type.value,
-        "trainer.adam_beta1": args.adam_beta1,
-        "trainer.adam_beta2": args.adam_beta2,
-        "trainer.adam_epsilon": args.adam_epsilon,
-        "trainer.max_grad_norm": args.max_grad_norm,
-        "trainer.per_device_batch_size": args.per_device_train_batch_size,
-        "trainer.processes": processes,
-        "trainer.bf16": args.bf16,
-    }
-
-
 def log_inputs(data, paths: Paths, pseudo_dir: Path | None) -> None:
     """The data the model learns from, as MLflow datasets of the run: the prepared train and validation splits
     and, for retrain, the pseudo-labelled additions."""
     log_data(paths.data, data, {"train": "training", "validation": "validation"})
     if pseudo_dir is not None:
         log_data(pseudo_dir, open_dataset(pseudo_dir), {"train": "training", "validation": "validation"})
-
-
-class DetectorTrainer(Trainer):
-    """The Trainer with its own collator for the training loader: caption dropout never reaches validation."""
-
-    def __init__(self, *args, train_collator, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.train_collator = train_collator
-
-    def get_train_dataloader(self):
-        eval_collator, self.data_collator = self.data_collator, self.train_collator
-        try:
-            return super().get_train_dataloader()
-        finally:
-            self.data_collator = eval_collator
-
-
-def drop_class(ds, class_names, name: str):
-    """Rows whose Label_B is not ``name`` (leave-one-generator-out)."""
-    if name not in class_names:
-        raise DataError(f"train.holdout={name!r} is not a class of the prepared data ({', '.join(class_names)})")
-    k = list(class_names).index(name)
-    return ds.select(np.flatnonzero(np.asarray(ds["Label_B"]) != k))
-
-
-CHECKPOINT_FILES = ("trainer_state.json", "model.safetensors", "optimizer.pt", "scheduler.pt", "rng_state.pth")
-
-
-def checkpoint_files(processes: int = 1) -> tuple[str, ...]:
-    """What a complete checkpoint holds; under a multi-process launch each rank saves its own RNG state."""
-    if processes == 1:
-        return CHECKPOINT_FILES
-    return (*CHECKPOINT_FILES[:-1], *(f"rng_state_{rank}.pth" for rank in range(processes)))
-
-
-def last_complete_checkpoint(directory: Path, processes: int = 1) -> Path | None:
-    """The newest checkpoint with every file written; one cut short by a kill is removed."""
-    found = sorted(directory.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[-1]))
-    for candidate in reversed(found):
-        if all((candidate / name).is_file() for name in checkpoint_files(processes)):
-            return candidate
-        log.warning("removing incomplete checkpoint %s", candidate)
-        shutil.rmtree(candidate, ignore_errors=True)
-    return None
 
 
 def fingerprint(params, *inputs: Path | None, processes: int = 1) -> str:
@@ -420,7 +243,3 @@ def fingerprint(params, *inputs: Path | None, processes: int = 1) -> str:
             if file.suffix == ".json":  # datasets' state.json fingerprints, encoder configs
                 h.update(file.read_bytes())
     return h.hexdigest()[:12]
-
-
-def _best_epoch(history: list[dict]) -> float:
-    return max(history, key=lambda h: h[BEST_METRIC])["epoch"] if history else 0.0

@@ -203,7 +203,7 @@ def _open_store(uri: str, experiment: str) -> str:
 def stage_run(stage: str, params):
     """An active MLflow run named after the stage, nested under its pipeline execution's parent run, with the
     params it reads logged under their params.yaml keys (``params`` is the stage's view,
-    :class:`aigid.core.config.Scoped`: exactly its declared keys; the parent gets them too).
+    :class:`aigid.core.config.View`: exactly its declared keys; the parent gets them too).
 
     Holding our own active run keeps ``trainer.evaluate()`` after ``train()`` from opening a second run. The
     store is contacted here, before any work starts, so an unreachable store fails fast with its URI in the
