@@ -68,6 +68,7 @@ def test_the_page_is_self_contained_and_a_failure_is_one_line_logged_on_the_serv
         raise RuntimeError("out of memory\nwhile scoring")
 
     (tmp_path / "config.json").write_text(json.dumps({"class_names": CT2}))
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"size": {"shortest_edge": 16}}))
     monkeypatch.setattr(app_module, "scorer", lambda *_: failing)
     client = create_app(tmp_path, 0.5, 64, "auto").test_client()
     page = client.get("/")
