@@ -104,3 +104,42 @@ def test_a_logged_split_is_tagged_with_a_digest_of_its_rows(tmp_path, store):
         (logged,) = mlflow.get_run(run.info.run_id).inputs.dataset_inputs
         tags.append({t.key: t.value for t in logged.tags}[FINGERPRINT_TAG])
     assert tags[0] == tags[1] != tags[2]  # the same rows saved elsewhere, then one row changed
+
+
+STAGE = """import sys
+from aigid.core.config import load_params, scoped
+from aigid.tracking.runs import stage_run
+with stage_run(sys.argv[1], scoped(load_params("params.yaml"), ("mlflow",))):
+    pass
+open(sys.argv[1] + ".done", "w").close()
+"""
+PIPELINE = {
+    "stages": {
+        "first": {"cmd": "python stage.py first", "deps": ["stage.py"], "params": ["mlflow"], "outs": ["first.done"]},
+        "second": {"cmd": "python stage.py second", "deps": ["first.done"], "outs": ["second.done"]},
+    }
+}
+
+
+@pytest.mark.slow
+def test_real_dvc_groups_a_repro_a_temporary_experiment_and_a_forced_rerun(workspace, monkeypatch):
+    """Two stages that log under real DVC, the store left at its default (the repository's mlflow.db)."""
+    import yaml
+
+    (workspace / "stage.py").write_text(STAGE)
+    (workspace / "dvc.yaml").write_text(yaml.safe_dump(PIPELINE))
+    (workspace / ".gitignore").write_text("mlflow.db\nmlartifacts/\n")
+    sh("dvc", "init", "-q", cwd=workspace)
+    sh("git", "add", "-A", cwd=workspace)
+    sh("git", "-c", "user.email=ci@example.com", "-c", "user.name=ci", "commit", "-qm", "pipeline", cwd=workspace)
+    commit = sh("git", "rev-parse", "--short=7", "HEAD", cwd=workspace).strip()
+    for cmd in (("dvc", "repro"), ("dvc", "exp", "run", "--temp", "-f", "-n", "tmp-exp"), ("dvc", "repro", "-f")):
+        assert "Running stage 'second'" in sh(*cmd, cwd=workspace)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{workspace / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("aigid").experiment_id])
+    parents = sorted((r for r in runs if r.data.tags.get("aigid.role") == "pipeline"), key=lambda r: r.info.start_time)
+    names = [p.info.run_name.removesuffix(f"-{p.data.tags['pipeline_id'][:8]}") for p in parents]
+    assert names == [f"repro-{commit}", "tmp-exp", f"repro-{commit}"]
+    for parent in parents:
+        stages = [r.data.tags["stage"] for r in runs if r.data.tags.get("mlflow.parentRunId") == parent.info.run_id]
+        assert sorted(stages) == ["first", "second"]
