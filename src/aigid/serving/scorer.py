@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import gc
 import os
 from pathlib import Path
 
@@ -28,18 +27,10 @@ def scorer(model_dir: Path, batch_size: int, progress: bool, precision: str):
         return lambda images, texts, threshold: score_rows(
             *portable.logits(images, texts, batch_size, progress), portable.class_names, texts, rule, threshold
         )
-    # torch and transformers make hundreds of thousands of objects while they import, which the garbage collector
-    # would walk again and again during the import and at every later collection: they are imported with
-    # collection off, and what they made is frozen out of later collections (docs/performance.md has the
-    # measurement; a portable model never imports them).
-    gc.disable()
-    try:
-        from aigid.detector.infer import RunOptions, score_images
-        from aigid.detector.model import load_detector
-        from aigid.detector.runtime import configure
-    finally:
-        gc.freeze()
-        gc.enable()
+    from aigid.detector.infer import RunOptions, score_images  # torch: a portable model never imports it
+    from aigid.detector.model import load_detector
+    from aigid.detector.runtime import configure
+
     quiet_transformers()
     configure()
     detector = load_detector(model_dir, precision)

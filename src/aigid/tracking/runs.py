@@ -2,12 +2,14 @@
 
 Every `dvc repro` or `dvc exp run` is one parent run, named after the DVC experiment (or
 ``repro-<short commit>``) and the execution (``repro-3dfab77-1a2b3c4d``: two clones of one commit, or one
-experiment name run twice, are two parents with two names), with each stage's run nested under it. Stages
-run as separate processes; they find their parent by the execution's id (:func:`pipeline_id`, whose first 8
-characters end the name), tagged ``pipeline_id`` on the parent and its stage runs. A stage run outside DVC
-stands alone. A stage run logs the params it reads under their params.yaml keys, its DVC metrics under their
-DVC keys (:func:`log_results`), and the data it read as MLflow datasets whose digest is DVC's hash of the
-directory (:func:`log_data`).
+experiment name run twice, are two parents with two names), with each stage's run under it. Stages run as
+separate processes; each finds its parent by the rule of :func:`parent_run`, built only on what DVC documents
+(docs/decisions.md): the pipeline's key (:func:`pipeline_key`: DVC_ROOT, DVC_EXP_NAME, the git commit and
+params.yaml) names the latest parent of that key, which a stage joins unless it already holds a run of that
+stage (then the stage starts a new execution). The parent's ``pipeline_id`` (whose first 8 characters end its
+name) tags it and its stage runs. A stage run outside DVC stands alone. A stage run logs the params it reads
+under their params.yaml keys, its DVC metrics under their DVC keys (:func:`log_results`), and the data it read
+as MLflow datasets whose digest is DVC's hash of the directory (:func:`log_data`).
 
 Default store: ``sqlite:///<repository root>/mlflow.db``. The root comes from ``DVC_ROOT`` (set by DVC for
 every stage); experiments that DVC runs in a temporary copy (``dvc exp run --temp``, queued runs) live under
@@ -25,12 +27,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import json
 import os
 import re
-import socket
 import subprocess
 import time
+import uuid
 import warnings
 from pathlib import Path
 
@@ -38,8 +39,9 @@ import mlflow
 
 from aigid.core.errors import TrackingError
 
-STAGE_TAG, PIPELINE_TAG, ROLE_TAG = "stage", "pipeline_id", "aigid.role"
-FINGERPRINT_TAG = "fingerprint"  # a logged split's content fingerprint (datasets' fingerprint of its rows)
+STAGE_TAG, PIPELINE_TAG, ROLE_TAG, KEY_TAG = "stage", "pipeline_id", "aigid.role", "aigid.pipeline_key"
+FINGERPRINT_TAG = "fingerprint"  # a logged split's content digest (:func:`split_fingerprints`)
+PARENT_TAG = "mlflow.parentRunId"  # MLflow's system tag naming a run's parent
 # The MLflow UI opens an experiment of this kind in its model-training view (runs, metrics, models).
 EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 # MLflow's HTTP retries against a tracking server. Every call is tried 5 times, waiting 0, 2, 4 and 8 s (plus up
@@ -132,54 +134,48 @@ def _git_commit(cwd: Path) -> str:
         return "unknown"
 
 
-def pipeline_id() -> str | None:
-    """The id of the pipeline execution this process is a stage of; None outside DVC.
+def pipeline_key(commit: str) -> str | None:
+    """What the stages of one pipeline share, from what DVC documents; None outside DVC.
 
-    DVC locks a stage's outputs for the process that runs the pipeline (`dvc repro`, `dvc exp run`, a queued
-    experiment's runner) as long as the stage runs, writing that process's id into the workspace's
-    ``.dvc/tmp/rwlock``. That process id, with the machine (host name and boot id), the workspace and the DVC
-    experiment name, tells one execution from another: two clones of one commit, two runs one after the other,
-    two queued experiments at once.
+    DVC sets ``DVC_ROOT`` (the repository root: for `dvc exp run --temp` and queued experiments, the temporary
+    copy the experiment runs in) for every stage it runs, and ``DVC_EXP_NAME`` for those of `dvc exp run`.
+    With the git commit and the digest of the params file (params.yaml, DVC's default) they tell one pipeline
+    from another: another clone, experiment, commit or value gives another key. Which execution of that
+    pipeline a stage belongs to is :func:`parent_run`'s rule.
     """
-    if "DVC_ROOT" not in os.environ:
+    root = os.environ.get("DVC_ROOT")
+    if not root:
         return None
     try:
-        locks = json.loads((Path.cwd() / ".dvc" / "tmp" / "rwlock").read_text())
-    except (OSError, ValueError):
-        return None
-    holders = {lock.get("pid") for lock in locks.get("write", {}).values() if isinstance(lock, dict)}
-    if len(holders) != 1 or None in holders:
-        return None
-    try:
-        boot = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:  # not Linux
-        boot = ""
-    execution = [socket.gethostname(), boot, str(Path.cwd()), str(holders.pop()), os.environ.get("DVC_EXP_NAME", "")]
-    return hashlib.sha1("\0".join(execution).encode()).hexdigest()[:12]
+        params = hashlib.sha256((Path(root) / "params.yaml").read_bytes()).hexdigest()
+    except OSError:
+        params = ""
+    facts = [str(Path(root).resolve()), os.environ.get("DVC_EXP_NAME", ""), commit, params]
+    return hashlib.sha256("\0".join(facts).encode()).hexdigest()[:16]
 
 
-def parent_run(experiment_id: str, pipeline: str, name: str, tags: dict) -> str:
-    """The id of the parent run of execution ``pipeline`` in the experiment, created on first use.
+def parent_run(experiment_id: str, key: str, stage: str, name: str, tags: dict) -> tuple[str, str]:
+    """The parent run that ``stage`` of pipeline ``key`` belongs to, and its ``pipeline_id``.
 
-    Stages of different executions may run at once (`dvc queue start -j 2`); were two processes of one
-    execution ever to create its parent together, the oldest parent is kept and the other deleted.
+    It is the latest parent of ``key`` unless that one already holds a run of ``stage`` (a forced rerun, the
+    same commit reproduced again): then the stage starts a new execution, a new parent named
+    ``<name>-<first 8 characters of its pipeline_id>``, which the stages after it join.
     """
     client = mlflow.MlflowClient()
-    query = f"tags.{PIPELINE_TAG} = '{pipeline}' and tags.`{ROLE_TAG}` = 'pipeline'"
-
-    def oldest():
-        found = client.search_runs([experiment_id], query)
-        return min(found, key=lambda r: (r.info.start_time, r.info.run_id), default=None)
-
-    if (found := oldest()) is not None:
-        return found.info.run_id
-    created = client.create_run(
-        experiment_id, run_name=name, tags={**tags, PIPELINE_TAG: pipeline, ROLE_TAG: "pipeline"}
-    ).info.run_id
-    winner = oldest().info.run_id
-    if winner != created:
-        client.delete_run(created)
-    return winner
+    latest = client.search_runs(
+        [experiment_id],
+        f"tags.`{KEY_TAG}` = '{key}' and tags.`{ROLE_TAG}` = 'pipeline'",
+        order_by=["attributes.start_time DESC"],
+        max_results=1,
+    )
+    if latest:
+        parent = latest[0]
+        query = f"tags.`{PARENT_TAG}` = '{parent.info.run_id}' and tags.{STAGE_TAG} = '{stage}'"
+        if not client.search_runs([experiment_id], query, max_results=1):
+            return parent.info.run_id, parent.data.tags[PIPELINE_TAG]
+    pipeline = uuid.uuid4().hex[:12]
+    tags = {**tags, KEY_TAG: key, PIPELINE_TAG: pipeline, ROLE_TAG: "pipeline"}
+    return client.create_run(experiment_id, run_name=f"{name}-{pipeline[:8]}", tags=tags).info.run_id, pipeline
 
 
 def open_store(experiment: str) -> str:
@@ -201,13 +197,14 @@ def _open_store(uri: str, experiment: str) -> str:
 
 @contextlib.contextmanager
 def stage_run(stage: str, params):
-    """An active MLflow run named after the stage, nested under its pipeline execution's parent run, with the
-    params it reads logged under their params.yaml keys (``params`` is the stage's view,
-    :class:`aigid.core.config.View`: exactly its declared keys; the parent gets them too).
+    """An active MLflow run named after the stage, under its pipeline execution's parent run (:func:`parent_run`,
+    whose id it is given), with the params it reads logged under their params.yaml keys (``params`` is the
+    stage's view, :class:`aigid.core.config.View`: exactly its declared keys; the parent gets them too).
 
-    Holding our own active run keeps ``trainer.evaluate()`` after ``train()`` from opening a second run. The
-    store is contacted here, before any work starts, so an unreachable store fails fast with its URI in the
-    message.
+    The stage's run is this process's active run, so that MLflow's own logging calls in the stage
+    (``mlflow.log_dict``; ``mlflow.pyfunc.log_model``, which takes no run id) land in it; the parent is only
+    ever addressed by its id. The store is contacted here, before any work starts, so an unreachable store
+    fails fast with its URI in the message.
 
     On the other ranks of a multi-process launch it yields None and leaves MLflow alone: one stage is one run,
     logged by rank 0.
@@ -228,23 +225,33 @@ def stage_run(stage: str, params):
     experiment_name = os.environ.get("DVC_EXP_NAME", "")
     tags = {"git_commit": commit, "dvc_exp_name": experiment_name}
     declared = params.declared()
+    client = mlflow.MlflowClient()
     # A server that stops answering is one line (TrackingError) whether it goes while the runs are opened or
-    # closed (outer block) or during the stage's work (inner: the runs are then dropped without calling it again).
-    with _server_failures(uri, stage), contextlib.ExitStack() as stack:
-        pipeline = pipeline_id()
-        if pipeline is not None:
-            tags[PIPELINE_TAG] = pipeline
-            name = f"{experiment_name or f'repro-{commit[:7]}'}-{pipeline[:8]}"  # one name per execution
-            parent = stack.enter_context(mlflow.start_run(parent_run(experiment_id, pipeline, name, tags)))
-            _log_params_once(parent.info.run_id, declared)
-        run = stack.enter_context(
-            mlflow.start_run(
-                run_name=stage, nested=pipeline is not None, tags={**tags, STAGE_TAG: stage, ROLE_TAG: "stage"}
+    # closed (outer block) or during the stage's work (inner: the runs are then left as they are).
+    with _server_failures(uri, stage):
+        parent, key = None, pipeline_key(commit)
+        if key is not None:
+            parent, tags[PIPELINE_TAG] = parent_run(
+                experiment_id, key, stage, experiment_name or f"repro-{commit[:7]}", tags
             )
-        )
-        mlflow.log_params(declared)
-        with _server_failures(uri, stage):
-            yield run
+            _log_params_once(parent, declared)
+            client.update_run(parent, status="RUNNING")
+        stage_tags = {**tags, STAGE_TAG: stage, ROLE_TAG: "stage"}
+        try:
+            with mlflow.start_run(
+                experiment_id=experiment_id, run_name=stage, parent_run_id=parent, tags=stage_tags
+            ) as run:
+                with _server_failures(uri, stage):
+                    mlflow.log_params(declared)
+                    yield run
+        except TrackingError:
+            raise  # the store is gone: nothing more is sent to it
+        except BaseException:
+            if parent is not None:
+                client.set_terminated(parent, "FAILED")
+            raise
+        if parent is not None:
+            client.set_terminated(parent, "FINISHED")
 
 
 def _connection_failure(err: BaseException) -> str | None:
@@ -266,8 +273,8 @@ def _connection_failure(err: BaseException) -> str | None:
 
 @contextlib.contextmanager
 def _server_failures(uri: str, stage: str):
-    """An MLflow call of the block that found the store gone becomes one line naming it (TrackingError), and
-    the runs this process holds are dropped without contacting the store again (MLflow would end them at exit)."""
+    """An MLflow call of the block that found the store gone becomes one line naming it (TrackingError); the
+    active run is ended in one attempt without retries (:func:`_end_without_retries`)."""
     try:
         yield
     except TrackingError:
@@ -276,15 +283,23 @@ def _server_failures(uri: str, stage: str):
         reason = _connection_failure(err)
         if reason is None:
             raise
-        from mlflow.tracking.fluent import _active_run_stack
-
-        _active_run_stack.get().clear()
         retries = os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "")
+        _end_without_retries()
         raise TrackingError(
             f"MLflow tracking server {uri} stopped answering during stage {stage} ({reason}, "
             f"after {retries} retries); the stage did not finish: rerun it once the server "
             f"answers"
         ) from None
+
+
+def _end_without_retries() -> None:
+    """End the active run as FAILED with a single request and no retries: the store was just found gone, so the
+    run stays as the store last heard of it (RUNNING), and MLflow, which forgets an active run before it reports
+    its end, does not try again when the process exits."""
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = "0"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = "5"
+    with contextlib.suppress(Exception):
+        mlflow.end_run("FAILED")
 
 
 def _log_params_once(run_id: str, params: dict) -> None:
@@ -309,8 +324,9 @@ def log_results(metrics: dict, parent: bool = False) -> None:
         )
 
 
-def dvc_hash(path: Path) -> str:
-    """DVC's hash of a file or directory (``<md5>.dir`` for a directory), as dvc.lock records it."""
+def dvc_tree(path: Path):
+    """DVC's tree of a directory: each file's md5 by its path inside it, and the directory's hash
+    (``hash_info.value``, ``<md5>.dir``, as dvc.lock records it)."""
     from dvc_data.hashfile.build import build
     from dvc_data.hashfile.db import HashFileDB
     from dvc_objects.fs.local import LocalFileSystem
@@ -318,23 +334,34 @@ def dvc_hash(path: Path) -> str:
 
     staging = HashFileDB(MemoryFileSystem(), "/staging")  # the tree object stays in memory
     _, _, obj = build(staging, str(Path(path).resolve()), LocalFileSystem(), "md5", dry_run=True)
-    return obj.hash_info.value
+    return obj
+
+
+def split_fingerprints(tree) -> dict[str, str]:
+    """Each split's content digest, from the DVC tree (:func:`dvc_tree`) of a saved DatasetDict: a sha256 of its
+    row files (``<split>/*.arrow``) by name and md5. The same rows saved anywhere give the same digest."""
+    found: dict = {}
+    for key, _, info in sorted(tree, key=lambda entry: entry[0]):
+        if len(key) == 2 and key[1].endswith(".arrow"):
+            found.setdefault(key[0], hashlib.sha256()).update(f"{key[1]}\0{info.value}\n".encode())
+    return {split: digest.hexdigest()[:16] for split, digest in found.items()}
 
 
 def log_data(path: Path, data, splits: dict[str, str]) -> str:
     """Log splits of ``data`` (the DatasetDict at ``path``) as inputs of the active run: ``splits`` maps a split to its
     context (training, validation, test, pool). Each is an MLflow dataset named ``<path>:<split>`` with its
-    rows, its source (the path) and, as digest, DVC's hash of ``path`` (:func:`dvc_hash`); the input is tagged
-    with the split's own fingerprint (``fingerprint``: of its rows, as prepare computes it), which tells whether
-    two runs saw the same rows of one split. Returns the digest."""
+    rows, its source (the path) and, as digest, DVC's hash of ``path`` (:func:`dvc_tree`); the input is tagged
+    with the split's own content digest (``fingerprint``: :func:`split_fingerprints`), which tells whether two
+    runs saw the same rows of one split. Returns the digest."""
     from mlflow.data.huggingface_dataset import from_huggingface
 
-    digest, name = dvc_hash(path), Path(path).as_posix()
+    tree, name = dvc_tree(path), Path(path).as_posix()
+    digest, fingerprints = tree.hash_info.value, split_fingerprints(tree)
     for split, context in splits.items():
         ds = data[split]
         ds = ds.select_columns([c for c in ds.column_names if c != "Image"])  # the schema without the pixels
         with warnings.catch_warnings():  # a hint for model signatures; a dataset's schema is only described
             warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
             dataset = from_huggingface(ds, path=name, name=f"{name}:{split}", digest=digest)
-            mlflow.log_input(dataset, context=context, tags={FINGERPRINT_TAG: data[split]._fingerprint})
+            mlflow.log_input(dataset, context=context, tags={FINGERPRINT_TAG: fingerprints[split]})
     return digest
