@@ -8,7 +8,7 @@ import mlflow
 import pytest
 from datasets import Dataset, DatasetDict
 
-from aigid.core.config import load_params, scoped
+from aigid.core.config import load_params, view
 from aigid.tracking.runs import FINGERPRINT_TAG, log_data, stage_run
 from helpers import REPO, sh
 
@@ -42,7 +42,7 @@ def _stage(root: Path, stage: str, monkeypatch, experiment: str | None = None, d
         monkeypatch.delenv("DVC_ROOT", raising=False)
     if experiment is not None:
         monkeypatch.setenv("DVC_EXP_NAME", experiment)
-    with stage_run(stage, scoped(load_params(root / "params.yaml"), ("mlflow",))) as run:
+    with stage_run(stage, view(load_params(root / "params.yaml"), ("mlflow",))) as run:
         run_id = run.info.run_id
     run = mlflow.MlflowClient().get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags["stage"] == stage
@@ -107,9 +107,9 @@ def test_a_logged_split_is_tagged_with_a_digest_of_its_rows(tmp_path, store):
 
 
 STAGE = """import sys
-from aigid.core.config import load_params, scoped
+from aigid.core.config import load_params, view
 from aigid.tracking.runs import stage_run
-with stage_run(sys.argv[1], scoped(load_params("params.yaml"), ("mlflow",))):
+with stage_run(sys.argv[1], view(load_params("params.yaml"), ("mlflow",))):
     pass
 open(sys.argv[1] + ".done", "w").close()
 """
