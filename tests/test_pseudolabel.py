@@ -1,13 +1,15 @@
 """The `pseudolabel` stage (aigid.stages.pseudolabel): which confident samples it keeps, by threshold or class
-balanced."""
+balanced, and how often the labels it keeps are estimated to be right."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
 import yaml
 
-from aigid.stages.pseudolabel import select_confident
+from aigid.detector.scores import decide
+from aigid.stages.pseudolabel import estimate_precision, select_confident, warn_if_imprecise, wilson
 from helpers import aigid, finish
 
 
@@ -75,3 +77,57 @@ def test_class_balanced_pseudo_labels_have_the_train_mix(frozen, tmp_path):
     assert len({c["quota"] for c in per_class}) == 1  # the tiny train split has one image per source
     assert min(c["passed_threshold"] for c in per_class) == next(iter(per_class))["quota"]
     assert report["kept"] == report["train_rows"] + report["validation_rows"] == sum(c["kept"] for c in per_class)
+    # The same rule on the labelled validation split estimates the kept labels' precision: metrics and report.
+    metrics, estimate = json.loads((tmp_path / "m.json").read_text()), report["estimate"]
+    assert estimate["split"] == "validation" and estimate["rows"] == 36 >= estimate["kept"]
+    assert metrics["estimated_kept"] == estimate["kept"]
+    assert metrics["estimated_precision_a"] == estimate["task_a"]["precision"]
+    assert metrics["estimated_precision_b"] == estimate["task_b"]["precision"]
+
+
+def _validation():
+    """Ten labelled rows the rule keeps eight of: Task A right on 6 of them, Task B on 5."""
+    from datasets import Dataset
+
+    # Kept (confident) rows 0-7; rows 8-9 sit at P(AI) 0.5 and are never kept.
+    logits_a = np.array([4.0, 4.0, 4.0, 4.0, 4.0, -4.0, -4.0, -4.0, 0.0, 0.0])
+    logits_b = np.zeros((10, 3))
+    logits_b[:, 1] = 5.0  # AI rows predicted class 1
+    pred = decide(logits_a, logits_b)
+    # Predicted A: 1 1 1 1 1 0 0 0; true A makes rows 3, 4 (called AI) wrong: 6 of 8 right.
+    # Predicted B: 1 1 1 1 1 0 0 0; true B also makes row 2 wrong (class 2): 5 of 8 right.
+    labels_a = [1, 1, 1, 0, 0, 0, 0, 0, 1, 0]
+    labels_b = [1, 1, 2, 0, 0, 0, 0, 0, 1, 0]
+    return Dataset.from_dict({"Label_A": labels_a, "Label_B": labels_b}), pred
+
+
+def test_the_keep_rule_on_validation_estimates_the_kept_labels_precision_with_a_wilson_interval():
+    validation, pred = _validation()
+    keep = select_confident(pred.conf_a, pred.conf_b, 0.8)
+    assert keep.tolist() == list(range(8))
+    estimate = estimate_precision(validation, pred, keep)
+    assert estimate["rows"] == 10 and estimate["kept"] == 8 and estimate["interval"] == "wilson"
+    a, b = estimate["task_a"], estimate["task_b"]
+    assert (a["correct"], a["precision"], b["correct"], b["precision"]) == (6, 0.75, 5, 0.625)
+    assert (a["ci_low"], a["ci_high"]) == pytest.approx((0.4093, 0.9285), abs=1e-4)  # Wilson, 95%, 6 of 8
+    assert wilson(0, 0) == (None, None) and wilson(10, 10)[1] == pytest.approx(1.0)
+    none = estimate_precision(validation, pred, keep[:0])
+    assert none["kept"] == 0 and none["task_a"]["precision"] is None and none["task_a"]["ci_low"] is None
+
+
+def test_a_precision_below_the_floor_is_one_warning_line_and_never_an_error(caplog):
+    validation, pred = _validation()
+    estimate = estimate_precision(validation, pred, np.arange(8))
+    with caplog.at_level(logging.WARNING, logger="aigid.stages.pseudolabel"):
+        warn_if_imprecise(estimate, 0.0)  # the default: never warns
+        warn_if_imprecise(estimate, 0.6)  # both tasks above it (0.75, 0.625)
+        assert not caplog.records
+        warn_if_imprecise(estimate, 0.7)  # Task B below it, Task A not
+    (record,) = caplog.records
+    message = record.getMessage()
+    assert "\n" not in message and "pseudolabel.min_precision=0.7" in message
+    assert "Task B 0.625 (5/8, 95% CI 0.306-0.863)" in message and "Task A" not in message
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="aigid.stages.pseudolabel"):
+        warn_if_imprecise(estimate_precision(validation, pred, np.arange(0)), 0.5)
+    assert ["keeps none of the 10 validation rows" in r.getMessage() for r in caplog.records] == [True]

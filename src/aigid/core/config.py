@@ -147,6 +147,12 @@ class Pseudolabel(Group):
     )
     validation_fraction: float = Field(gt=0, lt=1, description="share of kept captions that go to validation")
     batch_size: int = Field(ge=1)
+    min_precision: float = Field(
+        ge=0,
+        le=1,
+        description="a warning when the estimated share of right kept labels (the keep rule on the labelled "
+        "validation split) falls below this, on either task; 0 never warns",
+    )
 
 
 class Verdict(Group):

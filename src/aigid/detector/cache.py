@@ -3,6 +3,11 @@
 :func:`compute_features` writes it (the `features` stage), with a ``features.json`` marker saying what was
 cached; training and pseudo-labelling read it (:func:`open_features`, :class:`FeatureRows`,
 :class:`FeatureCollator`) and run only the fusion layer and the heads on it (:func:`predict_from_features`).
+
+Evaluation caches features per batch instead (:func:`predict_grid`): every condition of its grid (the images
+perturbed, the captions blanked) is scored in one pass over the rows, each caption encoded once for all of
+them, and detectors whose encoders are the same (:func:`shares_encoders`: frozen-encoder training) run their
+heads on features encoded once.
 """
 
 from __future__ import annotations
@@ -10,7 +15,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import sys
 import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +26,11 @@ import pyarrow as pa
 import torch
 from datasets import Dataset, DatasetDict
 
-from aigid.core.data import DataError, open_dataset, save_dataset
+from aigid.core.data import Collator, DataError, open_dataset, save_dataset
 from aigid.core.errors import choice
-from aigid.detector.infer import RunOptions, iter_features
-from aigid.detector.model import FUSIONS, build_detector
-from aigid.detector.runtime import configure
+from aigid.detector.infer import RunOptions, caption_order, iter_features
+from aigid.detector.model import FUSIONS, Loaded, build_detector
+from aigid.detector.runtime import autocast, configure, device
 
 log = logging.getLogger(__name__)
 MARKER = "features.json"
@@ -113,7 +121,7 @@ def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) 
         ("real", "ai"),
         precision=params.inference.precision,
     )
-    options = RunOptions(params.features.batch_size, params.train.num_workers)
+    options = RunOptions(params.features.batch_size, params.train.num_workers, progress=True)
     tokens = choice(FUSIONS, params.model.fusion, "model.fusion").tokens
     splits = {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -241,3 +249,117 @@ def predict_from_features(model, feats: Dataset, batch_size: int = 4096) -> tupl
         logits_a.append(out.logits_a.float().numpy())
         logits_b.append(out.logits_b.float().numpy())
     return np.concatenate(logits_a), np.concatenate(logits_b)
+
+
+@dataclass(frozen=True)
+class Condition:
+    """One way the rows are shown to a detector in :func:`predict_grid`: each decoded image through ``perturb``
+    first (None: as stored), every caption replaced by "" with ``blank``."""
+
+    name: str
+    perturb: Callable | None = None
+    blank: bool = False
+
+
+def shares_encoders(a: Loaded, b: Loaded) -> bool:
+    """Whether two detectors turn every input into the same features: the same tokenizer, image processor,
+    caption length, precision, text feature ([CLS] or every token) and encoder weights, as frozen-encoder
+    training leaves them (train and retrain start from the same encoders and never change them)."""
+    ma, mb = a.model, b.model
+    same = (
+        a.precision == b.precision
+        and ma.config.max_text_length == mb.config.max_text_length
+        and ma.fusion.tokens == mb.fusion.tokens
+        and ma.config.text_encoder_config == mb.config.text_encoder_config
+        and ma.config.vision_encoder_config == mb.config.vision_encoder_config
+        and a.processor.to_dict() == b.processor.to_dict()
+        and _tokenizer_state(a.tokenizer) == _tokenizer_state(b.tokenizer)
+    )
+    if not same:
+        return False
+    for encoder_a, encoder_b in ((ma.text_encoder, mb.text_encoder), (ma.vision_encoder, mb.vision_encoder)):
+        wa, wb = encoder_a.state_dict(), encoder_b.state_dict()
+        if wa.keys() != wb.keys() or not all(torch.equal(wa[k], wb[k]) for k in wa):
+            return False
+    return True
+
+
+def _tokenizer_state(tokenizer) -> tuple:
+    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its whole pipeline, as JSON
+    return type(tokenizer).__name__, backend.to_str() if backend is not None else tokenizer.get_vocab()
+
+
+@torch.inference_mode()
+def predict_grid(
+    detectors: dict[str, Loaded], dataset, conditions: list[Condition], options: RunOptions, desc: str = "scoring"
+) -> dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]:
+    """Head A and head B logits of every detector under every condition, for every row in the dataset's order:
+    ``out[condition.name][detector name]``, float32 numpy. One pass over the rows, in batches visited in
+    caption order as :func:`aigid.detector.infer.predict_logits` visits them: per batch, the captions are encoded
+    once (and once blanked, where a condition blanks them), the images once per condition that perturbs them,
+    and each detector's fusion and heads read those features. The same numbers as one
+    :func:`~aigid.detector.infer.predict_logits` pass per detector and condition: the same batches go through
+    the same encoders. Several detectors must share their encoders (:func:`shares_encoders`): the first one's
+    encode for all. A progress bar counts the rows on stderr (``options.progress``)."""
+    from torch.utils.data import DataLoader, Subset
+    from tqdm import tqdm
+
+    first = next(iter(detectors.values()))
+    if any(not shares_encoders(first, other) for other in list(detectors.values())[1:]):
+        raise ValueError("predict_grid: the detectors do not share their encoders; score them one at a time")
+    dev = device()
+    encoder = first.model.to(dev).eval()
+    heads = {name: d.model.to(dev).eval() for name, d in detectors.items()}
+    tokens = encoder.fusion.tokens
+    length = encoder.config.max_text_length
+    collators = {c.name: Collator(first.tokenizer, first.processor, length, perturb=c.perturb) for c in conditions}
+    order = caption_order(dataset)
+    loader = DataLoader(
+        Subset(dataset, order.tolist()),
+        batch_size=options.batch_size,
+        shuffle=False,
+        num_workers=options.num_workers,
+        collate_fn=list,  # the rows: each condition's inputs are made from them in turn, so one is in memory
+    )
+    chunks = {c.name: {name: ([], []) for name in detectors} for c in conditions}
+    bar = tqdm(total=len(dataset), desc=desc, unit="image", file=sys.stderr, disable=not options.progress)
+    with bar, autocast(dev, first.precision):
+        for rows in loader:
+            captions = collators[conditions[0].name](rows)  # the captions' inputs (and the first condition's images)
+            texts = {False: captions}
+            if any(c.blank for c in conditions):
+                texts[True] = collators[conditions[0].name]([{**row, "Caption": ""} for row in rows])
+            encoded = {
+                blank: encoder.encode_text(
+                    inputs["input_ids"].to(dev), inputs["attention_mask"].to(dev), _optional(inputs, dev), tokens
+                )
+                for blank, inputs in texts.items()
+            }
+            images: dict = {}
+            for c in conditions:
+                if c.perturb not in images:
+                    pixels = captions["pixel_values"] if c is conditions[0] else collators[c.name].images(rows)
+                    images[c.perturb] = encoder.vision_encoder(pixel_values=pixels.to(dev)).pooler_output
+                mask = texts[c.blank]["attention_mask"].to(dev) if tokens else None
+                for name, model in heads.items():
+                    out = model(text_features=encoded[c.blank], image_features=images[c.perturb], text_mask=mask)
+                    chunks[c.name][name][0].append(out.logits_a.float().cpu().numpy())
+                    chunks[c.name][name][1].append(out.logits_b.float().cpu().numpy())
+            bar.update(len(rows))
+    return {
+        condition: {name: tuple(_in_order(parts, order) for parts in pair) for name, pair in per_model.items()}
+        for condition, per_model in chunks.items()
+    }
+
+
+def _optional(inputs: dict, dev) -> torch.Tensor | None:
+    token_type_ids = inputs.get("token_type_ids")
+    return None if token_type_ids is None else token_type_ids.to(dev)
+
+
+def _in_order(parts: list[np.ndarray], order: np.ndarray) -> np.ndarray:
+    """Batches visited in ``order``, concatenated and put back in the dataset's order."""
+    values = np.concatenate(parts)
+    restored = np.empty_like(values)
+    restored[order] = values
+    return restored

@@ -153,6 +153,11 @@ class Detector(PreTrainedModel):
         """Text ([CLS], or with ``tokens`` every token's feature) and image (pooled) features, the encoders'
         whole contribution. ``share_captions=False`` encodes every row's caption, for a graph without
         data-dependent shapes (the ONNX export)."""
+        text = self.encode_text(input_ids, attention_mask, token_type_ids, tokens, share_captions)
+        return text, self.vision_encoder(pixel_values=pixel_values).pooler_output
+
+    def encode_text(self, input_ids, attention_mask, token_type_ids=None, tokens=False, share_captions=True):
+        """The text half of :meth:`encode`: each row's caption feature ([CLS], or every token's)."""
         if share_captions:  # the images of a caption share it: BERT reads each distinct caption of the batch once
             unique, inverse = torch.unique(input_ids, dim=0, return_inverse=True)
             first = torch.full((len(unique),), len(input_ids), device=input_ids.device).scatter_reduce(
@@ -165,8 +170,7 @@ class Detector(PreTrainedModel):
             attention_mask=attention_mask[first],
             token_type_ids=None if token_type_ids is None else token_type_ids[first],
         ).last_hidden_state
-        image = self.vision_encoder(pixel_values=pixel_values).pooler_output
-        return (text if tokens else text[:, 0])[inverse], image  # [:, 0]: [CLS]
+        return (text if tokens else text[:, 0])[inverse]  # [:, 0]: [CLS]
 
     def forward(
         self,

@@ -78,8 +78,31 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> list[str]:
     return lines + ["| " + " | ".join(_num(v) for v in row) + " |" for row in rows]
 
 
-def model_card(name: str, model_dir: Path, result: dict, data_digest: str, test_rows: int) -> str:
-    """The card of the detector in ``model_dir`` from its evaluate result (``report[<model>]``)."""
+def _against_base(comparison: dict) -> list[str]:
+    """The retrained model beside the base one (pseudo-labelled additions against none), with the difference's
+    bootstrap interval: an interval wholly below 0 means retraining hurt on this test split."""
+    level = f"{100 * comparison['confidence']:g}%"
+    rows = [
+        (metric, m["base"], m["retrained"], m["difference"], f"[{_num(m['ci_low'])}, {_num(m['ci_high'])}]")
+        for metric, m in comparison["metrics"].items()
+    ]
+    return [
+        "## Retrained against base (test split)",
+        "",
+        f"The base model (labelled data only) and this one (retrained with pseudo-labels) on the same test rows; "
+        f"difference = retrained - base, with its {level} interval from a paired bootstrap of the rows "
+        f"({comparison['rounds']} resamples, seed {comparison['seed']}). An interval below 0: retraining hurt.",
+        "",
+        *_table(("metric", "base", "retrained", "difference", f"{level} interval"), rows),
+        "",
+    ]
+
+
+def model_card(
+    name: str, model_dir: Path, result: dict, data_digest: str, test_rows: int, comparison: dict | None = None
+) -> str:
+    """The card of the detector in ``model_dir`` from its evaluate result (``report[<model>]``) and, where given,
+    its comparison with the base model it was retrained from (the report's ``retrained_vs_base``)."""
     scoring = json.loads((Path(model_dir) / SCORING_FILE).read_text())
     config = json.loads((Path(model_dir) / "config.json").read_text())
     trained_on, cal, verdict = scoring["trained_on"], result["calibration"], result["verdict"]
@@ -154,6 +177,8 @@ def model_card(name: str, model_dir: Path, result: dict, data_digest: str, test_
         ),
         "",
     ]
+    if comparison is not None:
+        lines += _against_base(comparison)
     fc = result["format_control"]
     lines += [
         f"Format control: every test image re-encoded as JPEG at quality {fc['jpeg_quality']}: Task A weighted F1 "

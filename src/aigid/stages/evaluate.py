@@ -25,17 +25,20 @@ from aigid.core import stage
 from aigid.core.data import FILE_FORMATS, file_format, open_dataset
 from aigid.core.errors import DataError, ParamsError, choice
 from aigid.core.files import write_json, write_text
-from aigid.detector.infer import RunOptions, predict_logits
-from aigid.detector.model import load_detector
+from aigid.detector.cache import Condition, predict_grid, shares_encoders
+from aigid.detector.infer import RunOptions
+from aigid.detector.model import Loaded, load_detector
 from aigid.detector.runtime import configure
 from aigid.detector.scores import SCORING_FILE, Scoring, decide
 from aigid.serving.card import model_card
 from aigid.serving.registry import Extras, log_report, register
 from aigid.tracking.metrics import (
+    COMPARISON,
     calibration,
     confusion_rows,
     curve_rows,
     headline,
+    paired_bootstrap,
     ranking_scores,
     rates_at,
     score,
@@ -95,7 +98,7 @@ def run(params, paths: Paths) -> dict:
         )
         log_report(report, parent=True)
         name = params.mlflow.registered_model
-        card = model_card(name, paths.retrained, report["retrained"], digest, len(data["test"]))
+        card = model_card(name, paths.retrained, report["retrained"], digest, len(data["test"]), report.get(COMPARISON))
         threshold = report["retrained"]["operating_point"]["threshold"]
         register(paths.retrained, name, threshold, data["test"], Extras(paths.portable, card))
     write_text(paths.card, card)
@@ -175,31 +178,23 @@ def perturbations(params) -> list[Perturbation]:
     return grid
 
 
-def blank_captions(ds):
-    return ds.remove_columns("Caption").add_column("Caption", [""] * len(ds))
-
-
-def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precision: str = "auto") -> tuple[dict, dict]:
-    detector = load_detector(model_dir, precision)
-    rule = Scoring.load(model_dir)
-    if not rule.fitted:
-        raise DataError(f"{model_dir}: no {SCORING_FILE}; a model written by this version of train/retrain has one")
-    model = detector.model
+def evaluate_model(
+    model_dir: Path, model, rule: Scoring, data, params, grid: dict, val_logits: tuple
+) -> tuple[dict, dict]:
+    """The scores of one model (its :func:`load_rule`) from its logits on the test split under each condition of
+    :func:`conditions` (``grid[condition]``) and on the validation rows its rule was fitted on."""
     names = tuple(model.config.class_names)
     test, validation = data["test"], data["validation"]
     labels_a, labels_b = np.asarray(test["Label_A"]), np.asarray(test["Label_B"])
 
-    def logits(ds, perturb=None):
-        return predict_logits(detector, ds, RunOptions(params.batch_size, num_workers, perturb=perturb))
-
-    def predict(ds, perturb=None):  # labels at P(AI) 0.5, where the temperature changes none
-        return rule.decide(*logits(ds, perturb), threshold=0.5)
+    def predict(condition: str):  # labels at P(AI) 0.5, where the temperature changes none
+        return rule.decide(*grid[condition], threshold=0.5)
 
     def scores(pred) -> dict:
         return score(labels_a, labels_b, pred.label_a, pred.label_b, names)
 
-    test_logits = logits(test)
-    pred = rule.decide(*test_logits, threshold=0.5)
+    test_logits = grid[CLEAN]
+    pred = predict(CLEAN)
     prob_ai = pred.prob_ai
     result = {**scores(pred), **ranking_scores(labels_a, prob_ai)}
     result["calibration"], reliability = calibration(labels_a, prob_ai)
@@ -213,11 +208,9 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precisio
         "reliability_uncalibrated": raw_reliability,
     }
     fitted_on = _without(validation, names, getattr(model.config, "holdout", "none"))  # as train fitted the rule
-    result["operating_point"], result["verdict"] = model_rule(
-        model_dir, rule, logits(fitted_on), fitted_on, test_logits, test
-    )
+    result["operating_point"], result["verdict"] = model_rule(model_dir, rule, val_logits, fitted_on, test_logits, test)
 
-    blank = predict(blank_captions(test))
+    blank = predict(BLANK)
     result["captions"] = {
         "with": _summary(result),
         "without": {**_summary(scores(blank)), **ranking_scores(labels_a, blank.prob_ai)},
@@ -225,11 +218,11 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precisio
     result["captions"]["with"].update(roc_auc=result["roc_auc"], average_precision=result["average_precision"])
 
     quality = params.format_control_quality
-    result["format_control"] = format_control(test, pred, predict(test, Perturbation("jpeg", quality)), quality, names)
+    result["format_control"] = format_control(test, pred, predict(FORMAT_CONTROL), quality, names)
 
     robustness = {"clean": _condition(result)}
     for perturb in perturbations(params):
-        robustness[perturb.name] = _condition(scores(predict(test, perturb)))
+        robustness[perturb.name] = _condition(scores(predict(perturb.name)))
     result["robustness"] = robustness
     plots["robustness"] = [
         {"condition": c, "f1_a": r["task_a_f1_weighted"], "f1_b": r["task_b_f1_weighted"]}
@@ -246,6 +239,37 @@ def evaluate_model(model_dir: Path, data, params, num_workers: int = 0, precisio
         seen = result["per_class"].get(holdout, {"n": 0, "task_a_recall": None})
         result["unseen_generator"] = {"name": holdout, "n": seen["n"], "detection_rate": seen["task_a_recall"]}
     return result, plots
+
+
+def load_rule(model_dir: Path) -> Scoring:
+    rule = Scoring.load(model_dir)
+    if not rule.fitted:
+        raise DataError(f"{model_dir}: no {SCORING_FILE}; a model written by this version of train/retrain has one")
+    return rule
+
+
+# The test split's conditions besides the robustness grid's (named by their perturbation).
+CLEAN, BLANK, FORMAT_CONTROL = "clean", "captions_blank", "format_control"
+
+
+def conditions(params) -> list[Condition]:
+    """Every way evaluate shows the test split to a model: as stored, captions blanked, the format-controlled
+    copy, then the robustness grid."""
+    return [
+        Condition(CLEAN),
+        Condition(BLANK, blank=True),
+        Condition(FORMAT_CONTROL, Perturbation("jpeg", params.format_control_quality)),
+        *(Condition(p.name, p) for p in perturbations(params)),
+    ]
+
+
+def encoder_groups(detectors: dict[str, Loaded]) -> list[list[str]]:
+    """The models in groups that share their encoders (:func:`aigid.detector.cache.shares_encoders`), in order."""
+    groups: list[list[str]] = []
+    for name, detector in detectors.items():
+        group = next((g for g in groups if shares_encoders(detectors[g[0]], detector)), None)
+        group.append(name) if group is not None else groups.append([name])
+    return groups
 
 
 def _without(ds, names: tuple[str, ...], holdout: str):
@@ -321,10 +345,49 @@ def evaluate(
     models: dict[str, Path], data, params, contaminated: bool, num_workers: int = 0, precision: str = "auto"
 ) -> tuple[dict, dict]:
     """Scores of each named model on the test split of ``data`` (the prepared DatasetDict), and rows for the
-    plots (confusion, ROC, PR, robustness)."""
+    plots (confusion, ROC, PR, robustness).
+
+    Every condition of the test split is scored in one pass per group of models that share their encoders
+    (frozen-encoder training: base and retrained): the encoders run once per row and condition for the group,
+    each model's heads read their features (:func:`aigid.detector.cache.predict_grid`)."""
     metrics: dict = {"test_rows": len(data["test"]), "contaminated": contaminated}
+    detectors = {name: load_detector(path, precision) for name, path in models.items()}
+    rules = {name: load_rule(path) for name, path in models.items()}
+    grid, validation = {}, {}
+    options = RunOptions(params.batch_size, num_workers, progress=True)
+    test_conditions = conditions(params)
+    for group in encoder_groups(detectors):
+        members = {name: detectors[name] for name in group}
+        scored = predict_grid(
+            members,
+            data["test"],
+            test_conditions,
+            options,
+            f"test: {len(test_conditions)} conditions, {' + '.join(group)}",
+        )
+        for name in group:
+            grid[name] = {condition: scored[condition][name] for condition in scored}
+        # The validation rows each model's rule was fitted on (a held-out generator's left out).
+        for holdout in dict.fromkeys(getattr(detectors[name].model.config, "holdout", "none") for name in group):
+            of = [name for name in group if getattr(detectors[name].model.config, "holdout", "none") == holdout]
+            names = tuple(detectors[of[0]].model.config.class_names)
+            rows = _without(data["validation"], names, holdout)
+            scored = predict_grid({n: detectors[n] for n in of}, rows, [Condition(CLEAN)], options, "validation")
+            validation.update({name: scored[CLEAN][name] for name in of})
     plots = {}
     for name, path in models.items():
-        metrics[name], model_plots = evaluate_model(path, data, params, num_workers, precision)
+        model = detectors[name].model
+        metrics[name], model_plots = evaluate_model(
+            path, model, rules[name], data, params, grid[name], validation[name]
+        )
         plots.update({f"{key}_{name}": rows for key, rows in model_plots.items()})
+    if {"base", "retrained"} <= set(models):
+        test = data["test"]
+        pred = {name: rules[name].decide(*grid[name][CLEAN], threshold=0.5) for name in ("base", "retrained")}
+        metrics[COMPARISON] = paired_bootstrap(
+            test["Label_A"],
+            test["Label_B"],
+            *((p.prob_ai, p.label_a, p.label_b) for p in pred.values()),
+            len(detectors["base"].model.config.class_names),
+        )
     return metrics, plots

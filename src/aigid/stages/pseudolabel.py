@@ -6,11 +6,18 @@ A sample passes when its Task A confidence max(p, 1 - p) AND its Task B confiden
 the class mix of the labelled train split (a model confident on some generators and not on real images would
 otherwise add mostly the former). The kept samples are split 8:2 (by caption) into train/validation additions
 for `retrain`.
+
+How often are the kept labels right? The same rule applied to the labelled validation split says it with its
+labels (:func:`estimate_precision`: the share of right labels among the validation rows it keeps, per task,
+with a Wilson interval); below ``pseudolabel.min_precision`` on either task the stage warns (it never fails).
+The estimate holds for a pool like the validation split: a pool of another source can be far worse, which only
+the pool's own labels, where known, show (``precision_a``, ``precision_b``).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,7 +46,17 @@ PARAMS = (
     "compute",
     "mlflow",
 )
-HEADLINE = ("kept", "kept_fraction", "precision_a", "precision_b")  # the DVC metrics; the rest: the report
+# The DVC metrics; the rest: the report.
+HEADLINE = (
+    "kept",
+    "kept_fraction",
+    "precision_a",
+    "precision_b",
+    "estimated_precision_a",
+    "estimated_precision_b",
+    "estimated_kept",
+)
+CONFIDENCE, Z = 0.95, 1.959963984540054  # the Wilson interval's level and its normal quantile
 
 
 @dataclass(frozen=True)
@@ -114,16 +131,29 @@ def pseudolabel(params, paths: Paths) -> dict:
             f"{paths.data}: no '{q.pool}' split to pseudo-label (splits: {', '.join(data)}); "
             f"set pseudolabel.pool to one of them"
         )
+    if "validation" not in data:
+        raise DataError(
+            f"{paths.data}: no 'validation' split (splits: {', '.join(data)}); pseudolabel applies its rule to it "
+            "to estimate how many kept labels are right"
+        )
     ds = data[q.pool]
-    log_data(paths.data, data, {q.pool: "pool"})
-    pred, names = _label_pool(params, paths, ds)
+    log_data(paths.data, data, {q.pool: "pool", "validation": "validation"})
+    detector = load_detector(paths.model, params.inference.precision)
+    names = tuple(detector.model.config.class_names)
+    mix = np.bincount(np.asarray(data["train"]["Label_B"]), minlength=len(names)) / len(data["train"])
+
+    def keep_rule(pred: Decision) -> tuple[np.ndarray, np.ndarray | None]:
+        if q.selection == "class_balanced":
+            return select_class_balanced(pred.conf_a, pred.conf_b, pred.label_b, threshold, mix)
+        return select_confident(pred.conf_a, pred.conf_b, threshold), None
+
+    pred = _label(params, paths, detector, ds, q.pool)
     passed = select_confident(pred.conf_a, pred.conf_b, threshold)
-    quotas = None
-    if q.selection == "class_balanced":
-        mix = np.bincount(np.asarray(data["train"]["Label_B"]), minlength=len(names)) / len(data["train"])
-        keep, quotas = select_class_balanced(pred.conf_a, pred.conf_b, pred.label_b, threshold, mix)
-    else:
-        keep = passed
+    keep, quotas = keep_rule(pred)
+    validation = data["validation"]
+    on_validation = _label(params, paths, detector, validation, "validation")
+    estimate = estimate_precision(validation, on_validation, keep_rule(on_validation)[0])
+    warn_if_imprecise(estimate, q.min_precision)
     if len(keep) == 0:
         log.warning(
             "no '%s' sample kept (threshold=%s, selection=%s): retrain will see the original data only",
@@ -156,22 +186,85 @@ def pseudolabel(params, paths: Paths) -> dict:
         "train_rows": len(train_part),
         "validation_rows": len(val_part),
         **label_quality(ds, pred, passed, keep, names, quotas),
+        "estimated_precision_a": estimate["task_a"]["precision"],
+        "estimated_precision_b": estimate["task_b"]["precision"],
+        "estimated_kept": estimate["kept"],
+        "estimate": estimate,
     }
 
 
-def _label_pool(params, paths: Paths, ds) -> tuple[Decision, tuple[str, ...]]:
-    """The model's decisions on the pool, from its images and captions or, in frozen-encoder mode, from their
-    cached features; and its class names."""
-    detector = load_detector(paths.model, params.inference.precision)
+def _label(params, paths: Paths, detector, ds, split: str) -> Decision:
+    """The model's decisions on a split, from its images and captions or, in frozen-encoder mode, from their
+    cached features."""
     model = detector.model
     if params.train.freeze_encoders:
-        pool = open_features(paths.features, model.config.fusion)[params.pseudolabel.pool]
-        logits_a, logits_b = predict_from_features(model, pool)
+        feats = open_features(paths.features, model.config.fusion)[split]
+        logits_a, logits_b = predict_from_features(model, feats)
     else:
-        options = RunOptions(params.pseudolabel.batch_size, params.train.num_workers)
+        options = RunOptions(params.pseudolabel.batch_size, params.train.num_workers, progress=True)
         logits_a, logits_b = predict_logits(detector, ds, options)
     # The paper's confidences: the raw sigmoid and softmax, not the model's calibrated P(AI) (its scoring.json).
-    return decide(logits_a, logits_b), model.config.class_names
+    return decide(logits_a, logits_b)
+
+
+def wilson(correct: int, n: int, z: float = Z) -> tuple[float, float] | tuple[None, None]:
+    """The Wilson score interval of a proportion ``correct`` of ``n`` (None, None when n is 0)."""
+    if n == 0:
+        return None, None
+    p = correct / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (centre - half) / (1 + z * z / n), (centre + half) / (1 + z * z / n)
+
+
+def estimate_precision(validation, pred: Decision, keep: np.ndarray) -> dict:
+    """How often the kept labels are right, estimated on the labelled ``validation`` rows the keep rule keeps
+    (``keep``, from the model's decisions ``pred`` on them): per task the share of right labels with its Wilson
+    interval (None where it keeps none)."""
+    out: dict = {
+        "split": "validation",
+        "rows": len(validation),
+        "kept": int(len(keep)),
+        "confidence": CONFIDENCE,
+        "interval": "wilson",
+    }
+    for task, column, label in (("task_a", "Label_A", pred.label_a), ("task_b", "Label_B", pred.label_b)):
+        correct = int((label[keep] == np.asarray(validation[column])[keep]).sum())
+        low, high = wilson(correct, len(keep))
+        out[task] = {
+            "correct": correct,
+            "precision": correct / len(keep) if len(keep) else None,
+            "ci_low": low,
+            "ci_high": high,
+        }
+    return out
+
+
+def warn_if_imprecise(estimate: dict, min_precision: float) -> None:
+    """One warning line when a task's estimated precision is below ``min_precision`` or, with a floor set, when
+    the rule keeps no validation row (nothing to estimate from)."""
+    if min_precision <= 0:
+        return
+    if estimate["kept"] == 0:
+        log.warning(
+            "pseudo-label precision unknown: the keep rule keeps none of the %d validation rows "
+            "(pseudolabel.min_precision=%s)",
+            estimate["rows"],
+            min_precision,
+        )
+        return
+    low = [
+        f"Task {task[-1].upper()} {e['precision']:.3f} ({e['correct']}/{estimate['kept']}, "
+        f"{100 * estimate['confidence']:g}% CI {e['ci_low']:.3f}-{e['ci_high']:.3f})"
+        for task in ("task_a", "task_b")
+        if (e := estimate[task])["precision"] < min_precision
+    ]
+    if low:
+        log.warning(
+            "pseudo-labels estimated below pseudolabel.min_precision=%s on the validation split: %s; "
+            "retrain may learn wrong labels",
+            min_precision,
+            "; ".join(low),
+        )
 
 
 def labelled_rows(ds, pred: Decision, keep: np.ndarray):

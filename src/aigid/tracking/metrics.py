@@ -150,7 +150,8 @@ def rates_at(labels_a, prob_ai, threshold: float) -> dict[str, float]:
 
 def headline(report: dict) -> dict:
     """The few numbers of an evaluate report compared across experiments (``dvc exp show``), nested per model
-    as in the report."""
+    as in the report, and retrained against base (:func:`paired_bootstrap`: each metric's difference and its
+    interval)."""
     out: dict = {"contaminated": report["contaminated"]}
     for model in MODELS:
         flat = flatten(report[model])
@@ -158,4 +159,76 @@ def headline(report: dict) -> dict:
         for key in HEADLINE:
             group, _, name = key.rpartition(".")
             (out[model].setdefault(group, {}) if group else out[model])[name] = flat[key]
+    if COMPARISON in report:
+        out[COMPARISON] = {
+            metric: {k: v[k] for k in ("difference", "ci_low", "ci_high")}
+            for metric, v in report[COMPARISON]["metrics"].items()
+        }
     return out
+
+
+COMPARISON = "retrained_vs_base"  # the key of :func:`paired_bootstrap`'s result in the evaluate report
+BOOTSTRAP_ROUNDS, BOOTSTRAP_SEED, CONFIDENCE = 1000, 0, 0.95
+
+
+def weighted_f1(y_true, y_pred, n_classes: int, weights=None) -> float:
+    """F1 per class over classes 0..n_classes-1 averaged by their support (scikit-learn's ``average="weighted"``
+    with ``zero_division=0``), each row counted ``weights`` times (a bootstrap resample's counts)."""
+    cm = np.bincount(
+        np.asarray(y_true) * n_classes + np.asarray(y_pred), weights=weights, minlength=n_classes * n_classes
+    ).reshape(n_classes, n_classes)
+    support, predicted, right = cm.sum(axis=1), cm.sum(axis=0), np.diag(cm)
+    f1 = np.divide(2 * right, support + predicted, out=np.zeros(n_classes), where=support + predicted > 0)
+    return float((f1 * support).sum() / support.sum())
+
+
+def paired_bootstrap(
+    labels_a, labels_b, base, retrained, n_classes: int, rounds: int = BOOTSTRAP_ROUNDS, seed: int = BOOTSTRAP_SEED
+) -> dict:
+    """Retrained against base on the same test rows: Task A ROC AUC and both tasks' weighted F1 of each, the
+    difference (retrained - base) and its percentile interval at :data:`CONFIDENCE` over ``rounds`` resamples of
+    the rows (the same rows for both models: a paired bootstrap, seeded). ``base`` and ``retrained`` are each
+    model's (P(AI), Task A labels, Task B labels) on the rows. An interval below 0 says retraining hurt; one
+    across 0, that this test split cannot tell. Resamples holding one Task A class only have no ROC AUC and
+    are left out of its interval (``rounds_used``)."""
+    labels_a, labels_b = np.asarray(labels_a), np.asarray(labels_b)
+    n = len(labels_a)
+
+    def metrics(model, weights=None) -> dict[str, float]:
+        prob_ai, pred_a, pred_b = (np.asarray(v) for v in model)
+        one_class = weights is not None and min(weights[labels_a == 0].sum(), weights[labels_a == 1].sum()) == 0
+        return {
+            "task_a_roc_auc": np.nan if one_class else float(roc_auc_score(labels_a, prob_ai, sample_weight=weights)),
+            "task_a_f1_weighted": weighted_f1(labels_a, pred_a, 2, weights),
+            "task_b_f1_weighted": weighted_f1(labels_b, pred_b, n_classes, weights),
+        }
+
+    rng = np.random.default_rng(seed)
+    differences: dict[str, list[float]] = {}
+    for _ in range(rounds):
+        weights = np.bincount(rng.integers(0, n, n), minlength=n).astype(float)
+        b, r = metrics(base, weights), metrics(retrained, weights)
+        for key in b:
+            differences.setdefault(key, []).append(r[key] - b[key])
+    point_b, point_r = metrics(base), metrics(retrained)
+    tail = 100 * (1 - CONFIDENCE) / 2
+    out = {}
+    for key, values in differences.items():
+        values = np.asarray(values)
+        values = values[~np.isnan(values)]
+        low, high = np.percentile(values, [tail, 100 - tail]) if len(values) else (None, None)
+        out[key] = {
+            "base": point_b[key],
+            "retrained": point_r[key],
+            "difference": point_r[key] - point_b[key],
+            "ci_low": None if low is None else float(low),
+            "ci_high": None if high is None else float(high),
+            "rounds_used": int(len(values)),
+        }
+    return {
+        "method": "paired bootstrap over the test rows (percentile interval)",
+        "rounds": rounds,
+        "seed": seed,
+        "confidence": CONFIDENCE,
+        "metrics": out,
+    }
