@@ -252,3 +252,13 @@ def test_the_github_workflow_runs_the_ci_script():
     runs = [s["run"] for s in steps if "run" in s]
     assert any(r.strip() == "bash .ci/run" for r in runs)
     assert not any(word in r for r in runs for word in ("pytest", "dvc repro", "pip install", "ruff"))
+
+
+def test_no_function_is_longer_than_60_lines():
+    """A function reads in one screen: past 60 lines (its signature and docstring included) it is split."""
+    long = []
+    for file in sorted((SRC / "aigid").rglob("*.py")):
+        for node in ast.walk(ast.parse(file.read_text())):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and node.end_lineno - node.lineno >= 60:
+                long.append(f"{file.relative_to(SRC)}:{node.lineno} {node.name}: {node.end_lineno - node.lineno + 1}")
+    assert long == []

@@ -105,8 +105,7 @@ def model_card(
     its comparison with the base model it was retrained from (the report's ``retrained_vs_base``)."""
     scoring = json.loads((Path(model_dir) / SCORING_FILE).read_text())
     config = json.loads((Path(model_dir) / "config.json").read_text())
-    trained_on, cal, verdict = scoring["trained_on"], result["calibration"], result["verdict"]
-    source = trained_on["source"]
+    trained_on = scoring["trained_on"]
     lines = [
         f"# {name}",
         "",
@@ -117,15 +116,28 @@ def model_card(
     ]
     if trained_on.get("synthetic"):
         lines += [f"**Warning: {DEMO_NOTICE}.**", ""]
-    lines += [
+    lines += [*_training_data(trained_on, data_digest, test_rows), *_results(result), *_verdict(result)]
+    if comparison is not None:
+        lines += _against_base(comparison)
+    lines += [*_controls(result), *_limits(config, trained_on)]
+    return _metadata(name, trained_on["source"], result) + "\n" + "\n".join(lines)
+
+
+def _training_data(trained_on: dict, data_digest: str, test_rows: int) -> list[str]:
+    return [
         "## Training data",
         "",
-        f"- Source: `{source}`; prepared data's DVC hash `{data_digest}`.",
+        f"- Source: `{trained_on['source']}`; prepared data's DVC hash `{data_digest}`.",
         f"- Rows: {trained_on['rows']['train']} train, {trained_on['rows']['validation']} validation "
         f"(pseudo-labelled additions included); {test_rows} test.",
         "- Training params: "
         + ", ".join(f"`{k}={v}`" for k, v in sorted(trained_on["params"].items()) if not k.startswith("train.num")),
         "",
+    ]
+
+
+def _results(result: dict) -> list[str]:
+    return [
         "## Results on the test split (labels at P(AI) 0.5)",
         "",
         *_table(
@@ -146,6 +158,12 @@ def model_card(
             [(c, r["n"], r["task_a_recall"], r["task_b_recall"]) for c, r in result["per_class"].items()],
         ),
         "",
+    ]
+
+
+def _verdict(result: dict) -> list[str]:
+    cal, verdict = result["calibration"], result["verdict"]
+    return [
         "## Calibration and verdict",
         "",
         f"P(AI) is calibrated by temperature scaling on validation (T = {_num(cal['temperature'])}): expected "
@@ -158,12 +176,8 @@ def model_card(
         *_table(
             ("split", "decided", "accuracy of decided", "real called AI", "AI called real"),
             [
-                (
-                    s,
-                    verdict[f"{s}_coverage"],
-                    verdict[f"{s}_accuracy_decided"],
-                    verdict[f"{s}_fpr_verdict"],
-                    verdict[f"{s}_fnr_verdict"],
+                tuple(
+                    [s] + [verdict[f"{s}_{k}"] for k in ("coverage", "accuracy_decided", "fpr_verdict", "fnr_verdict")]
                 )
                 for s in ("validation", "test")
             ],
@@ -177,10 +191,11 @@ def model_card(
         ),
         "",
     ]
-    if comparison is not None:
-        lines += _against_base(comparison)
+
+
+def _controls(result: dict) -> list[str]:
     fc = result["format_control"]
-    lines += [
+    lines = [
         f"Format control: every test image re-encoded as JPEG at quality {fc['jpeg_quality']}: Task A weighted F1 "
         f"{_num(fc['task_a']['f1_weighted'])} (clean: {_num(result['task_a']['f1_weighted'])}).",
         "",
@@ -192,12 +207,15 @@ def model_card(
             f"of {u['n']} test images.",
             "",
         ]
+    return lines
+
+
+def _limits(config: dict, trained_on: dict) -> list[str]:
     generators = ", ".join(config["class_names"][1:])
     first = (
         DEMO_NOTICE[0].upper() + DEMO_NOTICE[1:]
         if trained_on.get("synthetic")
-        else f"Trained on `{source}` only: real images unlike its real ones, and generators other than "
-        f"{generators}, are outside what it learned"
+        else f"Trained on `{trained_on['source']}` only: real images unlike its real ones, and generators other "
+        f"than {generators}, are outside what it learned"
     )
-    lines += ["## Limits", "", f"- {first}.", *(f"- {limit}" for limit in LIMITS), ""]
-    return _metadata(name, source, result) + "\n" + "\n".join(lines)
+    return ["## Limits", "", f"- {first}.", *(f"- {limit}" for limit in LIMITS), ""]

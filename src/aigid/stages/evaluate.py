@@ -224,21 +224,28 @@ def evaluate_model(
     for perturb in perturbations(params):
         robustness[perturb.name] = _condition(scores(predict(perturb.name)))
     result["robustness"] = robustness
-    plots["robustness"] = [
-        {"condition": c, "f1_a": r["task_a_f1_weighted"], "f1_b": r["task_b_f1_weighted"]}
-        for c, r in robustness.items()
-    ]
-    plots["robustness_per_class"] = [
-        {"case": f"{c} / {g}", "condition": c, "class": g, "detection_rate": rate}
-        for c, r in robustness.items()
-        for g, rate in r["per_class"].items()
-    ]
+    plots.update(robustness_plots(robustness))
 
     holdout = getattr(model.config, "holdout", "none")
     if holdout != "none":
         seen = result["per_class"].get(holdout, {"n": 0, "task_a_recall": None})
         result["unseen_generator"] = {"name": holdout, "n": seen["n"], "detection_rate": seen["task_a_recall"]}
     return result, plots
+
+
+def robustness_plots(robustness: dict) -> dict[str, list[dict]]:
+    """The plot rows of the robustness grid: both tasks' F1 per condition, the detection rate per class."""
+    return {
+        "robustness": [
+            {"condition": c, "f1_a": r["task_a_f1_weighted"], "f1_b": r["task_b_f1_weighted"]}
+            for c, r in robustness.items()
+        ],
+        "robustness_per_class": [
+            {"case": f"{c} / {g}", "condition": c, "class": g, "detection_rate": rate}
+            for c, r in robustness.items()
+            for g, rate in r["per_class"].items()
+        ],
+    }
 
 
 def load_rule(model_dir: Path) -> Scoring:

@@ -125,17 +125,7 @@ def pseudolabel(params, paths: Paths) -> dict:
     """Label the pool split and write the confident samples. In frozen-encoder mode the model's heads read
     the pool's cached encoder features instead of running the encoders."""
     q, threshold = params.pseudolabel, params.threshold
-    data = open_dataset(paths.data)
-    if q.pool not in data:
-        raise DataError(
-            f"{paths.data}: no '{q.pool}' split to pseudo-label (splits: {', '.join(data)}); "
-            f"set pseudolabel.pool to one of them"
-        )
-    if "validation" not in data:
-        raise DataError(
-            f"{paths.data}: no 'validation' split (splits: {', '.join(data)}); pseudolabel applies its rule to it "
-            "to estimate how many kept labels are right"
-        )
+    data = prepared_splits(paths.data, q.pool)
     ds = data[q.pool]
     log_data(paths.data, data, {q.pool: "pool", "validation": "validation"})
     detector = load_detector(paths.model, params.inference.precision)
@@ -161,11 +151,7 @@ def pseudolabel(params, paths: Paths) -> dict:
             threshold,
             q.selection,
         )
-    kept = labelled_rows(ds, pred, keep)
-    if len(set(kept["caption_id"])) >= 2:
-        train_part, val_part = split_by_caption(kept, q.validation_fraction, params.seed)
-    else:  # nothing (or one caption) to split: it all goes to train
-        train_part, val_part = kept, kept.select([])
+    train_part, val_part = split_kept(labelled_rows(ds, pred, keep), q.validation_fraction, params.seed)
     save_dataset(DatasetDict(train=train_part, validation=val_part), paths.out)
     log.info(
         "kept %d of %d pool samples (%d above threshold %s, selection %s)",
@@ -191,6 +177,30 @@ def pseudolabel(params, paths: Paths) -> dict:
         "estimated_kept": estimate["kept"],
         "estimate": estimate,
     }
+
+
+def prepared_splits(path: Path, pool: str):
+    """The prepared splits, checked to hold the pool and the labelled validation split the estimate needs."""
+    data = open_dataset(path)
+    if pool not in data:
+        raise DataError(
+            f"{path}: no '{pool}' split to pseudo-label (splits: {', '.join(data)}); "
+            "set pseudolabel.pool to one of them"
+        )
+    if "validation" not in data:
+        raise DataError(
+            f"{path}: no 'validation' split (splits: {', '.join(data)}); pseudolabel applies its rule to it "
+            "to estimate how many kept labels are right"
+        )
+    return data
+
+
+def split_kept(kept, fraction: float, seed: int):
+    """The kept rows split by caption into train and validation additions (the paper's 8:2); with fewer than
+    two captions, all of them go to train."""
+    if len(set(kept["caption_id"])) >= 2:
+        return split_by_caption(kept, fraction, seed)
+    return kept, kept.select([])
 
 
 def _label(params, paths: Paths, detector, ds, split: str) -> Decision:
