@@ -18,6 +18,7 @@ import contextlib
 import functools
 import logging
 import os
+from pathlib import Path
 
 import torch
 
@@ -81,11 +82,17 @@ def device() -> torch.device:
 
 @functools.cache
 def cpu_has_bf16() -> bool:
-    """Whether oneDNN runs bf16 natively on this CPU (otherwise it is emulated, slower than float32)."""
-    try:
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # a torch build without the check
+    """Whether oneDNN runs bf16 natively on this CPU (otherwise it is emulated, slower than float32): the CPU's
+    own flags as Linux lists them (x86 ``avx512_bf16`` or ``amx_bf16``, Arm ``bf16``); False where they cannot
+    be read."""
+    if not torch.backends.mkldnn.is_available():
         return False
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    flags = {word for line in cpuinfo.splitlines() if line.startswith(("flags", "Features")) for word in line.split()}
+    return bool(flags & {"avx512_bf16", "amx_bf16", "bf16"})
 
 
 def _lower_dtype(dev: torch.device, precision: str) -> torch.dtype | None:
@@ -109,7 +116,15 @@ def autocast(dev: torch.device, precision: str = "auto"):
 
 # The layers whose weights autocast casts to its lower precision (torch's lists for CPU and CUDA hold linear and
 # the convolutions). Other parameters (embeddings, layer norms) stay float32, as autocast runs them.
-_AUTOCAST_LOWERED = (torch.nn.Linear, torch.nn.modules.conv._ConvNd)
+_AUTOCAST_LOWERED = (
+    torch.nn.Linear,
+    torch.nn.Conv1d,
+    torch.nn.Conv2d,
+    torch.nn.Conv3d,
+    torch.nn.ConvTranspose1d,
+    torch.nn.ConvTranspose2d,
+    torch.nn.ConvTranspose3d,
+)
 
 
 def weights_for(model: torch.nn.Module, dev: torch.device, precision: str) -> None:
