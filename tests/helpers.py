@@ -132,8 +132,7 @@ def export_portable(model_dir, out, captions=("a red circle", "two")):
     from PIL import Image
 
     from aigid.detector.model import load_detector
-    from aigid.serving.portable import Inputs
-    from aigid.stages.export import export_graph
+    from aigid.serving.portable import Inputs, write_graph
 
     detector = load_detector(model_dir)
     out.mkdir()
@@ -141,7 +140,7 @@ def export_portable(model_dir, out, captions=("a red circle", "two")):
         if (model_dir / name).is_file():
             (out / name).write_bytes((model_dir / name).read_bytes())
     example = Inputs(model_dir)([Image.new("RGB", (20, 20), "red")] * len(captions), list(captions))
-    export_graph(detector.model, example, out)
+    write_graph(detector.model, example, out)
     return detector
 
 

@@ -11,6 +11,7 @@ from aigid.core.config import ParamsError
 from aigid.training.trainer import (
     MARK,
     DropCaptions,
+    MarkComplete,
     drop_class,
     is_complete,
     per_process_batch,
@@ -90,11 +91,11 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
         )
         return fit(params, paths, checkpoint_dir=tmp_path / checkpoints)
 
-    save = Trainer._save_checkpoint
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save_then_die)
+    save = MarkComplete.on_save  # the first checkpoint is saved and marked complete, then the run dies
+    monkeypatch.setattr(MarkComplete, "on_save", save_then_die)
     with pytest.raises(Killed):
         run("killed", "ck")
-    monkeypatch.setattr(Trainer, "_save_checkpoint", save)
+    monkeypatch.setattr(MarkComplete, "on_save", save)
     (checkpoint,) = (tmp_path / "ck").glob("*/checkpoint-*")
     assert is_complete(checkpoint, checkpoint.parent.name, 1)
     assert {k.split(".")[0] for k in load_file(checkpoint / "model.safetensors")} == {"fusion", "head_a", "head_b"}

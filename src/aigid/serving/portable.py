@@ -32,6 +32,63 @@ INPUTS = ("input_ids", "attention_mask", "pixel_values")
 OUTPUTS = ("logits_a", "logits_b")
 
 
+OPSET = 18  # the ONNX opset the graph is written in
+
+
+def write_graph(detector, example: dict[str, np.ndarray], out: Path) -> None:
+    """Write ``out/model.onnx`` and ``out/model.onnx.data`` for ``detector`` (a torch detector, float32, eval
+    mode), traced by torch.onnx's exporter on ``example`` inputs (two rows at least, so that the batch is not
+    specialised to one), with the batch and the caption length dynamic. The export stage's writer, beside the
+    reader; torch is imported here only (scoring a portable detector never imports it)."""
+    import logging
+    import warnings
+
+    import torch
+
+    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
+    args = tuple(torch.from_numpy(example[name]) for name in INPUTS)
+    for name in ("onnx_ir", "onnxscript"):  # their optimiser logs every rewrite at INFO
+        logging.getLogger(name).setLevel(logging.WARNING)
+    with warnings.catch_warnings():  # the exporter warns that it names dynamic axes after the dims, not ours
+        warnings.filterwarnings("ignore", message=".*axis name", category=UserWarning)
+        program = torch.onnx.export(
+            raw_scoring(detector).eval(),
+            args,
+            dynamo=True,
+            opset_version=OPSET,
+            input_names=list(INPUTS),
+            output_names=list(OUTPUTS),
+            verbose=False,
+            dynamic_shapes={
+                "input_ids": {0: batch, 1: tokens},
+                "attention_mask": {0: batch, 1: tokens},
+                "pixel_values": {0: batch},
+            },
+        )
+    for node in program.model.graph.all_nodes():  # tracing records each node's stack trace: files of this machine
+        node.metadata_props.clear()
+    program.save(str(out / GRAPH), external_data=True)  # the weights go to model.onnx.data (WEIGHTS)
+
+
+def raw_scoring(detector):
+    """The detector on raw inputs -> (head A logits, head B logits), every row's caption encoded (no shapes that
+    depend on the data): the module the graph is traced from."""
+    from torch import nn
+
+    class RawScoring(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.detector = detector
+
+        def forward(self, input_ids, attention_mask, pixel_values):
+            out = self.detector(
+                input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, share_captions=False
+            )
+            return out.logits_a, out.logits_b
+
+    return RawScoring()
+
+
 def is_portable(path: Path) -> bool:
     return (Path(path) / GRAPH).is_file()
 

@@ -16,13 +16,11 @@ from __future__ import annotations
 
 import logging
 import shutil
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch import nn
 
 from aigid.core import stage
 from aigid.core.data import decode_rgb, open_dataset
@@ -32,14 +30,23 @@ from aigid.detector.infer import RunOptions, predict_logits
 from aigid.detector.model import Detector, load_detector
 from aigid.detector.runtime import configure
 from aigid.detector.scores import decide
-from aigid.serving.portable import GRAPH, INPUTS, OUTPUTS, WEIGHTS, Inputs, PortableDetector
+from aigid.serving.portable import (
+    GRAPH,
+    INPUTS,
+    OPSET,
+    OUTPUTS,
+    WEIGHTS,
+    Inputs,
+    PortableDetector,
+    raw_scoring,
+    write_graph,
+)
 
 log = logging.getLogger(__name__)
 
 PARAMS = ("compute",)
 CHECK_ROWS = 64  # rows of the test split both checks score
 GRAPH_TOLERANCE = 1e-3  # largest logit difference between onnxruntime and torch on the same inputs
-OPSET = 18
 
 
 @dataclass(frozen=True)
@@ -54,49 +61,6 @@ class Paths:
         "tokenizer, processor), for `aigid detect --model`.",
     )
     report: Path = stage.path("reports/export.json", "The checks: logit and P(AI) differences, label agreement.")
-
-
-class Scoring(nn.Module):
-    """The detector on raw inputs -> (head A logits, head B logits), every row's caption encoded (no shapes
-    that depend on the data)."""
-
-    def __init__(self, detector: Detector):
-        super().__init__()
-        self.detector = detector
-
-    def forward(self, input_ids, attention_mask, pixel_values):
-        out = self.detector(
-            input_ids=input_ids, attention_mask=attention_mask, pixel_values=pixel_values, share_captions=False
-        )
-        return out.logits_a, out.logits_b
-
-
-def export_graph(detector: Detector, example: dict[str, np.ndarray], out: Path) -> None:
-    """Write ``out/model.onnx`` and ``out/model.onnx.data`` for ``detector`` (float32, eval mode), traced on
-    ``example`` inputs (two rows at least, so that the batch is not specialised to one)."""
-    batch, tokens = torch.export.Dim("batch"), torch.export.Dim("tokens")
-    args = tuple(torch.from_numpy(example[name]) for name in INPUTS)
-    for name in ("onnx_ir", "onnxscript"):  # their optimiser logs every rewrite at INFO
-        logging.getLogger(name).setLevel(logging.WARNING)
-    with warnings.catch_warnings():  # the exporter warns that it names dynamic axes after the dims, not ours
-        warnings.filterwarnings("ignore", message=".*axis name", category=UserWarning)
-        program = torch.onnx.export(
-            Scoring(detector).eval(),
-            args,
-            dynamo=True,
-            opset_version=OPSET,
-            input_names=list(INPUTS),
-            output_names=list(OUTPUTS),
-            verbose=False,
-            dynamic_shapes={
-                "input_ids": {0: batch, 1: tokens},
-                "attention_mask": {0: batch, 1: tokens},
-                "pixel_values": {0: batch},
-            },
-        )
-    for node in program.model.graph.all_nodes():  # tracing records each node's stack trace: files of this machine
-        node.metadata_props.clear()
-    program.save(str(out / GRAPH), external_data=True)  # the weights go to model.onnx.data (WEIGHTS)
 
 
 def run(params, paths: Paths) -> dict:
@@ -120,7 +84,7 @@ def run(params, paths: Paths) -> dict:
                 shutil.copy2(file, tmp / file.name)
         prepare = Inputs(paths.model)  # images decoded as the torch detector's collator decodes them
         inputs = prepare([decode_rgb(b, side=prepare.preprocess.side) for b in images], captions)
-        export_graph(detector.model, inputs, tmp)
+        write_graph(detector.model, inputs, tmp)
         logits = PortableDetector(tmp).session.run(list(OUTPUTS), inputs)  # the portable path on these rows
         graph = _graph_difference(detector.model, logits, inputs)
         if graph > GRAPH_TOLERANCE:
@@ -157,7 +121,7 @@ def run(params, paths: Paths) -> dict:
 @torch.inference_mode()
 def _graph_difference(model: Detector, logits: list[np.ndarray], inputs: dict[str, np.ndarray]) -> float:
     """The largest difference between the graph's ``logits`` and torch's on the same ``inputs``."""
-    out = Scoring(model).eval()(*(torch.from_numpy(inputs[name]) for name in INPUTS))
+    out = raw_scoring(model).eval()(*(torch.from_numpy(inputs[name]) for name in INPUTS))
     return float(max(np.abs(a - b.numpy()).max() for a, b in zip(logits, out)))
 
 
