@@ -202,6 +202,17 @@ class Mlflow(Group):
     experiment: str = Field(min_length=1)
     registered_model: str = Field(min_length=1, description="evaluate registers the retrained model under this name")
 
+    @model_validator(mode="after")
+    def _a_name_mlflow_takes(self):
+        # The names MLflow's model registry refuses (a sqlite store and `mlflow server` alike); any other works.
+        name = self.registered_model
+        if not name.strip() or "/" in name or ":" in name or name == "." or name.startswith(".."):
+            raise ValueError(
+                f"registered_model {name!r}: MLflow's model registry refuses a name that is blank, holds '/' or "
+                f"':', is '.' or starts with '..'"
+            )
+        return self
+
 
 class Params(Group):
     threshold: float = Field(

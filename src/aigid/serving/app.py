@@ -36,8 +36,9 @@ from werkzeug.serving import make_server, select_address_family
 from aigid.core.data import MAX_PIXELS, DataError, decode_rgb
 from aigid.core.stage import clean_errors
 from aigid.detector.scores import Scoring
-from aigid.serving.detect import choose_model, columns, render, scored
+from aigid.serving.detect import columns, render, scored
 from aigid.serving.detect import command as detect_command
+from aigid.serving.models import choose_model
 from aigid.serving.portable import decode_side
 from aigid.serving.scorer import scorer
 

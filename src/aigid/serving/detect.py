@@ -23,11 +23,10 @@ from aigid.core.data import DataError, decode_rgb, image_suffixes
 from aigid.core.precision import PRECISIONS
 from aigid.core.stage import clean_errors
 from aigid.detector.scores import Scoring, output_columns
-from aigid.serving.portable import GRAPH, decode_side, is_portable
-from aigid.serving.scorer import quickest, scorer
+from aigid.serving.models import choose_model
+from aigid.serving.portable import decode_side
+from aigid.serving.scorer import scorer
 
-# The pipeline's two scoring models: the exported one (export stage) and the retrained one it was exported from.
-PORTABLE, RETRAINED = Path("models/portable"), Path("models/retrained")
 SOME_FAILED = 3  # exit status when some inputs could not be read
 # Threads that read and decode files (Pillow lets go of the GIL while it decodes): a few, since each may hold one
 # image's encoded bytes and, below aigid.core.data.WHOLE_DECODE_PIXELS, its whole pixels.
@@ -154,24 +153,6 @@ def scored(rows: list[dict], images: list, texts: list[str], score, threshold: f
     return rows
 
 
-def default_model(precision: str) -> tuple[Path, str]:
-    """The model `aigid detect` scores with when ``--model`` is not given, and why: of the pipeline's retrained
-    model and its export, the quicker here (:func:`quickest`)."""
-    return quickest(RETRAINED, PORTABLE, precision, f"{PORTABLE} is not there (the export stage writes it)")
-
-
-def choose_model(spec: str | None, precision: str = "auto") -> tuple[Path, str | None]:
-    """The model directory to score with for ``--model spec`` (None: the default), and why when the choice was
-    made here: without ``--model`` and for a registered model, which carries its exported form too."""
-    if spec is None:
-        model_dir, why = default_model(precision)
-        return resolve_model(str(model_dir)), why
-    if spec.startswith("models:/"):
-        torch_dir, portable_dir = download_registered(spec)
-        return quickest(torch_dir, portable_dir, precision, "the registered version has no exported form")
-    return resolve_model(spec), None
-
-
 def threshold_from(spec: str) -> float:
     """The operating-point threshold in an evaluate metrics file: ``FILE`` (the retrained model's entry) or
     ``FILE:MODEL`` (``base`` or ``retrained``)."""
@@ -186,113 +167,6 @@ def threshold_from(spec: str) -> float:
         return float(metrics[name]["operating_point"]["threshold"])
     except (KeyError, TypeError):
         raise DataError(f"{path}: no {name}.operating_point.threshold (written by `aigid evaluate`)") from None
-
-
-def resolve_model(spec: str) -> Path:
-    """A model directory (checked to hold a detector), or ``models:/<name>@<alias>`` /
-    ``models:/<name>/<version>`` from the MLflow registry, downloaded (its torch detector)."""
-    if spec.startswith("models:/"):
-        return download_registered(spec)[0]
-    path = Path(spec)
-    if not path.is_dir():
-        raise DataError(f"{spec}: no such model directory")
-    if not (path / "model.safetensors").is_file() and not is_portable(path):
-        raise DataError(
-            f"{spec}: no model.safetensors or model.onnx; not a model directory written by "
-            f"`aigid train`, `aigid retrain` or `aigid export` (e.g. models/retrained)"
-        )
-    return path
-
-
-def download_registered(spec: str) -> tuple[Path, Path | None]:
-    """``models:/<name>@<alias>`` or ``models:/<name>/<version>`` from the MLflow registry: read in place from a
-    store on this machine, downloaded once per version into :func:`model_cache` from any other (an alias is
-    resolved to its version each time, so a moved alias is followed): its torch detector directory and its
-    exported form (None for a version registered without one)."""
-    uri = registry_store()
-    try:
-        local = _cached_version(spec, uri)
-    except DataError:
-        raise
-    except Exception as err:  # the registry raises several types; all mean "cannot get this model"
-        raise DataError(
-            f"{spec}: cannot download the model from {uri} ({type(err).__name__}: {err}); "
-            f"`aigid register` registers models/retrained in this store"
-        ) from None
-    found = [p.parent for p in local.rglob("model.safetensors")]
-    if len(found) != 1:
-        raise DataError(f"{spec}: expected one detector directory in the model's artifacts, found {len(found)}")
-    exported = [p.parent for p in local.rglob(GRAPH)]
-    return found[0], exported[0] if len(exported) == 1 else None
-
-
-def model_cache() -> Path:
-    """Where registered versions are kept once downloaded: ``$AIGID_CACHE/models``, by default
-    ``~/.cache/aigid/models`` (``$XDG_CACHE_HOME/aigid/models`` where that is set). A version's files never change
-    in the registry, so a copy stays valid; deleting the folder only costs a download."""
-    root = os.environ.get("AIGID_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "aigid"
-    return Path(root) / "models"
-
-
-def _cached_version(spec: str, uri: str) -> Path:
-    """The artifacts of the registered version ``spec`` names: in place where the store keeps them on this
-    machine, else downloaded into :func:`model_cache` unless there already. A version is known by the store,
-    its name and number, and the run and time it was created: a store made anew at the same address, whose
-    version 1 is another model, gets its own copy."""
-    import hashlib
-    import shutil
-    import tempfile
-    from urllib.parse import urlparse
-
-    import mlflow
-    from mlflow.store.artifact.utils.models import get_model_name_and_version
-
-    client = mlflow.MlflowClient()
-    found = get_model_name_and_version(client, spec)
-    if len(found) == 1:  # models:/<logged model id> (MLflow 3): fixed once logged, as a version is
-        source, label, key = spec, found[0], repr((uri, spec))
-    else:
-        name, version = found
-        mv = client.get_model_version(name, version)
-        source, label = f"models:/{name}/{version}", f"{name}-v{version}"
-        if urlparse(client.get_model_version_download_uri(name, version)).scheme in ("", "file"):
-            # A store whose files are on this machine (the project's mlflow.db): MLflow gives their own folder.
-            return Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
-        key = repr((uri, name, str(version), mv.run_id, mv.creation_timestamp, mv.source))
-    local = model_cache() / f"{label}-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
-    if local.is_dir():
-        return local
-    try:
-        local.parent.mkdir(parents=True, exist_ok=True)
-        scratch = Path(tempfile.mkdtemp(prefix=".download-", dir=local.parent))
-    except OSError as err:
-        raise DataError(
-            f"{spec}: cannot keep the downloaded model in {local.parent} ({err.strerror}); set AIGID_CACHE "
-            f"to a folder this user can write"
-        ) from None
-    try:
-        mlflow.artifacts.download_artifacts(artifact_uri=source, dst_path=str(scratch))
-        scratch.rename(local)  # whole or not at all: a download cut short never looks finished
-    except OSError:
-        if not local.is_dir():  # another process finished the same download first: use its copy
-            raise
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    return local
-
-
-def registry_store() -> str:
-    """Point MLflow at the store registered models are read from (MLFLOW_TRACKING_URI, else the project's
-    mlflow.db), checked to answer; return its URI."""
-    import mlflow
-
-    from aigid.tracking.runs import bound_http_retries, check_reachable, tracking_uri
-
-    bound_http_retries()
-    uri = tracking_uri()
-    check_reachable(uri)
-    mlflow.set_tracking_uri(uri)
-    return uri
 
 
 def read_captions(path: Path) -> dict[str, str]:

@@ -44,6 +44,7 @@ HASH_TAG, WEIGHTS_TAG, THRESHOLD_TAG = "model_hash", "weights_hash", "threshold"
 # Thresholds this close are one operating point: the threshold is a validation score, and scoring the same weights
 # on other hardware or with other threads can move it by a float32 step (1.2e-7 relative).
 THRESHOLD_RTOL = 1e-5
+CARD_FILE = "README.md"  # the model card, in each directory of a registered model
 
 
 @dataclass(frozen=True)
@@ -62,34 +63,53 @@ def content_hash(model_dir: Path, threshold: float) -> str:
 
 
 def identity(model_dir: Path, threshold: float) -> Identity:
-    """The model's hash with its threshold (:func:`content_hash`), the hash of its files alone, the threshold."""
+    """The model's hash with its threshold (:func:`content_hash`), the hash of its files alone
+    (:func:`weights_hash`), the threshold."""
     with_threshold, files = hashlib.sha256(repr(float(threshold)).encode()), hashlib.sha256()
-    for file in sorted(f for f in Path(model_dir).rglob("*") if f.is_file()):
-        for h in (with_threshold, files):
-            h.update(file.relative_to(model_dir).as_posix().encode() + b"\0")
-        with file.open("rb") as f:
-            for block in iter(functools.partial(f.read, 1 << 20), b""):
-                with_threshold.update(block)
-                files.update(block)
+    for part in _content(model_dir):
+        with_threshold.update(part)
+        files.update(part)
     return Identity(with_threshold.hexdigest(), files.hexdigest(), float(threshold))
+
+
+def weights_hash(model_dir: Path) -> str:
+    """SHA-256 of the model directory's files (the ``weights_hash`` tag): the same for the directory registered
+    and for the one downloaded from the registry, whose README.md is the model card."""
+    files = hashlib.sha256()
+    for part in _content(model_dir):
+        files.update(part)
+    return files.hexdigest()
+
+
+def _content(model_dir: Path):
+    """What the hashes are over: each file's relative path and bytes, in path order. A README.md is the model
+    card, not the model: registration writes the card there (:func:`_with_card`)."""
+    for file in sorted(f for f in Path(model_dir).rglob("*") if f.is_file()):
+        name = file.relative_to(model_dir).as_posix()
+        if name == CARD_FILE:
+            continue
+        yield name.encode() + b"\0"
+        with file.open("rb") as f:
+            yield from iter(functools.partial(f.read, 1 << 20), b"")
 
 
 def find_version(name: str, key: Identity) -> str | None:
     """The oldest version of ``name`` holding this model, if any: the same ``model_hash``, or the same files at a
     threshold within :data:`THRESHOLD_RTOL`."""
-    from mlflow.exceptions import MlflowException
-
-    client = mlflow.MlflowClient()
-    try:
-        found = client.search_model_versions(f"name='{name}' and tags.{HASH_TAG}='{key.model_hash}'")
-        found += [
-            v
-            for v in client.search_model_versions(f"name='{name}' and tags.{WEIGHTS_TAG}='{key.weights_hash}'")
-            if math.isclose(float(v.tags.get(THRESHOLD_TAG, "nan")), key.threshold, rel_tol=THRESHOLD_RTOL)
-        ]
-    except MlflowException:  # no such registered model yet
-        return None
+    found = _tagged(name, HASH_TAG, key.model_hash)
+    found += [
+        v
+        for v in _tagged(name, WEIGHTS_TAG, key.weights_hash)
+        if math.isclose(float(v.tags.get(THRESHOLD_TAG, "nan")), key.threshold, rel_tol=THRESHOLD_RTOL)
+    ]
     return min((str(v.version) for v in found), key=int, default=None)
+
+
+def _tagged(name: str, tag: str, digest: str) -> list:
+    """The versions of ``name`` whose ``tag`` is ``digest``. Only the hex digest goes into the search filter; the
+    name, any string MLflow accepts (quotes included), is compared as a value."""
+    found = mlflow.MlflowClient().search_model_versions(f"tags.{tag} = '{digest}'")
+    return [v for v in found if v.name == name]
 
 
 def log_report(report: dict, parent: bool = False) -> None:
@@ -176,16 +196,17 @@ def description(card: str) -> str:
 
 
 def _with_card(directory: Path, card: str, into: Path) -> Path:
-    """``directory``'s files linked (copied across file systems) into ``into``, with the card as README.md."""
+    """``directory``'s files linked (copied across file systems) into ``into``, with the card as README.md
+    (in place of the directory's own, which a link would let the card overwrite)."""
     into.mkdir()
     for file in sorted(Path(directory).iterdir()):
-        if file.is_file():
+        if file.is_file() and not (card and file.name == CARD_FILE):
             try:
                 os.link(file, into / file.name)
             except OSError:
                 shutil.copy2(file, into / file.name)
     if card:
-        (into / "README.md").write_text(card)
+        (into / CARD_FILE).write_text(card)
     return into
 
 

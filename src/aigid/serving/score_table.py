@@ -26,7 +26,8 @@ import click
 
 from aigid.core.data import DataError
 from aigid.core.stage import clean_errors
-from aigid.serving.detect import SOME_FAILED, expand, registry_store
+from aigid.serving.detect import SOME_FAILED, expand
+from aigid.serving.models import registry_store
 
 DEFAULT_MODEL = "models:/aigid-detector@candidate"
 ROW, SCORES = "_row", "_scores"  # working columns: the input's order, the model's struct of outputs
