@@ -38,7 +38,7 @@ from aigid.core.data import (
     split_by_caption,
     to_rgb,
 )
-from aigid.core.files import atomic_path, write_json
+from aigid.core.files import atomic_path, write_json, writing
 from aigid.sources.readers import Rejected, inside, load_source
 
 log = logging.getLogger(__name__)
@@ -100,7 +100,7 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     origin: dict = {"source": params.source}
     rejected: list[Rejected] = []
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out_dir.parent) as cache:
+    with writing(out_dir), tempfile.TemporaryDirectory(prefix=".prepare-", dir=out_dir.parent) as cache:
         if params.source == "demo":
             from aigid.sources.demo import SOURCES, generate_demo
 
