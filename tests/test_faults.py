@@ -203,3 +203,18 @@ except OSError as err:
         {"torch": "RuntimeError", "safetensors": "SafetensorError"}[writer],
         "model",
     ]
+
+
+@needs_mounts
+def test_a_disk_that_fills_while_a_checkpoint_is_saved_is_one_line(inputs):
+    (inputs / "checkpoints").mkdir()
+    try:
+        args = "--out models/full --metrics full.json --report full-report.json --history full-history.json"
+        proc = in_own_mount_namespace(
+            f"mount -t tmpfs -o size=64k tmpfs checkpoints && aigid train {args} 2>&1 | tail -1", inputs
+        )
+    finally:
+        shutil.rmtree(inputs / "checkpoints")
+    assert proc.stdout.startswith("Error: train: checkpoints/train/"), proc.stdout + proc.stderr
+    assert proc.stdout.endswith(": No space left on device\n")
+    assert not (inputs / "models/full").exists() and not (inputs / "full.json").exists()

@@ -32,7 +32,7 @@ from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 from aigid.core import stage
 from aigid.core.data import Collator, DataError, class_names_of, concat, open_dataset
 from aigid.core.errors import ParamsError
-from aigid.core.files import atomic_path, write_json
+from aigid.core.files import atomic_path, write_json, writing
 from aigid.detector.cache import FeatureCollator, FeatureRows, open_features
 from aigid.detector.model import DetectorHeads, build_detector, save_detector
 from aigid.detector.runtime import configure
@@ -127,7 +127,8 @@ def fit(params, paths: Paths, stage: str = "train", checkpoint_dir: Path | None 
         if run is not None:
             log_inputs(data, paths, paths.pseudo)
             mlflow.log_params(trainer_settings(args, launch.num_processes))
-        trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        with writing(checkpoint_dir):  # a disk that fills while a checkpoint is saved is one line naming it
+            trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         curves.active = False  # the evaluation below repeats the best epoch
         best = trainer.evaluate()  # the best checkpoint is loaded at this point; every rank takes part
         history = epoch_history(trainer.state.log_history)
