@@ -13,6 +13,7 @@ import yaml
 from click.testing import CliRunner
 
 from aigid.cli import main
+from aigid.core.errors import DataError
 from aigid.core.files import atomic_path, writing
 from aigid.core.stage import clean_errors
 from helpers import tiny_params_dict
@@ -114,3 +115,5 @@ def test_an_os_error_without_a_file_name_is_given_the_output_it_stopped(tmp_path
     assert err.value.filename == "elsewhere"  # a named path stays
     with pytest.raises(RuntimeError), writing(tmp_path):  # a disk with room: a bug stays the bug it is
         raise RuntimeError("bug")
+    with pytest.raises(DataError), writing(tmp_path):  # the project's own errors already name what is wrong
+        raise DataError(f"x.png: cannot read image file: {os.strerror(errno.ENOSPC)}")

@@ -15,6 +15,8 @@ import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+from aigid.core.errors import DataError, ParamsError, TrackingError
+
 
 def _remove(path: Path) -> None:
     if path.is_dir() and not path.is_symlink():
@@ -48,6 +50,8 @@ def writing(path: str | Path) -> Iterator[None]:
         if err.filename is None and err.errno is not None:
             err.filename = str(path)
         raise
+    except (DataError, ParamsError, TrackingError):
+        raise  # already one line naming what is wrong
     except Exception as err:
         full = os.strerror(errno.ENOSPC)
         if full in str(err) or _full(path):
