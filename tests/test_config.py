@@ -16,9 +16,36 @@ def test_committed_params_load_and_flatten():
     assert flat["prepare.class_aliases.coco"] == "real"
 
 
-def test_numbers_in_any_yaml_spelling_are_accepted(tmp_path):
-    p = load_params(write(tmp_path, {"train": {"learning_rate": "2e-5"}}))  # a string to a YAML 1.1 reader
-    assert p.train.learning_rate == pytest.approx(2e-5)
+@pytest.mark.parametrize("spelling, value", [("2e-5", 2e-5), ("2.0e-5", 2e-5), ("1E-3", 1e-3), ("1", 1.0), (".5", 0.5)])
+def test_numbers_in_any_yaml_spelling_are_accepted(tmp_path, spelling, value):
+    text = (REPO / "params.yaml").read_text().replace("learning_rate: 0.002", f"learning_rate: {spelling}")
+    p = load_params(write(tmp_path, text=text))  # 2e-5 is a string to a YAML 1.1 reader, a number to DVC's
+    assert type(p.train.learning_rate) is float and p.train.learning_rate == pytest.approx(value)
+
+
+@pytest.mark.parametrize(
+    "over, line",
+    [
+        ({"train": {"batch_size": True}}, "train.batch_size: Input should be a valid integer, got True"),
+        ({"train": {"epochs": True}}, "train.epochs: Input should be a valid integer, got True"),
+        ({"train": {"epochs": "8"}}, "train.epochs: Input should be a valid integer, got '8'"),
+        ({"train": {"epochs": 8.0}}, "train.epochs: Input should be a valid integer, got 8.0"),
+        ({"seed": "42"}, "seed: Input should be a valid integer, got '42'"),
+        ({"compute": {"threads": False}}, "compute.threads: Input should be a valid integer, got False"),
+        ({"prepare": {"demo": {"captions": {"train": True}}}}, "prepare.demo.captions.train: Input should be a valid"),
+        ({"train": {"warmup_ratio": False}}, "train.warmup_ratio: Input should be a valid number, got False"),
+        ({"train": {"learning_rate": "0.5"}}, "train.learning_rate: Input should be a valid number, got '0.5'"),
+        ({"train": {"learning_rate": float("inf")}}, "train.learning_rate: Input should be a finite number"),
+        ({"evaluate": {"robustness": {"blur": [True]}}}, "evaluate.robustness.blur[0]: Input should be a valid number"),
+        ({"train": {"freeze_encoders": 1}}, "train.freeze_encoders: Input should be a valid boolean, got 1"),
+        ({"train": {"freeze_encoders": "yes"}}, "train.freeze_encoders: Input should be a valid boolean, got 'yes'"),
+    ],
+)
+def test_a_value_of_another_type_is_refused_naming_its_key(tmp_path, over, line):
+    with pytest.raises(ParamsError) as err:
+        load_params(write(tmp_path, over))
+    assert str(err.value).startswith(f"{tmp_path / 'params.yaml'}: {line}")
+    assert "\n" not in str(err.value)
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import difflib
 import functools
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -23,7 +24,9 @@ from aigid.core.precision import Precision
 
 
 class Group(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a value has the type its key declares, as YAML reads it. `true` is not the number 1, "8" and 8.0 are
+    # not the count 8, 1 is not `true`; an int is a float (`learning_rate: 1`). Numbers are finite.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, allow_inf_nan=False)
 
 
 class DemoData(Group):
@@ -278,12 +281,24 @@ def _message(err: ValidationError, path: Path) -> str:
     return f"{path}: {where}{e['msg'].removeprefix('Value error, ')}{got}"
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML as DVC reads params.yaml (YAML 1.2): a number with an exponent and no dot (``2e-5``) is a number, not
+    the string PyYAML's YAML 1.1 rules make of it."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
 def load_params(path: str | Path = "params.yaml") -> Params:
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"{path}: params file not found")
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_Loader)
     except yaml.YAMLError as err:
         raise ParamsError(f"{path}: not valid YAML: {err}") from None
     if not isinstance(raw, dict):

@@ -1,4 +1,5 @@
-"""The failures a user can fix. A command reports each as one line naming the file, row or key."""
+"""The failures a user can fix. A command reports each as one line naming the file, row or key; an
+operating-system error (full disk, read-only folder, no permission) as one line naming the path."""
 
 from __future__ import annotations
 
@@ -28,3 +29,20 @@ def choice(table: Mapping, name: str, key: str):
     close = difflib.get_close_matches(str(name), [str(k) for k in table], n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
     raise ParamsError(f"{key}: {name!r} is not one of {', '.join(map(str, table))}{hint}")
+
+
+def os_error_message(err: OSError) -> str:
+    """An operating-system error (full disk, read-only or missing folder, no permission) as one line naming the
+    path: ``models/base: No space left on device``. A path where a folder is expected but a file lies names that
+    file."""
+    import os
+    from pathlib import Path
+
+    reason = err.strerror or str(err)
+    names = [os.fsdecode(f) for f in (err.filename, err.filename2) if isinstance(f, str | bytes)]
+    if isinstance(err, FileExistsError | NotADirectoryError):
+        for name in names:
+            for p in (Path(name), *Path(name).parents):
+                if p.exists() and not p.is_dir():
+                    return f"{p}: a file where a folder is expected"
+    return f"{' -> '.join(names)}: {reason}" if names else reason

@@ -9,11 +9,14 @@ into its click command: one option per path, ``--params``, and nothing else.
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import click
 
-from aigid.core.errors import DataError, ParamsError, TrackingError
+from aigid.core.errors import DataError, ParamsError, TrackingError, os_error_message
+
+log = logging.getLogger(__name__)
 
 
 def path(default: str, help: str, exists: bool = False):
@@ -33,7 +36,10 @@ def load(params_file: Path, keys: tuple[str, ...]):
 
 
 def clean_errors(fn):
-    """Known failures (bad data or params, unusable tracking store) end with one line, not a traceback."""
+    """Known failures (bad data or params, unusable tracking store) end with one line, not a traceback; so does
+    an error of the operating system (a full disk, a read-only or missing folder, no permission, a file where a
+    folder is expected), naming the command and the path (`aigid -v` logs its traceback). Any other exception is
+    a bug and keeps its traceback."""
     import functools
 
     @functools.wraps(fn)
@@ -42,6 +48,9 @@ def clean_errors(fn):
             return fn(*args, **kwargs)
         except (DataError, ParamsError, TrackingError) as err:
             raise click.ClickException(str(err)) from None
+        except OSError as err:
+            log.debug("%s failed", click.get_current_context().info_name, exc_info=True)
+            raise click.ClickException(f"{click.get_current_context().info_name}: {os_error_message(err)}") from None
 
     return wrapper
 

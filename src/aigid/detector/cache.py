@@ -28,6 +28,7 @@ from datasets import Dataset, DatasetDict
 
 from aigid.core.data import Collator, DataError, open_dataset, save_dataset
 from aigid.core.errors import choice
+from aigid.core.files import writing
 from aigid.detector.infer import RunOptions, caption_order, iter_features
 from aigid.detector.model import FUSIONS, Loaded, build_detector
 from aigid.detector.runtime import autocast, configure, device
@@ -126,7 +127,7 @@ def compute_features(params, data_dir: Path, encoders_dir: Path, out_dir: Path) 
     splits = {}
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     # Each split is written batch by batch to a file here, then saved in place: memory stays flat as rows grow.
-    with tempfile.TemporaryDirectory(prefix=".features-", dir=out_dir.parent) as scratch:
+    with writing(out_dir), tempfile.TemporaryDirectory(prefix=".features-", dir=out_dir.parent) as scratch:
         for name, ds in data.items():
             batches = iter_features(detector, ds, options, tokens=tokens)
             splits[name] = write_features(batches, ds, Path(scratch) / f"{name}.arrow")

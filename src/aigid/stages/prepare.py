@@ -35,7 +35,7 @@ from aigid.core.data import (
     split_by_caption,
     to_rgb,
 )
-from aigid.core.files import atomic_path, write_json
+from aigid.core.files import atomic_path, write_json, writing
 from aigid.sources.readers import Rejected, inside, load_source
 
 log = logging.getLogger(__name__)
@@ -96,7 +96,7 @@ def prepare(params, seed: int, out_dir: Path, quarantine: Path | None = None, ra
     class_names = tuple(params.class_names)
     rejected: list[Rejected] = []
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix=".prepare-", dir=out_dir.parent) as cache:
+    with writing(out_dir), tempfile.TemporaryDirectory(prefix=".prepare-", dir=out_dir.parent) as cache:
         raw_splits, origin = read_source(params, seed, raw, cache, rejected)
         # Image paths inside arrow/parquet rows are relative to the dataset and may not leave it.
         root = Path(params.source) if origin.get("layout") in ("arrow", "parquet") else None

@@ -27,7 +27,7 @@ from transformers import Trainer, TrainerCallback
 
 from aigid.core import stage
 from aigid.core.data import DataError, class_names_of, concat, open_dataset
-from aigid.core.files import atomic_path, write_json
+from aigid.core.files import atomic_path, write_json, writing
 from aigid.detector.cache import FeatureRows, open_features
 from aigid.detector.model import save_detector
 from aigid.detector.runtime import configure
@@ -107,9 +107,10 @@ def fit(params, paths: Paths, stage: str = "train", pseudo: Path | None = None, 
             mlflow.log_params(trainer_settings(args, state.num_processes))
         rows = TrainingRows(train_ds, val_ds, class_names)
         callbacks = [EpochCurves()] if run is not None else []
-        trained = train_detector(
-            paths.encoders, rows, params.model, params.train, args, key, compute_metrics, callbacks
-        )
+        with writing(stage_dir / key):  # a disk that fills while a checkpoint is saved is one line naming it
+            trained = train_detector(
+                paths.encoders, rows, params.model, params.train, args, key, compute_metrics, callbacks
+            )
         sizes = {"train": len(train_ds), "validation": len(val_ds)}
         scoring = fit_rule(params, trained.trainer, labelled_val, sizes)
         metrics = {**trained.metrics, "scoring": {**scoring["calibration"], **scoring["verdict"]}}
