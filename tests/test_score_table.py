@@ -229,6 +229,7 @@ TABLES = {  # a table that cannot be scored -> its columns
         (["no_image.parquet", "--out", "out"], "a table needs an image column (the encoded image file, as bytes"),
         (["table.csv", "--out", "out"], "table.csv: cannot read it as a Parquet table (Error creating dataset"),
         (["gone.parquet", "--out", "out"], "gone.parquet: no such file or folder"),
+        (["tab*.parquet", "--out", "out"], "--model models:/aigid-detector@candidate: cannot read"),  # Spark's glob
     ],
 )
 def test_bad_arguments_are_one_line_before_spark_starts(tmp_path, monkeypatch, args, message):

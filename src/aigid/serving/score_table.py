@@ -83,6 +83,12 @@ def local(uri: str) -> Path | None:
     return None if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", uri) else Path(uri)
 
 
+def read_here(source: str) -> bool:
+    """Whether the table ``source`` is checked on this machine before Spark starts: a local path, not a URI or a
+    glob (Spark expands ``*``, ``?``, ``[...]`` and ``{a,b}``)."""
+    return local(source) is not None and not re.search(r"[*?[{]", source)
+
+
 def local_out(out: str) -> Path | None:
     """``--out`` as a local path, checked before Spark starts: it must not exist, and its folder must exist and be
     writable. None for a URI (Spark checks it when it writes)."""
@@ -189,8 +195,8 @@ def first_line(err: Exception) -> str:
 
 def read_input(spark, job: Job):
     """The rows to score, numbered in their order: ``path`` and ``file`` (where an executor reads it) for a folder
-    of images; a table's ``path``, ``image`` and ``caption`` (:data:`COLUMNS`). A table read by a URI is checked
-    here (:func:`check_table`), one on this machine was before Spark started."""
+    of images; a table's ``path``, ``image`` and ``caption`` (:data:`COLUMNS`). A table given by a URI or a glob
+    is checked here (:func:`check_table`), one on this machine was before Spark started."""
     from pyspark.sql import functions as F
 
     if job.images is not None:
@@ -201,7 +207,7 @@ def read_input(spark, job: Job):
     else:
         table = spark.read.parquet(job.source)
         columns = {field.name: field.dataType.simpleString() for field in table.schema.fields}
-        if local(job.source) is None:
+        if not read_here(job.source):
             check_table(job.source, columns, 0 if table.isEmpty() else 1)
         # A column of no type in the file (all null; checked before Spark started), Spark reads as int.
         table = table.select(
@@ -370,7 +376,7 @@ def command(ctx, source, out, model, master, caption, partitions, batch_size, co
     """
     target = local_out(out)
     job = Job(source, out, model, caption, partitions, list_images(source))
-    if job.images is None and local(source) is not None:
+    if job.images is None and read_here(source):
         check_table(source, *table_facts(source))
     result = result_type(model)
     spark, started = start_spark(master, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size)} | conf)
