@@ -8,8 +8,11 @@ on one machine (``--master local[2]``) or on a cluster (``spark://...``, ``yarn`
 optional extra (``pip install 'aigid[spark]'``), imported only when the command runs.
 
 The output is a Parquet table with ``path`` (when the input has it) and the columns of `aigid detect`, one row per
-input row, in the input's order. A row that cannot be scored (a file that cannot be read, bytes that do not decode)
-carries its ``error`` and null scores; it never fails the job.
+input row, in the input's order. A row that cannot be scored (a null cell, a file that cannot be read or is no
+regular file, bytes that do not decode) carries its ``error`` and null scores; it never fails the job. What fails
+the whole input is found before Spark starts, where the input is on this machine: a column of a type the model
+cannot read (from the Parquet footers), no rows, an ``--out`` that exists or cannot be written. A local ``--out``
+is written beside itself and renamed into place when the job has finished, so that a failed job leaves none.
 
 Exit status as `aigid detect`'s: 0 every row was scored; 1 nothing was scored (a bad --model, --out or input, no
 image found, no row readable: the rows with their errors are still written); 2 a command-line usage error; 3 some
@@ -19,12 +22,16 @@ rows could not be read (their rows say why).
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+import re
+import stat
+from contextlib import nullcontext
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
 from aigid.core.data import DataError
+from aigid.core.files import atomic_path
 from aigid.core.stage import clean_errors
 from aigid.serving.detect import SOME_FAILED, expand
 from aigid.serving.models import registry_store
@@ -33,6 +40,14 @@ DEFAULT_MODEL = "models:/aigid-detector@candidate"
 ROW, SCORES = "_row", "_scores"  # working columns: the input's order, the model's struct of outputs
 # The model names a row that does not decode by its place in the Arrow batch it came in, which means nothing here.
 BATCH_ROW = r"^row \d+: "
+NO_TYPE = "void"  # Spark's name of a column whose every cell is null
+# The columns a table may have, the types (as Spark names them) each may be, and what each holds. Any of them may
+# also be of no type (every cell null, as pandas writes a column of None): each of its cells is then a null cell.
+COLUMNS = {
+    "path": (("string",), "image files, read where the executors run"),
+    "image": (("binary", "string"), "the encoded image file, as bytes or base64 text"),
+    "caption": (("string",), "the image's caption"),
+}
 
 
 @dataclass(frozen=True)
@@ -61,6 +76,79 @@ def list_images(source: str) -> tuple[Path, ...] | None:
             f"{source}: no image files and no .parquet files (image files: the formats Pillow opens, .jpg, .png, ...)"
         )
     return tuple(Path(p) for p in images)
+
+
+def local(uri: str) -> Path | None:
+    """``uri`` as a path on this machine; None for a URI with a scheme (s3a://, dbfs:/, file://), which Spark
+    reads."""
+    return None if re.match(r"[A-Za-z][A-Za-z0-9+.-]*:", uri) else Path(uri)
+
+
+def read_here(source: str) -> bool:
+    """Whether the table ``source`` is checked on this machine before Spark starts: a local path, not a URI or a
+    glob (Spark expands ``*``, ``?``, ``[...]`` and ``{a,b}``)."""
+    return local(source) is not None and not re.search(r"[*?[{]", source)
+
+
+def local_out(out: str) -> Path | None:
+    """``--out`` as a local path, checked before Spark starts: it must not exist, and its folder must exist and be
+    writable. None for a URI (Spark checks it when it writes)."""
+    path = local(out)
+    if path is None:
+        return None
+    if path.exists() or path.is_symlink():
+        raise DataError(f"--out {out}: already exists (Spark does not overwrite a table; give a new path)")
+    if not path.parent.is_dir():
+        raise DataError(f"--out {out}: the folder {path.parent} does not exist")
+    if not os.access(path.parent, os.W_OK | os.X_OK):
+        raise DataError(f"--out {out}: the folder {path.parent} is not writable")
+    return path
+
+
+def spark_type(dtype) -> str:
+    """The name Spark gives the Arrow type ``dtype`` of a Parquet column where it is one the table's columns
+    may be (``string``, ``binary``, ``void``); else the Arrow type's own name."""
+    import pyarrow as pa
+
+    if pa.types.is_null(dtype):
+        return NO_TYPE
+    if pa.types.is_dictionary(dtype):  # pandas' categories
+        dtype = dtype.value_type
+    if pa.types.is_string(dtype) or pa.types.is_large_string(dtype) or pa.types.is_string_view(dtype):
+        return "string"
+    if pa.types.is_binary(dtype) or pa.types.is_large_binary(dtype) or pa.types.is_binary_view(dtype):
+        return "binary"
+    return str(dtype)
+
+
+def table_facts(source: str) -> tuple[dict[str, str], int]:
+    """The columns of the Parquet table ``source`` on this machine (a file or a folder of part files) with their
+    types as Spark names them, and its number of rows; read from the files' footers, not their data."""
+    import pyarrow as pa
+    import pyarrow.dataset as ds
+
+    if not Path(source).exists():
+        raise DataError(f"{source}: no such file or folder")
+    try:
+        table = ds.dataset(source, format="parquet", partitioning="hive")
+        return {field.name: spark_type(field.type) for field in table.schema}, table.count_rows()
+    except (pa.ArrowException, OSError) as err:
+        raise DataError(f"{source}: cannot read it as a Parquet table ({str(err).splitlines()[0]})") from None
+
+
+def check_table(source: str, columns: dict[str, str], rows: int) -> None:
+    """One line on what makes the table ``source`` (its ``columns`` and their types, its number of ``rows``)
+    unscorable: no image or path column, a column of a type the model cannot read, no rows."""
+    if "image" not in columns and "path" not in columns:
+        raise DataError(
+            f"{source}: a table needs an image column ({COLUMNS['image'][1]}) or a path column "
+            f"({COLUMNS['path'][1]}); it has {', '.join(columns) or 'no columns'}"
+        )
+    for name, (types, meaning) in COLUMNS.items():
+        if columns.get(name, types[0]) not in (*types, NO_TYPE):
+            raise DataError(f"{source}: column {name} is {columns[name]}, not {' or '.join(types)} ({meaning})")
+    if not rows:
+        raise DataError(f"{source}: no rows to score")
 
 
 def result_type(model: str):
@@ -108,8 +196,8 @@ def first_line(err: Exception) -> str:
 
 def read_input(spark, job: Job):
     """The rows to score, numbered in their order: ``path`` and ``file`` (where an executor reads it) for a folder
-    of images; a table's ``path``, ``image`` and ``caption``, of which it needs ``image`` (encoded image bytes, or
-    base64 text) or ``path`` (image files, read where the executors run)."""
+    of images; a table's ``path``, ``image`` and ``caption`` (:data:`COLUMNS`). A table given by a URI or a glob
+    is checked here (:func:`check_table`), one on this machine was before Spark started."""
     from pyspark.sql import functions as F
 
     if job.images is not None:
@@ -119,12 +207,17 @@ def read_input(spark, job: Job):
         table = spark.createDataFrame(files)
     else:
         table = spark.read.parquet(job.source)
-        if "image" not in table.columns and "path" not in table.columns:
-            raise DataError(
-                f"{job.source}: a table needs an image column (encoded image bytes) or a path column (image "
-                f"files); it has {', '.join(table.columns)}"
+        columns = {field.name: field.dataType.simpleString() for field in table.schema.fields}
+        if not read_here(job.source):
+            check_table(job.source, columns, 0 if table.isEmpty() else 1)
+        # A column of no type in the file (all null; checked before Spark started), Spark reads as int.
+        table = table.select(
+            *(
+                F.col(name) if columns[name] in types else F.lit(None).cast(types[0]).alias(name)
+                for name, (types, _) in COLUMNS.items()
+                if name in columns
             )
-        table = table.select(*(c for c in ("path", "image", "caption") if c in table.columns))
+        )
         if "image" not in table.columns:
             table = table.withColumn("file", F.col("path"))
     return table.withColumn(ROW, F.monotonically_increasing_id())
@@ -146,14 +239,25 @@ def read_files(batches):
         yield batch.drop(columns="file").assign(image=[r[0] for r in read], read_error=[r[1] for r in read])
 
 
-def read_file(file: str | None) -> tuple[bytes | None, str | None]:
-    """A file's bytes, or why it cannot be read (the message `aigid detect` gives)."""
-    if file is None:
+def read_file(file) -> tuple[bytes | None, str | None]:
+    """A file's bytes, or why it cannot be read: the message `aigid detect` gives; "no path" for a null or empty
+    path (which pandas hands over as None or NaN); "not a regular file" for a folder, a pipe or a device, which
+    reading would wait on or never finish."""
+    if not isinstance(file, str) or not file:
         return None, "no path"
     try:
-        return Path(file).read_bytes(), None
+        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # a pipe opens without waiting for a writer
+    except (OSError, ValueError) as err:  # ValueError: a path with a NUL character
+        return None, str(err)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None, "not a regular file"
+        with open(fd, "rb", closefd=False) as stream:
+            return stream.read(), None
     except OSError as err:
         return None, str(err)
+    finally:
+        os.close(fd)
 
 
 def with_images(table):
@@ -163,7 +267,7 @@ def with_images(table):
     from pyspark.sql.types import BinaryType, StringType, StructField, StructType
 
     if "image" in table.columns:
-        return table.withColumn("read_error", F.lit(None).cast(StringType()))
+        return table.withColumn("read_error", F.when(F.col("image").isNull(), F.lit("no image")))
     kept = [field for field in table.schema.fields if field.name != "file"]
     schema = StructType([*kept, StructField("image", BinaryType()), StructField("read_error", StringType())])
     return table.mapInPandas(read_files, schema)
@@ -216,7 +320,8 @@ def parse_conf(ctx, param, values) -> dict[str, str]:
     "--out",
     required=True,
     help="Parquet table to write (a folder of part files, as Spark writes tables): a local path or a URI Spark "
-    "writes (s3a://, hdfs://, abfss://, dbfs:/). It must not exist.",
+    "writes (s3a://, hdfs://, abfss://, dbfs:/). It must not exist; a local one's folder must exist and be "
+    "writable.",
 )
 @click.option(
     "--model",
@@ -270,28 +375,30 @@ def command(ctx, source, out, model, master, caption, partitions, batch_size, co
     nothing scored (bad --model, --out or input, no image found, no row readable); 2 a usage error; 3 some rows
     could not be read.
     """
-    if "://" not in out and Path(out).exists():
-        raise click.ClickException(f"--out {out}: already exists (Spark does not overwrite a table; give a new path)")
+    target = local_out(out)
     job = Job(source, out, model, caption, partitions, list_images(source))
+    if job.images is None and read_here(source):
+        check_table(source, *table_facts(source))
     result = result_type(model)
     spark, started = start_spark(master, {"spark.sql.execution.arrow.maxRecordsPerBatch": str(batch_size)} | conf)
     from py4j.protocol import Py4JError
     from pyspark.errors import PySparkException
 
-    try:
-        rows, failed = score_table(spark, job, result)
-    except (PySparkException, Py4JError) as err:  # a missing table, an executor that cannot load the model
-        raise DataError(f"{source}: scoring into {out} failed on Spark ({first_line(err)})") from None
-    finally:
-        if started:
-            spark.stop()
-    report(ctx, rows, failed, source, out)
+    # A local --out is written beside itself and moved into place at the end: a failed job leaves none. Spark stops
+    # before the scratch table is removed or moved, so that no task is still writing to it.
+    with atomic_path(target) if target else nullcontext(out) as scratch:
+        try:
+            rows, failed = score_table(spark, replace(job, out=str(scratch)), result)
+        except (PySparkException, Py4JError) as err:  # a missing table, an executor that cannot load the model
+            raise DataError(f"{source}: scoring into {out} failed on Spark ({first_line(err)})") from None
+        finally:
+            if started:
+                spark.stop()
+    report(ctx, rows, failed, out)
 
 
-def report(ctx, rows: int, failed: int, source: str, out: str) -> None:
+def report(ctx, rows: int, failed: int, out: str) -> None:
     """Say what was written; exit 1 when nothing was scored, 3 when some rows failed."""
-    if not rows:
-        raise click.ClickException(f"{source}: no rows to score")
     if failed == rows:
         raise click.ClickException(f"none of the {rows} row(s) could be scored (the error column of {out} says why)")
     click.echo(f"wrote {rows} row(s) to {out}", err=True)
