@@ -163,7 +163,7 @@ def _unreadable(root) -> dict:
         None: "no path",
         "": "no path",
         "gone.png": "No such file or directory",
-        "folder": "not a regular file",
+        "folder": "a folder, not an image file",
         "pipe": "not a regular file",
         "/dev/zero": "not a regular file",
         "nul\0.png": "embedded null byte",

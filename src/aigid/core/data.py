@@ -100,7 +100,11 @@ def not_a_file(path: Path) -> str | None:
 def read_file(path: str | Path) -> bytes:
     """The bytes of the image file ``path``; a DataError for anything that is not a regular file, checked before
     it is opened (reading a device never ends, opening a pipe waits for a writer)."""
-    if problem := not_a_file(Path(path)):
+    try:
+        problem = not_a_file(Path(path))
+    except ValueError as err:  # a name with a NUL character
+        raise DataError(f"not a file name: {err}") from None
+    if problem:
         raise DataError(problem)
     try:
         return Path(path).read_bytes()

@@ -23,13 +23,13 @@ from __future__ import annotations
 
 import os
 import re
-import stat
 from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import click
 
+from aigid.core import data
 from aigid.core.data import DataError
 from aigid.core.files import atomic_path
 from aigid.core.stage import clean_errors
@@ -240,24 +240,15 @@ def read_files(batches):
 
 
 def read_file(file) -> tuple[bytes | None, str | None]:
-    """A file's bytes, or why it cannot be read: the message `aigid detect` gives; "no path" for a null or empty
-    path (which pandas hands over as None or NaN); "not a regular file" for a folder, a pipe or a device, which
-    reading would wait on or never finish."""
+    """A file's bytes, or why it cannot be read: the message `aigid detect` gives (:func:`aigid.core.data.read_file`:
+    "not a regular file" for a pipe or a device, which reading would wait on or never finish); "no path" for a
+    null or empty path (which pandas hands over as None or NaN)."""
     if not isinstance(file, str) or not file:
         return None, "no path"
     try:
-        fd = os.open(file, os.O_RDONLY | os.O_NONBLOCK)  # a pipe opens without waiting for a writer
-    except (OSError, ValueError) as err:  # ValueError: a path with a NUL character
+        return data.read_file(file), None
+    except DataError as err:
         return None, str(err)
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None, "not a regular file"
-        with open(fd, "rb", closefd=False) as stream:
-            return stream.read(), None
-    except OSError as err:
-        return None, str(err)
-    finally:
-        os.close(fd)
 
 
 def with_images(table):
