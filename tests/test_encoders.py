@@ -61,6 +61,26 @@ def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
     assert not (tmp_path / "enc2").exists()
 
 
+def test_encoders_stage_refuses_a_text_encoder_that_is_not_bert_like(tmp_path):
+    """DistilBERT loads with AutoModel but has no pooler to leave out: one line naming the key, no traceback."""
+    import yaml
+    from click.testing import CliRunner
+    from transformers import DistilBertConfig, DistilBertModel
+
+    from aigid.cli import main
+
+    DistilBertModel(DistilBertConfig(dim=16, n_layers=1, n_heads=2, hidden_dim=32)).save_pretrained(tmp_path / "db")
+    params = yaml.safe_load(open("params.yaml"))
+    params["encoders"].update(text=str(tmp_path / "db"), vision=str(tmp_path / "db"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    out = str(tmp_path / "e")
+    args = ["encoders", "--params", str(tmp_path / "params.yaml"), "--data", str(tmp_path), "--out", out]
+    result = CliRunner().invoke(main, args)
+    assert result.exit_code != 0 and isinstance(result.exception, SystemExit), result.exception
+    assert "encoders.text=" in result.output and "BERT-like" in result.output, result.output
+    assert not (tmp_path / "e").exists()
+
+
 def test_demo_tokenizer_vocabulary_is_deterministic_and_covers_unseen_words():
     from aigid.stages.encoders import train_wordpiece
 

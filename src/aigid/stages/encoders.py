@@ -152,5 +152,10 @@ def snapshot_encoders(params, out_dir: Path) -> None:
                 f"encoders.{kind}={name!r} could not be loaded: it is neither a local directory nor a model in the "
                 f"Hugging Face cache or hub reachable from here ({err})"
             ) from err
+        except TypeError as err:  # a text model without a pooler option (DistilBERT): not BERT-like
+            raise DataError(
+                f"encoders.{kind}={name!r} is not an encoder the pipeline can read (a BERT-like text encoder, "
+                f"a CLIP vision tower): {err}"
+            ) from err
         model.save_pretrained(out_dir / kind)
         pre.save_pretrained(out_dir / kind)
