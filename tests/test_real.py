@@ -1,11 +1,12 @@
 """The pipeline with real pretrained encoders on real images (benchmarks/real.py, reduced): the encoders built by
 ``../shared/real/build_encoders.py`` (cached), frozen; ml72 for train and validation, held-out ml72 and spai
-images as test. Skipped where the real image set is absent (``../shared/real`` beside the repository, or
-``$AIGID_REAL_DATA``)."""
+images as test. Runs with ``AIGID_REAL_TEST=1``; skipped where the real image set is absent (``../shared/real``
+beside the repository, or ``$AIGID_REAL_DATA``)."""
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 import pytest
 
@@ -16,7 +17,14 @@ real = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(real)
 
 REASON = real.missing(real.real_dir())
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(bool(REASON), reason=f"no real image set: {REASON}")]
+# CLIP ViT-B/16 through all eight stages takes longer than the whole suite's budget on 2 cores (export traces
+# and checks a 436 MB graph): the check runs where it is asked for, with AIGID_REAL_TEST=1.
+ASKED = os.environ.get("AIGID_REAL_TEST") == "1"
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(bool(REASON), reason=f"no real image set: {REASON}"),
+    pytest.mark.skipif(not ASKED, reason="the real-data check runs with AIGID_REAL_TEST=1 (about 15 min or more)"),
+]
 
 
 def test_real_encoders_separate_real_from_ai_within_the_source(tmp_path):
