@@ -33,9 +33,11 @@ PAGE = """
 import sys
 from pathlib import Path
 from aigid.serving.app import score_uploads
+from aigid.serving.portable import decode_side
 from aigid.serving.scorer import scorer
 score = scorer(Path(sys.argv[1]), 64, False, "auto")
-rows = score_uploads(score, [(p, Path(p).read_bytes()) for p in sys.argv[2:]], "", None)
+uploads = [(p, Path(p).read_bytes()) for p in sys.argv[2:]]
+rows = score_uploads(score, uploads, "", None, decode_side(Path(sys.argv[1])))
 assert not any(r["error"] for r in rows), rows
 """
 

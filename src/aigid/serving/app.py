@@ -104,7 +104,7 @@ def as_text(value):
 
 
 def score_uploads(
-    score, uploads: list[tuple[str, bytes]], caption: str, threshold: float | None, side: int | None = None
+    score, uploads: list[tuple[str, bytes]], caption: str, threshold: float | None, side: int
 ) -> list[dict]:
     """One row per uploaded ``(file name, bytes)``: the reason in ``error`` where the bytes are not a readable
     image, the scores of ``score`` (see :func:`aigid.serving.scorer.scorer`) for the others. Each image is
