@@ -132,6 +132,9 @@ def test_scoring_the_grid_once_for_models_sharing_encoders_gives_each_pass_s_num
     ]
     options = RunOptions(batch_size=4)  # several batches, a caption's images in one
     shared = predict_grid(detectors, rows, grid, options)
+    # The first one's tokenizer encoded every batch (and so carries a call's truncation): still the same pair,
+    # as evaluate asks again for the validation rows.
+    assert shares_encoders(detectors["base"], detectors["retrained"])
     for name, detector in detectors.items():
         alone = predict_grid({name: detector}, rows, grid, options)
         for condition in grid:

@@ -286,8 +286,14 @@ def shares_encoders(a: Loaded, b: Loaded) -> bool:
 
 
 def _tokenizer_state(tokenizer) -> tuple:
-    backend = getattr(tokenizer, "backend_tokenizer", None)  # a fast tokenizer: its whole pipeline, as JSON
-    return type(tokenizer).__name__, backend.to_str() if backend is not None else tokenizer.get_vocab()
+    """What a tokenizer turns text into: a fast tokenizer's whole pipeline (as JSON), without the truncation and
+    padding a call sets on it (each call sets its own: a tokenizer that has encoded a batch is still the same)."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return type(tokenizer).__name__, tokenizer.get_vocab()
+    state = json.loads(backend.to_str())
+    state.pop("truncation", None), state.pop("padding", None)
+    return type(tokenizer).__name__, json.dumps(state, sort_keys=True)
 
 
 @torch.inference_mode()
