@@ -105,7 +105,7 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
     monkeypatch.setattr(Trainer, "training_step", lambda self, *a, **kw: steps.append(1) or step(self, *a, **kw))
     with caplog.at_level("INFO", logger="aigid.training.trainer"):
         resumed = run("killed", "ck")
-    assert "resuming from the last checkpoint" in caplog.text
+    assert "resuming train from the last checkpoint" in caplog.text
     resumed_steps, steps[:] = len(steps), []
     unbroken = run("unbroken", "ck2")
     assert resumed_steps == len(steps) * (params.train.epochs - 1) / params.train.epochs  # only the epochs left

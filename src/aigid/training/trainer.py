@@ -155,7 +155,7 @@ def train_detector(
     resume = resumable_checkpoint(checkpoints, fingerprint, state.num_processes) if state.is_main_process else None
     resume = broadcast_object_list([resume])[0]
     if resume and state.is_main_process:
-        log.info("resuming from the last checkpoint in %s (%s)", checkpoints, Path(resume).name)
+        log.info("resuming %s from the last checkpoint in %s (%s)", args.run_name, checkpoints, Path(resume).name)
     set_seed(args.seed)  # before the fusion layer and heads are initialised
     detector = build_detector(
         str(encoders / "text"),
