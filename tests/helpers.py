@@ -32,7 +32,7 @@ from transformers import BertConfig, BertModel, CLIPImageProcessor, CLIPVisionCo
 from aigid.cli import main
 from aigid.detector.model import Detector, DetectorConfig, save_detector
 from aigid.serving.registry import ALIAS
-from aigid.stages.encoders import train_wordpiece
+from aigid.sources.demo import train_wordpiece
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -16,7 +16,7 @@ from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 from transformers import BertConfig, BertModel, CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel
 
-from aigid.stages.encoders import train_wordpiece
+from aigid.sources.demo import train_wordpiece
 
 # `load_dataset("parquet", data_dir=...)` names splits by file name and only knows these (plus aliases such
 # as "valid"/"dev"); a file with another name (e.g. "unlabeled.parquet") is silently left out.

@@ -14,7 +14,7 @@ def test_encoders_stage_snapshots_local_pretrained_directories(tmp_path):
 
     from aigid.cli import main
     from aigid.detector.model import build_detector
-    from aigid.stages.encoders import train_wordpiece
+    from aigid.sources.demo import train_wordpiece
 
     model = _tiny_detector()
     model.text_encoder.save_pretrained(tmp_path / "bert")
@@ -82,7 +82,7 @@ def test_encoders_stage_refuses_a_text_encoder_that_is_not_bert_like(tmp_path):
 
 
 def test_demo_tokenizer_vocabulary_is_deterministic_and_covers_unseen_words():
-    from aigid.stages.encoders import train_wordpiece
+    from aigid.sources.demo import train_wordpiece
 
     captions = ["two red circles and a blue square on a green background", "a yellow triangle on a grey background"]
     a, b = train_wordpiece(captions, 80), train_wordpiece(list(reversed(captions)) * 3, 80)

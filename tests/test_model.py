@@ -67,7 +67,7 @@ def test_label_b_is_real_exactly_when_label_a_is_real():
 def test_save_load_round_trip_gives_identical_predictions(tmp_path):
     from transformers import CLIPImageProcessor
 
-    from aigid.stages.encoders import train_wordpiece
+    from aigid.sources.demo import train_wordpiece
 
     torch.manual_seed(0)
     model = _tiny_detector().eval()
@@ -213,7 +213,7 @@ def test_processor_loads_without_the_fallback_warning(tmp_path):
 def test_concat_fusion_keeps_the_paper_layer_and_cross_attention_reads_tokens_without_padding(tmp_path):
     from transformers import CLIPImageProcessor
 
-    from aigid.stages.encoders import train_wordpiece
+    from aigid.sources.demo import train_wordpiece
 
     assert {k for k in _tiny_detector().state_dict() if k.startswith("fusion.")} == {"fusion.0.weight", "fusion.0.bias"}
     torch.manual_seed(0)

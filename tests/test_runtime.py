@@ -10,7 +10,7 @@ from PIL import Image
 from transformers import CLIPImageProcessor
 
 from aigid.detector.model import load_detector, save_detector
-from aigid.stages.encoders import train_wordpiece
+from aigid.sources.demo import train_wordpiece
 from helpers import _tiny_detector
 
 

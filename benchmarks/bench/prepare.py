@@ -48,7 +48,7 @@ def build_encoders(out: Path, config: str, captions) -> None:
     """Demo encoders as the pipeline builds them; paper-size ones from their configs (random weights), so that
     the benchmark runs offline."""
     if config == "demo":  # the embedded default's encoders, as params.yaml sizes them
-        from aigid.stages.encoders import build_demo_encoders
+        from aigid.sources.demo import build_demo_encoders
 
         build_demo_encoders(captions, params().encoders, out, 0)
     else:
@@ -59,7 +59,7 @@ def _paper_encoders(out: Path, captions) -> None:
     """BERT-base and CLIP ViT-B/32 sizes, randomly initialised; a WordPiece vocabulary from the captions."""
     from transformers import BertConfig, BertModel, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
 
-    from aigid.stages.encoders import train_wordpiece
+    from aigid.sources.demo import train_wordpiece
 
     tokenizer = train_wordpiece(captions, 1000)
     BertModel(BertConfig(vocab_size=30522), add_pooling_layer=False).save_pretrained(out / "text")

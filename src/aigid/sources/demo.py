@@ -1,16 +1,23 @@
-"""The embedded demo dataset: generated offline, in the shape of CT2/Defactify.
+"""The embedded demo: a dataset generated offline in the shape of CT2/Defactify, and small encoders to train on it.
 
 Every caption describes a simple scene (coloured shapes on a background) and comes with one image per entry
 of :data:`TRACES`: a "real" photo and one re-rendering by each simulated generator. Each source leaves its own
 kind of trace at a random strength, modelled on artefacts reported for real generators; real and generated images
 alike are saved as JPEG or PNG at random, so the file format says nothing about the label.
+
+The demo encoders (:func:`build_demo_encoders`, what the `encoders` stage writes with ``encoders.text: demo``) are a
+small BERT and a small CLIP vision tower built from configs with random weights, and a WordPiece tokenizer trained
+on the captions (:func:`train_wordpiece`). They import transformers inside the functions: `prepare` reads the
+dataset half of this module without it.
 """
 
 from __future__ import annotations
 
 import io
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 from datasets import Dataset, DatasetDict
@@ -19,6 +26,9 @@ from PIL import Image as PILImage
 from PIL import ImageDraw, ImageEnhance, ImageFilter
 
 from aigid.core.data import RAW_COLUMNS, schema
+
+if TYPE_CHECKING:
+    from transformers import BertTokenizerFast
 
 PALETTE = {
     "red": (200, 40, 40),
@@ -35,6 +45,7 @@ PALETTE = {
 SHAPES = ("circle", "square", "triangle")
 NUMBERS = {1: "a", 2: "two", 3: "three"}
 FEATURES = schema(columns=(*RAW_COLUMNS, "caption_id"))
+SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]  # the demo tokenizer's, first in its vocabulary
 
 
 def random_scene(rng: np.random.Generator) -> tuple[str, dict]:
@@ -207,3 +218,80 @@ def _rows(n_captions: int, image_size: int, rng: np.random.Generator, used: set[
                 "Label_B": source,
                 "caption_id": caption_id,
             }
+
+
+def train_wordpiece(captions: Iterable[str], vocab_size: int) -> BertTokenizerFast:
+    """A lowercasing BERT-style WordPiece tokenizer whose vocabulary comes from ``captions``.
+
+    The vocabulary is built here rather than by the `tokenizers` trainer, whose order for equally frequent
+    pieces varies from run to run: special tokens, every character alone and as a ``##`` continuation,
+    then whole words by falling frequency (ties alphabetical). Same captions, same token ids.
+    """
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import BertTokenizerFast
+
+    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
+    counts: Counter[str] = Counter()
+    for caption in captions:
+        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
+    chars = sorted({ch for word in counts for ch in word})
+    pieces = SPECIAL_TOKENS + chars + [f"##{ch}" for ch in chars]
+    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
+    pieces += words[: max(0, vocab_size - len(pieces))]
+    tok = Tokenizer(models.WordPiece(vocab={p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
+    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
+    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+    tok.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
+    )
+    return BertTokenizerFast(
+        tokenizer_object=tok,
+        unk_token="[UNK]",
+        pad_token="[PAD]",
+        cls_token="[CLS]",
+        sep_token="[SEP]",
+        mask_token="[MASK]",
+        do_lower_case=True,
+    )
+
+
+def build_demo_encoders(captions: Iterable[str], params, out_dir: Path, seed: int) -> None:
+    """The demo's starting encoders in ``out_dir``: ``text/`` (a small BERT with :func:`train_wordpiece`'s
+    tokenizer on ``captions``) and ``vision/`` (a small CLIP vision tower with its processor's settings), sized by
+    ``params`` (the ``encoders`` group's ``demo``), their random weights drawn after seeding torch with ``seed``."""
+    import torch
+    from transformers import BertConfig, BertModel, CLIPImageProcessorPil, CLIPVisionConfig, CLIPVisionModel
+
+    d = params.demo
+    torch.manual_seed(seed)
+    tokenizer = train_wordpiece(captions, d.vocab_size)
+    text = BertModel(
+        BertConfig(
+            vocab_size=len(tokenizer),
+            hidden_size=d.hidden_size,
+            num_hidden_layers=d.layers,
+            num_attention_heads=d.heads,
+            intermediate_size=4 * d.hidden_size,
+            max_position_embeddings=128,
+        ),
+        add_pooling_layer=False,
+    )
+    vision = CLIPVisionModel(
+        CLIPVisionConfig(
+            hidden_size=d.hidden_size,
+            num_hidden_layers=d.layers,
+            num_attention_heads=d.heads,
+            intermediate_size=4 * d.hidden_size,
+            image_size=d.image_size,
+            patch_size=d.patch_size,
+            projection_dim=d.hidden_size,
+        )
+    )
+    # Only its settings are saved (as a CLIPImageProcessor); aigid.detector.model.load_processor picks the fast variant.
+    processor = CLIPImageProcessorPil(
+        size={"shortest_edge": d.image_size}, crop_size={"height": d.image_size, "width": d.image_size}
+    )
+    text.save_pretrained(out_dir / "text")
+    tokenizer.save_pretrained(out_dir / "text")
+    vision.save_pretrained(out_dir / "vision")
+    processor.save_pretrained(out_dir / "vision")

@@ -2,37 +2,24 @@
 
 With a hub name or a local directory, the encoder is loaded with ``from_pretrained`` and written back with
 ``save_pretrained``, which pins the exact weights the pipeline trains from as a versioned DVC output. With
-``demo``, a small BERT and a small CLIP vision model are built from configs (random weights), with a WordPiece
-tokenizer trained on the training captions, so the whole pipeline runs offline.
+``demo``, the embedded demo's small encoders are built (:func:`aigid.sources.demo.build_demo_encoders`: random
+weights, a WordPiece tokenizer trained on the training captions), so the whole pipeline runs offline.
 """
 
 from __future__ import annotations
 
-from collections import Counter
-from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-from transformers import (
-    AutoImageProcessor,
-    AutoModel,
-    AutoTokenizer,
-    BertConfig,
-    BertModel,
-    BertTokenizerFast,
-    CLIPImageProcessorPil,
-    CLIPVisionConfig,
-    CLIPVisionModel,
-)
+from transformers import AutoImageProcessor, AutoModel, AutoTokenizer, CLIPVisionModel
 
 from aigid.core import stage
 from aigid.core.data import open_dataset
 from aigid.core.errors import DataError
 from aigid.core.files import atomic_path
 from aigid.detector.runtime import configure
+from aigid.sources.demo import build_demo_encoders
 
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 PARAMS = ("seed", "encoders", "compute")
 
 
@@ -61,76 +48,6 @@ def run(params, paths: Paths) -> dict:
 
 
 command = stage.command("encoders", run, Paths, PARAMS)
-
-
-def train_wordpiece(captions: Iterable[str], vocab_size: int) -> BertTokenizerFast:
-    """A lowercasing BERT-style WordPiece tokenizer whose vocabulary comes from ``captions``.
-
-    The vocabulary is built here rather than by the `tokenizers` trainer, whose order for equally frequent
-    pieces varies from run to run: special tokens, every character alone and as a ``##`` continuation,
-    then whole words by falling frequency (ties alphabetical). Same captions, same token ids.
-    """
-    normalizer, pre_tokenizer = normalizers.BertNormalizer(lowercase=True), pre_tokenizers.BertPreTokenizer()
-    counts: Counter[str] = Counter()
-    for caption in captions:
-        counts.update(w for w, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(caption)))
-    chars = sorted({ch for word in counts for ch in word})
-    pieces = SPECIAL_TOKENS + chars + [f"##{ch}" for ch in chars]
-    words = [w for w, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])) if len(w) > 1]
-    pieces += words[: max(0, vocab_size - len(pieces))]
-    tok = Tokenizer(models.WordPiece(vocab={p: i for i, p in enumerate(pieces)}, unk_token="[UNK]"))
-    tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
-    cls_id, sep_id = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
-    tok.post_processor = processors.TemplateProcessing(
-        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B [SEP]", special_tokens=[("[CLS]", cls_id), ("[SEP]", sep_id)]
-    )
-    return BertTokenizerFast(
-        tokenizer_object=tok,
-        unk_token="[UNK]",
-        pad_token="[PAD]",
-        cls_token="[CLS]",
-        sep_token="[SEP]",
-        mask_token="[MASK]",
-        do_lower_case=True,
-    )
-
-
-def build_demo_encoders(captions: Iterable[str], params, out_dir: Path, seed: int) -> None:
-    import torch
-
-    d = params.demo
-    torch.manual_seed(seed)
-    tokenizer = train_wordpiece(captions, d.vocab_size)
-    text = BertModel(
-        BertConfig(
-            vocab_size=len(tokenizer),
-            hidden_size=d.hidden_size,
-            num_hidden_layers=d.layers,
-            num_attention_heads=d.heads,
-            intermediate_size=4 * d.hidden_size,
-            max_position_embeddings=128,
-        ),
-        add_pooling_layer=False,
-    )
-    vision = CLIPVisionModel(
-        CLIPVisionConfig(
-            hidden_size=d.hidden_size,
-            num_hidden_layers=d.layers,
-            num_attention_heads=d.heads,
-            intermediate_size=4 * d.hidden_size,
-            image_size=d.image_size,
-            patch_size=d.patch_size,
-            projection_dim=d.hidden_size,
-        )
-    )
-    # Only its settings are saved (as a CLIPImageProcessor); aigid.detector.model.load_processor picks the fast variant.
-    processor = CLIPImageProcessorPil(
-        size={"shortest_edge": d.image_size}, crop_size={"height": d.image_size, "width": d.image_size}
-    )
-    text.save_pretrained(out_dir / "text")
-    tokenizer.save_pretrained(out_dir / "text")
-    vision.save_pretrained(out_dir / "vision")
-    processor.save_pretrained(out_dir / "vision")
 
 
 def snapshot_encoders(params, out_dir: Path) -> None:
