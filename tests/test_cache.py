@@ -66,7 +66,7 @@ def test_batches_of_cached_features_are_the_rows_pseudo_labelled_ones_included(f
     from aigid.core.config import load_params
     from aigid.core.data import open_dataset
     from aigid.detector.cache import FeatureCollator, FeatureRows, open_features
-    from aigid.stages.train import feature_splits
+    from aigid.training.fit import feature_splits
 
     params = load_params(frozen / "params.yaml")
     train, _, _ = feature_splits(params, frozen / "data/features", frozen / "data/pseudolabel")

@@ -1,4 +1,4 @@
-"""Training (aigid.training.trainer) and the `train` and `retrain` stages (aigid.stages.train): caption dropout on
+"""Training (aigid.training.trainer, aigid.training.fit) and the `train` and `retrain` stages: caption dropout on
 the training rows only, held-out classes, the global batch shared by processes, complete checkpoints and resuming
 from one."""
 
@@ -68,7 +68,7 @@ def test_frozen_training_killed_after_a_checkpoint_resumes_to_the_same_model(fro
 
     from aigid.core.config import load_params, view
     from aigid.stages import train
-    from aigid.stages.train import fit
+    from aigid.training.fit import fit
 
     class Killed(Exception):
         pass

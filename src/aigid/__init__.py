@@ -6,7 +6,9 @@ The packages are layers; a module imports only from its own layer or the ones be
 - :mod:`aigid.stages` -- one module per dvc.yaml stage (prepare ... export), nothing else.
 - :mod:`aigid.serving` -- what users run on a trained detector: `aigid detect`, the portable (ONNX) detector, the
   MLflow model, the registry, `aigid register` and `aigid promote`.
-- :mod:`aigid.sources` -- dataset readers: the layouts of raw data, tables, the embedded demo data.
+- :mod:`aigid.training` -- what `train` and `retrain` share: the Trainer, the rows, the stage's MLflow run, the
+  scoring rule and the saved model.
+- :mod:`aigid.sources` -- dataset readers: the layouts of raw data, tables, the embedded demo (data and encoders).
 - :mod:`aigid.tracking` -- MLflow runs and the metrics they log.
 - :mod:`aigid.detector` -- the model, its runtime, inference, the decision rule, the feature cache.
 - :mod:`aigid.core` -- params and the compute profile, errors, files, the prepared-data schema, stage commands.

@@ -1,8 +1,7 @@
 """The `retrain` stage: a fresh detector from the same encoders, on the original plus pseudo-labelled data.
 
-The stage is the `train` stage's (:func:`aigid.stages.train.fit`); retrain adds the pseudo-labelled
-train/validation additions and reads ``pseudolabel.pool`` (in frozen-encoder mode their features are looked
-up in that split's cached features).
+It trains as `train` does (:mod:`aigid.training.fit`), with the pseudo-labelled train/validation additions, and
+reads ``pseudolabel.pool`` (in frozen-encoder mode their features are looked up in that split's cached features).
 """
 
 from __future__ import annotations
@@ -11,13 +10,13 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from aigid.core import stage
-from aigid.stages import train
+from aigid.training import fit
 
-PARAMS = (*train.PARAMS, "pseudolabel.pool")
+PARAMS = (*fit.PARAMS, "pseudolabel.pool")
 
 
 @dataclass(frozen=True)
-class Paths(train.Paths):
+class Paths(fit.TrainingPaths):
     out: Path = stage.path(
         "models/retrained", "Directory for the best model (self-contained: weights, configs, tokenizer, processor)."
     )
@@ -35,7 +34,7 @@ class Paths(train.Paths):
 
 def run(params, paths: Paths) -> dict:
     """Train a fresh detector from the same encoders on the original plus pseudo-labelled data."""
-    return train.run(params, paths, "retrain", paths.pseudo)
+    return fit.train_and_write(params, paths, "retrain", paths.pseudo)
 
 
 command = stage.command("retrain", run, Paths, PARAMS)

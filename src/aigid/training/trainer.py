@@ -3,8 +3,9 @@
 :func:`train_detector` builds a fresh detector from the starting encoders, trains it (full fine-tuning, or with
 ``train.freeze_encoders`` the fusion layer and heads alone on cached features), evaluates every epoch, keeps
 only the latest checkpoint and loads the best epoch by weighted F1 on Task A at the end (as the paper reports it;
-the reference code selected by binary F1). It knows nothing of stages, paths of the pipeline or MLflow: the
-`train` and `retrain` stages give it their rows, a checkpoint folder and the callbacks that log.
+the reference code selected by binary F1). It knows nothing of stages, paths of the pipeline or MLflow:
+:mod:`aigid.training.fit` (the `train` and `retrain` stages' work) gives it the rows, a checkpoint folder and the
+callbacks that log.
 
 A run that was killed leaves its checkpoints in the folder it was given, and the next call with the same folder
 resumes from the last one that is complete: transformers' ``get_last_checkpoint`` finds the newest, and a mark
