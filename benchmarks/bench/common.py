@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 import resource
+import subprocess
+import sys
 from pathlib import Path
 
 CONFIGS = {
@@ -30,6 +32,7 @@ CONFIGS = {
 BASELINE_TOKENS = 128
 REPO = Path(__file__).resolve().parents[2]
 PARAMS = REPO / "params.yaml"
+AIGID = str(Path(sys.executable).with_name("aigid"))  # the command a user runs, from this environment
 
 
 def params():
@@ -44,6 +47,32 @@ def infer_batch() -> int:
     import yaml
 
     return yaml.safe_load(PARAMS.read_text())["evaluate"]["batch_size"]
+
+
+def params_file(path: Path, **groups: dict) -> Path:
+    """params.yaml with ``groups`` merged into its groups of the same name, written to ``path`` (for `aigid
+    <stage> --params`), the compute group being the one this child runs under (:func:`compute_profile`)."""
+    import yaml
+
+    values = yaml.safe_load(PARAMS.read_text())
+    for name, update in {"compute": compute_profile().model_dump(), **groups}.items():
+        values[name].update(update)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+    return path
+
+
+def stage_options(paths: dict[str, Path]) -> list[str]:
+    """``--name path`` for each of a stage's paths."""
+    return [word for name, path in paths.items() for word in (f"--{name}", str(path))]
+
+
+def time_process(cmd: list[str], cwd: Path | None = None) -> tuple[float, float, float]:
+    """Wall seconds, CPU seconds (user + system) and peak resident MB of one run of ``cmd`` (/usr/bin/time)."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "%e %U %S %M", *cmd], capture_output=True, text=True, cwd=cwd)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
+    wall, user, system, kib = proc.stderr.strip().splitlines()[-1].split()
+    return float(wall), float(user) + float(system), int(kib) / 1024
 
 
 def peak_mb() -> float:

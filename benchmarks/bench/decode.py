@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from bench.detect import _time_process
+from bench.common import AIGID, time_process
 
 BIG_SIDE, BIG_FILES = 9000, 6
 PHOTOS, PHOTO_SIZE = 120, (1024, 768)
@@ -47,18 +47,17 @@ def child_decode(work: Path, repeats: int = 3) -> dict:
     on the JPEGs (the fastest of ``repeats``)."""
     portable = work / "portable"
     big, photos = _big_pngs(work / "big"), _photos(work / "photos")
-    aigid = str(Path(sys.executable).with_name("aigid"))
     result = {"big_png_file_kb": round(sum(p.stat().st_size for p in big) / len(big) / 1024)}
     surfaces = {
-        "detect": [aigid, "detect", *map(str, big), "--model", str(portable), "-q"],
+        "detect": [AIGID, "detect", *map(str, big), "--model", str(portable), "-q"],
         "pyfunc": [sys.executable, "-c", PYFUNC, str(portable), *map(str, big)],
         "page": [sys.executable, "-c", PAGE, str(portable), *map(str, big)],
     }
     for name, cmd in surfaces.items():
-        wall, _, peak = _time_process(cmd)
+        wall, _, peak = time_process(cmd)
         result[f"big_png_{name}_mb"], result[f"big_png_{name}_s"] = peak, wall
-    cmd = [aigid, "detect", str(photos), "--model", str(portable), "-q"]
-    wall = min(_time_process(cmd)[0] for _ in range(repeats))
+    cmd = [AIGID, "detect", str(photos), "--model", str(portable), "-q"]
+    wall = min(time_process(cmd)[0] for _ in range(repeats))
     result["photos_detect_images_s"] = PHOTOS / wall
     result.update(_reduction_effect(portable, sorted(photos.iterdir())))
     return result
