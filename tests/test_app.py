@@ -1,4 +1,4 @@
-"""`aigid app` (aigid.serving.app): the page scores uploaded images as `aigid detect` scores the same files, a file
+"""`aigid app` (aigid.tools.app): the page scores uploaded images as `aigid detect` scores the same files, a file
 that is not an image gets its reason in its own row, a request past a limit (size, files, caption) or without files
 is one line naming it, the downloaded CSV never runs a formula, and no failure shows a traceback. The page itself
 is driven in a headless Chromium (Debian's package, which .ci/run installs) through Playwright."""
@@ -18,9 +18,9 @@ from click.testing import CliRunner
 from PIL import Image
 
 from aigid.cli import main
-from aigid.serving import app as app_module
-from aigid.serving.app import MAX_CAPTION, Limits, cannot_listen, create_app, listen_port
-from aigid.serving.detect import columns, detect, render
+from aigid.tools import app as app_module
+from aigid.tools.app import MAX_CAPTION, Limits, cannot_listen, create_app, listen_port
+from aigid.tools.detect import columns, detect, render
 from helpers import CT2, TINY_SCORING, environment, export_portable, free_port, local_server, save_tiny_model
 
 CHROMIUM = shutil.which("chromium")
@@ -84,7 +84,7 @@ def test_the_page_is_self_contained_and_a_failure_is_one_line_logged_on_the_serv
         "message": "The server could not score these files (RuntimeError: out of memory while scoring); "
         "its log has the details."
     }
-    assert [r.exc_info[0] for r in caplog.records if r.name == "aigid.serving.app"] == [RuntimeError]
+    assert [r.exc_info[0] for r in caplog.records if r.name == "aigid.tools.app"] == [RuntimeError]
     assert client.get("/nowhere").get_json()["message"].startswith("404 Not Found: ")
 
 

@@ -116,6 +116,41 @@ def test_code_deps_are_the_import_closure_of_the_stage(stage):
     }
 
 
+# At most this many `src/aigid` lines in all of dvc.yaml: shared code lives in packages a stage imports whole.
+MAX_CODE_DEPS = 45
+
+
+def test_the_code_deps_of_all_stages_total_at_most_the_cap():
+    total = sum(len(declared_code(stage)) for stage in STAGES)
+    assert total <= MAX_CODE_DEPS, f"dvc.yaml lists {total} code deps (at most {MAX_CODE_DEPS})"
+
+
+def _imported_modules(tree: ast.AST) -> set[str]:
+    """Every module an ``import`` names, and ``package.name`` for each ``from package import name``."""
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            found |= {node.module, *(f"{node.module}.{a.name}" for a in node.names)}
+    return found
+
+
+def test_test_helpers_and_benchmarks_use_no_stage_module():
+    """A stage module is a stage, not a library: the tests' shared helpers and the benchmarks use the layers
+    below it, or run the command (`aigid <stage>`). A stage's own unit tests may import it."""
+    files = [REPO / "tests/helpers.py", REPO / "tests/standins.py", *sorted((REPO / "benchmarks").rglob("*.py"))]
+    assert len(files) > 3
+    uses = {
+        f"{file.relative_to(REPO)}: {name}"
+        for file in files
+        for name in _imported_modules(ast.parse(file.read_text()))
+        if name == "aigid.stages" or name.startswith("aigid.stages.")
+    }
+    assert uses == set()
+    assert "aigid.stages.encoders" in _imported_modules(ast.parse("from aigid.stages import encoders"))
+
+
 def test_a_directory_dep_is_listed_only_where_the_stage_runs_all_of_it():
     """Listing src/aigid/detector for `encoders` (which imports only the runtime) would rerun it for any
     detector edit: the canonical list keeps the single file there, and it fails the check above."""
@@ -129,12 +164,22 @@ def test_a_directory_dep_is_listed_only_where_the_stage_runs_all_of_it():
 
 
 # The packages from the bottom up (aigid/__init__.py): each imports only from itself and the ranks below it.
-LAYERS = {"core": 0, "detector": 1, "sources": 1, "tracking": 1, "training": 2, "serving": 3, "stages": 4, "cli": 5}
+LAYERS = {
+    "core": 0,
+    "detector": 1,
+    "sources": 1,
+    "tracking": 1,
+    "training": 2,
+    "serving": 3,
+    "stages": 4,
+    "tools": 4,
+    "cli": 5,
+}
 
 
 def test_imports_point_down_the_layers():
-    """Stages on top, serving below them, the detector and core at the bottom: no import points back up (a
-    detector module importing a stage's, say), and no package is left out of the list."""
+    """Stages and tools on top, serving and training below them, the detector and core at the bottom: no import
+    points back up (a detector module importing a stage's, say), and no package is left out of the list."""
     upward = []
     for file in sorted((SRC / "aigid").rglob("*.py")):
         name = file.relative_to(SRC).with_suffix("").as_posix().replace("/", ".").removesuffix(".__init__")
@@ -153,7 +198,7 @@ def test_the_closure_follows_imports_inside_functions_and_relative_imports():
     assert "src/aigid/sources/demo.py" in stage_code("prepare")  # imported inside prepare()
     assert "src/aigid/serving/registry.py" in stage_code("evaluate")
     for stage in ("prepare", "encoders", "features", "train", "pseudolabel", "retrain"):
-        assert "src/aigid/serving/detect.py" not in stage_code(stage)
+        assert "src/aigid/tools/detect.py" not in stage_code(stage)
     train = stage_code("train")
     assert {"src/aigid/detector/model.py", "src/aigid/core/data.py"} <= train
     assert not train & {

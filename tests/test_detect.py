@@ -114,7 +114,7 @@ def test_detect_json_with_per_file_captions(tmp_path):
 def test_threshold_from_the_operating_point_and_progress_only_on_stderr(tmp_path, capsys):
     import json
 
-    from aigid.serving.detect import detect, expand
+    from aigid.tools.detect import detect, expand
 
     save_tiny_model(tmp_path / "model")
     for i in range(3):
@@ -211,7 +211,7 @@ def test_detect_imports_no_dataset_table_tracking_params_or_model_library():
         "torch",
         "transformers",
     )
-    code = f"import sys, aigid.cli, aigid.serving.detect; print([m for m in {heavy!r} if m in sys.modules])"
+    code = f"import sys, aigid.cli, aigid.tools.detect; print([m for m in {heavy!r} if m in sys.modules])"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
 
@@ -298,7 +298,7 @@ def test_a_model_trained_on_the_demo_or_without_a_rule_says_so_once_per_run(tmp_
 
 
 def test_files_decoded_in_parallel_give_the_rows_of_one_thread_in_their_order(tmp_path, monkeypatch):
-    from aigid.serving import detect as detect_module
+    from aigid.tools import detect as detect_module
 
     save_tiny_model(tmp_path / "model")
     rng = np.random.default_rng(3)

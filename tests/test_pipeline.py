@@ -372,14 +372,14 @@ def test_a_code_edit_reruns_exactly_the_stages_that_import_it(project):
     Python's byte-code caches inside those directories are no dependency (.dvcignore)."""
     assert _changed(project) == set()
     code = project / "src/aigid"
-    edited = ["serving/detect.py", "serving/registry.py", "detector/model.py", "detector/cache.py"]
+    edited = ["tools/detect.py", "serving/registry.py", "detector/model.py", "detector/cache.py"]
     originals = {name: (code / name).read_text() for name in edited}
 
     def edit(name):
         (code / name).write_text(originals[name] + "# a comment\n")
 
     try:
-        edit("serving/detect.py")
+        edit("tools/detect.py")
         assert _changed(project) == set()  # detect is no stage's dependency
         (code / "detector/__pycache__").mkdir(exist_ok=True)
         (code / "detector/__pycache__/extra.cpython-311.pyc").write_bytes(b"not a dependency")

@@ -1,4 +1,4 @@
-"""`aigid promote` (aigid.serving.promote): @champion moves only to a better candidate scored on the same test
+"""`aigid promote` (aigid.tools.promote): @champion moves only to a better candidate scored on the same test
 data. A real sqlite MLflow store and a tiny detector."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""`aigid register` (aigid.serving.register): registering the current model is idempotent, and a version carries
+"""`aigid register` (aigid.tools.register): registering the current model is idempotent, and a version carries
 the exported form and the model card. A real sqlite MLflow store and a tiny detector."""
 
 from __future__ import annotations
@@ -75,7 +75,7 @@ def served(store, monkeypatch):
 
 
 def test_a_store_on_this_machine_is_read_in_place(store, monkeypatch, tmp_path):
-    from aigid.serving import models
+    from aigid.tools import models
 
     monkeypatch.setenv("AIGID_CACHE", str(tmp_path / "cache"))
     _register(store, 0.4)
@@ -85,7 +85,7 @@ def test_a_store_on_this_machine_is_read_in_place(store, monkeypatch, tmp_path):
 
 
 def test_a_registered_version_is_downloaded_once_and_a_moved_alias_is_followed(served, monkeypatch, tmp_path):
-    from aigid.serving import models
+    from aigid.tools import models
 
     store = served
     monkeypatch.setenv("AIGID_CACHE", str(tmp_path / "cache"))
@@ -207,7 +207,7 @@ def test_a_damaged_cached_copy_is_downloaded_again(on_server, damage, monkeypatc
     assert again[:2] == first[:2] and "the exported detector" in again[2]  # the same rows, the same model
     assert f"{copy}: the cached copy of models:/{NAME}/1 " in caplog.text and "downloading it again" in caplog.text
     assert [p.name for p in (tmp_path / "cache" / "models").iterdir()] == [copy.name]
-    from aigid.serving.models import check_copy
+    from aigid.tools.models import check_copy
 
     assert check_copy(copy) is None
 

@@ -23,7 +23,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from aigid.cli import main
-from aigid.serving.score_table import list_images, read_files
+from aigid.tools.score_table import list_images, read_files
 from helpers import _register, environment
 
 pytest.importorskip("pyspark")

@@ -1,7 +1,7 @@
 """Memory and speed of reading images for scoring, each surface as a whole process of its own (/usr/bin/time):
 `aigid detect --model <portable>` on 6 PNGs of 9000x9000 pixels (small files under the decompression-bomb guard,
 about 320 MB each as RGB pixels), the served model's ``predict`` (aigid.serving.pyfunc) and the page's scoring
-function (aigid.serving.app.score_uploads) on the same files; and `aigid detect` on 120 random 1024x768 JPEGs.
+function (aigid.tools.app.score_uploads) on the same files; and `aigid detect` on 120 random 1024x768 JPEGs.
 The detector is the one the detect step saved and exported under ``work`` (``model``, ``portable``)."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ assert (frame["error"] == "").all(), frame["error"].tolist()
 PAGE = """
 import sys
 from pathlib import Path
-from aigid.serving.app import score_uploads
+from aigid.tools.app import score_uploads
 from aigid.serving.portable import decode_side
 from aigid.serving.scorer import scorer
 score = scorer(Path(sys.argv[1]), 64, False, "auto")

@@ -4,8 +4,10 @@ The packages are layers; a module imports only from its own layer or the ones be
 
 - :mod:`aigid.cli` -- the `aigid` command: imports a command's module when it is called.
 - :mod:`aigid.stages` -- one module per dvc.yaml stage (prepare ... export), nothing else.
-- :mod:`aigid.serving` -- what users run on a trained detector: `aigid detect`, the portable (ONNX) detector, the
-  MLflow model, the registry, `aigid register` and `aigid promote`.
+- :mod:`aigid.tools` -- the commands that are not stages, run on a trained detector: `aigid detect`, `aigid app`,
+  `aigid score-table`, `aigid register` and `aigid promote`.
+- :mod:`aigid.serving` -- the trained detector as it is served: the portable (ONNX) detector, the scorer, the
+  MLflow model, the registry and the model card.
 - :mod:`aigid.training` -- what `train` and `retrain` share: the Trainer, the rows, the stage's MLflow run, the
   scoring rule and the saved model.
 - :mod:`aigid.sources` -- dataset readers: the layouts of raw data, tables, the embedded demo (data and encoders).

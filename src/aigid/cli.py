@@ -21,7 +21,7 @@ from aigid.core.stage import quiet_transformers
 STAGES = ("prepare", "encoders", "features", "train", "pseudolabel", "retrain", "evaluate", "export")
 # command name -> module defining `command`: the stages, then the tools.
 COMMANDS = {name: f"aigid.stages.{name}" for name in STAGES} | {
-    name: f"aigid.serving.{name.replace('-', '_')}" for name in ("detect", "app", "promote", "register", "score-table")
+    name: f"aigid.tools.{name.replace('-', '_')}" for name in ("detect", "app", "promote", "register", "score-table")
 }
 # Commands that import transformers only where they need it (detect and app on a portable model never do;
 # score-table loads the model on Spark's executors), and call quiet_transformers there; for every other command the

@@ -1,2 +1,3 @@
-"""Using a trained detector: `aigid detect` (:mod:`.detect`), the portable ONNX detector (:mod:`.portable`), the
-MLflow model (:mod:`.pyfunc`), the registry (:mod:`.registry`), `aigid register` and `aigid promote`."""
+"""The trained detector as it is served: the portable ONNX detector (:mod:`.portable`), the scorer that picks it or
+the torch one (:mod:`.scorer`), the MLflow model (:mod:`.pyfunc`), the registry (:mod:`.registry`) and the model card
+(:mod:`.card`). A registered version carries this directory as its code."""

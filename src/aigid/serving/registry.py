@@ -5,12 +5,12 @@ version of the name holds the same model: the same ``model_hash`` tag (SHA-256 o
 and the threshold it labels at), or the same files (``weights_hash``) at a ``threshold`` within a relative
 1e-5 (:data:`THRESHOLD_RTOL`: an evaluation of the same weights elsewhere can end one float32 step away). It
 tags a new version with those, the git commit and the DVC experiment, and points the alias ``@candidate`` at
-it. `evaluate` calls it when it runs; ``aigid register`` (:mod:`aigid.serving.register`) calls it for the current
+it. `evaluate` calls it when it runs; ``aigid register`` (:mod:`aigid.tools.register`) calls it for the current
 ``models/retrained`` whenever a store lacks it (a fresh clone whose evaluate DVC skipped, a second machine
 after ``dvc pull``, a shared server). An existing version is never registered twice and never moves the
 alias: clones sharing one server do not move each other's ``@candidate`` back to an older model. The run that
 registers a version holds its test metrics (DVC keys) and its test split as a dataset: what `aigid promote`
-(:mod:`aigid.serving.promote`) compares before moving ``@champion``.
+(:mod:`aigid.tools.promote`) compares before moving ``@champion``.
 
 The model is logged from code (:mod:`aigid.serving.pyfunc`, which documents its input and output); the model
 directory travels as an artifact (``model_dir``) with its exported form (``portable_dir``, what a CPU scores

@@ -36,11 +36,11 @@ from werkzeug.serving import make_server, select_address_family
 from aigid.core.data import MAX_PIXELS, DataError, decode_rgb
 from aigid.core.stage import clean_errors
 from aigid.detector.scores import Scoring
-from aigid.serving.detect import columns, render, scored
-from aigid.serving.detect import command as detect_command
-from aigid.serving.models import choose_model
 from aigid.serving.portable import decode_side
 from aigid.serving.scorer import scorer
+from aigid.tools.detect import columns, render, scored
+from aigid.tools.detect import command as detect_command
+from aigid.tools.models import choose_model
 
 log = logging.getLogger(__name__)
 DEFAULT_PORT = 7860

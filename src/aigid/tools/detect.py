@@ -23,9 +23,9 @@ from aigid.core.data import DataError, decode_rgb, image_suffixes
 from aigid.core.precision import PRECISIONS
 from aigid.core.stage import clean_errors
 from aigid.detector.scores import Scoring, output_columns
-from aigid.serving.models import choose_model
 from aigid.serving.portable import decode_side
 from aigid.serving.scorer import scorer
+from aigid.tools.models import choose_model
 
 SOME_FAILED = 3  # exit status when some inputs could not be read
 # Threads that read and decode files (Pillow lets go of the GIL while it decodes): a few, since each may hold one

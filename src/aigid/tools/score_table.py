@@ -33,8 +33,8 @@ from aigid.core import data
 from aigid.core.data import DataError
 from aigid.core.files import atomic_path
 from aigid.core.stage import clean_errors
-from aigid.serving.detect import SOME_FAILED, expand
-from aigid.serving.models import registry_store
+from aigid.tools.detect import SOME_FAILED, expand
+from aigid.tools.models import registry_store
 
 DEFAULT_MODEL = "models:/aigid-detector@candidate"
 ROW, SCORES = "_row", "_scores"  # working columns: the input's order, the model's struct of outputs
