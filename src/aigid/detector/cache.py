@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -307,8 +306,7 @@ def predict_grid(
     and each detector's fusion and heads read those features. The same numbers as one
     :func:`~aigid.detector.infer.predict_logits` pass per detector and condition: the same batches go through
     the same encoders. Several detectors must share their encoders (:func:`shares_encoders`): the first one's
-    encode for all. A progress bar on stderr (``options.progress``) counts the rows scored under each condition,
-    so that it moves once per condition and batch."""
+    encode for all. A progress bar on stderr (``options.progress``) counts rows x conditions scored."""
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
@@ -330,8 +328,7 @@ def predict_grid(
         collate_fn=list,  # the rows: each condition's inputs are made from them in turn, so one is in memory
     )
     chunks = {c.name: {name: ([], []) for name in detectors} for c in conditions}
-    total = len(dataset) * len(conditions)
-    bar = tqdm(total=total, desc=desc, unit="image", file=sys.stderr, disable=not options.progress)
+    bar = tqdm(total=len(dataset) * len(conditions), desc=desc, unit="image", disable=not options.progress)
     with bar, autocast(dev, first.precision):
         for rows in loader:
             captions = collators[conditions[0].name](rows)  # the captions' inputs (and the first condition's images)
