@@ -161,8 +161,11 @@ def environment(work: Path) -> dict[str, str]:
 
 
 def run_stage(work: Path, cmd: list[str], log) -> dict:
-    """Run one command in ``work``, its output to ``log``; wall time and the load average before and after."""
+    """Run one command in ``work``, its output to ``log``; wall time, CPU time (user + system, the command and its
+    children: on a loaded machine, CPU time over the profile's threads tells what the wall time would be alone)
+    and the load average before and after."""
     load = os.getloadavg()[0]
+    cpu = _children_cpu()
     started = time.perf_counter()
     log.write(f"$ {' '.join(cmd)}\n")
     log.flush()
@@ -170,7 +173,19 @@ def run_stage(work: Path, cmd: list[str], log) -> dict:
     if proc.returncode:
         raise SystemExit(f"{' '.join(cmd)} failed (exit {proc.returncode}); its output: {log.name}")
     wall = time.perf_counter() - started
-    return {"wall_s": round(wall, 1), "load_before": round(load, 2), "load_after": round(os.getloadavg()[0], 2)}
+    return {
+        "wall_s": round(wall, 1),
+        "cpu_s": round(_children_cpu() - cpu, 1),
+        "load_before": round(load, 2),
+        "load_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def _children_cpu() -> float:
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def detect_scores(work: Path, model: str, log) -> tuple[dict[str, float], dict]:
@@ -338,7 +353,8 @@ def run(
     with (work / "stages.log").open("a") as log:
         for stage in STAGES:
             result["stages"][stage] = run_stage(work, ["aigid", stage], log)
-            print(f"{stage:12s} {result['stages'][stage]['wall_s']:7.1f} s", file=sys.stderr, flush=True)
+            took = result["stages"][stage]
+            print(f"{stage:12s} {took['wall_s']:7.1f} s (CPU {took['cpu_s']:.1f} s)", file=sys.stderr, flush=True)
         scores = {}
         for model in MODELS:
             scores[model], result["stages"][f"detect_{model}"] = detect_scores(work, model, log)

@@ -36,8 +36,18 @@ def model_cache(tmp_path_factory):
     os.environ["AIGID_CACHE"] = str(tmp_path_factory.mktemp("aigid-cache"))
 
 
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Path:
+    """The tiny detector as save_tiny_model saves it, in ``model``, and its exported form, in ``portable``: made
+    once for the session, as exporting takes seconds. Tests read them in place, or copy them to change them."""
+    root = tmp_path_factory.mktemp("tiny-models")
+    save_tiny_model(root / "model")
+    export_portable(root / "model", root / "portable")
+    return root
+
+
 @pytest.fixture
-def store(tmp_path, monkeypatch):
+def store(tmp_path, monkeypatch, tiny_models):
     """A working directory with a sqlite MLflow store (experiment aigid), the committed params.yaml, a tiny
     detector in ``model``, its exported form in ``portable`` and a model card in ``model_card.md``."""
     import mlflow
@@ -47,8 +57,8 @@ def store(tmp_path, monkeypatch):
     monkeypatch.delenv("DVC_ROOT", raising=False)
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     mlflow.set_experiment("aigid")
-    save_tiny_model(tmp_path / "model")
-    export_portable(tmp_path / "model", tmp_path / "portable")
+    for name in ("model", "portable"):
+        shutil.copytree(tiny_models / name, tmp_path / name)
     (tmp_path / "model_card.md").write_text(CARD)
     (tmp_path / "params.yaml").write_text((REPO / "params.yaml").read_text())
     return tmp_path

@@ -324,27 +324,20 @@ def save_image(path, seed: int, mode: str = "RGB", size=(24, 24), fmt: str | Non
 
 
 def run(tmp_path, source, **prepare):
+    """`aigid prepare` of ``source`` in tmp_path (its raw data folder): the committed params.yaml with ``prepare``
+    merged into its prepare group, written there first. Returns the result and the output folder."""
     params = yaml.safe_load(open("params.yaml"))
     params["prepare"].update(source=str(source), **prepare)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    out = tmp_path / "prepared"
-    result = CliRunner().invoke(
-        main,
-        [
-            "prepare",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--raw",
-            str(tmp_path),
-            "--out",
-            str(out),
-            "--report",
-            str(tmp_path / "prepare.json"),
-            "--quarantine",
-            str(tmp_path / "quarantine.csv"),
-        ],
-    )
-    return result, out
+    return invoke_prepare(tmp_path), tmp_path / "prepared"
+
+
+def invoke_prepare(tmp_path, raw=None):
+    """`aigid prepare` with the params file tmp_path/params.yaml as it is and the raw data folder ``raw`` (tmp_path
+    by default); it writes ``prepared``, prepare.json and quarantine.csv in tmp_path. Returns click's result."""
+    args = ["prepare", "--params", str(tmp_path / "params.yaml"), "--raw", str(raw or tmp_path)]
+    args += ["--out", str(tmp_path / "prepared"), "--report", str(tmp_path / "prepare.json")]
+    return CliRunner().invoke(main, [*args, "--quarantine", str(tmp_path / "quarantine.csv")])
 
 
 SOURCE_DIRS = ("coco_image", "sd21_image", "sdxl_image", "sd3_image", "dalle_image", "midjourney_image")

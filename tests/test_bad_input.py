@@ -19,7 +19,7 @@ from PIL import Image as PILImage
 
 from aigid.cli import main
 from aigid.core.data import open_dataset
-from helpers import REPO, competition, run, save_image, save_tiny_model
+from helpers import REPO, competition, invoke_prepare, run, save_image, save_tiny_model
 
 RAW = Features({"Caption": Value("string"), "Image": Image(), "Label_A": Value("int64"), "Label_B": Value("int64")})
 
@@ -240,34 +240,12 @@ def test_a_row_with_neither_bytes_nor_a_readable_path_is_a_bad_row(tmp_path):
 
 def test_an_empty_or_partial_params_file_is_refused_naming_the_missing_keys(tmp_path):
     (tmp_path / "params.yaml").write_text("")
-    result = CliRunner().invoke(
-        main,
-        [
-            "prepare",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--raw",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "prepared"),
-        ],
-    )
+    result = invoke_prepare(tmp_path)
     assert "must set every key" in one_line_error(result) and not (tmp_path / "prepared").exists()
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     del params["prepare"]["on_bad"], params["seed"]
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(
-        main,
-        [
-            "prepare",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--raw",
-            str(tmp_path),
-            "--out",
-            str(tmp_path / "prepared"),
-        ],
-    )
+    result = invoke_prepare(tmp_path)
     line = one_line_error(result)
     assert "missing key(s) seed, prepare.on_bad" in line
 

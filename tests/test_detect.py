@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,7 +19,7 @@ from aigid.cli import main
 from aigid.core.data import Collator
 from aigid.detector.model import load_detector
 from aigid.detector.scores import DEMO_NOTICE, Scoring
-from helpers import TINY_SCORING, export_portable, save_tiny_model
+from helpers import TINY_SCORING, save_tiny_model
 
 
 def test_detect_folder_with_a_corrupt_file(tmp_path):
@@ -216,17 +217,19 @@ def test_detect_imports_no_dataset_table_tracking_params_or_model_library():
     assert out.strip() == "[]"
 
 
-def _project_models(root):
+def _project_models(root, tiny_models):
     """A project's two scoring models: models/retrained and the exported models/portable."""
-    save_tiny_model(root / "models/retrained")
-    export_portable(root / "models/retrained", root / "models/portable")
+    shutil.copytree(tiny_models / "model", root / "models/retrained")
+    shutil.copytree(tiny_models / "portable", root / "models/portable")
     Image.new("RGB", (16, 16), "red").save(root / "red.png")
 
 
-def test_without_model_detect_scores_with_the_exported_detector_on_a_cpu_and_says_so(tmp_path, monkeypatch):
+def test_without_model_detect_scores_with_the_exported_detector_on_a_cpu_and_says_so(
+    tmp_path, monkeypatch, tiny_models
+):
     from aigid.serving import scorer
 
-    _project_models(tmp_path)
+    _project_models(tmp_path, tiny_models)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setattr(scorer, "gpu_present", lambda: False)
     default = CliRunner().invoke(main, ["detect", "red.png", "--format", "json"])
@@ -249,13 +252,11 @@ def test_without_model_detect_scores_with_the_exported_detector_on_a_cpu_and_say
     ],
 )
 def test_without_model_detect_scores_with_the_torch_model_where_it_is_the_one_to_use(
-    tmp_path, monkeypatch, gpu, precision, remove_portable, why
+    tmp_path, monkeypatch, tiny_models, gpu, precision, remove_portable, why
 ):
-    import shutil
-
     from aigid.serving import scorer
 
-    _project_models(tmp_path)
+    _project_models(tmp_path, tiny_models)
     if remove_portable:
         shutil.rmtree(tmp_path / "models/portable")
     monkeypatch.chdir(tmp_path)
@@ -318,15 +319,16 @@ def test_files_decoded_in_parallel_give_the_rows_of_one_thread_in_their_order(tm
     assert [bool(r["error"]) for r in rows[4]] == [i == 4 for i in range(9)]
 
 
-def test_a_pipe_or_a_device_is_a_row_error_at_once(tmp_path):
+def test_a_pipe_or_a_device_is_a_row_error_at_once(tmp_path, tiny_models):
     """Reading /dev/zero never ends and opening a pipe waits for a writer: each is refused before it is opened
-    (the run is bounded: were either read, it would be stopped after 300 s and fail)."""
-    save_tiny_model(tmp_path / "model")
+    (the run is bounded: were either read, it would be stopped after 300 s and fail). Files are read alike for
+    either kind of model; the portable one spares the process importing torch."""
     pipe = tmp_path / "pipe.png"
     os.mkfifo(pipe)
     Image.new("RGB", (20, 20), (200, 30, 30)).save(tmp_path / "ok.png")
     aigid = str(Path(sys.executable).with_name("aigid"))
-    command = [aigid, "detect", str(pipe), "/dev/zero", str(tmp_path / "ok.png"), "--model", str(tmp_path / "model")]
+    model = tiny_models / "portable"
+    command = [aigid, "detect", str(pipe), "/dev/zero", str(tmp_path / "ok.png"), "--model", str(model)]
     result = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert result.returncode == 3, result.stderr
     rows = list(csv.DictReader(io.StringIO(result.stdout)))

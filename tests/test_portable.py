@@ -3,6 +3,7 @@ as the torch detector scores (inputs prepared the same way, the same decision ru
 
 import csv
 import io
+import shutil
 import subprocess
 import sys
 
@@ -17,7 +18,7 @@ from aigid.cli import main
 from aigid.core.errors import DataError
 from aigid.detector.model import load_detector
 from aigid.serving.portable import GRAPH, WEIGHTS, Inputs, PortableDetector, Preprocessor
-from helpers import export_portable, save_tiny_model
+from helpers import save_tiny_model
 
 
 def _images() -> list[Image.Image]:
@@ -68,11 +69,10 @@ def test_captions_are_tokenised_as_the_detectors_tokenizer_does(tmp_path):
     assert np.array_equal(ours["attention_mask"], theirs["attention_mask"])
 
 
-def test_the_graph_scores_as_torch_for_any_batch_and_caption_length(tmp_path):
-    save_tiny_model(tmp_path / "model")
-    detector = export_portable(tmp_path / "model", tmp_path / "portable")
-    assert (tmp_path / "portable" / GRAPH).is_file() and (tmp_path / "portable" / WEIGHTS).is_file()
-    portable = PortableDetector(tmp_path / "portable")
+def test_the_graph_scores_as_torch_for_any_batch_and_caption_length(tiny_models):
+    detector = load_detector(tiny_models / "model")
+    assert (tiny_models / "portable" / GRAPH).is_file() and (tiny_models / "portable" / WEIGHTS).is_file()
+    portable = PortableDetector(tiny_models / "portable")
     rng = np.random.default_rng(2)
     for rows, caption in ((1, ""), (5, "a red circle " * 10), (3, "red")):
         images = [Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(rows)]
@@ -84,9 +84,7 @@ def test_the_graph_scores_as_torch_for_any_batch_and_caption_length(tmp_path):
         assert np.allclose(ours[1], out.logits_b.numpy(), atol=1e-5)
 
 
-def test_detect_on_a_portable_model_imports_no_torch_and_scores_as_the_torch_model(tmp_path):
-    save_tiny_model(tmp_path / "model")
-    export_portable(tmp_path / "model", tmp_path / "portable")
+def test_detect_on_a_portable_model_imports_no_torch_and_scores_as_the_torch_model(tmp_path, tiny_models):
     rng = np.random.default_rng(3)
     for i in range(3):  # the processor's own size: both paths see the very same pixels
         Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
@@ -98,12 +96,12 @@ def test_detect_on_a_portable_model_imports_no_torch_and_scores_as_the_torch_mod
     )
     args = ["detect", str(tmp_path / "*.png"), "--caption", "a red circle", "--batch-size", "2"]
     proc = subprocess.run(
-        [sys.executable, "-c", code, *args, "--model", str(tmp_path / "portable")], capture_output=True, text=True
+        [sys.executable, "-c", code, *args, "--model", str(tiny_models / "portable")], capture_output=True, text=True
     )
     assert proc.returncode == 3, proc.stderr  # one input could not be read
     assert proc.stderr.splitlines()[-1] == "[]"  # neither torch nor transformers was imported
     portable = {r["path"]: r for r in csv.DictReader(io.StringIO(proc.stdout))}
-    reference = CliRunner().invoke(main, [*args, "--model", str(tmp_path / "model")])
+    reference = CliRunner().invoke(main, [*args, "--model", str(tiny_models / "model")])
     assert reference.exit_code == 3
     expected = {r["path"]: r for r in csv.DictReader(io.StringIO(reference.stdout))}
     assert list(portable) == list(expected) and len(portable) == 4
@@ -114,9 +112,8 @@ def test_detect_on_a_portable_model_imports_no_torch_and_scores_as_the_torch_mod
             assert abs(float(ours[key]) - float(row[key])) < 1e-5, key
 
 
-def test_a_broken_portable_model_or_bf16_on_it_is_one_clear_line(tmp_path):
-    save_tiny_model(tmp_path / "model")
-    export_portable(tmp_path / "model", tmp_path / "portable")
+def test_a_broken_portable_model_or_bf16_on_it_is_one_clear_line(tmp_path, tiny_models):
+    shutil.copytree(tiny_models / "portable", tmp_path / "portable")
     Image.new("RGB", (16, 16), "red").save(tmp_path / "red.png")
     result = CliRunner().invoke(
         main, ["detect", str(tmp_path / "red.png"), "--model", str(tmp_path / "portable"), "--precision", "bf16"]
@@ -129,10 +126,8 @@ def test_a_broken_portable_model_or_bf16_on_it_is_one_clear_line(tmp_path):
     assert len(result.output.strip().splitlines()) == 1
 
 
-def test_omp_num_threads_is_the_graphs_thread_count_as_spark_sets_it_per_task(tmp_path, monkeypatch):
-    save_tiny_model(tmp_path / "model")
-    export_portable(tmp_path / "model", tmp_path / "portable")
+def test_omp_num_threads_is_the_graphs_thread_count_as_spark_sets_it_per_task(tiny_models, monkeypatch):
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-    assert PortableDetector(tmp_path / "portable").session.get_session_options().intra_op_num_threads == 0  # default
+    assert PortableDetector(tiny_models / "portable").session.get_session_options().intra_op_num_threads == 0  # default
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    assert PortableDetector(tmp_path / "portable").session.get_session_options().intra_op_num_threads == 1
+    assert PortableDetector(tiny_models / "portable").session.get_session_options().intra_op_num_threads == 1

@@ -11,13 +11,11 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-from click.testing import CliRunner
 from datasets import Dataset, Features, Image, Value
 from PIL import Image as PILImage
 
-from aigid.cli import main
 from aigid.core.data import open_dataset
-from helpers import competition, run, save_image
+from helpers import competition, invoke_prepare, run, save_image
 
 
 def test_a_layout_not_in_the_table_is_one_line_naming_the_key(tmp_path):
@@ -129,20 +127,7 @@ def test_a_local_source_outside_the_raw_data_folder_is_refused(tmp_path):
     params = yaml.safe_load(open("params.yaml"))
     params["prepare"]["source"] = str(tmp_path / "elsewhere" / "ct2")
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    result = CliRunner().invoke(
-        main,
-        [
-            "prepare",
-            "--params",
-            str(tmp_path / "params.yaml"),
-            "--raw",
-            str(tmp_path / "raw"),
-            "--out",
-            str(tmp_path / "prepared"),
-            "--report",
-            str(tmp_path / "prepare.json"),
-        ],
-    )
+    result = invoke_prepare(tmp_path, raw=tmp_path / "raw")
     assert result.exit_code != 0 and not (tmp_path / "prepared").exists()
     assert f"must be inside {tmp_path / 'raw'}/" in result.output and "dvc add" in result.output
 

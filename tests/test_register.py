@@ -23,9 +23,7 @@ from helpers import (
     _register,
     _versions,
     environment,
-    export_portable,
     mlflow_server,
-    save_tiny_model,
 )
 
 
@@ -84,6 +82,7 @@ def test_a_store_on_this_machine_is_read_in_place(store, monkeypatch, tmp_path):
     assert not (tmp_path / "cache").exists()
 
 
+@pytest.mark.slow  # an `mlflow server`
 def test_a_registered_version_is_downloaded_once_and_a_moved_alias_is_followed(served, monkeypatch, tmp_path):
     from aigid.tools import models
 
@@ -111,6 +110,7 @@ def test_a_registered_version_is_downloaded_once_and_a_moved_alias_is_followed(s
     assert models.download_registered(f"models:/{NAME}/1") == first and len(downloads) == 2
 
 
+@pytest.mark.slow  # an `mlflow server`
 def test_a_download_cut_short_leaves_nothing_that_looks_finished(served, monkeypatch, tmp_path):
     monkeypatch.setenv("AIGID_CACHE", str(tmp_path / "cache"))
     _register(served, 0.4)
@@ -139,12 +139,12 @@ def test_a_download_cut_short_leaves_nothing_that_looks_finished(served, monkeyp
 
 
 @pytest.fixture(scope="module")
-def on_server(tmp_path_factory):
+def on_server(tmp_path_factory, tiny_models):
     """The tiny model registered once in an `mlflow server` on 127.0.0.1 (artifacts proxied to a folder of its own)
     for the tests below, which only read it; yields the working directory, which holds a.png."""
     root = tmp_path_factory.mktemp("served")
-    save_tiny_model(root / "model")
-    export_portable(root / "model", root / "portable")
+    for name in ("model", "portable"):
+        shutil.copytree(tiny_models / name, root / name)
     (root / "model_card.md").write_text(CARD)
     (root / "params.yaml").write_text((REPO / "params.yaml").read_text())
     Image.new("RGB", (20, 20), (10, 200, 30)).save(root / "a.png")
@@ -192,6 +192,7 @@ def _emptied(copy: Path) -> None:
         shutil.rmtree(item) if item.is_dir() else item.unlink()
 
 
+@pytest.mark.slow  # an `mlflow server`
 @pytest.mark.parametrize("damage", [_altered_a_little, _altered_a_lot, _portable_deleted, _emptied])
 def test_a_damaged_cached_copy_is_downloaded_again(on_server, damage, monkeypatch, tmp_path, caplog):
     root, uri = on_server
@@ -212,6 +213,7 @@ def test_a_damaged_cached_copy_is_downloaded_again(on_server, damage, monkeypatc
     assert check_copy(copy) is None
 
 
+@pytest.mark.slow  # an `mlflow server`
 def test_a_copy_that_does_not_match_its_registered_weights_stops_with_one_line(served, monkeypatch, tmp_path):
     """The store's own files altered after registration: the download does not hash to the version's
     weights_hash tag. Nothing is kept, and the error names the folder."""

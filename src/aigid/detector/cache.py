@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -307,7 +306,7 @@ def predict_grid(
     and each detector's fusion and heads read those features. The same numbers as one
     :func:`~aigid.detector.infer.predict_logits` pass per detector and condition: the same batches go through
     the same encoders. Several detectors must share their encoders (:func:`shares_encoders`): the first one's
-    encode for all. A progress bar counts the rows on stderr (``options.progress``)."""
+    encode for all. A progress bar on stderr (``options.progress``) counts rows x conditions scored."""
     from torch.utils.data import DataLoader, Subset
     from tqdm import tqdm
 
@@ -329,7 +328,7 @@ def predict_grid(
         collate_fn=list,  # the rows: each condition's inputs are made from them in turn, so one is in memory
     )
     chunks = {c.name: {name: ([], []) for name in detectors} for c in conditions}
-    bar = tqdm(total=len(dataset), desc=desc, unit="image", file=sys.stderr, disable=not options.progress)
+    bar = tqdm(total=len(dataset) * len(conditions), desc=desc, unit="image", disable=not options.progress)
     with bar, autocast(dev, first.precision):
         for rows in loader:
             captions = collators[conditions[0].name](rows)  # the captions' inputs (and the first condition's images)
@@ -352,7 +351,7 @@ def predict_grid(
                     out = model(text_features=encoded[c.blank], image_features=images[c.perturb], text_mask=mask)
                     chunks[c.name][name][0].append(out.logits_a.float().cpu().numpy())
                     chunks[c.name][name][1].append(out.logits_b.float().cpu().numpy())
-            bar.update(len(rows))
+                bar.update(len(rows))
     return {
         condition: {name: tuple(_in_order(parts, order) for parts in pair) for name, pair in per_model.items()}
         for condition, per_model in chunks.items()

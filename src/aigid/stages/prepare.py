@@ -11,6 +11,7 @@ import csv
 import hashlib
 import io
 import logging
+import sys
 import tempfile
 import time
 from array import array
@@ -21,6 +22,7 @@ from pathlib import Path
 import numpy as np
 from datasets import Dataset, DatasetDict, Image, Value
 from PIL import Image as PILImage
+from tqdm import tqdm
 
 from aigid.core import stage
 from aigid.core.data import (
@@ -235,7 +237,29 @@ def check_split(
     content: list[bytes] = []  # one digest per stored row (a list: `datasets` pickles the generator to hash it)
 
     def rows():
-        ids: dict[str, int] = {}
+        yield from _stored_rows(ds, split, opts, rejected, content, has_ids)
+
+    try:
+        out = Dataset.from_generator(rows, features=schema(opts.class_names), cache_dir=cache_dir)
+    except DatasetGenerationError as err:
+        if isinstance(err.__cause__, DataError):
+            raise err.__cause__ from None
+        raise
+    if len(out) == 0:
+        raise DataError(f"split {split}: no samples left after skipping {len(rejected) - skipped_before} bad row(s)")
+    # The stored dataset's fingerprint comes from its rows only. `datasets` would derive it from the generator's
+    # code, so that any edit of this module changed data/prepared and reran the whole pipeline.
+    fingerprint = hashlib.sha256(repr((split, opts.class_names)).encode() + b"".join(content)).hexdigest()[:16]
+    return out.select(range(len(out)), new_fingerprint=fingerprint)
+
+
+def _stored_rows(ds: Dataset, split: str, opts: CheckOptions, rejected: list, content: list, has_ids: bool):
+    """:func:`check_split`'s rows in the prepared schema, each checked; a bad one raises or goes to ``rejected``;
+    the digest of each row kept goes to ``content``."""
+    ids: dict[str, int] = {}
+    # A bar on a terminal only, closed (with a new line) when a row stops the split: the error reads alone.
+    bar = tqdm(total=len(ds), desc=f"checking {split}", unit="image", file=sys.stderr, disable=None)
+    try:
         for start in range(0, len(ds), 256):
             batch = ds[start : start + 256]
             for i, (caption, image, a, b) in enumerate(
@@ -264,19 +288,9 @@ def check_split(
                     "caption_id": cid,
                     "source_file": source_file,
                 }
-
-    try:
-        out = Dataset.from_generator(rows, features=schema(opts.class_names), cache_dir=cache_dir)
-    except DatasetGenerationError as err:
-        if isinstance(err.__cause__, DataError):
-            raise err.__cause__ from None
-        raise
-    if len(out) == 0:
-        raise DataError(f"split {split}: no samples left after skipping {len(rejected) - skipped_before} bad row(s)")
-    # The stored dataset's fingerprint comes from its rows only. `datasets` would derive it from the generator's
-    # code, so that any edit of this module changed data/prepared and reran the whole pipeline.
-    fingerprint = hashlib.sha256(repr((split, opts.class_names)).encode() + b"".join(content)).hexdigest()[:16]
-    return out.select(range(len(out)), new_fingerprint=fingerprint)
+            bar.update(len(batch["Caption"]))
+    finally:
+        bar.close()
 
 
 def raw_columns(ds: Dataset, split: str) -> Dataset:
