@@ -19,6 +19,7 @@ import functools
 import json
 import logging
 import shutil
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -116,7 +117,7 @@ def training_arguments(train, seed: int, run_name: str, checkpoints: Path, state
         bf16=torch.cuda.is_available(),
         use_cpu=launch_on_cpu(),
         ddp_find_unused_parameters=False,
-        disable_tqdm=True,
+        disable_tqdm=not sys.stderr.isatty(),  # the steps' bar on a terminal; logs stay one line per epoch
     )
 
 
