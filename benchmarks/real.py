@@ -28,7 +28,7 @@ labelled rows the pipeline learns from (train and validation), scored on the sam
 pipeline - probe gets a paired bootstrap interval; the target is a difference of at least -0.02 in each source.
 The probe's 5-fold cross-validated accuracy on all ml72 images is reported too, as a reference.
 
-Not part of CI: on 2 cores the full run takes several minutes (evaluate's robustness grid the most).
+Not part of CI: on 2 quiet cores the full run takes about 8 minutes (evaluate's robustness grid the most).
 tests/test_real.py runs a reduced one.
 """
 
